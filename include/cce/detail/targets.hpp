@@ -1,0 +1,40 @@
+// Which class a row is paired with: reads the target (int32 or int64), applies the shift of next-token training
+// and classifies the row as kept, ignored or invalid. Invalid targets are reported, never used as an index.
+#pragma once
+
+#include <cstdint>
+
+#include <cce/config.hpp>
+#include <cce/options.hpp>
+
+namespace cce::detail {
+
+struct row_label {
+  enum kind_t : int { kept = 0, ignored = 1, invalid = 2 };
+  std::int64_t target = -1;  // in [0, V) when kept
+  kind_t kind = ignored;
+};
+
+struct target_reader {
+  const void* targets = nullptr;
+  target_type type = target_type::int64;
+  std::int64_t ignore_index = -100;
+  std::int64_t classes = 0;
+  std::int64_t shift = 0;
+  std::int64_t seq_len = 0;
+
+  CCE_HOST_DEVICE row_label operator()(std::int64_t row) const {
+    std::int64_t index = row;
+    if (shift > 0) {
+      if (row % seq_len + shift >= seq_len) return {-1, row_label::ignored};
+      index = row + shift;
+    }
+    const std::int64_t y = type == target_type::int32 ? std::int64_t(static_cast<const std::int32_t*>(targets)[index])
+                                                      : static_cast<const std::int64_t*>(targets)[index];
+    if (y == ignore_index) return {-1, row_label::ignored};
+    if (y < 0 || y >= classes) return {-1, row_label::invalid};
+    return {y, row_label::kept};
+  }
+};
+
+}  // namespace cce::detail

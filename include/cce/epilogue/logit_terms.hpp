@@ -1,0 +1,29 @@
+// The per-logit terms added to the tile product before the softmax: bias, the low-rank head's extra columns
+// lora_p . B_v (lora_p = scale * E A^T, precomputed in fp32), then softcap and temperature.
+#pragma once
+
+#include <cstdint>
+
+#include <cce/detail/element_type.hpp>
+#include <cce/epilogue/logit_transform.hpp>
+
+namespace cce {
+
+template <class T>
+struct logit_terms {
+  const T* bias = nullptr;       // V
+  const float* lora_p = nullptr; // N x rank
+  const T* lora_b = nullptr;     // V x rank, leading dimension ldb
+  std::int64_t rank = 0;
+  std::int64_t ldb = 0;
+  logit_transform transform{};
+
+  // raw = acc + bias + lora; returns z. `raw_out` receives raw when the caller needs it.
+  CCE_HOST_DEVICE float operator()(float acc, std::int64_t row, std::int64_t col) const {
+    if (bias) acc += detail::to_float(bias[col]);
+    for (std::int64_t k = 0; k < rank; ++k) acc += lora_p[row * rank + k] * detail::to_float(lora_b[col * ldb + k]);
+    return transform(acc);
+  }
+};
+
+}  // namespace cce

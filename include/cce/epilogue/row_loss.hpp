@@ -1,0 +1,54 @@
+// Per-row terms shared by every executor (CPU tiled, GPU kernels): the loss of one row from its statistics, and
+// the coefficients of its logit gradient. With W = sum_v w_v (V without weights), eps = label smoothing and
+// lambda = z-loss coefficient:
+//   loss = (1-eps) w_y (lse - z_y) + (eps/V) sum_v w_v (lse - z_v) + lambda lse^2
+//        = (1-eps) w_y nll + (eps/V) (W lse - sum_v w_v z_v) + lambda lse^2,     nll = lse - z_y
+//   dz_v = g [ (1-eps) w_y (p_v - [v=y]) + (eps/V)(W p_v - w_v) + 2 lambda lse p_v ]
+//        = ce (p_v - [v=y]) + extra p_v - gamma w_v
+// The cross-entropy term keeps its own factor, and the target's p_y - 1 comes in precomputed from the non-target
+// mass (-exp(lse_others - lse)): when p_y is near 1 both nll and p_y - 1 are tiny, and forming them by subtracting
+// rounded lse and z_y would leave only rounding error.
+#pragma once
+
+#include <cce/detail/math.hpp>
+
+namespace cce {
+
+// Row-independent constants of the loss.
+struct loss_terms {
+  float smoothing = 0.f;      // eps
+  float z_loss = 0.f;         // lambda
+  float inv_classes = 0.f;    // 1 / V
+  float weight_total = 0.f;   // W
+
+  CCE_HOST_DEVICE float row_loss(float lse, float nll, float target_weight, float weighted_logit_sum) const {
+    float loss = (1.f - smoothing) * target_weight * nll;
+    if (smoothing != 0.f) loss += smoothing * inv_classes * (weight_total * lse - weighted_logit_sum);
+    if (z_loss != 0.f) loss += z_loss * lse * lse;
+    return loss;
+  }
+};
+
+// dz_v = ce (p_v - [v = y]) + extra p_v - gamma w_v for one row with upstream gradient g.
+struct dlogit_coefficients {
+  float ce = 0.f;               // g (1 - eps) w_y
+  float extra = 0.f;            // g (eps W / V + 2 lambda lse)
+  float gamma = 0.f;            // g eps / V
+  float target_residual = 0.f;  // p_y - 1
+
+  CCE_HOST_DEVICE float operator()(float p, bool is_target, float class_weight) const {
+    return ce * (is_target ? target_residual : p) + extra * p - gamma * class_weight;
+  }
+};
+
+CCE_HOST_DEVICE dlogit_coefficients make_dlogit_coefficients(const loss_terms& t, float g, float lse,
+                                                              float target_weight, float target_residual) {
+  dlogit_coefficients c;
+  c.target_residual = target_residual;
+  c.ce = g * (1.f - t.smoothing) * target_weight;
+  c.gamma = g * t.smoothing * t.inv_classes;
+  c.extra = c.gamma * t.weight_total + g * 2.f * t.z_loss * lse;
+  return c;
+}
+
+}  // namespace cce

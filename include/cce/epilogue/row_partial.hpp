@@ -1,0 +1,40 @@
+// What one vocab slice contributes to a row: online softmax statistics, the weighted logit sum of label
+// smoothing and the running argmax. Split-V partials of a row merge in a fixed order in the finaliser, so the
+// result does not depend on how many CTAs ran.
+#pragma once
+
+#include <cstdint>
+
+#include <cce/reduce/argmax.hpp>
+#include <cce/reduce/online_softmax.hpp>
+
+namespace cce {
+
+struct row_partial {
+  softmax_stats softmax{};
+  float weighted_logit_sum = 0.f;  // sum_v w_v z_v
+  float argmax_value = -detail::inf_f();
+  std::int32_t argmax_index = -1;
+
+  // in_softmax = false leaves z out of the softmax statistics (a kept row's target) but not out of the rest.
+  CCE_HOST_DEVICE void push(float z, float class_weight, std::int32_t col, bool in_softmax = true) {
+    if (in_softmax) softmax = softmax_push(softmax, z);
+    weighted_logit_sum += class_weight * z;
+    if (argmax_better(z, col, argmax_value, argmax_index)) {
+      argmax_value = z;
+      argmax_index = col;
+    }
+  }
+};
+
+CCE_HOST_DEVICE row_partial merge(const row_partial& a, const row_partial& b) {
+  row_partial r;
+  r.softmax = softmax_merge(a.softmax, b.softmax);
+  r.weighted_logit_sum = a.weighted_logit_sum + b.weighted_logit_sum;
+  const bool a_wins = argmax_better(a.argmax_value, a.argmax_index, b.argmax_value, b.argmax_index);
+  r.argmax_value = a_wins ? a.argmax_value : b.argmax_value;
+  r.argmax_index = a_wins ? a.argmax_index : b.argmax_index;
+  return r;
+}
+
+}  // namespace cce

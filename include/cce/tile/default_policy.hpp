@@ -1,0 +1,15 @@
+// The tile policy used when none is named: 128 x 128 logit tiles. 16-bit types run 8 warps of 64 x 32 on tensor
+// cores with a 4-stage, 32-deep pipeline, two CTAs per SM; fp32 runs 16 x 16 threads of 8 x 8 exact FMA with a 3-stage, 16-deep one.
+#pragma once
+
+#include <type_traits>
+
+#include <cce/tile/policy.hpp>
+
+namespace cce::tile {
+
+template <class T>
+using default_policy_t = std::conditional_t<std::is_same_v<T, float>, policy<128, 128, 16, 3, 2, 4>,
+                                            policy<128, 128, 32, 4, 2, 4, 2>>;
+
+}  // namespace cce::tile

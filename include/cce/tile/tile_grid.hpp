@@ -1,0 +1,37 @@
+// Index arithmetic of a rows x cols matrix cut into bm x bn tiles, in 64-bit so N*V, N*D and V*D may exceed 2^31.
+#pragma once
+
+#include <cstdint>
+
+#include <cce/detail/math.hpp>
+
+namespace cce::tile {
+
+struct tile_grid {
+  std::int64_t rows = 0, cols = 0;
+  std::int64_t bm = 1, bn = 1;
+
+  CCE_HOST_DEVICE std::int64_t row_tiles() const { return detail::ceil_div(rows, bm); }
+  CCE_HOST_DEVICE std::int64_t col_tiles() const { return detail::ceil_div(cols, bn); }
+  CCE_HOST_DEVICE std::int64_t tiles() const { return row_tiles() * col_tiles(); }
+  CCE_HOST_DEVICE std::int64_t row_begin(std::int64_t i) const { return i * bm; }
+  CCE_HOST_DEVICE std::int64_t col_begin(std::int64_t j) const { return j * bn; }
+  CCE_HOST_DEVICE std::int64_t rows_in(std::int64_t i) const {
+    const std::int64_t left = rows - i * bm;
+    return left < bm ? left : bm;
+  }
+  CCE_HOST_DEVICE std::int64_t cols_in(std::int64_t j) const {
+    const std::int64_t left = cols - j * bn;
+    return left < bn ? left : bn;
+  }
+};
+
+// Element offset of (row, col) in a row-major matrix with leading dimension ld.
+CCE_HOST_DEVICE std::int64_t offset(std::int64_t row, std::int64_t col, std::int64_t ld) { return row * ld + col; }
+
+// Contiguous slice [begin, end) of `total` items given to part `k` of `parts`, sizes differing by at most one.
+CCE_HOST_DEVICE std::int64_t split_begin(std::int64_t total, std::int64_t parts, std::int64_t k) {
+  return (total / parts) * k + (k < total % parts ? k : total % parts);
+}
+
+}  // namespace cce::tile
