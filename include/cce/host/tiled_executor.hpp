@@ -1,0 +1,468 @@
+// CPU tiled executor: the blockwise algorithm of the GPU kernels, run on the host with the same plan, buffers and
+// per-tile primitives (online softmax, row partials, filter predicate, logit transform, dZ coefficients). It
+// computes in fp32 like the kernels and rounds dZ to T where they do, so it tests the algorithm on machines
+// without a GPU; cce::host::reference_* is the exact float64 ground truth both are compared with.
+//
+// Pointers in the problem, outputs and gradients are host pointers.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+#include <vector>
+
+#include <cce/detail/element_type.hpp>
+#include <cce/detail/targets.hpp>
+#include <cce/detail/validate.hpp>
+#include <cce/dispatch/plan.hpp>
+#include <cce/epilogue/logit_terms.hpp>
+#include <cce/epilogue/logit_transform.hpp>
+#include <cce/epilogue/row_loss.hpp>
+#include <cce/epilogue/row_output.hpp>
+#include <cce/filter/predicates.hpp>
+#include <cce/problem.hpp>
+#include <cce/reduce/kahan.hpp>
+
+namespace cce::host {
+
+template <class T>
+class tiled_executor {
+  static_assert(detail::is_supported_element_v<T>, "T is float, __half or __nv_bfloat16");
+
+ public:
+  explicit tiled_executor(options opt, int bm = 16, int bn = 16, device_info dev = {80, 4})
+      : opt_(opt), bm_(bm), bn_(bn), dev_(dev) {}
+
+  detail::plan plan_for(const problem<T>& p, std::size_t budget) const {
+    return detail::make_plan<T>(p.n, p.d, p.v, p.lora.rank, p.bias != nullptr, opt_, bm_, bn_, dev_, budget);
+  }
+  std::size_t saved_bytes(const problem<T>& p) const { return plan_for(p, 0).saved_bytes(); }
+  std::size_t workspace_bytes(const problem<T>& p, std::size_t budget = 0) const {
+    return plan_for(p, budget).template workspace_bytes<T>();
+  }
+
+  status forward(const problem<T>& p, const forward_outputs& out, void* saved, std::size_t saved_size,
+                 void* workspace, std::size_t workspace_size) const {
+    if (status s = detail::validate_problem(p, opt_); s != status::success) return s;
+    if (out.loss == nullptr) return status::null_pointer;
+    const detail::plan pl = plan_for(p, workspace_size);
+    std::size_t fwd_bytes = 0;
+    pl.template carve_forward<T>(nullptr, &fwd_bytes);
+    if (status s = detail::validate_buffer(saved, saved_size, pl.saved_bytes()); s != status::success) return s;
+    if (status s = detail::validate_buffer(workspace, workspace_size, fwd_bytes); s != status::success) return s;
+    const detail::saved_buffers sv = pl.carve_saved(saved);
+    const detail::forward_buffers<T> fw = pl.template carve_forward<T>(workspace);
+
+    *sv.class_weight_total = class_weight_total(p);
+    if (p.has_lora()) lora_project(p, fw.lora_p);
+    const auto label = labels(p);
+    const tile::tile_grid& g = pl.grid;
+    const dense_inputs x = densify(p);
+    std::vector<float> logits(std::size_t(g.bm * g.bn));
+
+    for (std::int64_t rt = 0; rt < g.row_tiles(); ++rt) {
+      for (std::int64_t split = 0; split < pl.splits; ++split) {
+        const std::int64_t ct_begin = tile::split_begin(g.col_tiles(), pl.splits, split);
+        const std::int64_t ct_end = tile::split_begin(g.col_tiles(), pl.splits, split + 1);
+        std::vector<row_partial> part(std::size_t(g.bm));
+        for (std::int64_t ct = ct_begin; ct < ct_end; ++ct) {
+          tile_logits(p, x, fw.lora_p, g, rt, ct, logits);
+          float tile_max = -detail::inf_f();
+          for (std::int64_t r = 0; r < g.rows_in(rt); ++r) {
+            const std::int64_t row = g.row_begin(rt) + r;
+            const detail::row_label lab = label(row);
+            for (std::int64_t c = 0; c < g.cols_in(ct); ++c) {
+              const std::int64_t col = g.col_begin(ct) + c;
+              const float z = logits[std::size_t(r * g.bn + c)];
+              // The target's logit is kept apart from the softmax statistics (row_output.hpp).
+              const bool is_target = lab.kind == detail::row_label::kept && lab.target == col;
+              if (is_target) fw.target_logit[row] = z;
+              part[std::size_t(r)].push(z, class_weight(p, col), std::int32_t(col), !is_target);
+              tile_max = detail::max_f(tile_max, z);
+            }
+          }
+          if (pl.filter) sv.tile_max[rt * g.col_tiles() + ct] = tile_max;
+        }
+        for (std::int64_t r = 0; r < g.rows_in(rt); ++r) {
+          fw.partials[(g.row_begin(rt) + r) * pl.splits + split] = part[std::size_t(r)];
+        }
+      }
+    }
+
+    // Finaliser: merge the splits of each row in order, then per-block (loss, weight) sums, then the total.
+    const loss_terms terms = make_terms(p, *sv.class_weight_total);
+    bool invalid = false;
+    for (std::int64_t b = 0; b < pl.finalise_blocks(); ++b) {
+      float loss_sum = 0.f, weight_sum = 0.f;
+      for (std::int64_t row = b * pl.finalise_threads; row < std::min(p.n, (b + 1) * pl.finalise_threads); ++row) {
+        row_partial merged = fw.partials[row * pl.splits];
+        for (std::int64_t s = 1; s < pl.splits; ++s) merged = merge(merged, fw.partials[row * pl.splits + s]);
+        const detail::row_label lab = label(row);
+        const bool kept = lab.kind == detail::row_label::kept;
+        const row_result r = finalise_row(merged, lab, kept ? fw.target_logit[row] : 0.f,
+                                          kept ? class_weight(p, lab.target) : 0.f, terms);
+        invalid |= lab.kind == detail::row_label::invalid;
+        sv.lse[row] = r.lse;
+        sv.lse_others[row] = r.lse_others;
+        if (out.lse) out.lse[row] = r.lse;
+        if (out.entropy) out.entropy[row] = r.entropy;
+        if (out.target_logprob) out.target_logprob[row] = r.target_logprob;
+        if (out.correct) out.correct[row] = r.correct;
+        if (opt_.reduction == reduction::none) out.loss[row] = r.loss;
+        loss_sum += r.loss;
+        weight_sum += r.weight;
+      }
+      fw.block_sums[2 * b] = loss_sum;
+      fw.block_sums[2 * b + 1] = weight_sum;
+    }
+    float loss_total = 0.f, weight_total = 0.f;
+    for (std::int64_t b = 0; b < pl.finalise_blocks(); ++b) {
+      loss_total += fw.block_sums[2 * b];
+      weight_total += fw.block_sums[2 * b + 1];
+    }
+    *sv.weight_sum = weight_total;
+    if (opt_.reduction == reduction::sum) *out.loss = loss_total;
+    if (opt_.reduction == reduction::mean) *out.loss = loss_total / weight_total;
+    if (invalid && out.error) *out.error = int(status::invalid_target);
+    return status::success;
+  }
+
+  // grad.grad: the upstream gradient (1 value for mean/sum, N for none), null for 1.
+  template <class G>
+  status backward(const problem<T>& p, loss_gradient grad, const gradients<G>& out, const void* saved,
+                  std::size_t saved_size, void* workspace, std::size_t workspace_size) const {
+    static_assert(std::is_same_v<G, T> || std::is_same_v<G, float>, "gradients are T or float");
+    if (status s = detail::validate_problem(p, opt_); s != status::success) return s;
+    if (status s = detail::validate_gradients(p, out); s != status::success) return s;
+    const detail::plan pl = plan_for(p, workspace_size);
+    std::size_t bwd_bytes = 0;
+    pl.template carve_backward<T>(nullptr, &bwd_bytes);
+    if (status s = detail::validate_buffer(saved, saved_size, pl.saved_bytes()); s != status::success) return s;
+    if (status s = detail::validate_buffer(workspace, workspace_size, bwd_bytes); s != status::success) return s;
+    const detail::saved_buffers sv = pl.carve_saved(const_cast<void*>(saved));
+    const detail::backward_buffers<T> bw = pl.template carve_backward<T>(workspace);
+    const tile::tile_grid& g = pl.grid;
+    const loss_terms terms = make_terms(p, *sv.class_weight_total);
+    const auto label = labels(p);
+    const dense_inputs x = densify(p);
+
+    for (std::int64_t row = 0; row < p.n; ++row) {
+      const detail::row_label lab = label(row);
+      detail::row_coefficients rc;
+      rc.lse = sv.lse[row];
+      if (lab.kind == detail::row_label::kept) {
+        float gr = grad.grad ? grad.grad[opt_.reduction == reduction::none ? row : 0] : 1.f;
+        if (opt_.reduction == reduction::mean) gr /= *sv.weight_sum;
+        rc.lse_others = sv.lse_others[row];
+        rc.dz = make_dlogit_coefficients(terms, gr, rc.lse, class_weight(p, lab.target),
+                                         -detail::exp_f(rc.lse_others - rc.lse));
+        rc.target = std::int32_t(lab.target);
+      }
+      bw.coef[row] = rc;
+    }
+    if (p.has_lora()) {
+      lora_project(p, bw.lora_p);
+      std::fill(bw.lora_q, bw.lora_q + p.n * p.lora.rank, 0.f);
+    }
+    const std::int64_t ld_de = out.ld_de ? out.ld_de : p.d, ld_dc = out.ld_dc ? out.ld_dc : p.d;
+    const std::int64_t block_rows = std::min(pl.row_block, p.n);
+
+    if (pl.mode == backward_mode::chunked) {
+      for (std::int64_t ch = 0; ch < pl.chunks(); ++ch) {
+        const std::int64_t v0 = ch * pl.chunk_cols, cols = std::min(pl.chunk_cols, p.v - v0);
+        compute_dz(p, x, pl, sv, bw, 0, p.n, v0, cols);
+        if (p.has_lora()) lora_accumulate_q(p, pl, bw, 0, p.n, v0, cols);
+        if (out.de) de_update(p, x, pl, bw, out, ld_de, 0, p.n, v0, cols, ch == 0, ch + 1 == pl.chunks());
+        if (out.dc) dc_update(p, x, pl, bw, out, ld_dc, 0, p.n, v0, cols, true, true);
+        if (out.dbias) dbias_update(pl, bw, out, v0, cols);
+        if (out.db) db_update(p, pl, bw, out, 0, p.n, v0, cols, true, true);
+      }
+    } else {
+      for (std::int64_t r0 = 0; r0 < p.n; r0 += block_rows) {  // pass 1: dE
+        const std::int64_t rows = std::min(block_rows, p.n - r0);
+        for (std::int64_t ch = 0; ch < pl.chunks(); ++ch) {
+          const std::int64_t v0 = ch * pl.chunk_cols, cols = std::min(pl.chunk_cols, p.v - v0);
+          compute_dz(p, x, pl, sv, bw, r0, rows, v0, cols);
+          if (p.has_lora()) lora_accumulate_q(p, pl, bw, r0, rows, v0, cols);
+          if (out.de) de_update(p, x, pl, bw, out, ld_de, r0, rows, v0, cols, ch == 0, ch + 1 == pl.chunks());
+        }
+      }
+      for (std::int64_t ch = 0; ch < pl.chunks(); ++ch) {  // pass 2: dC, dBias, dB
+        const std::int64_t v0 = ch * pl.chunk_cols, cols = std::min(pl.chunk_cols, p.v - v0);
+        for (std::int64_t r0 = 0; r0 < p.n; r0 += block_rows) {
+          const std::int64_t rows = std::min(block_rows, p.n - r0);
+          const bool first = r0 == 0, last = r0 + rows == p.n;
+          compute_dz(p, x, pl, sv, bw, r0, rows, v0, cols);
+          if (out.dc) dc_update(p, x, pl, bw, out, ld_dc, r0, rows, v0, cols, first, last);
+          if (out.db) db_update(p, pl, bw, out, r0, rows, v0, cols, first, last);
+        }
+        if (out.dbias) dbias_update(pl, bw, out, v0, cols);
+      }
+    }
+    if (out.da) da_update(p, bw, out);
+    return status::success;
+  }
+
+ private:
+  options opt_;
+  int bm_, bn_;
+  device_info dev_;
+
+  static float load(const T* base, std::int64_t i) { return detail::to_float(base[i]); }
+  template <class G>
+  static G store_as(float x) {
+    if constexpr (std::is_same_v<G, float>) return x;
+    else return detail::from_float<T>(x);
+  }
+  template <class G>
+  static float load_g(const G* base, std::int64_t i) {
+    if constexpr (std::is_same_v<G, float>) return base[i];
+    else return detail::to_float(base[i]);
+  }
+
+  // E and C as dense fp32 rows: the products below read them many times.
+  struct dense_inputs {
+    std::vector<float> e, c;
+  };
+  static dense_inputs densify(const problem<T>& p) {
+    dense_inputs x;
+    x.e.resize(std::size_t(p.n * p.d));
+    x.c.resize(std::size_t(p.v * p.d));
+    for (std::int64_t i = 0; i < p.n; ++i)
+      for (std::int64_t d = 0; d < p.d; ++d) x.e[std::size_t(i * p.d + d)] = load(p.e, i * p.e_stride() + d);
+    for (std::int64_t i = 0; i < p.v; ++i)
+      for (std::int64_t d = 0; d < p.d; ++d) x.c[std::size_t(i * p.d + d)] = load(p.c, i * p.c_stride() + d);
+    return x;
+  }
+
+  detail::target_reader labels(const problem<T>& p) const {
+    return {p.targets, p.targets_type, opt_.ignore_index, p.v, opt_.shift, p.seq_len};
+  }
+  static float class_weight(const problem<T>& p, std::int64_t col) {
+    return p.class_weights ? p.class_weights[col] : 1.f;
+  }
+  static float class_weight_total(const problem<T>& p) {
+    if (!p.class_weights) return float(p.v);
+    float w = 0.f;
+    for (std::int64_t v = 0; v < p.v; ++v) w += p.class_weights[v];
+    return w;
+  }
+  loss_terms make_terms(const problem<T>& p, float weight_total) const {
+    return {opt_.label_smoothing, opt_.z_loss, 1.f / float(p.v), weight_total};
+  }
+  logit_transform transform() const { return {opt_.softcap, 1.f / opt_.temperature}; }
+
+  // lora_p = scale * E A^T (N x r, fp32).
+  static void lora_project(const problem<T>& p, float* lora_p) {
+    for (std::int64_t i = 0; i < p.n; ++i)
+      for (std::int64_t k = 0; k < p.lora.rank; ++k) {
+        float acc = 0.f;
+        for (std::int64_t d = 0; d < p.d; ++d) acc += load(p.e, i * p.e_stride() + d) * load(p.lora.a, k * p.a_stride() + d);
+        lora_p[i * p.lora.rank + k] = p.lora.scale * acc;
+      }
+  }
+
+  // z of one bm x bn tile: the per-logit terms (bias, low-rank head, softcap, temperature) on E C^T.
+  void tile_logits(const problem<T>& p, const dense_inputs& x, const float* lora_p, const tile::tile_grid& g,
+                   std::int64_t rt, std::int64_t ct, std::vector<float>& z) const {
+    logit_terms<T> terms;
+    terms.bias = p.bias;
+    terms.lora_p = lora_p;
+    terms.lora_b = p.lora.b;
+    terms.rank = p.lora.rank;
+    terms.ldb = p.b_stride();
+    terms.transform = transform();
+    for (std::int64_t r = 0; r < g.rows_in(rt); ++r) {
+      const std::int64_t row = g.row_begin(rt) + r;
+      const float* er = &x.e[std::size_t(row * p.d)];
+      for (std::int64_t c = 0; c < g.cols_in(ct); ++c) {
+        const std::int64_t col = g.col_begin(ct) + c;
+        const float* cr = &x.c[std::size_t(col * p.d)];
+        float acc = 0.f;
+        for (std::int64_t d = 0; d < p.d; ++d) acc += er[d] * cr[d];
+        z[std::size_t(r * g.bn + c)] = terms(acc, row, col);
+      }
+    }
+  }
+
+  // May tile (rt, ct) be skipped? Only rows that contribute count; target tiles and smoothing are never skipped.
+  bool tile_active(const problem<T>& p, const detail::plan& pl, const detail::saved_buffers& sv,
+                   const detail::backward_buffers<T>& bw, std::int64_t rt, std::int64_t ct) const {
+    const tile::tile_grid& g = pl.grid;
+    float min_floor = detail::inf_f();
+    bool any = false;
+    for (std::int64_t r = 0; r < g.rows_in(rt); ++r) {
+      const detail::row_coefficients& rc = bw.coef[g.row_begin(rt) + r];
+      if (rc.target < 0) continue;
+      any = true;
+      if (rc.target >= g.col_begin(ct) && rc.target < g.col_begin(ct) + g.cols_in(ct)) return true;
+      min_floor = detail::min_f(min_floor, rc.lse_others);
+    }
+    if (!any) return false;
+    if (!pl.filter || opt_.label_smoothing != 0.f) return true;
+    const float eps = opt_.filter == filter_mode::threshold ? opt_.filter_eps : filter::auto_eps<T>();
+    const auto f = filter::mass_threshold::make(eps, g.bn, g.col_tiles());
+    return !f.skip(sv.tile_max[rt * g.col_tiles() + ct] - min_floor);
+  }
+
+  // dZ for rows [r0, r0 + rows) and classes [v0, v0 + cols): draw in T, dbias partials per row tile.
+  void compute_dz(const problem<T>& p, const dense_inputs& x, const detail::plan& pl, const detail::saved_buffers& sv,
+                  const detail::backward_buffers<T>& bw, std::int64_t r0, std::int64_t rows, std::int64_t v0,
+                  std::int64_t cols) const {
+    const tile::tile_grid& g = pl.grid;
+    const logit_transform tf = transform();
+    std::vector<float> z(std::size_t(g.bm * g.bn));
+    const std::int64_t chunk_tiles = pl.chunk_cols / g.bn;
+    for (std::int64_t rt = r0 / g.bm; rt < detail::ceil_div(r0 + rows, g.bm); ++rt) {
+      for (std::int64_t ct = v0 / g.bn; ct < detail::ceil_div(v0 + cols, g.bn); ++ct) {
+        const bool active = tile_active(p, pl, sv, bw, rt, ct);
+        bw.active[(rt - r0 / g.bm) * chunk_tiles + (ct - v0 / g.bn)] = active;
+        std::vector<float> col_sum(std::size_t(g.bn), 0.f);
+        if (active) {
+          tile_logits(p, x, bw.lora_p, g, rt, ct, z);
+          for (std::int64_t r = 0; r < g.rows_in(rt); ++r) {
+            const std::int64_t row = g.row_begin(rt) + r;
+            const detail::row_coefficients& rc = bw.coef[row];
+            for (std::int64_t c = 0; c < g.cols_in(ct); ++c) {
+              const std::int64_t col = g.col_begin(ct) + c;
+              const float zz = z[std::size_t(r * g.bn + c)];
+              const float prob = detail::exp_f(zz - rc.lse);
+              const float draw = rc.dz(prob, col == rc.target, class_weight(p, col)) * tf.derivative_from_logit(zz);
+              bw.dz[(row - r0) * pl.chunk_cols + (col - v0)] = detail::from_float<T>(draw);
+              col_sum[std::size_t(c)] += draw;
+            }
+          }
+        }
+        if (bw.dbias_partial) {
+          for (std::int64_t c = 0; c < g.cols_in(ct); ++c) {
+            bw.dbias_partial[rt * pl.chunk_cols + (g.col_begin(ct) - v0) + c] = col_sum[std::size_t(c)];
+          }
+        }
+      }
+    }
+  }
+
+  bool dz_active(const detail::plan& pl, const detail::backward_buffers<T>& bw, std::int64_t r0, std::int64_t row,
+                 std::int64_t v0, std::int64_t col) const {
+    const std::int64_t chunk_tiles = pl.chunk_cols / pl.grid.bn;
+    return bw.active[(row / pl.grid.bm - r0 / pl.grid.bm) * chunk_tiles + (col - v0) / pl.grid.bn] != 0;
+  }
+  float dz_at(const detail::plan& pl, const detail::backward_buffers<T>& bw, std::int64_t r0, std::int64_t row,
+              std::int64_t v0, std::int64_t col) const {
+    return dz_active(pl, bw, r0, row, v0, col) ? load(bw.dz, (row - r0) * pl.chunk_cols + (col - v0)) : 0.f;
+  }
+
+  // acc (fp32, optionally compensated) += x; on the last contribution, out = (accumulate ? out : 0) + acc.
+  template <class G>
+  void accumulate_out(float x, float* acc, float* comp, std::int64_t ai, G* out, std::int64_t oi, bool first,
+                      bool last) const {
+    float total = x;
+    if (acc) {
+      kahan_sum k{first ? 0.f : acc[ai], (first || !comp) ? 0.f : comp[ai]};
+      if (comp) k.add(x);
+      else k.sum += x;
+      total = k.value();
+      if (!last) {
+        acc[ai] = k.sum;
+        if (comp) comp[ai] = k.compensation;
+        return;
+      }
+    }
+    out[oi] = store_as<G>((opt_.accumulate ? load_g(out, oi) : 0.f) + total);
+  }
+
+  // dE[rows] (+)= dZ C_chunk (+ scale * lora_q A on the last chunk).
+  template <class G>
+  void de_update(const problem<T>& p, const dense_inputs& x, const detail::plan& pl,
+                 const detail::backward_buffers<T>& bw, const gradients<G>& out, std::int64_t ld, std::int64_t r0,
+                 std::int64_t rows, std::int64_t v0, std::int64_t cols, bool first, bool last) const {
+    std::vector<float> acc(std::size_t(p.d));
+    for (std::int64_t row = r0; row < r0 + rows; ++row) {
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (std::int64_t col = v0; col < v0 + cols; ++col) {
+        const float dz = dz_at(pl, bw, r0, row, v0, col);
+        const float* cr = &x.c[std::size_t(col * p.d)];
+        for (std::int64_t d = 0; d < p.d; ++d) acc[std::size_t(d)] += dz * cr[d];
+      }
+      for (std::int64_t d = 0; d < p.d; ++d) {
+        float a = acc[std::size_t(d)];
+        if (last && p.has_lora()) {
+          float l = 0.f;
+          for (std::int64_t k = 0; k < p.lora.rank; ++k) l += bw.lora_q[row * p.lora.rank + k] * load(p.lora.a, k * p.a_stride() + d);
+          a += p.lora.scale * l;
+        }
+        accumulate_out(a, pl.needs_de_acc() ? bw.de_acc : nullptr, bw.de_comp, (row - r0) * p.d + d, out.de,
+                       row * ld + d, first, last);
+      }
+    }
+  }
+
+  // dC_chunk (+)= dZ^T E[rows].
+  template <class G>
+  void dc_update(const problem<T>& p, const dense_inputs& x, const detail::plan& pl,
+                 const detail::backward_buffers<T>& bw, const gradients<G>& out, std::int64_t ld, std::int64_t r0,
+                 std::int64_t rows, std::int64_t v0, std::int64_t cols, bool first, bool last) const {
+    std::vector<float> acc(std::size_t(p.d));
+    for (std::int64_t col = v0; col < v0 + cols; ++col) {
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (std::int64_t row = r0; row < r0 + rows; ++row) {
+        const float dz = dz_at(pl, bw, r0, row, v0, col);
+        const float* er = &x.e[std::size_t(row * p.d)];
+        for (std::int64_t d = 0; d < p.d; ++d) acc[std::size_t(d)] += dz * er[d];
+      }
+      for (std::int64_t d = 0; d < p.d; ++d) {
+        accumulate_out(acc[std::size_t(d)], bw.dc_acc, bw.dc_comp, (col - v0) * p.d + d, out.dc, col * ld + d, first,
+                       last);
+      }
+    }
+  }
+
+  // dBias_chunk = sum over all row tiles of the dZ kernel's column partials, in row-tile order.
+  template <class G>
+  void dbias_update(const detail::plan& pl, const detail::backward_buffers<T>& bw, const gradients<G>& out,
+                    std::int64_t v0, std::int64_t cols) const {
+    for (std::int64_t c = 0; c < cols; ++c) {
+      float s = 0.f;
+      for (std::int64_t rt = 0; rt < pl.grid.row_tiles(); ++rt) s += bw.dbias_partial[rt * pl.chunk_cols + c];
+      out.dbias[v0 + c] = store_as<G>((opt_.accumulate ? load_g(out.dbias, v0 + c) : 0.f) + s);
+    }
+  }
+
+  // lora_q[rows] += dZ B_chunk.
+  void lora_accumulate_q(const problem<T>& p, const detail::plan& pl, const detail::backward_buffers<T>& bw,
+                         std::int64_t r0, std::int64_t rows, std::int64_t v0, std::int64_t cols) const {
+    for (std::int64_t row = r0; row < r0 + rows; ++row)
+      for (std::int64_t k = 0; k < p.lora.rank; ++k) {
+        float acc = 0.f;
+        for (std::int64_t col = v0; col < v0 + cols; ++col) acc += dz_at(pl, bw, r0, row, v0, col) * load(p.lora.b, col * p.b_stride() + k);
+        bw.lora_q[row * p.lora.rank + k] += acc;
+      }
+  }
+
+  // dB_chunk (+)= dZ^T lora_p[rows].
+  template <class G>
+  void db_update(const problem<T>& p, const detail::plan& pl, const detail::backward_buffers<T>& bw,
+                 const gradients<G>& out, std::int64_t r0, std::int64_t rows, std::int64_t v0, std::int64_t cols,
+                 bool first, bool last) const {
+    for (std::int64_t col = v0; col < v0 + cols; ++col)
+      for (std::int64_t k = 0; k < p.lora.rank; ++k) {
+        float acc = 0.f;
+        for (std::int64_t row = r0; row < r0 + rows; ++row) acc += dz_at(pl, bw, r0, row, v0, col) * bw.lora_p[row * p.lora.rank + k];
+        accumulate_out(acc, bw.db_acc, nullptr, (col - v0) * p.lora.rank + k, out.db, col * p.lora.rank + k, first,
+                       last);
+      }
+  }
+
+  // dA = scale * lora_q^T E.
+  template <class G>
+  void da_update(const problem<T>& p, const detail::backward_buffers<T>& bw, const gradients<G>& out) const {
+    for (std::int64_t k = 0; k < p.lora.rank; ++k)
+      for (std::int64_t d = 0; d < p.d; ++d) {
+        float acc = 0.f;
+        for (std::int64_t row = 0; row < p.n; ++row) acc += bw.lora_q[row * p.lora.rank + k] * load(p.e, row * p.e_stride() + d);
+        out.da[k * p.d + d] = store_as<G>((opt_.accumulate ? load_g(out.da, k * p.d + d) : 0.f) + p.lora.scale * acc);
+      }
+  }
+};
+
+}  // namespace cce::host

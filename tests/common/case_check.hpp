@@ -1,0 +1,153 @@
+// Runs one case's exact float64 reference and compares an executor's results with it, with the tolerances of
+// docs/testing.md: loss and lse to 1e-5 relative (fp32 accumulation); each gradient to u(T) relative L2 in exact
+// mode and 2 u(T) with the gradient filter on the data regimes; randomized cases, which include ill-conditioned
+// ones (tiny D or V, near-certain targets: the gradient is a difference of much larger terms), are held to the
+// rounding bound of the algorithm instead. Failures print the case's one-line reproducer.
+#pragma once
+
+#include <catch2/catch.hpp>
+
+#include <cmath>
+#include <cstdint>
+#include <random>
+#include <vector>
+
+#include <cce/detail/element_type.hpp>
+#include <cce/host/reference.hpp>
+#include "random_problem.hpp"
+
+namespace cce::test {
+
+// An executor's results, converted to float on the host.
+struct case_results {
+  std::vector<float> loss;  // 1 value, or N for reduction none
+  std::vector<float> lse, entropy, target_logprob;
+  std::vector<std::uint8_t> correct;
+  int error = 0;
+  std::vector<float> de, dc, dbias, da, db;
+};
+
+// The upstream gradient used by the backward checks: a scalar for mean/sum, per row for none.
+inline std::vector<float> make_grad_loss(const case_config& cfg) {
+  std::mt19937_64 rng(cfg.seed ^ 0x5eed);
+  std::uniform_real_distribution<float> u(0.5f, 1.5f);
+  std::vector<float> g(cfg.opts.reduction == reduction::none ? std::size_t(cfg.n) : 1);
+  for (float& x : g) x = u(rng);
+  return g;
+}
+
+// Values the gradient buffers hold before the backward (options::accumulate adds to them).
+inline std::vector<float> make_prefill(std::size_t count, std::uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> nd(0.f, 1e-3f);
+  std::vector<float> v(count);
+  for (float& x : v) x = nd(rng);
+  return v;
+}
+
+// Expected gradient: the reference plus what was there before when accumulating, rounded like the output.
+template <class G>
+std::vector<double> expected_gradient(const std::vector<double>& ref, const std::vector<float>& prefill,
+                                      bool accumulate) {
+  std::vector<double> e(ref);
+  if (accumulate)
+    for (std::size_t i = 0; i < e.size(); ++i) e[i] += double(detail::to_float(detail::from_float<G>(prefill[i])));
+  return e;
+}
+
+template <class T>
+double gradient_tolerance(const options& o) {
+  return (o.filter == filter_mode::none ? 1.0 : 2.0) * double(detail::unit_roundoff<T>());
+}
+
+// How a gradient is judged.
+enum class gradient_check {
+  relative,  // ||got - ref|| <= tol ||ref||: the design's targets, for the data regimes
+  bound,     // ||got - ref|| <= u (||ref|| + k ||scale||): the output's rounding plus rounding dZ to T before the
+             // products (|error| <= u sum |dZ| |C| per element), k = 1 exact and 2 with the filter, whose dropped
+             // mass is below eps <= u of the same sums; for randomized cases, conditioning included
+};
+
+inline double l2(const std::vector<double>& x) {
+  double s = 0.0;
+  for (double v : x) s += v * v;
+  return std::sqrt(s);
+}
+
+// Half the spacing of T's subnormals: the absolute rounding error of values below its normal range (fp16 reaches it
+// with small gradients; bf16 and fp32 practically never).
+template <class T>
+constexpr double subnormal_half_spacing() {
+  return std::is_same_v<T, __half> ? 0x1p-25 : std::is_same_v<T, __nv_bfloat16> ? 0x1p-134 : 0x1p-150;
+}
+
+// Compares `got` with the float64 reference of the case. `G` is the gradient type the executor wrote.
+template <class T, class G>
+void check_case(const host_problem<T>& h, const case_results& got, bool with_backward,
+                gradient_check mode = gradient_check::relative) {
+  const case_config& cfg = h.cfg;
+  INFO("case: " << cfg.describe() << " | T=" << detail::element_traits<T>::name
+                << " G=" << detail::element_traits<G>::name);
+  const problem<T> p = h.view();
+  const auto ref = host::reference_forward(p, cfg.opts);
+
+  CHECK(got.error == (ref.invalid_target ? int(status::invalid_target) : 0));
+  if (ref.invalid_target) return;  // the loss is NaN by contract; the gradients are unspecified
+
+  constexpr double loss_tol = 1e-5;
+  if (cfg.opts.reduction == reduction::none) {
+    CHECK(relative_l2(got.loss, ref.loss_rows) <= loss_tol);
+  } else {
+    const double want = ref.loss_scalar, have = double(got.loss[0]);
+    if (std::isnan(want)) {
+      CHECK(std::isnan(have));
+    } else {
+      CHECK(std::abs(have - want) <= loss_tol * std::max(std::abs(want), 1e-3));
+    }
+  }
+  // Outputs that are differences with lse are compared on lse's scale.
+  const double lse_norm = std::max(l2(ref.lse), 1e-30);
+  auto on_lse_scale = [&](const std::vector<float>& x, const std::vector<double>& r) {
+    double num = 0.0;
+    for (std::size_t i = 0; i < r.size(); ++i) num += (double(x[i]) - r[i]) * (double(x[i]) - r[i]);
+    return std::sqrt(num) / lse_norm;
+  };
+  if (!got.lse.empty()) CHECK(relative_l2(got.lse, ref.lse) <= loss_tol);
+  if (!got.entropy.empty()) CHECK(on_lse_scale(got.entropy, ref.entropy) <= loss_tol);
+  if (!got.target_logprob.empty()) CHECK(on_lse_scale(got.target_logprob, ref.target_logprob) <= loss_tol);
+  if (!got.correct.empty()) CHECK(got.correct == ref.correct);
+
+  if (!with_backward) return;
+  const std::vector<float> grad_f = make_grad_loss(cfg);
+  const std::vector<double> grad(grad_f.begin(), grad_f.end());
+  const auto rg = host::reference_backward(p, cfg.opts, grad);
+  const double tol = gradient_tolerance<T>(cfg.opts);
+  const double u = double(detail::unit_roundoff<T>());
+  const double k = cfg.opts.filter == filter_mode::none ? 1.0 : 2.0;
+  const bool acc = cfg.opts.accumulate;
+  // `terms`: how many rounded dZ values each element of the gradient sums.
+  auto check_grad = [&](const char* name, const std::vector<float>& have, const std::vector<double>& want,
+                        const std::vector<double>& scale, double terms, std::uint64_t salt) {
+    if (have.empty()) return;
+    const auto expected = expected_gradient<G>(want, make_prefill(want.size(), cfg.seed + salt), acc);
+    const double err = relative_l2(have, expected);
+    if (mode == gradient_check::relative) {
+      INFO("gradient " << name << " relative L2 error " << err << " tolerance " << tol);
+      CHECK(err <= tol);
+    } else {
+      const double floor = subnormal_half_spacing<T>() * (1 + k * terms) * std::sqrt(double(want.size()));
+      const double ref_norm = l2(expected), bound = u * (ref_norm + k * l2(scale)) + floor;
+      const double abs_err = ref_norm > 0 ? err * ref_norm : err;
+      INFO("gradient " << name << " L2 error " << abs_err << " bound " << bound << " (relative " << err << ")");
+      CHECK(abs_err <= bound);
+    }
+  };
+  const double n = double(cfg.n), v = double(cfg.v);
+  check_grad("dE", got.de, rg.de, rg.de_scale, v + double(cfg.rank), 1);
+  check_grad("dC", got.dc, rg.dc, rg.dc_scale, n, 2);
+  check_grad("dBias", got.dbias, rg.dbias, rg.dbias_scale, n, 3);
+  check_grad("dA", got.da, rg.da, rg.da_scale, n * v, 4);
+  check_grad("dB", got.db, rg.db, rg.db_scale, n, 5);
+}
+
+}  // namespace cce::test
