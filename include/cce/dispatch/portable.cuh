@@ -1,0 +1,430 @@
+// Launch sequence of the portable (sm_80+) path for a plan: which kernels run, in which order, on which buffers.
+// Everything is enqueued on the caller's stream; nothing is allocated and the host never waits.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+
+#include <cce/detail/targets.hpp>
+#include <cce/dispatch/plan.hpp>
+#include <cce/epilogue/logit_terms.hpp>
+#include <cce/filter/predicates.hpp>
+#include <cce/kernel/portable/dlogit.cuh>
+#include <cce/kernel/portable/forward.cuh>
+#include <cce/kernel/portable/grad_gemm.cuh>
+#include <cce/kernel/portable/row_kernels.cuh>
+#include <cce/problem.hpp>
+#include <cce/status.hpp>
+
+namespace cce::detail {
+
+inline status launch_status() { return cudaGetLastError() == cudaSuccess ? status::success : status::cuda_error; }
+
+#define CCE_TRY(expr)                                           \
+  do {                                                          \
+    if (const ::cce::status cce_s_ = (expr); cce_s_ != ::cce::status::success) return cce_s_; \
+  } while (0)
+
+// Raises the kernel's dynamic shared-memory limit and launches it.
+template <class Kernel, class Params>
+status launch_tile_kernel(Kernel kernel, dim3 grid, int threads, std::size_t smem, cudaStream_t stream,
+                          const Params& prm) {
+  if (grid.x == 0 || grid.y == 0) return status::success;
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)) != cudaSuccess) {
+    cudaGetLastError();
+    return status::unsupported_arch;  // no image for this device, or too little shared memory
+  }
+  kernel<<<grid, threads, smem, stream>>>(prm);
+  return launch_status();
+}
+
+inline unsigned blocks_for(std::int64_t work, int threads) { return unsigned((work + threads - 1) / threads); }
+
+template <class T, class Policy>
+class portable_path {
+  static_assert(Policy::bm == Policy::bn, "filter flags are shared by the dE (rows) and dC (classes) products");
+  using fwd_loop = mainloop_for<T, Policy, major::k, major::k>;
+  static constexpr std::size_t fwd_smem = fwd_loop::smem_bytes;
+  static constexpr std::size_t dz_smem =
+      std::max(fwd_loop::smem_bytes, std::size_t(Policy::bn) * fwd_loop::fragment_layout::col_groups * sizeof(float));
+
+ public:
+  portable_path(const problem<T>& p, const options& o, const plan& pl, bool vectorized)
+      : p_(p), o_(o), pl_(pl), vec_(vectorized) {}
+
+  status forward(const forward_outputs& out, const saved_buffers& sv, const forward_buffers<T>& fw,
+                 cudaStream_t stream) const {
+    class_weight_total_kernel<256><<<1, 256, 0, stream>>>(p_.class_weights, p_.v, sv.class_weight_total);
+    CCE_TRY(launch_status());
+    if (p_.n > 0) {
+      if (p_.has_lora()) CCE_TRY(lora_project(fw.lora_p, stream));
+      forward_params<T> prm;
+      prm.e = {p_.e, p_.e_stride(), p_.n, p_.d};
+      prm.c = {p_.c, p_.c_stride(), p_.v, p_.d};
+      prm.terms = terms(fw.lora_p);
+      prm.class_weights = p_.class_weights;
+      prm.labels = labels();
+      prm.grid = pl_.grid;
+      prm.splits = pl_.splits;
+      prm.smoothing = o_.label_smoothing != 0.f;
+      prm.argmax = out.correct != nullptr;
+      prm.partials = fw.partials;
+      prm.target_logit = fw.target_logit;
+      prm.tile_max = pl_.filter ? sv.tile_max : nullptr;
+      const dim3 grid(unsigned(pl_.grid.row_tiles()), unsigned(pl_.splits));
+      CCE_TRY(vec_ ? launch_tile_kernel(forward_kernel<T, Policy, true>, grid, Policy::threads, fwd_smem, stream, prm)
+                   : launch_tile_kernel(forward_kernel<T, Policy, false>, grid, Policy::threads, fwd_smem, stream, prm));
+
+      finalise_params fin;
+      fin.partials = fw.partials;
+      fin.n = p_.n;
+      fin.splits = pl_.splits;
+      fin.target_logit = fw.target_logit;
+      fin.class_weights = p_.class_weights;
+      fin.class_weight_total = sv.class_weight_total;
+      fin.labels = labels();
+      fin.smoothing = o_.label_smoothing;
+      fin.z_loss = o_.z_loss;
+      fin.inv_classes = 1.f / float(p_.v);
+      fin.reduction = o_.reduction;
+      fin.lse_saved = sv.lse;
+      fin.lse_others_saved = sv.lse_others;
+      fin.out = out;
+      fin.block_sums = fw.block_sums;
+      finalise_kernel<plan::finalise_threads>
+          <<<unsigned(pl_.finalise_blocks()), plan::finalise_threads, 0, stream>>>(fin);
+      CCE_TRY(launch_status());
+    }
+    loss_total_kernel<256><<<1, 256, 0, stream>>>(fw.block_sums, pl_.finalise_blocks(), o_.reduction, out.loss,
+                                                  sv.weight_sum);
+    return launch_status();
+  }
+
+  template <class G>
+  status backward(loss_gradient grad, const gradients<G>& out, const saved_buffers& sv,
+                  const backward_buffers<T>& bw, cudaStream_t stream) const {
+    if (p_.n > 0) {
+      coefficient_params cp;
+      cp.n = p_.n;
+      cp.labels = labels();
+      cp.grad = grad.grad;
+      cp.per_row_grad = o_.reduction == reduction::none;
+      cp.mean = o_.reduction == reduction::mean;
+      cp.weight_sum = sv.weight_sum;
+      cp.lse = sv.lse;
+      cp.class_weights = p_.class_weights;
+      cp.class_weight_total = sv.class_weight_total;
+      cp.lse_others = sv.lse_others;
+      cp.smoothing = o_.label_smoothing;
+      cp.z_loss = o_.z_loss;
+      cp.inv_classes = 1.f / float(p_.v);
+      cp.coef = bw.coef;
+      coefficients_kernel<<<blocks_for(p_.n, 256), 256, 0, stream>>>(cp);
+      CCE_TRY(launch_status());
+    }
+    if (p_.has_lora()) {
+      if (p_.n > 0) CCE_TRY(lora_project(bw.lora_p, stream));
+      if (cudaMemsetAsync(bw.lora_q, 0, sizeof(float) * p_.n * p_.lora.rank, stream) != cudaSuccess) return status::cuda_error;
+    }
+    const std::int64_t block_rows = std::min(pl_.row_block, p_.n);
+    const std::int64_t ld_de = out.ld_de ? out.ld_de : p_.d, ld_dc = out.ld_dc ? out.ld_dc : p_.d;
+    auto chunk = [&](std::int64_t ch) {
+      const std::int64_t v0 = ch * pl_.chunk_cols;
+      return std::pair<std::int64_t, std::int64_t>{v0, std::min(pl_.chunk_cols, p_.v - v0)};
+    };
+    if (pl_.mode == backward_mode::chunked) {
+      for (std::int64_t ch = 0; ch < pl_.chunks(); ++ch) {
+        const auto [v0, cols] = chunk(ch);
+        CCE_TRY(dlogits(sv, bw, 0, p_.n, v0, cols, stream));
+        if (p_.has_lora()) CCE_TRY(lora_q_update(bw, 0, p_.n, v0, cols, stream));
+        const bool last = ch + 1 == pl_.chunks();
+        if (out.de) CCE_TRY(de_product(bw, out.de, ld_de, 0, p_.n, v0, cols, ch == 0, last, stream));
+        if (out.dc) CCE_TRY(dc_product(bw, out.dc, ld_dc, 0, p_.n, v0, cols, true, true, stream));
+        if (out.dbias) CCE_TRY(dbias_sum(bw, out.dbias, v0, cols, stream));
+        if (out.db) CCE_TRY(db_product(bw, out.db, 0, p_.n, v0, cols, true, true, stream));
+      }
+    } else {
+      for (std::int64_t r0 = 0; r0 < p_.n; r0 += block_rows) {  // pass 1: dE (and the low-rank q)
+        const std::int64_t rows = std::min(block_rows, p_.n - r0);
+        for (std::int64_t ch = 0; ch < pl_.chunks(); ++ch) {
+          const auto [v0, cols] = chunk(ch);
+          CCE_TRY(dlogits(sv, bw, r0, rows, v0, cols, stream));
+          if (p_.has_lora()) CCE_TRY(lora_q_update(bw, r0, rows, v0, cols, stream));
+          if (out.de) CCE_TRY(de_product(bw, out.de, ld_de, r0, rows, v0, cols, ch == 0, ch + 1 == pl_.chunks(), stream));
+        }
+      }
+      if (out.dc || out.dbias || out.db) {
+        for (std::int64_t ch = 0; ch < pl_.chunks(); ++ch) {  // pass 2: dC, dBias, dB
+          const auto [v0, cols] = chunk(ch);
+          for (std::int64_t r0 = 0; r0 < p_.n; r0 += block_rows) {
+            const std::int64_t rows = std::min(block_rows, p_.n - r0);
+            const bool first = r0 == 0, last = r0 + rows == p_.n;
+            CCE_TRY(dlogits(sv, bw, r0, rows, v0, cols, stream));
+            if (out.dc) CCE_TRY(dc_product(bw, out.dc, ld_dc, r0, rows, v0, cols, first, last, stream));
+            if (out.db) CCE_TRY(db_product(bw, out.db, r0, rows, v0, cols, first, last, stream));
+          }
+          if (out.dbias) CCE_TRY(dbias_sum(bw, out.dbias, v0, cols, stream));
+        }
+      }
+    }
+    if (out.da) CCE_TRY(da_product(bw, out.da, stream));
+    return status::success;
+  }
+
+ private:
+  const problem<T>& p_;
+  const options& o_;
+  const plan& pl_;
+  bool vec_;
+
+  target_reader labels() const {
+    return {p_.targets, p_.targets_type, o_.ignore_index, p_.v, o_.shift, p_.seq_len};
+  }
+  logit_terms<T> terms(const float* lora_p) const {
+    logit_terms<T> t;
+    t.bias = p_.bias;
+    t.lora_p = lora_p;
+    t.lora_b = p_.lora.b;
+    t.rank = p_.lora.rank;
+    t.ldb = p_.b_stride();
+    t.transform = {o_.softcap, 1.f / o_.temperature};
+    return t;
+  }
+
+  template <class TA, class TB, class G>
+  static status launch_thin(const thin_product<TA, TB, G>& prm, cudaStream_t stream) {
+    if (prm.m * prm.n == 0) return status::success;
+    thin_product_kernel<TA, TB, G><<<blocks_for(prm.m * prm.n, 256), 256, 0, stream>>>(prm);
+    return launch_status();
+  }
+
+  // lora_p = scale * E A^T.
+  status lora_project(float* lora_p, cudaStream_t stream) const {
+    thin_product<T, T, float> t;
+    t.a = p_.e;
+    t.a_m = p_.e_stride();
+    t.a_k = 1;
+    t.b = p_.lora.a;
+    t.b_k = 1;
+    t.b_n = p_.a_stride();
+    t.m = p_.n;
+    t.n = p_.lora.rank;
+    t.k = p_.d;
+    t.alpha = p_.lora.scale;
+    t.out = lora_p;
+    t.out_m = p_.lora.rank;
+    return launch_thin(t, stream);
+  }
+
+  status dlogits(const saved_buffers& sv, const backward_buffers<T>& bw, std::int64_t r0, std::int64_t rows,
+                 std::int64_t v0, std::int64_t cols, cudaStream_t stream) const {
+    dlogit_params<T> prm;
+    prm.e = {p_.e, p_.e_stride(), p_.n, p_.d};
+    prm.c = {p_.c, p_.c_stride(), p_.v, p_.d};
+    prm.terms = terms(bw.lora_p);
+    prm.class_weights = p_.class_weights;
+    prm.coef = bw.coef;
+    prm.grid = pl_.grid;
+    // Smoothing spreads gradient over every class: no tile is negligible then.
+    const bool filter = pl_.filter && o_.label_smoothing == 0.f;
+    prm.tile_max = filter ? sv.tile_max : nullptr;
+    const float eps = o_.filter == filter_mode::threshold ? o_.filter_eps : filter::auto_eps<T>();
+    prm.filter = filter::mass_threshold::make(eps, pl_.grid.bn, pl_.grid.col_tiles());
+    prm.row0 = r0;
+    prm.v0 = v0;
+    prm.chunk_cols = pl_.chunk_cols;
+    prm.dz = bw.dz;
+    prm.active = bw.active;
+    prm.dbias_partial = bw.dbias_partial;
+    const dim3 grid(unsigned(ceil_div(rows, Policy::bm)), unsigned(ceil_div(cols, Policy::bn)));
+    return vec_ ? launch_tile_kernel(dlogit_kernel<T, Policy, true>, grid, Policy::threads, dz_smem, stream, prm)
+                : launch_tile_kernel(dlogit_kernel<T, Policy, false>, grid, Policy::threads, dz_smem, stream, prm);
+  }
+
+  active_k_tiles<Policy::bm> flags(const backward_buffers<T>& bw, bool k_is_vocab) const {
+    active_k_tiles<Policy::bm> a;  // bm == bn: one flag covers bm rows or bn classes along K
+    a.flags = bw.active;
+    a.chunk_tiles = pl_.chunk_cols / Policy::bn;
+    a.k_is_vocab = k_is_vocab;
+    return a;
+  }
+
+  template <class G, major MajorA, major MajorB>
+  status gemm(grad_gemm_params<T, G, Policy::bm>& prm, cudaStream_t stream) const {
+    using loop = mainloop_for<T, Policy, MajorA, MajorB>;
+    const dim3 grid(unsigned(ceil_div(prm.m, Policy::bm)), unsigned(ceil_div(prm.n, Policy::bn)));
+    return vec_ ? launch_tile_kernel(grad_gemm_kernel<T, G, Policy, MajorA, MajorB, true>, grid, Policy::threads,
+                                     loop::smem_bytes, stream, prm)
+                : launch_tile_kernel(grad_gemm_kernel<T, G, Policy, MajorA, MajorB, false>, grid, Policy::threads,
+                                     loop::smem_bytes, stream, prm);
+  }
+
+  // dE[r0 : r0 + rows] (+)= dZ C[v0 : v0 + cols] (+ scale * q A on the last chunk).
+  template <class G>
+  status de_product(const backward_buffers<T>& bw, G* de, std::int64_t ld, std::int64_t r0, std::int64_t rows,
+                    std::int64_t v0, std::int64_t cols, bool first, bool last, cudaStream_t stream) const {
+    grad_gemm_params<T, G, Policy::bm> prm;
+    prm.a = {bw.dz, pl_.chunk_cols, rows, pl_.chunk_cols};
+    prm.b = {p_.c + v0 * p_.c_stride(), p_.c_stride(), p_.d, cols};
+    prm.m = rows;
+    prm.n = p_.d;
+    prm.k = cols;
+    prm.active = flags(bw, true);
+    prm.acc = pl_.needs_de_acc() ? bw.de_acc : nullptr;
+    prm.comp = pl_.needs_de_acc() ? bw.de_comp : nullptr;
+    prm.first = first;
+    prm.last = last;
+    prm.accumulate = o_.accumulate;
+    prm.out = de + r0 * ld;
+    prm.ld_out = ld;
+    if (last && p_.has_lora()) {
+      prm.lora_q = bw.lora_q + r0 * p_.lora.rank;
+      prm.lora_a = p_.lora.a;
+      prm.rank = p_.lora.rank;
+      prm.lda = p_.a_stride();
+      prm.lora_scale = p_.lora.scale;
+    }
+    return gemm<G, major::k, major::mn>(prm, stream);
+  }
+
+  // dC[v0 : v0 + cols] (+)= dZ^T E[r0 : r0 + rows].
+  template <class G>
+  status dc_product(const backward_buffers<T>& bw, G* dc, std::int64_t ld, std::int64_t r0, std::int64_t rows,
+                    std::int64_t v0, std::int64_t cols, bool first, bool last, cudaStream_t stream) const {
+    grad_gemm_params<T, G, Policy::bm> prm;
+    prm.a = {bw.dz, pl_.chunk_cols, pl_.chunk_cols, rows};
+    prm.b = {p_.e + r0 * p_.e_stride(), p_.e_stride(), p_.d, rows};
+    prm.m = cols;
+    prm.n = p_.d;
+    prm.k = rows;
+    prm.active = flags(bw, false);
+    const bool carry = !(first && last);
+    prm.acc = carry ? bw.dc_acc : nullptr;
+    prm.comp = carry ? bw.dc_comp : nullptr;
+    prm.first = first;
+    prm.last = last;
+    prm.accumulate = o_.accumulate;
+    prm.out = dc + v0 * ld;
+    prm.ld_out = ld;
+    return gemm<G, major::mn, major::mn>(prm, stream);
+  }
+
+  template <class G>
+  status dbias_sum(const backward_buffers<T>& bw, G* dbias, std::int64_t v0, std::int64_t cols,
+                   cudaStream_t stream) const {
+    dbias_kernel<G><<<blocks_for(cols, 256), 256, 0, stream>>>(bw.dbias_partial, pl_.grid.row_tiles(),
+                                                                pl_.chunk_cols, cols, o_.accumulate, dbias + v0);
+    return launch_status();
+  }
+
+  thin_product<T, T, float> dz_thin(const backward_buffers<T>& bw) const {
+    thin_product<T, T, float> t;
+    t.dz_active = bw.active;
+    t.dz_bm = Policy::bm;
+    t.dz_bn = Policy::bn;
+    t.dz_chunk_tiles = pl_.chunk_cols / Policy::bn;
+    return t;
+  }
+
+  // lora_q[r0 : r0 + rows] += dZ B[v0 : v0 + cols].
+  status lora_q_update(const backward_buffers<T>& bw, std::int64_t r0, std::int64_t rows, std::int64_t v0,
+                       std::int64_t cols, cudaStream_t stream) const {
+    thin_product<T, T, float> t = dz_thin(bw);
+    t.a = bw.dz;
+    t.a_m = pl_.chunk_cols;
+    t.a_k = 1;
+    t.b = p_.lora.b + v0 * p_.b_stride();
+    t.b_k = p_.b_stride();
+    t.b_n = 1;
+    t.m = rows;
+    t.n = p_.lora.rank;
+    t.k = cols;
+    t.out = bw.lora_q + r0 * p_.lora.rank;
+    t.out_m = p_.lora.rank;
+    t.add = true;
+    return launch_thin(t, stream);
+  }
+
+  template <class G, class TA, class TB, class G0>
+  static thin_product<TA, TB, G> retarget(const thin_product<TA, TB, G0>& t) {
+    thin_product<TA, TB, G> r;
+    r.a = t.a;
+    r.a_m = t.a_m;
+    r.a_k = t.a_k;
+    r.b = t.b;
+    r.b_k = t.b_k;
+    r.b_n = t.b_n;
+    r.m = t.m;
+    r.n = t.n;
+    r.k = t.k;
+    r.alpha = t.alpha;
+    r.dz_active = t.dz_active;
+    r.dz_bm = t.dz_bm;
+    r.dz_bn = t.dz_bn;
+    r.dz_chunk_tiles = t.dz_chunk_tiles;
+    r.a_transposed = t.a_transposed;
+    r.out_m = t.out_m;
+    r.out_n = t.out_n;
+    return r;
+  }
+
+  // dB[v0 : v0 + cols] (+)= dZ^T lora_p[r0 : r0 + rows], carried over row blocks in db_acc.
+  template <class G>
+  status db_product(const backward_buffers<T>& bw, G* db, std::int64_t r0, std::int64_t rows, std::int64_t v0,
+                    std::int64_t cols, bool first, bool last, cudaStream_t stream) const {
+    thin_product<T, float, float> t;
+    t.dz_active = bw.active;
+    t.dz_bm = Policy::bm;
+    t.dz_bn = Policy::bn;
+    t.dz_chunk_tiles = pl_.chunk_cols / Policy::bn;
+    t.a_transposed = true;
+    t.a = bw.dz;
+    t.a_m = 1;
+    t.a_k = pl_.chunk_cols;
+    t.b = bw.lora_p + r0 * p_.lora.rank;
+    t.b_k = p_.lora.rank;
+    t.b_n = 1;
+    t.m = cols;
+    t.n = p_.lora.rank;
+    t.k = rows;
+    t.out_m = p_.lora.rank;
+    if (first && last) {  // one row block: straight into the output
+      thin_product<T, float, G> direct = retarget<G>(t);
+      direct.out = db + v0 * p_.lora.rank;
+      direct.add = o_.accumulate;
+      return launch_thin(direct, stream);
+    }
+    t.out = bw.db_acc;
+    t.add = !first;
+    CCE_TRY(launch_thin(t, stream));
+    if (!last) return status::success;
+    const std::int64_t count = cols * p_.lora.rank;  // final row block: fold the fp32 carry into the output
+    fold_kernel<G><<<blocks_for(count, 256), 256, 0, stream>>>(bw.db_acc, count, o_.accumulate, db + v0 * p_.lora.rank);
+    return launch_status();
+  }
+
+  // dA = scale * q^T E.
+  template <class G>
+  status da_product(const backward_buffers<T>& bw, G* da, cudaStream_t stream) const {
+    thin_product<float, T, G> t;
+    t.a = bw.lora_q;
+    t.a_m = 1;
+    t.a_k = p_.lora.rank;
+    t.b = p_.e;
+    t.b_k = p_.e_stride();
+    t.b_n = 1;
+    t.m = p_.lora.rank;
+    t.n = p_.d;
+    t.k = p_.n;
+    t.alpha = p_.lora.scale;
+    t.out = da;
+    t.out_m = p_.d;
+    t.add = o_.accumulate;
+    return launch_thin(t, stream);
+  }
+};
+
+}  // namespace cce::detail

@@ -1,0 +1,149 @@
+// Backward, step 1 of each chunk: recompute a logit tile and turn it into draw = dz * dz/draw (row_loss.hpp),
+// stored in T into the chunk buffer for the two gradient GEMMs. The gradient filter decides
+// per tile, from the forward's tile max and the rows' non-target log-sum-exp, before anything is loaded; a skipped tile is marked
+// inactive and the GEMMs never read it. Column sums of draw (the bias gradient) are written per row tile.
+#pragma once
+
+#include <cstdint>
+
+#include <cce/detail/element_type.hpp>
+#include <cce/dispatch/plan.hpp>
+#include <cce/epilogue/logit_terms.hpp>
+#include <cce/epilogue/row_loss.hpp>
+#include <cce/filter/predicates.hpp>
+#include <cce/kernel/portable/mainloop.cuh>
+#include <cce/kernel/portable/warp_reduce.cuh>
+#include <cce/tile/tile_grid.hpp>
+
+namespace cce::detail {
+
+template <class T>
+struct dlogit_params {
+  operand<T> e;  // N x D
+  operand<T> c;  // V x D
+  logit_terms<T> terms;
+  const float* class_weights = nullptr;
+  const row_coefficients* coef = nullptr;  // N
+  tile::tile_grid grid;                    // N x V
+  const float* tile_max = nullptr;         // row_tiles x col_tiles, null when the filter is off
+  filter::mass_threshold filter{};
+  std::int64_t row0 = 0, v0 = 0;           // origin of this (row block, chunk)
+  std::int64_t chunk_cols = 0;             // leading dimension of dz, multiple of bn
+  T* dz = nullptr;                         // rows x chunk_cols
+  std::uint8_t* active = nullptr;          // (rows / bm) x (chunk_cols / bn)
+  float* dbias_partial = nullptr;          // row_tiles x chunk_cols (absolute row tile), or null
+};
+
+// Does tile (rt, ct) contribute? Rows that carry no gradient do not count; a tile holding a target is kept, and
+// so is every tile when the filter is off. Every thread returns the same answer.
+template <int Threads>
+__device__ __forceinline__ bool tile_is_active(const row_coefficients* coef, const tile::tile_grid& g,
+                                               std::int64_t rt, std::int64_t ct, const float* tile_max,
+                                               const filter::mass_threshold& filter) {
+  constexpr int warps = Threads / 32;
+  __shared__ float warp_min[warps];
+  __shared__ int warp_flags[warps];
+  const std::int64_t c0 = g.col_begin(ct), c1 = c0 + g.cols_in(ct);
+  float my_min = inf_f();
+  int flags = 0;  // bit 0: a row carries gradient; bit 1: a target lies in the tile
+  for (std::int64_t r = threadIdx.x; r < g.rows_in(rt); r += Threads) {
+    const row_coefficients& rc = coef[g.row_begin(rt) + r];
+    if (rc.target < 0) continue;
+    flags |= 1;
+    if (rc.target >= c0 && rc.target < c1) flags |= 2;
+    my_min = min_f(my_min, rc.lse_others);
+  }
+#pragma unroll
+  for (int mask = 16; mask > 0; mask /= 2) {
+    my_min = min_f(my_min, shuffle_xor(my_min, mask));
+    flags |= __shfl_xor_sync(0xffffffffu, flags, mask);
+  }
+  if (threadIdx.x % 32 == 0) {
+    warp_min[threadIdx.x / 32] = my_min;
+    warp_flags[threadIdx.x / 32] = flags;
+  }
+  __syncthreads();
+  float min_floor = warp_min[0];
+  flags = warp_flags[0];
+#pragma unroll
+  for (int w = 1; w < warps; ++w) {
+    min_floor = min_f(min_floor, warp_min[w]);
+    flags |= warp_flags[w];
+  }
+  __syncthreads();  // the arrays may be rewritten by the next call
+  if (!(flags & 1)) return false;
+  if ((flags & 2) || tile_max == nullptr) return true;
+  // NaN in either operand makes the comparison false: the tile is kept.
+  return !filter.skip(tile_max[rt * g.col_tiles() + ct] - min_floor);
+}
+
+template <class T, class Policy, bool Vectorized>
+__global__ void __launch_bounds__(Policy::threads, Policy::min_blocks) dlogit_kernel(const __grid_constant__ dlogit_params<T> prm) {
+  using mainloop = mainloop_for<T, Policy, major::k, major::k>;
+  using layout = typename mainloop::fragment_layout;
+  extern __shared__ __align__(16) unsigned char smem[];
+
+  const tile::tile_grid& g = prm.grid;
+  const std::int64_t rt = prm.row0 / g.bm + blockIdx.x;  // absolute tile indices
+  const std::int64_t ct = prm.v0 / g.bn + blockIdx.y;
+  const std::int64_t row0 = g.row_begin(rt), col0 = g.col_begin(ct);
+  const std::int64_t chunk_tiles = prm.chunk_cols / g.bn;
+  const bool active = tile_is_active<Policy::threads>(prm.coef, g, rt, ct, prm.tile_max, prm.filter);
+  if (threadIdx.x == 0) prm.active[blockIdx.x * chunk_tiles + blockIdx.y] = active;
+  float* dbias = prm.dbias_partial ? prm.dbias_partial + rt * prm.chunk_cols + (col0 - prm.v0) : nullptr;
+  if (!active) {
+    if (dbias)
+      for (int c = threadIdx.x; c < Policy::bn; c += Policy::threads) dbias[c] = 0.f;
+    return;
+  }
+
+  typename mainloop::accumulators acc;
+  mainloop::clear(acc);
+  mainloop::template run<Vectorized>(acc, smem, prm.e, row0, prm.c, col0, 0, prm.e.depth);
+
+  const layout f;
+  float col_sum[layout::cols];
+#pragma unroll
+  for (int c = 0; c < layout::cols; ++c) col_sum[c] = 0.f;
+#pragma unroll
+  for (int s = 0; s < layout::row_slots; ++s) {
+    const std::int64_t row = row0 + f.row(s);
+    const bool row_ok = row < g.rows;
+    const row_coefficients rc = row_ok ? prm.coef[row] : row_coefficients{};
+    T* out = prm.dz + (row - prm.row0) * prm.chunk_cols + (col0 - prm.v0);
+#pragma unroll
+    for (int c = 0; c < layout::cols; ++c) {
+      const std::int64_t col = col0 + f.col(c);
+      float draw = 0.f;
+      if (row_ok && col < g.cols && rc.target >= 0) {
+        const float z = prm.terms(layout::at(acc, s, c), row, col);
+        const float p = exp_f(z - rc.lse);
+        const float w = prm.class_weights ? prm.class_weights[col] : 1.f;
+        draw = rc.dz(p, col == rc.target, w) * prm.terms.transform.derivative_from_logit(z);
+      }
+      // Columns past V inside the tile are written as 0: the GEMMs read whole tiles.
+      if (row_ok) out[f.col(c)] = from_float<T>(draw);
+      col_sum[c] += draw;
+    }
+  }
+
+  if (dbias) {
+    // Column sums: lanes sharing a column, then the warps along M, in a fixed order.
+    auto* staged = reinterpret_cast<float*>(smem);  // bn x col_groups
+#pragma unroll
+    for (int c = 0; c < layout::cols; ++c) {
+      float v = col_sum[c];
+#pragma unroll
+      for (int i = 0; i < layout::col_shuffle_count; ++i) v += shuffle_xor(v, layout::col_shuffle_first << i);
+      if (f.col_leader()) staged[f.col(c) * layout::col_groups + f.col_group()] = v;
+    }
+    __syncthreads();
+    for (int c = threadIdx.x; c < Policy::bn; c += Policy::threads) {
+      float v = 0.f;
+      for (int k = 0; k < layout::col_groups; ++k) v += staged[c * layout::col_groups + k];
+      dbias[c] = v;
+    }
+  }
+}
+
+}  // namespace cce::detail

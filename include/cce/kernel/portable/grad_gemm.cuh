@@ -1,0 +1,104 @@
+// Backward, step 2 of each chunk: the gradient products out(M x N) (+)= A(M x K) B(K x N) on the mainloop, with
+//   dE_block  = dZ (rows x chunk, k-major)   * C_chunk (chunk x D, n-major)   K = classes of the chunk
+//   dC_chunk  = dZ^T (chunk x rows, m-major) * E_block (rows x D, n-major)    K = rows of the block
+// K tiles whose dZ tile the filter skipped are never loaded. Partial results carry over chunks (or row blocks)
+// in an fp32 accumulator (optionally compensated) owned by one CTA per element, so the order is fixed and no
+// atomics are needed; the last contribution writes the output type, adding to it when gradients accumulate.
+#pragma once
+
+#include <cstdint>
+
+#include <cce/detail/element_type.hpp>
+#include <cce/kernel/portable/mainloop.cuh>
+#include <cce/reduce/kahan.hpp>
+
+namespace cce::detail {
+
+// Which K tiles of the product are live, read from the dZ kernel's tile flags. KTile (rows or classes per flag
+// along K) is a compile-time constant so that the per-stage lookup is a shift, not a 64-bit division.
+template <int KTile>
+struct active_k_tiles {
+  const std::uint8_t* flags = nullptr;  // (rows / bm) x chunk_tiles
+  std::int64_t chunk_tiles = 0;
+  std::int64_t fixed_tile = 0;   // this CTA's row tile (dE) or vocab tile (dC)
+  bool k_is_vocab = true;        // dE: K runs over classes; dC: K runs over rows
+
+  __device__ __forceinline__ bool operator()(std::int64_t k) const {
+    const std::int64_t kt = k / KTile;
+    return flags[k_is_vocab ? fixed_tile * chunk_tiles + kt : kt * chunk_tiles + fixed_tile] != 0;
+  }
+};
+
+template <class T, class G, int KTile>
+struct grad_gemm_params {
+  operand<T> a, b;             // a: M x K, b: N x K in their majors
+  std::int64_t m = 0, n = 0, k = 0;
+  active_k_tiles<KTile> active{};
+  float* acc = nullptr;        // M x N fp32 carry-over, null when this is the only contribution
+  float* comp = nullptr;       // Kahan compensation of acc, or null
+  bool first = true, last = true;
+  bool accumulate = false;     // out += result instead of out = result
+  G* out = nullptr;
+  std::int64_t ld_out = 0;
+  // Low-rank head (dE only, on the last chunk): out += scale * q (M x r) a (r x N).
+  const float* lora_q = nullptr;
+  const T* lora_a = nullptr;
+  std::int64_t rank = 0, lda = 0;
+  float lora_scale = 0.f;
+};
+
+template <class T, class G, class Policy, major MajorA, major MajorB, bool Vectorized>
+__global__ void __launch_bounds__(Policy::threads, Policy::min_blocks)
+    grad_gemm_kernel(const __grid_constant__ grad_gemm_params<T, G, Policy::bm> prm) {
+  using mainloop = mainloop_for<T, Policy, MajorA, MajorB>;
+  using layout = typename mainloop::fragment_layout;
+  extern __shared__ __align__(16) unsigned char smem[];
+  const std::int64_t m0 = std::int64_t(blockIdx.x) * Policy::bm, n0 = std::int64_t(blockIdx.y) * Policy::bn;
+
+  active_k_tiles<Policy::bm> active = prm.active;
+  active.fixed_tile = blockIdx.x;
+  typename mainloop::accumulators acc;
+  mainloop::clear(acc);
+  mainloop::template run<Vectorized>(acc, smem, prm.a, m0, prm.b, n0, 0, prm.k, active);
+
+  const layout f;
+#pragma unroll
+  for (int s = 0; s < layout::row_slots; ++s) {
+    const std::int64_t row = m0 + f.row(s);
+    if (row >= prm.m) continue;
+#pragma unroll
+    for (int c = 0; c < layout::cols; ++c) {
+      const std::int64_t col = n0 + f.col(c);
+      if (col >= prm.n) continue;
+      const float x = layout::at(acc, s, c);
+      float total = x;
+      if (prm.acc) {
+        const std::int64_t i = row * prm.n + col;
+        kahan_sum k{prm.first ? 0.f : prm.acc[i], (prm.first || !prm.comp) ? 0.f : prm.comp[i]};
+        if (prm.comp) k.add(x);
+        else k.sum += x;
+        if (!prm.last) {
+          prm.acc[i] = k.sum;
+          if (prm.comp) prm.comp[i] = k.compensation;
+          continue;
+        }
+        total = k.value();
+      }
+      if (prm.rank) {
+        float l = 0.f;
+        for (std::int64_t r = 0; r < prm.rank; ++r) l += prm.lora_q[row * prm.rank + r] * to_float(prm.lora_a[r * prm.lda + col]);
+        total += prm.lora_scale * l;
+      }
+      G* o = prm.out + row * prm.ld_out + col;
+      float prev = 0.f;
+      if (prm.accumulate) {
+        if constexpr (std::is_same_v<G, float>) prev = *o;
+        else prev = to_float(*o);
+      }
+      if constexpr (std::is_same_v<G, float>) *o = prev + total;
+      else *o = from_float<G>(prev + total);
+    }
+  }
+}
+
+}  // namespace cce::detail

@@ -1,0 +1,258 @@
+// The CTA-level tile product acc(BM x BN) = A(BM x K) * B(BN x K)^T over a K range, pipelined through `stages`
+// shared-memory buffers with cp.async. Two implementations share one interface:
+//   - mma_mainloop: bf16/fp16 operands on tensor cores (ldmatrix + mma.sync m16n8k16), fp32 accumulators;
+//   - simt_mainloop: fp32 operands with fp32 FMA (exact fp32, no TF32).
+// Both expose the accumulator fragment through `fragment_layout`: which tile rows and columns a thread owns and
+// which lanes share them, so epilogues (softmax statistics, dZ, stores) are written once for both.
+//
+// K tiles can be skipped by a predicate (gradient filtering): skipped tiles are never loaded.
+#pragma once
+
+#include <cstdint>
+#include <type_traits>
+
+#include <cce/kernel/portable/operand.cuh>
+#include <cce/kernel/portable/ptx.cuh>
+
+namespace cce::detail {
+
+struct always_active {
+  __device__ __forceinline__ bool operator()(std::int64_t) const { return true; }
+};
+
+// Multi-stage cp.async pipeline over the active K tiles: `stages - 1` tiles are in flight while one is computed.
+// Each iteration commits exactly one (possibly empty) group, so waiting for all but `stages - 2` groups leaves the
+// tile about to be computed resident.
+template <int Stages, class LoadStage, class ComputeStage, class Active>
+__device__ __forceinline__ void run_pipeline(std::int64_t k_begin, std::int64_t k_end, int bk, LoadStage&& load,
+                                             ComputeStage&& compute, const Active& active) {
+  const std::int64_t k_tiles = (k_end - k_begin + bk - 1) / bk;
+  auto next = [&](std::int64_t t) {
+    while (t < k_tiles && !active(k_begin + t * bk)) ++t;
+    return t;
+  };
+  std::int64_t t_load = next(0);
+  for (int s = 0; s < Stages - 1; ++s) {
+    if (t_load < k_tiles) {
+      load(s, k_begin + t_load * bk);
+      t_load = next(t_load + 1);
+    }
+    ptx::cp_async_commit();
+  }
+  int read = 0, write = Stages - 1;
+  for (std::int64_t t = next(0); t < k_tiles; t = next(t + 1)) {
+    ptx::cp_async_wait<Stages - 2>();
+    __syncthreads();  // the stage computed last iteration is free to be overwritten
+    if (t_load < k_tiles) {
+      load(write, k_begin + t_load * bk);
+      t_load = next(t_load + 1);
+    }
+    ptx::cp_async_commit();
+    compute(read);
+    read = read + 1 == Stages ? 0 : read + 1;
+    write = write + 1 == Stages ? 0 : write + 1;
+  }
+  ptx::cp_async_wait<0>();
+  __syncthreads();  // shared memory may be reused by the epilogue
+}
+
+template <class T, class Policy, major MajorA, major MajorB>
+struct mma_mainloop {
+  static_assert(std::is_same_v<T, __nv_bfloat16> || std::is_same_v<T, __half>, "tensor-core path is 16-bit");
+  using tile_a = smem_tile<T, MajorA, Policy::bm, Policy::bk>;
+  using tile_b = smem_tile<T, MajorB, Policy::bn, Policy::bk>;
+  static constexpr int mi = Policy::warp_m / 16;  // m16 fragments per warp
+  static constexpr int nj = Policy::warp_n / 8;   // n8 fragments per warp
+  static_assert(nj % 2 == 0, "B fragments are loaded in n16 pairs");
+  static constexpr std::size_t smem_bytes = std::size_t(Policy::stages) * (tile_a::elems + tile_b::elems) * sizeof(T);
+
+  struct accumulators {
+    float c[mi][nj][4];
+  };
+
+  // Which accumulator elements a thread holds. Row slot s covers tile row `row(s)`; each slot has `cols` columns.
+  struct fragment_layout {
+    static constexpr int row_slots = mi * 2;
+    static constexpr int cols = nj * 2;
+    // Lanes sharing a row differ in the lane bits first << i, i < count; the leader lane then holds the warp's
+    // partial, and `row_groups` warps hold partials of the same row.
+    static constexpr int row_shuffle_first = 1, row_shuffle_count = 2;
+    static constexpr int row_lanes = 1 << row_shuffle_count;
+    static constexpr int row_groups = Policy::warps_n;
+    static constexpr int col_shuffle_first = 4, col_shuffle_count = 3;
+    static constexpr int col_groups = Policy::warps_m;
+
+    int warp_m, warp_n, g, t;
+    __device__ fragment_layout() {
+      const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+      warp_m = warp / Policy::warps_n;
+      warp_n = warp % Policy::warps_n;
+      g = lane / 4;
+      t = lane % 4;
+    }
+    __device__ __forceinline__ int row(int slot) const { return warp_m * Policy::warp_m + (slot / 2) * 16 + g + (slot % 2) * 8; }
+    __device__ __forceinline__ int col(int c) const { return warp_n * Policy::warp_n + (c / 2) * 8 + t * 2 + (c % 2); }
+    __device__ __forceinline__ int row_group() const { return warp_n; }
+    __device__ __forceinline__ int row_lane() const { return t; }  // position among the lanes sharing a row
+    __device__ __forceinline__ int col_group() const { return warp_m; }
+    __device__ __forceinline__ bool col_leader() const { return g == 0; }
+    __device__ __forceinline__ static float& at(accumulators& acc, int slot, int c) {
+      return acc.c[slot / 2][c / 2][(slot % 2) * 2 + (c % 2)];
+    }
+  };
+
+  __device__ __forceinline__ static void clear(accumulators& acc) {
+#pragma unroll
+    for (int i = 0; i < mi; ++i)
+#pragma unroll
+      for (int j = 0; j < nj; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc.c[i][j][e] = 0.f;
+  }
+
+  template <bool Vectorized, class Active = always_active>
+  __device__ __forceinline__ static void run(accumulators& acc, void* smem, const operand<T>& a, std::int64_t m0,
+                                             const operand<T>& b, std::int64_t n0, std::int64_t k_begin,
+                                             std::int64_t k_end, const Active& active = {}) {
+    T* sa = static_cast<T*>(smem);
+    T* sb = sa + Policy::stages * tile_a::elems;
+    const fragment_layout f;
+    const int lane = threadIdx.x % 32;
+    constexpr std::uint32_t a_stage = tile_a::elems * sizeof(T), b_stage = tile_b::elems * sizeof(T);
+
+    // Lane-dependent shared addresses of the ldmatrix reads in stage 0; the rest of each address is a constant.
+    const int wm = f.warp_m * Policy::warp_m, wn = f.warp_n * Policy::warp_n;
+    const std::uint32_t a_lane = ptx::smem_addr(
+        MajorA == major::k ? tile_a::at(sa, wm + lane % 16, (lane / 16) * 8)
+                           : tile_a::at(sa, wm + ((lane / 8) % 2) * 8, lane % 8 + (lane / 16) * 8));
+    const std::uint32_t b_lane = ptx::smem_addr(
+        MajorB == major::k ? tile_b::at(sb, wn + lane % 8 + (lane / 16) * 8, ((lane / 8) % 2) * 8)
+                           : tile_b::at(sb, wn + (lane / 16) * 8, lane % 8 + ((lane / 8) % 2) * 8));
+    // Byte offsets of fragment i (m) or jj (n) and of the k step kk, in each major.
+    auto a_offset = [](int i, int kk) {
+      return std::uint32_t((MajorA == major::k ? i * 16 * tile_a::ld + kk : kk * tile_a::ld + i * 16) * sizeof(T));
+    };
+    auto b_offset = [](int jj, int kk) {
+      return std::uint32_t((MajorB == major::k ? jj * 16 * tile_b::ld + kk : kk * tile_b::ld + jj * 16) * sizeof(T));
+    };
+
+    auto compute = [&](int stage) {
+      const std::uint32_t ta = a_lane + stage * a_stage, tb = b_lane + stage * b_stage;
+#pragma unroll
+      for (int kk = 0; kk < Policy::bk; kk += 16) {
+        std::uint32_t af[mi][4];
+#pragma unroll
+        for (int i = 0; i < mi; ++i) {
+          if constexpr (MajorA == major::k) ptx::ldmatrix_x4(af[i], ta + a_offset(i, kk));
+          else ptx::ldmatrix_x4_trans(af[i], ta + a_offset(i, kk));
+        }
+#pragma unroll
+        for (int jj = 0; jj < nj / 2; ++jj) {
+          std::uint32_t bf[4];
+          if constexpr (MajorB == major::k) ptx::ldmatrix_x4(bf, tb + b_offset(jj, kk));
+          else ptx::ldmatrix_x4_trans(bf, tb + b_offset(jj, kk));
+#pragma unroll
+          for (int i = 0; i < mi; ++i) {
+            ptx::mma_m16n8k16<T>::run(acc.c[i][2 * jj], af[i], bf[0], bf[1]);
+            ptx::mma_m16n8k16<T>::run(acc.c[i][2 * jj + 1], af[i], bf[2], bf[3]);
+          }
+        }
+      }
+    };
+    if constexpr (Vectorized) {
+      const vector_loader<T, MajorA, Policy::bm, Policy::bk, Policy::threads> la(a, m0, sa);
+      const vector_loader<T, MajorB, Policy::bn, Policy::bk, Policy::threads> lb(b, n0, sb);
+      auto load = [&](int stage, std::int64_t k0) {
+        la.load(stage * a_stage, k0);
+        lb.load(stage * b_stage, k0);
+      };
+      run_pipeline<Policy::stages>(k_begin, k_end, Policy::bk, load, compute, active);
+    } else {
+      auto load = [&](int stage, std::int64_t k0) {
+        tile_a::template load<Policy::threads, false>(sa + stage * tile_a::elems, a, m0, k0);
+        tile_b::template load<Policy::threads, false>(sb + stage * tile_b::elems, b, n0, k0);
+      };
+      run_pipeline<Policy::stages>(k_begin, k_end, Policy::bk, load, compute, active);
+    }
+  }
+};
+
+template <class Policy, major MajorA, major MajorB>
+struct simt_mainloop {
+  using T = float;
+  static_assert(Policy::threads == 256, "the fp32 path lays 256 threads out as 16 x 16");
+  static constexpr int tm = Policy::bm / 16;
+  static constexpr int tn = Policy::bn / 16;
+  using tile_a = smem_tile<T, MajorA, Policy::bm, Policy::bk>;
+  using tile_b = smem_tile<T, MajorB, Policy::bn, Policy::bk>;
+  static constexpr std::size_t smem_bytes = std::size_t(Policy::stages) * (tile_a::elems + tile_b::elems) * sizeof(T);
+
+  struct accumulators {
+    float c[tm][tn];
+  };
+
+  // Thread (ty, tx) = (tid / 16, tid % 16) owns rows ty + 16 i and columns tx + 16 j.
+  struct fragment_layout {
+    static constexpr int row_slots = tm;
+    static constexpr int cols = tn;
+    static constexpr int row_shuffle_first = 1, row_shuffle_count = 4;
+    static constexpr int row_lanes = 1 << row_shuffle_count;
+    static constexpr int row_groups = 1;
+    static constexpr int col_shuffle_first = 16, col_shuffle_count = 1;
+    static constexpr int col_groups = 8;
+
+    int ty, tx;
+    __device__ fragment_layout() : ty(threadIdx.x / 16), tx(threadIdx.x % 16) {}
+    __device__ __forceinline__ int row(int slot) const { return ty + 16 * slot; }
+    __device__ __forceinline__ int col(int c) const { return tx + 16 * c; }
+    __device__ __forceinline__ int row_group() const { return 0; }
+    __device__ __forceinline__ int row_lane() const { return tx; }
+    __device__ __forceinline__ int col_group() const { return threadIdx.x / 32; }
+    __device__ __forceinline__ bool col_leader() const { return (threadIdx.x % 32) < 16; }
+    __device__ __forceinline__ static float& at(accumulators& acc, int slot, int c) { return acc.c[slot][c]; }
+  };
+
+  __device__ __forceinline__ static void clear(accumulators& acc) {
+#pragma unroll
+    for (int i = 0; i < tm; ++i)
+#pragma unroll
+      for (int j = 0; j < tn; ++j) acc.c[i][j] = 0.f;
+  }
+
+  template <bool Vectorized, class Active = always_active>
+  __device__ __forceinline__ static void run(accumulators& acc, void* smem, const operand<T>& a, std::int64_t m0,
+                                             const operand<T>& b, std::int64_t n0, std::int64_t k_begin,
+                                             std::int64_t k_end, const Active& active = {}) {
+    T* sa = static_cast<T*>(smem);
+    T* sb = sa + Policy::stages * tile_a::elems;
+    const fragment_layout f;
+    auto load = [&](int stage, std::int64_t k0) {
+      tile_a::template load<Policy::threads, Vectorized>(sa + stage * tile_a::elems, a, m0, k0);
+      tile_b::template load<Policy::threads, Vectorized>(sb + stage * tile_b::elems, b, n0, k0);
+    };
+    auto compute = [&](int stage) {
+      T* ta = sa + stage * tile_a::elems;
+      T* tb = sb + stage * tile_b::elems;
+#pragma unroll 4
+      for (int k = 0; k < Policy::bk; ++k) {
+        float av[tm], bv[tn];
+#pragma unroll
+        for (int i = 0; i < tm; ++i) av[i] = *tile_a::at(ta, f.row(i), k);
+#pragma unroll
+        for (int j = 0; j < tn; ++j) bv[j] = *tile_b::at(tb, f.col(j), k);
+#pragma unroll
+        for (int i = 0; i < tm; ++i)
+#pragma unroll
+          for (int j = 0; j < tn; ++j) acc.c[i][j] = fmaf(av[i], bv[j], acc.c[i][j]);
+      }
+    };
+    run_pipeline<Policy::stages>(k_begin, k_end, Policy::bk, load, compute, active);
+  }
+};
+
+// The mainloop for an element type: tensor cores for 16-bit types, exact FMA for fp32.
+template <class T, class Policy, major MajorA, major MajorB>
+using mainloop_for = std::conditional_t<std::is_same_v<T, float>, simt_mainloop<Policy, MajorA, MajorB>,
+                                        mma_mainloop<T, Policy, MajorA, MajorB>>;
+
+}  // namespace cce::detail

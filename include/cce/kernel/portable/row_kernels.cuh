@@ -1,0 +1,211 @@
+// The small kernels around the tile kernels: the forward finaliser and loss reduction, the class-weight total,
+// the backward's per-row coefficients, the bias-gradient reduction and the low-rank head's thin products.
+// Reductions use CUB block primitives over a fixed partition, so results are bitwise repeatable.
+#pragma once
+
+#include <cub/block/block_reduce.cuh>
+
+#include <cstdint>
+
+#include <cce/detail/element_type.hpp>
+#include <cce/detail/targets.hpp>
+#include <cce/dispatch/plan.hpp>
+#include <cce/epilogue/row_loss.hpp>
+#include <cce/epilogue/row_output.hpp>
+#include <cce/options.hpp>
+#include <cce/problem.hpp>
+#include <cce/status.hpp>
+
+namespace cce::detail {
+
+struct pair_sum {
+  float loss, weight;
+};
+struct pair_plus {
+  __device__ __forceinline__ pair_sum operator()(const pair_sum& a, const pair_sum& b) const {
+    return {a.loss + b.loss, a.weight + b.weight};
+  }
+};
+
+// W = sum_v w_v, one block, fixed order.
+template <int Threads>
+__global__ void __launch_bounds__(Threads) class_weight_total_kernel(const float* weights, std::int64_t v, float* total) {
+  using reduce = cub::BlockReduce<float, Threads>;
+  __shared__ typename reduce::TempStorage tmp;
+  float s = 0.f;
+  for (std::int64_t i = threadIdx.x; i < v; i += Threads) s += weights ? weights[i] : 1.f;
+  s = reduce(tmp).Sum(s);
+  if (threadIdx.x == 0) *total = s;
+}
+
+struct finalise_params {
+  const row_partial* partials = nullptr;
+  std::int64_t n = 0, splits = 1;
+  const float* target_logit = nullptr;
+  const float* class_weights = nullptr;
+  const float* class_weight_total = nullptr;
+  target_reader labels;
+  float smoothing = 0.f, z_loss = 0.f, inv_classes = 0.f;
+  cce::reduction reduction = reduction::mean;
+  float* lse_saved = nullptr;
+  float* lse_others_saved = nullptr;
+  forward_outputs out;
+  float* block_sums = nullptr;
+};
+
+// One thread per row: merge the row's split partials in order, write its outputs, sum (loss, w_y) per block.
+template <int Threads>
+__global__ void __launch_bounds__(Threads) finalise_kernel(const __grid_constant__ finalise_params prm) {
+  using reduce = cub::BlockReduce<pair_sum, Threads>;
+  __shared__ typename reduce::TempStorage tmp;
+  const std::int64_t row = std::int64_t(blockIdx.x) * Threads + threadIdx.x;
+  pair_sum mine{0.f, 0.f};
+  if (row < prm.n) {
+    row_partial p = prm.partials[row * prm.splits];
+    for (std::int64_t s = 1; s < prm.splits; ++s) p = merge(p, prm.partials[row * prm.splits + s]);
+    const row_label lab = prm.labels(row);
+    const bool kept = lab.kind == row_label::kept;
+    const loss_terms terms{prm.smoothing, prm.z_loss, prm.inv_classes, *prm.class_weight_total};
+    const float w = kept && prm.class_weights ? prm.class_weights[lab.target] : 1.f;
+    const row_result r = finalise_row(p, lab, kept ? prm.target_logit[row] : 0.f, kept ? w : 0.f, terms);
+    prm.lse_saved[row] = r.lse;
+    prm.lse_others_saved[row] = r.lse_others;
+    if (prm.out.lse) prm.out.lse[row] = r.lse;
+    if (prm.out.entropy) prm.out.entropy[row] = r.entropy;
+    if (prm.out.target_logprob) prm.out.target_logprob[row] = r.target_logprob;
+    if (prm.out.correct) prm.out.correct[row] = r.correct;
+    if (prm.reduction == reduction::none) prm.out.loss[row] = r.loss;
+    if (lab.kind == row_label::invalid && prm.out.error) *prm.out.error = int(status::invalid_target);
+    mine = {r.loss, r.weight};
+  }
+  const pair_sum total = reduce(tmp).Reduce(mine, pair_plus{});
+  if (threadIdx.x == 0) {
+    prm.block_sums[2 * blockIdx.x] = total.loss;
+    prm.block_sums[2 * blockIdx.x + 1] = total.weight;
+  }
+}
+
+// Sum of the finaliser's block sums: the loss (sum or mean) and the mean's normaliser.
+template <int Threads>
+__global__ void __launch_bounds__(Threads) loss_total_kernel(const float* block_sums, std::int64_t blocks,
+                                                             cce::reduction red, float* loss, float* weight_sum) {
+  using reduce = cub::BlockReduce<pair_sum, Threads>;
+  __shared__ typename reduce::TempStorage tmp;
+  pair_sum s{0.f, 0.f};
+  for (std::int64_t b = threadIdx.x; b < blocks; b += Threads) {
+    s.loss += block_sums[2 * b];
+    s.weight += block_sums[2 * b + 1];
+  }
+  s = reduce(tmp).Reduce(s, pair_plus{});
+  if (threadIdx.x == 0) {
+    *weight_sum = s.weight;
+    if (red == reduction::sum) *loss = s.loss;
+    if (red == reduction::mean) *loss = s.loss / s.weight;  // all rows ignored: 0 / 0 = NaN, as torch
+  }
+}
+
+struct coefficient_params {
+  std::int64_t n = 0;
+  target_reader labels;
+  const float* grad = nullptr;  // 1 or N values, null means 1
+  bool per_row_grad = false;
+  bool mean = false;
+  const float* weight_sum = nullptr;
+  const float* lse = nullptr;
+  const float* class_weights = nullptr;
+  const float* class_weight_total = nullptr;
+  const float* lse_others = nullptr;
+  float smoothing = 0.f, z_loss = 0.f, inv_classes = 0.f;
+  row_coefficients* coef = nullptr;
+};
+
+__global__ void coefficients_kernel(const __grid_constant__ coefficient_params prm) {
+  const std::int64_t row = std::int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (row >= prm.n) return;
+  const row_label lab = prm.labels(row);
+  row_coefficients rc;
+  rc.lse = prm.lse[row];
+  if (lab.kind == row_label::kept) {
+    float g = prm.grad ? prm.grad[prm.per_row_grad ? row : 0] : 1.f;
+    if (prm.mean) g /= *prm.weight_sum;
+    const loss_terms terms{prm.smoothing, prm.z_loss, prm.inv_classes, *prm.class_weight_total};
+    rc.lse_others = prm.lse_others[row];
+    rc.dz = make_dlogit_coefficients(terms, g, rc.lse, prm.class_weights ? prm.class_weights[lab.target] : 1.f,
+                                     -exp_f(rc.lse_others - rc.lse));
+    rc.target = std::int32_t(lab.target);
+  }
+  prm.coef[row] = rc;
+}
+
+// dBias[v0 + c] (+)= sum over row tiles of the partial column sums, in row-tile order.
+template <class G>
+__global__ void dbias_kernel(const float* partial, std::int64_t row_tiles, std::int64_t ld, std::int64_t cols,
+                             bool accumulate, G* out) {
+  const std::int64_t c = std::int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= cols) return;
+  float s = 0.f;
+  for (std::int64_t rt = 0; rt < row_tiles; ++rt) s += partial[rt * ld + c];
+  float prev = 0.f;
+  if (accumulate) prev = to_float(out[c]);
+  out[c] = from_float<G>(prev + s);
+}
+
+// out = (accumulate ? out : 0) + acc: the last step of a gradient carried in fp32.
+template <class G>
+__global__ void fold_kernel(const float* acc, std::int64_t count, bool accumulate, G* out) {
+  const std::int64_t i = std::int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= count) return;
+  float prev = 0.f;
+  if (accumulate) prev = to_float(out[i]);
+  out[i] = from_float<G>(prev + acc[i]);
+}
+
+// Thin products of the low-rank head, out(M x N) = alpha * sum_k a(m, k) b(k, n) (+ out when `add`), with
+// element strides for both operands so transposes are free. M, N or K is the rank, so a plain fp32 loop per
+// output element reading through L1 is adequate: these products are O(rank) of the main ones.
+template <class TA, class TB, class G>
+struct thin_product {
+  const TA* a = nullptr;
+  std::int64_t a_m = 0, a_k = 0;  // element strides of a along m and k
+  const TB* b = nullptr;
+  std::int64_t b_k = 0, b_n = 0;
+  std::int64_t m = 0, n = 0, k = 0;
+  float alpha = 1.f;
+  // When a is dZ (or dZ^T, `a_transposed`): the tile flags of the dZ kernel; filtered tiles hold no data.
+  const std::uint8_t* dz_active = nullptr;
+  std::int64_t dz_bm = 1, dz_bn = 1, dz_chunk_tiles = 0;
+  bool a_transposed = false;
+  G* out = nullptr;
+  std::int64_t out_m = 0, out_n = 1;
+  bool add = false;
+};
+
+template <class TA, class TB, class G>
+__global__ void thin_product_kernel(const __grid_constant__ thin_product<TA, TB, G> prm) {
+  const std::int64_t idx = std::int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= prm.m * prm.n) return;
+  const std::int64_t i = idx / prm.n, j = idx % prm.n;
+  float s = 0.f;
+  for (std::int64_t kk = 0; kk < prm.k; ++kk) {
+    if (prm.dz_active) {
+      const std::int64_t row = prm.a_transposed ? kk : i, col = prm.a_transposed ? i : kk;
+      if (!prm.dz_active[(row / prm.dz_bm) * prm.dz_chunk_tiles + col / prm.dz_bn]) continue;
+    }
+    float av, bv;
+    if constexpr (std::is_same_v<TA, float>) av = prm.a[i * prm.a_m + kk * prm.a_k];
+    else av = to_float(prm.a[i * prm.a_m + kk * prm.a_k]);
+    if constexpr (std::is_same_v<TB, float>) bv = prm.b[kk * prm.b_k + j * prm.b_n];
+    else bv = to_float(prm.b[kk * prm.b_k + j * prm.b_n]);
+    s += av * bv;
+  }
+  G* o = prm.out + i * prm.out_m + j * prm.out_n;
+  float prev = 0.f;
+  if (prm.add) {
+    if constexpr (std::is_same_v<G, float>) prev = *o;
+    else prev = to_float(*o);
+  }
+  if constexpr (std::is_same_v<G, float>) *o = prev + prm.alpha * s;
+  else *o = from_float<G>(prev + prm.alpha * s);
+}
+
+}  // namespace cce::detail

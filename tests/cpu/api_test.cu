@@ -1,0 +1,177 @@
+// Host-side contract of the public API, checked without a GPU: every bad argument returns its status before
+// anything runs, size queries are pure host functions, and the operating points respect their budgets.
+#include <catch2/catch.hpp>
+
+#include <cstdint>
+#include <set>
+#include <string>
+#include <vector>
+
+#include <cce/cce.cuh>
+#include <cce/host/tiled_executor.hpp>
+
+namespace {
+
+using namespace cce;
+using bf16 = __nv_bfloat16;
+
+// A well-formed problem over host buffers (never dereferenced by the checks under test).
+struct fixture {
+  std::vector<bf16> e = std::vector<bf16>(64 * 32), c = std::vector<bf16>(100 * 32), bias = std::vector<bf16>(100);
+  std::vector<std::int64_t> y = std::vector<std::int64_t>(64, 1);
+  problem<bf16> p;
+  fixture() {
+    p.n = 64;
+    p.d = 32;
+    p.v = 100;
+    p.e = e.data();
+    p.c = c.data();
+    p.targets = y.data();
+  }
+};
+
+status check(const problem<bf16>& p, const options& o = {}) { return detail::validate_problem(p, o); }
+
+}  // namespace
+
+TEST_CASE("every status has its own message", "[api]") {
+  std::set<std::string> seen;
+  for (int s = int(status::success); s <= int(status::cuda_error); ++s) {
+    const std::string m = to_string(status(s));
+    CHECK(!m.empty());
+    CHECK(m != "unknown status");
+    seen.insert(m);
+  }
+  CHECK(seen.size() == std::size_t(status::cuda_error) + 1);
+}
+
+TEST_CASE("bad problems are rejected with their status", "[api]") {
+  fixture f;
+  CHECK(check(f.p) == status::success);
+  auto with = [&](auto change) {
+    problem<bf16> p = f.p;
+    change(p);
+    return check(p);
+  };
+  CHECK(with([](auto& p) { p.e = nullptr; }) == status::null_pointer);
+  CHECK(with([](auto& p) { p.c = nullptr; }) == status::null_pointer);
+  CHECK(with([](auto& p) { p.targets = nullptr; }) == status::null_pointer);
+  CHECK(with([](auto& p) { p.n = -1; }) == status::invalid_size);
+  CHECK(with([](auto& p) { p.d = 0; }) == status::invalid_size);
+  CHECK(with([](auto& p) { p.v = 0; }) == status::invalid_size);
+  CHECK(with([](auto& p) { p.lde = 31; }) == status::invalid_stride);
+  CHECK(with([](auto& p) { p.ldc = 16; }) == status::invalid_stride);
+  CHECK(with([](auto& p) { p.lora.rank = -1; }) == status::invalid_size);
+  CHECK(with([](auto& p) { p.lora.rank = 4; }) == status::null_pointer);
+  CHECK(with([&](auto& p) {
+          p.lora.rank = 4;
+          p.lora.a = f.e.data();
+          p.lora.b = f.c.data();
+          p.lora.lda = 8;
+        }) == status::invalid_stride);
+  CHECK(with([&](auto& p) { p.e = reinterpret_cast<const bf16*>(reinterpret_cast<const char*>(f.e.data()) + 1); }) ==
+        status::misaligned_pointer);
+  CHECK(with([&](auto& p) { p.targets = reinterpret_cast<const char*>(f.y.data()) + 4; }) ==
+        status::misaligned_pointer);
+  // N = 0 is a valid (empty) problem; its inputs may be null.
+  CHECK(with([](auto& p) {
+          p.n = 0;
+          p.e = nullptr;
+          p.targets = nullptr;
+        }) == status::success);
+}
+
+TEST_CASE("bad options are rejected with invalid_option", "[api]") {
+  fixture f;
+  auto with = [&](auto change) {
+    options o;
+    change(o);
+    return check(f.p, o);
+  };
+  CHECK(with([](options& o) { o.temperature = 0.f; }) == status::invalid_option);
+  CHECK(with([](options& o) { o.temperature = -1.f; }) == status::invalid_option);
+  CHECK(with([](options& o) { o.temperature = INFINITY; }) == status::invalid_option);
+  CHECK(with([](options& o) { o.softcap = -1.f; }) == status::invalid_option);
+  CHECK(with([](options& o) { o.softcap = NAN; }) == status::invalid_option);
+  CHECK(with([](options& o) { o.label_smoothing = -0.1f; }) == status::invalid_option);
+  CHECK(with([](options& o) { o.label_smoothing = 1.5f; }) == status::invalid_option);
+  CHECK(with([](options& o) { o.z_loss = -1e-4f; }) == status::invalid_option);
+  CHECK(with([](options& o) {
+          o.filter = filter_mode::threshold;
+          o.filter_eps = -1.f;
+        }) == status::invalid_option);
+  CHECK(with([](options& o) { o.shift = -1; }) == status::invalid_option);
+  CHECK(with([](options& o) { o.shift = 1; }) == status::invalid_size);  // shift needs seq_len
+  CHECK(with([](options& o) { o.label_smoothing = 1.f; }) == status::success);
+  CHECK(with([](options& o) { o.softcap = 30.f; }) == status::success);
+}
+
+TEST_CASE("the functor rejects bad arguments before touching the device", "[api]") {
+  fixture f;
+  const linear_cross_entropy<bf16> op{};
+  forward_outputs out;  // no loss pointer
+  problem<bf16> p = f.p;
+  CHECK(op.forward(p, out, nullptr, 0, nullptr, 0) == status::null_pointer);
+  p.d = 0;
+  float loss = 0.f;
+  out.loss = &loss;
+  CHECK(op.forward(p, out, nullptr, 0, nullptr, 0) == status::invalid_size);
+  gradients<bf16> g;
+  g.dbias = f.bias.data();  // a bias gradient without a bias
+  CHECK(op.backward(f.p, {}, g, nullptr, 0, nullptr, 0) == status::invalid_option);
+  g = {};
+  g.da = f.bias.data();  // a LoRA gradient without a LoRA head
+  CHECK(op.backward(f.p, {}, g, nullptr, 0, nullptr, 0) == status::invalid_option);
+  g = {};
+  g.ld_de = 8;
+  CHECK(op.backward(f.p, {}, g, nullptr, 0, nullptr, 0) == status::invalid_stride);
+  CHECK(op.can_implement(f.p, device_info{75, 40}) == status::unsupported_arch);
+  CHECK(op.can_implement(f.p, device_info{90, 132}) == status::success);
+}
+
+TEST_CASE("workspace and saved buffers are checked", "[api]") {
+  fixture f;
+  const host::tiled_executor<bf16> ex(options{});
+  const std::size_t saved = ex.saved_bytes(f.p), work = ex.workspace_bytes(f.p);
+  std::vector<unsigned char> buf_saved(saved + 256), buf_work(work + 256);
+  auto align = [](std::vector<unsigned char>& b) {
+    auto a = reinterpret_cast<std::uintptr_t>(b.data());
+    return reinterpret_cast<void*>((a + 255) / 256 * 256);
+  };
+  float loss = 0.f;
+  forward_outputs out;
+  out.loss = &loss;
+  CHECK(ex.forward(f.p, out, nullptr, saved, align(buf_work), work) == status::null_pointer);
+  CHECK(ex.forward(f.p, out, align(buf_saved), saved - 1, align(buf_work), work) == status::workspace_too_small);
+  CHECK(ex.forward(f.p, out, align(buf_saved), saved, nullptr, work) == status::null_pointer);
+  CHECK(ex.forward(f.p, out, static_cast<char*>(align(buf_saved)) + 4, saved, align(buf_work), work) ==
+        status::misaligned_pointer);
+}
+
+TEST_CASE("operating points respect their budgets at every benchmark shape", "[api][plan]") {
+  struct shape {
+    std::int64_t n, d, v;
+  };
+  const shape shapes[] = {{8192, 2304, 256000}, {8192, 4096, 128256}, {8192, 5120, 131072}, {8192, 3072, 32064},
+                          {8192, 3584, 152064}, {8192, 768, 50304},   {65536, 768, 50304},  {65536, 2304, 256000}};
+  const device_info h100{90, 132};
+  for (const shape& s : shapes) {
+    problem<bf16> p;
+    p.n = s.n;
+    p.d = s.d;
+    p.v = s.v;
+    options minimal;
+    minimal.backward_mode = backward_mode::minimal;
+    const linear_cross_entropy<bf16> op_min{minimal}, op{};
+    const std::size_t min_bytes = op_min.workspace_bytes(p, h100, std::size_t(64) << 20);
+    const std::size_t chunk_bytes = op.workspace_bytes(p, h100, std::size_t(256) << 20);
+    INFO("n=" << s.n << " d=" << s.d << " v=" << s.v);
+    CHECK(min_bytes + op.saved_bytes(p) <= (std::size_t(64) << 20));
+    CHECK(chunk_bytes <= (std::size_t(256) << 20));
+    CHECK(op_min.mode(p, h100, min_bytes) == backward_mode::minimal);
+    // Saved state is O(N + tiles), never O(N * V).
+    CHECK(op.saved_bytes(p) < std::size_t(s.n) * 16 + std::size_t(s.n / 128 + 1) * std::size_t(s.v / 128 + 1) * 4 + 4096);
+    // Asking again with the size that was returned gives the same plan (the size is the budget).
+    CHECK(op.workspace_bytes(p, h100, chunk_bytes) == chunk_bytes);
+  }
+}
