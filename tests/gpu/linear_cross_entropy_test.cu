@@ -194,7 +194,7 @@ TEST_CASE("GPU: benchmark shapes at a reduced token count", "[gpu][shapes]") {
                           {3072, 32064, 0.f},   {3584, 152064, 0.f}, {768, 50304, 30.f}};
   for (const shape& s : shapes) {
     test::case_config cfg;
-    cfg.n = 8;
+    cfg.n = 3;  // the float64 reference is O(N V D) on one core
     cfg.d = s.d;
     cfg.v = s.v;
     cfg.opts.softcap = s.softcap;

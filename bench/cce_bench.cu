@@ -1,0 +1,257 @@
+// Benchmark of shared/bench-spec.md: cce's forward, forward+backward in each operating point and loss_and_grad,
+// against a cuBLAS bf16 GEMM E C^T timed in the same process on the same buffers. Every figure is reported as a
+// ratio to that GEMM (counter `ratio`), with the workspace the mode used (counter `extra_MiB`: workspace plus saved state).
+//
+//   cce_bench --benchmark_filter=gemma2/peaked
+//
+// Names are <shape>/<data>/<method>; each runs 10 timed iterations after a warm-up and reports their median.
+#include <benchmark/benchmark.h>
+#include <cublas_v2.h>
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cce/cce.cuh>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace {
+
+#define CHECK_CUDA(x)                                                                   \
+  do {                                                                                  \
+    cudaError_t e_ = (x);                                                               \
+    if (e_ != cudaSuccess) {                                                            \
+      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
+      std::exit(1);                                                                     \
+    }                                                                                   \
+  } while (0)
+
+struct shape {
+  const char* name;
+  std::int64_t n, d, v;
+  float softcap;
+};
+
+// shared/bench-spec.md, "Shapes".
+const shape kShapes[] = {
+    {"gemma2", 8192, 2304, 256000, 0.f},    {"gemma2-softcap", 8192, 2304, 256000, 30.f},
+    {"llama3", 8192, 4096, 128256, 0.f},    {"mistral-nemo", 8192, 5120, 131072, 0.f},
+    {"phi3.5", 8192, 3072, 32064, 0.f},     {"qwen2.5", 8192, 3584, 152064, 0.f},
+    {"gpt2", 8192, 768, 50304, 30.f},       {"gpt2-64k", 65536, 768, 50304, 30.f},
+    {"gemma2-64k", 65536, 2304, 256000, 0.f},
+};
+const char* kRegimes[] = {"peaked", "lm-like", "uniform"};
+
+// Counter-based normal numbers, so inputs of any size are generated on the device.
+__device__ float hash_normal(std::uint64_t seed, std::uint64_t i) {
+  auto mix = [](std::uint64_t x) {
+    x ^= x >> 33;
+    x *= 0xff51afd7ed558ccdULL;
+    x ^= x >> 33;
+    x *= 0xc4ceb9fe1a85ec53ULL;
+    x ^= x >> 33;
+    return x;
+  };
+  const std::uint64_t a = mix(seed * 0x9e3779b97f4a7c15ULL + 2 * i), b = mix(seed * 0x9e3779b97f4a7c15ULL + 2 * i + 1);
+  const float u1 = (float(a >> 40) + 1.f) / 16777217.f, u2 = float(b >> 40) / 16777216.f;
+  return sqrtf(-2.f * logf(u1)) * cospif(2.f * u2);
+}
+
+// The data regimes of shared/bench-spec.md. targets are uniform in [0, V).
+__global__ void fill_classifier(__nv_bfloat16* c, std::int64_t v, std::int64_t d, int regime) {
+  const std::int64_t i = std::int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= v * d) return;
+  const float x = hash_normal(1, i);
+  const float val = regime == 0 ? x * rsqrtf(sqrtf(float(d))) : regime == 1 ? 2.f * x * rsqrtf(float(d)) : 0.01f * x;
+  c[i] = __float2bfloat16(val);
+}
+__global__ void fill_embeddings(__nv_bfloat16* e, const __nv_bfloat16* c, const std::int64_t* y, std::int64_t n,
+                                std::int64_t d, std::int64_t v, int regime) {
+  const std::int64_t i = std::int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= n * d) return;
+  const std::int64_t row = i / d, k = i % d;
+  const float x = hash_normal(2, i);
+  float val;
+  if (regime == 0) val = x * rsqrtf(sqrtf(float(d)));
+  else if (regime == 1) val = x + 1.5f * __bfloat162float(c[y[row] * d + k]);
+  else val = 0.01f * x;
+  e[i] = __float2bfloat16(val);
+}
+__global__ void copy_peaked_rows(__nv_bfloat16* c, const __nv_bfloat16* e, std::int64_t m, std::int64_t d) {
+  const std::int64_t i = std::int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < m * d) c[i] = e[i];  // W[:m] = x[:m]
+}
+__global__ void fill_targets(std::int64_t* y, std::int64_t n, std::int64_t v) {
+  const std::int64_t i = std::int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  std::uint64_t x = std::uint64_t(i) * 0x9e3779b97f4a7c15ULL + 0x632be59bd9b4e019ULL;
+  x ^= x >> 31;
+  x *= 0xbf58476d1ce4e5b9ULL;
+  x ^= x >> 29;
+  if (i < n) y[i] = std::int64_t(x % std::uint64_t(v));
+}
+
+unsigned blocks(std::int64_t n) { return unsigned((n + 255) / 256); }
+
+template <class T>
+struct device_buffer {
+  T* ptr = nullptr;
+  std::size_t count = 0;
+  explicit device_buffer(std::size_t n) : count(n) {
+    if (n) CHECK_CUDA(cudaMalloc(&ptr, n * sizeof(T)));
+  }
+  ~device_buffer() { cudaFree(ptr); }
+  device_buffer(const device_buffer&) = delete;
+  device_buffer& operator=(const device_buffer&) = delete;
+};
+
+// One problem's inputs, generated once per (shape, regime) and reused by every method.
+struct inputs {
+  shape s;
+  int regime;
+  device_buffer<__nv_bfloat16> e, c;
+  device_buffer<std::int64_t> y;
+  inputs(const shape& sh, int r)
+      : s(sh), regime(r), e(std::size_t(sh.n * sh.d)), c(std::size_t(sh.v * sh.d)), y(std::size_t(sh.n)) {
+    fill_targets<<<blocks(s.n), 256>>>(y.ptr, s.n, s.v);
+    fill_classifier<<<blocks(s.v * s.d), 256>>>(c.ptr, s.v, s.d, regime);
+    fill_embeddings<<<blocks(s.n * s.d), 256>>>(e.ptr, c.ptr, y.ptr, s.n, s.d, s.v, regime);
+    if (regime == 0) copy_peaked_rows<<<blocks(std::min(s.n, s.v) * s.d), 256>>>(c.ptr, e.ptr, std::min(s.n, s.v), s.d);
+    CHECK_CUDA(cudaDeviceSynchronize());
+  }
+};
+
+std::unique_ptr<inputs> g_inputs;
+std::map<std::string, double> g_gemm_ms;  // per shape/regime: the reference time
+std::string g_key;
+
+inputs& get_inputs(const shape& s, int regime) {
+  const std::string key = std::string(s.name) + "/" + kRegimes[regime];
+  if (!g_inputs || g_key != key) {
+    g_inputs.reset();
+    g_inputs = std::make_unique<inputs>(s, regime);
+    g_key = key;
+  }
+  return *g_inputs;
+}
+
+// Times `body` with CUDA events per iteration (manual time); returns the median in milliseconds.
+template <class Body>
+double time_it(benchmark::State& st, Body&& body) {
+  std::vector<float> times;
+  cudaEvent_t a, b;
+  CHECK_CUDA(cudaEventCreate(&a));
+  CHECK_CUDA(cudaEventCreate(&b));
+  body();  // warm-up
+  CHECK_CUDA(cudaDeviceSynchronize());
+  for (auto _ : st) {
+    CHECK_CUDA(cudaEventRecord(a));
+    body();
+    CHECK_CUDA(cudaEventRecord(b));
+    CHECK_CUDA(cudaEventSynchronize(b));
+    float ms = 0.f;
+    CHECK_CUDA(cudaEventElapsedTime(&ms, a, b));
+    st.SetIterationTime(ms / 1e3);
+    times.push_back(ms);
+  }
+  CHECK_CUDA(cudaEventDestroy(a));
+  CHECK_CUDA(cudaEventDestroy(b));
+  std::sort(times.begin(), times.end());
+  return times.empty() ? 0.0 : times[times.size() / 2];
+}
+
+void bm_gemm(benchmark::State& st, shape s, int regime) {
+  inputs& in = get_inputs(s, regime);
+  device_buffer<__nv_bfloat16> out(std::size_t(s.n * s.v));
+  cublasHandle_t h;
+  cublasCreate(&h);
+  const float one = 1.f, zero = 0.f;
+  // Column-major view: logits^T (V x N) = C (V x D, row-major = D x V col-major)^T ... E^T.
+  auto body = [&] {
+    cublasGemmEx(h, CUBLAS_OP_T, CUBLAS_OP_N, int(s.v), int(s.n), int(s.d), &one, in.c.ptr, CUDA_R_16BF, int(s.d),
+                 in.e.ptr, CUDA_R_16BF, int(s.d), &zero, out.ptr, CUDA_R_16BF, int(s.v), CUBLAS_COMPUTE_32F,
+                 CUBLAS_GEMM_DEFAULT);
+  };
+  const double ms = time_it(st, body);
+  cublasDestroy(h);
+  g_gemm_ms[g_key] = ms;
+  st.counters["ratio"] = 1.0;
+  st.counters["tflops"] = 2.0 * double(s.n) * double(s.d) * double(s.v) / (ms * 1e9);
+}
+
+enum class method { fw, fw_bw_minimal, fw_bw_chunked, loss_and_grad, fw_bw_exact };
+
+void bm_cce(benchmark::State& st, shape s, int regime, method m) {
+  inputs& in = get_inputs(s, regime);
+  cce::options o = m == method::fw_bw_exact ? cce::options::exact() : cce::options{};
+  o.softcap = s.softcap;
+  o.backward_mode = m == method::fw_bw_minimal || m == method::fw_bw_exact ? cce::backward_mode::minimal
+                                                                           : cce::backward_mode::chunked;
+  const std::size_t budget = o.backward_mode == cce::backward_mode::minimal ? (64u << 20) : (256u << 20);
+  cce::linear_cross_entropy<__nv_bfloat16> op{o};
+  cce::problem<__nv_bfloat16> p;
+  p.n = s.n;
+  p.d = s.d;
+  p.v = s.v;
+  p.e = in.e.ptr;
+  p.c = in.c.ptr;
+  p.targets = in.y.ptr;
+  cce::device_info dev;
+  if (cce::current_device(dev) != cce::status::success) std::exit(1);
+  const std::size_t saved_bytes = op.saved_bytes(p), ws_bytes = op.workspace_bytes(p, dev, budget);
+  device_buffer<char> saved(saved_bytes), ws(ws_bytes);
+  device_buffer<float> loss(1);
+  device_buffer<__nv_bfloat16> de(m == method::fw ? 0 : std::size_t(s.n * s.d)), dc(m == method::fw ? 0 : std::size_t(s.v * s.d));
+  cce::forward_outputs out;
+  out.loss = loss.ptr;
+  cce::gradients<__nv_bfloat16> g;
+  g.de = de.ptr;
+  g.dc = dc.ptr;
+  auto check = [](cce::status r) {
+    if (r != cce::status::success) {
+      std::fprintf(stderr, "cce: %s\n", cce::to_string(r));
+      std::exit(1);
+    }
+  };
+  auto body = [&] {
+    if (m == method::loss_and_grad) {
+      check(op.loss_and_grad(p, out, g, saved.ptr, saved_bytes, ws.ptr, ws_bytes));
+    } else {
+      check(op.forward(p, out, saved.ptr, saved_bytes, ws.ptr, ws_bytes));
+      if (m != method::fw) check(op.backward(p, {}, g, saved.ptr, saved_bytes, ws.ptr, ws_bytes));
+    }
+  };
+  const double ms = time_it(st, body);
+  st.counters["extra_MiB"] = double(ws_bytes + saved_bytes) / double(1 << 20);
+  st.counters["minimal"] = op.mode(p, dev, ws_bytes) == cce::backward_mode::minimal;
+  const auto it = g_gemm_ms.find(g_key);
+  if (it != g_gemm_ms.end()) st.counters["ratio"] = ms / it->second;  // against this run's GEMM
+}
+
+}  // namespace
+
+// The GEMM of each shape/regime is registered first, so its median is known when the methods run.
+int main(int argc, char** argv) {
+  const std::pair<const char*, method> methods[] = {{"fw", method::fw},
+                                                    {"fw-bw-minimal", method::fw_bw_minimal},
+                                                    {"fw-bw-chunked", method::fw_bw_chunked},
+                                                    {"loss-and-grad", method::loss_and_grad},
+                                                    {"fw-bw-exact", method::fw_bw_exact}};
+  for (const shape& s : kShapes) {
+    for (int r = 0; r < 3; ++r) {
+      const std::string base = std::string(s.name) + "/" + kRegimes[r] + "/";
+      benchmark::RegisterBenchmark((base + "gemm").c_str(), bm_gemm, s, r)->UseManualTime()->Iterations(10)->Unit(benchmark::kMillisecond);
+      for (const auto& [name, m] : methods) {
+        benchmark::RegisterBenchmark((base + name).c_str(), bm_cce, s, r, m)->UseManualTime()->Iterations(10)->Unit(benchmark::kMillisecond);
+      }
+    }
+  }
+  benchmark::Initialize(&argc, argv);
+  benchmark::RunSpecifiedBenchmarks();
+  benchmark::Shutdown();
+  return 0;
+}
