@@ -6,6 +6,7 @@
 
 #include <cce/config.hpp>
 #include <cce/options.hpp>
+#include <cce/problem.hpp>
 
 namespace cce::detail {
 
@@ -36,5 +37,10 @@ struct target_reader {
     return {y, row_label::kept};
   }
 };
+
+template <class T>
+target_reader make_target_reader(const problem<T>& p, const options& o) {
+  return {p.targets, p.targets_type, o.ignore_index, p.v, o.shift, p.seq_len};
+}
 
 }  // namespace cce::detail

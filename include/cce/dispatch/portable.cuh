@@ -180,19 +180,8 @@ class portable_path {
   const plan& pl_;
   bool vec_;
 
-  target_reader labels() const {
-    return {p_.targets, p_.targets_type, o_.ignore_index, p_.v, o_.shift, p_.seq_len};
-  }
-  logit_terms<T> terms(const float* lora_p) const {
-    logit_terms<T> t;
-    t.bias = p_.bias;
-    t.lora_p = lora_p;
-    t.lora_b = p_.lora.b;
-    t.rank = p_.lora.rank;
-    t.ldb = p_.b_stride();
-    t.transform = {o_.softcap, 1.f / o_.temperature};
-    return t;
-  }
+  target_reader labels() const { return make_target_reader(p_, o_); }
+  logit_terms<T> terms(const float* lora_p) const { return make_logit_terms(p_, o_, lora_p); }
 
   template <class TA, class TB, class G>
   static status launch_thin(const thin_product<TA, TB, G>& prm, cudaStream_t stream) {

@@ -6,6 +6,8 @@
 
 #include <cce/detail/element_type.hpp>
 #include <cce/epilogue/logit_transform.hpp>
+#include <cce/options.hpp>
+#include <cce/problem.hpp>
 
 namespace cce {
 
@@ -25,5 +27,18 @@ struct logit_terms {
     return transform(acc);
   }
 };
+
+// The terms of a problem and its options; lora_p = scale * E A^T, computed by the caller when the head has one.
+template <class T>
+logit_terms<T> make_logit_terms(const problem<T>& p, const options& o, const float* lora_p) {
+  logit_terms<T> t;
+  t.bias = p.bias;
+  t.lora_p = lora_p;
+  t.lora_b = p.lora.b;
+  t.rank = p.lora.rank;
+  t.ldb = p.b_stride();
+  t.transform = {o.softcap, 1.f / o.temperature};
+  return t;
+}
 
 }  // namespace cce

@@ -141,7 +141,6 @@ class tiled_executor {
     if (status s = detail::validate_buffer(workspace, workspace_size, bwd_bytes); s != status::success) return s;
     const detail::saved_buffers sv = pl.carve_saved(const_cast<void*>(saved));
     const detail::backward_buffers<T> bw = pl.template carve_backward<T>(workspace);
-    const tile::tile_grid& g = pl.grid;
     const loss_terms terms = make_terms(p, *sv.class_weight_total);
     const auto label = labels(p);
     const dense_inputs x = densify(p);
@@ -235,9 +234,7 @@ class tiled_executor {
     return x;
   }
 
-  detail::target_reader labels(const problem<T>& p) const {
-    return {p.targets, p.targets_type, opt_.ignore_index, p.v, opt_.shift, p.seq_len};
-  }
+  detail::target_reader labels(const problem<T>& p) const { return detail::make_target_reader(p, opt_); }
   static float class_weight(const problem<T>& p, std::int64_t col) {
     return p.class_weights ? p.class_weights[col] : 1.f;
   }
@@ -265,13 +262,7 @@ class tiled_executor {
   // z of one bm x bn tile: the per-logit terms (bias, low-rank head, softcap, temperature) on E C^T.
   void tile_logits(const problem<T>& p, const dense_inputs& x, const float* lora_p, const tile::tile_grid& g,
                    std::int64_t rt, std::int64_t ct, std::vector<float>& z) const {
-    logit_terms<T> terms;
-    terms.bias = p.bias;
-    terms.lora_p = lora_p;
-    terms.lora_b = p.lora.b;
-    terms.rank = p.lora.rank;
-    terms.ldb = p.b_stride();
-    terms.transform = transform();
+    const logit_terms<T> terms = make_logit_terms(p, opt_, lora_p);
     for (std::int64_t r = 0; r < g.rows_in(rt); ++r) {
       const std::int64_t row = g.row_begin(rt) + r;
       const float* er = &x.e[std::size_t(row * p.d)];
@@ -286,7 +277,7 @@ class tiled_executor {
   }
 
   // May tile (rt, ct) be skipped? Only rows that contribute count; target tiles and smoothing are never skipped.
-  bool tile_active(const problem<T>& p, const detail::plan& pl, const detail::saved_buffers& sv,
+  bool tile_active(const detail::plan& pl, const detail::saved_buffers& sv,
                    const detail::backward_buffers<T>& bw, std::int64_t rt, std::int64_t ct) const {
     const tile::tile_grid& g = pl.grid;
     float min_floor = detail::inf_f();
@@ -315,7 +306,7 @@ class tiled_executor {
     const std::int64_t chunk_tiles = pl.chunk_cols / g.bn;
     for (std::int64_t rt = r0 / g.bm; rt < detail::ceil_div(r0 + rows, g.bm); ++rt) {
       for (std::int64_t ct = v0 / g.bn; ct < detail::ceil_div(v0 + cols, g.bn); ++ct) {
-        const bool active = tile_active(p, pl, sv, bw, rt, ct);
+        const bool active = tile_active(pl, sv, bw, rt, ct);
         bw.active[(rt - r0 / g.bm) * chunk_tiles + (ct - v0 / g.bn)] = active;
         std::vector<float> col_sum(std::size_t(g.bn), 0.f);
         if (active) {
