@@ -61,7 +61,7 @@ struct backward_buffers {
   float* dbias_partial = nullptr;    // row_tiles x chunk_cols
   float* lora_p = nullptr;           // N x r
   float* lora_q = nullptr;           // N x r: draw B
-  float* db_acc = nullptr;           // chunk_cols x r, minimal mode
+  float* db_acc = nullptr;           // chunk_cols x r: dB carried over row blocks
 };
 
 struct saved_buffers {
@@ -129,8 +129,8 @@ struct plan {
     if (row_blocks() > 1) {
       b.dc_acc = c.take<float>(chunk_cols * d);
       b.dc_comp = c.take<float>(kahan ? chunk_cols * d : 0);
-      b.db_acc = c.take<float>(chunk_cols * rank);
     }
+    b.db_acc = c.take<float>(chunk_cols * rank);
     b.dbias_partial = c.take<float>(bias ? grid.row_tiles() * chunk_cols : 0);
     b.lora_p = c.take<float>(n * rank);
     b.lora_q = c.take<float>(n * rank);

@@ -309,20 +309,22 @@ class portable_path {
     return launch_status();
   }
 
-  thin_product<T, T, float> dz_thin(const backward_buffers<T>& bw) const {
-    thin_product<T, T, float> t;
+  // A thin product whose left operand is the dZ buffer: it skips the tiles the filter left unwritten.
+  template <class TB>
+  thin_product<T, TB, float> over_dz(const backward_buffers<T>& bw) const {
+    thin_product<T, TB, float> t;
     t.dz_active = bw.active;
     t.dz_bm = Policy::bm;
     t.dz_bn = Policy::bn;
     t.dz_chunk_tiles = pl_.chunk_cols / Policy::bn;
+    t.a = bw.dz;
     return t;
   }
 
   // lora_q[r0 : r0 + rows] += dZ B[v0 : v0 + cols].
   status lora_q_update(const backward_buffers<T>& bw, std::int64_t r0, std::int64_t rows, std::int64_t v0,
                        std::int64_t cols, cudaStream_t stream) const {
-    thin_product<T, T, float> t = dz_thin(bw);
-    t.a = bw.dz;
+    thin_product<T, T, float> t = over_dz<T>(bw);
     t.a_m = pl_.chunk_cols;
     t.a_k = 1;
     t.b = p_.lora.b + v0 * p_.b_stride();
@@ -337,40 +339,13 @@ class portable_path {
     return launch_thin(t, stream);
   }
 
-  template <class G, class TA, class TB, class G0>
-  static thin_product<TA, TB, G> retarget(const thin_product<TA, TB, G0>& t) {
-    thin_product<TA, TB, G> r;
-    r.a = t.a;
-    r.a_m = t.a_m;
-    r.a_k = t.a_k;
-    r.b = t.b;
-    r.b_k = t.b_k;
-    r.b_n = t.b_n;
-    r.m = t.m;
-    r.n = t.n;
-    r.k = t.k;
-    r.alpha = t.alpha;
-    r.dz_active = t.dz_active;
-    r.dz_bm = t.dz_bm;
-    r.dz_bn = t.dz_bn;
-    r.dz_chunk_tiles = t.dz_chunk_tiles;
-    r.a_transposed = t.a_transposed;
-    r.out_m = t.out_m;
-    r.out_n = t.out_n;
-    return r;
-  }
-
-  // dB[v0 : v0 + cols] (+)= dZ^T lora_p[r0 : r0 + rows], carried over row blocks in db_acc.
+  // dB[v0 : v0 + cols] (+)= dZ^T lora_p[r0 : r0 + rows], carried in fp32 over row blocks and folded into the
+  // output after the last one.
   template <class G>
   status db_product(const backward_buffers<T>& bw, G* db, std::int64_t r0, std::int64_t rows, std::int64_t v0,
                     std::int64_t cols, bool first, bool last, cudaStream_t stream) const {
-    thin_product<T, float, float> t;
-    t.dz_active = bw.active;
-    t.dz_bm = Policy::bm;
-    t.dz_bn = Policy::bn;
-    t.dz_chunk_tiles = pl_.chunk_cols / Policy::bn;
+    thin_product<T, float, float> t = over_dz<float>(bw);
     t.a_transposed = true;
-    t.a = bw.dz;
     t.a_m = 1;
     t.a_k = pl_.chunk_cols;
     t.b = bw.lora_p + r0 * p_.lora.rank;
@@ -379,18 +354,12 @@ class portable_path {
     t.m = cols;
     t.n = p_.lora.rank;
     t.k = rows;
-    t.out_m = p_.lora.rank;
-    if (first && last) {  // one row block: straight into the output
-      thin_product<T, float, G> direct = retarget<G>(t);
-      direct.out = db + v0 * p_.lora.rank;
-      direct.add = o_.accumulate;
-      return launch_thin(direct, stream);
-    }
     t.out = bw.db_acc;
+    t.out_m = p_.lora.rank;
     t.add = !first;
     CCE_TRY(launch_thin(t, stream));
     if (!last) return status::success;
-    const std::int64_t count = cols * p_.lora.rank;  // final row block: fold the fp32 carry into the output
+    const std::int64_t count = cols * p_.lora.rank;
     fold_kernel<G><<<blocks_for(count, 256), 256, 0, stream>>>(bw.db_acc, count, o_.accumulate, db + v0 * p_.lora.rank);
     return launch_status();
   }
