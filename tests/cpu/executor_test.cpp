@@ -140,3 +140,19 @@ TEST_CASE("tiled executor: the design's relative tolerances on every data regime
     }
   }
 }
+
+TEST_CASE("tiled executor: low-rank head of rank 1 and 16", "[executor]") {
+  for (std::int64_t rank : {1, 16}) {
+    test::case_config cfg;
+    cfg.n = 50;
+    cfg.d = 40;
+    cfg.v = 120;
+    cfg.rank = rank;
+    cfg.bias = true;
+    cfg.seed = std::uint64_t(rank);
+    cfg.opts = options::exact();
+    const auto h = test::make_problem<__nv_bfloat16>(cfg);
+    run_case<__nv_bfloat16, __nv_bfloat16>(h, 0, test::gradient_check::relative);
+    run_case<__nv_bfloat16, float>(h, 1, test::gradient_check::relative);
+  }
+}

@@ -236,3 +236,20 @@ TEST_CASE("GPU: an invalid target is reported and nothing is read out of bounds"
   CHECK(r.error == int(status::invalid_target));
   CHECK(std::isnan(r.loss[0]));  // the mean includes the invalid rows' NaN: no garbage presented as a value
 }
+
+TEST_CASE("GPU: low-rank head of rank 1 and 16", "[gpu][lora]") {
+  for (std::int64_t rank : {1, 16}) {
+    for (bool minimal : {false, true}) {
+      test::case_config cfg;
+      cfg.n = 200;
+      cfg.d = 96;
+      cfg.v = 700;
+      cfg.rank = rank;
+      cfg.bias = true;
+      cfg.seed = std::uint64_t(rank) * 2 + minimal;
+      cfg.opts = options::exact();
+      run_case<__nv_bfloat16, __nv_bfloat16>(cfg, minimal ? 1 : 0, test::gradient_check::relative);
+      run_case<__nv_bfloat16, float>(cfg, minimal ? 1 : 0, test::gradient_check::relative);
+    }
+  }
+}
