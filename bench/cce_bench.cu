@@ -183,12 +183,13 @@ void bm_gemm(benchmark::State& st, shape s, int regime) {
   st.counters["tflops"] = 2.0 * double(s.n) * double(s.d) * double(s.v) / (ms * 1e9);
 }
 
-enum class method { fw, fw_bw_minimal, fw_bw_chunked, loss_and_grad, fw_bw_exact };
+enum class method { fw, fw_portable, fw_bw_minimal, fw_bw_chunked, loss_and_grad, fw_bw_exact };
 
 void bm_cce(benchmark::State& st, shape s, int regime, method m) {
   inputs& in = get_inputs(s, regime);
   cce::options o = m == method::fw_bw_exact ? cce::options::exact() : cce::options{};
   o.softcap = s.softcap;
+  o.hopper_kernels = m != method::fw_portable;
   o.backward_mode = m == method::fw_bw_minimal || m == method::fw_bw_exact ? cce::backward_mode::minimal
                                                                            : cce::backward_mode::chunked;
   const std::size_t budget = o.backward_mode == cce::backward_mode::minimal ? (64u << 20) : (256u << 20);
@@ -205,7 +206,8 @@ void bm_cce(benchmark::State& st, shape s, int regime, method m) {
   const std::size_t saved_bytes = op.saved_bytes(p), ws_bytes = op.workspace_bytes(p, dev, budget);
   device_buffer<char> saved(saved_bytes), ws(ws_bytes);
   device_buffer<float> loss(1);
-  device_buffer<__nv_bfloat16> de(m == method::fw ? 0 : std::size_t(s.n * s.d)), dc(m == method::fw ? 0 : std::size_t(s.v * s.d));
+  const bool forward_only = m == method::fw || m == method::fw_portable;
+  device_buffer<__nv_bfloat16> de(forward_only ? 0 : std::size_t(s.n * s.d)), dc(forward_only ? 0 : std::size_t(s.v * s.d));
   cce::forward_outputs out;
   out.loss = loss.ptr;
   cce::gradients<__nv_bfloat16> g;
@@ -222,7 +224,7 @@ void bm_cce(benchmark::State& st, shape s, int regime, method m) {
       check(op.loss_and_grad(p, out, g, saved.ptr, saved_bytes, ws.ptr, ws_bytes));
     } else {
       check(op.forward(p, out, saved.ptr, saved_bytes, ws.ptr, ws_bytes));
-      if (m != method::fw) check(op.backward(p, {}, g, saved.ptr, saved_bytes, ws.ptr, ws_bytes));
+      if (!forward_only) check(op.backward(p, {}, g, saved.ptr, saved_bytes, ws.ptr, ws_bytes));
     }
   };
   const double ms = time_it(st, body);
@@ -237,6 +239,7 @@ void bm_cce(benchmark::State& st, shape s, int regime, method m) {
 // The GEMM of each shape/regime is registered first, so its median is known when the methods run.
 int main(int argc, char** argv) {
   const std::pair<const char*, method> methods[] = {{"fw", method::fw},
+                                                    {"fw-portable", method::fw_portable},
                                                     {"fw-bw-minimal", method::fw_bw_minimal},
                                                     {"fw-bw-chunked", method::fw_bw_chunked},
                                                     {"loss-and-grad", method::loss_and_grad},

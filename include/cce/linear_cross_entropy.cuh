@@ -70,7 +70,8 @@ class linear_cross_entropy {
     pl.template carve_forward<T>(nullptr, &need);
     CCE_TRY(detail::validate_buffer(saved, saved_size, pl.saved_bytes()));
     CCE_TRY(detail::validate_buffer(workspace, workspace_size, need));
-    const detail::portable_path<T, Tile> path(p, opts_, pl, detail::vectorizable(p));
+    const detail::portable_path<T, Tile> path(p, opts_, pl, detail::vectorizable(p),
+                                              detail::sm90::forward_available(p, pl, dev, opts_));
     return path.forward(out, pl.carve_saved(saved), pl.template carve_forward<T>(workspace), stream);
   }
 

@@ -39,6 +39,7 @@ struct options {
   bool allow_tf32 = false;      // fp32 inputs may use TF32 tensor cores
   std::int64_t shift = 0;       // row (b, t) pairs with target (b, t + shift); needs problem::seq_len
   cce::backward_mode backward_mode = backward_mode::automatic;
+  bool hopper_kernels = true;   // sm_90a kernels where compiled in and applicable; false pins the portable path
 
   // `exact` mode: no filter, fixed reduction order, bitwise repeatable.
   static constexpr options exact() noexcept {

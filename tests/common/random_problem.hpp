@@ -48,7 +48,8 @@ struct case_config {
       << " | reduction=" << int(opts.reduction) << " softcap=" << opts.softcap << " T=" << opts.temperature
       << " smoothing=" << opts.label_smoothing << " z_loss=" << opts.z_loss << " filter=" << int(opts.filter)
       << " kahan=" << (opts.accum == accumulation::kahan) << " shift=" << opts.shift
-      << " ignore_index=" << opts.ignore_index << " accumulate=" << opts.accumulate;
+      << " ignore_index=" << opts.ignore_index << " accumulate=" << opts.accumulate
+      << " hopper_kernels=" << opts.hopper_kernels;
     return s.str();
   }
 };

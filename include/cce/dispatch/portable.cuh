@@ -10,6 +10,7 @@
 
 #include <cce/detail/targets.hpp>
 #include <cce/dispatch/plan.hpp>
+#include <cce/dispatch/sm90.cuh>
 #include <cce/epilogue/logit_terms.hpp>
 #include <cce/filter/predicates.hpp>
 #include <cce/kernel/portable/dlogit.cuh>
@@ -52,8 +53,9 @@ class portable_path {
       std::max(fwd_loop::smem_bytes, std::size_t(Policy::bn) * fwd_loop::fragment_layout::col_groups * sizeof(float));
 
  public:
-  portable_path(const problem<T>& p, const options& o, const plan& pl, bool vectorized)
-      : p_(p), o_(o), pl_(pl), vec_(vectorized) {}
+  // hopper_forward: the forward runs on the sm_90a kernel (sm90.cuh decides when it may).
+  portable_path(const problem<T>& p, const options& o, const plan& pl, bool vectorized, bool hopper_forward = false)
+      : p_(p), o_(o), pl_(pl), vec_(vectorized), hopper_forward_(hopper_forward) {}
 
   status forward(const forward_outputs& out, const saved_buffers& sv, const forward_buffers<T>& fw,
                  cudaStream_t stream) const {
@@ -75,8 +77,9 @@ class portable_path {
       prm.target_logit = fw.target_logit;
       prm.tile_max = pl_.filter ? sv.tile_max : nullptr;
       const dim3 grid(unsigned(pl_.grid.row_tiles()), unsigned(pl_.splits));
-      CCE_TRY(vec_ ? launch_tile_kernel(forward_kernel<T, Policy, true>, grid, Policy::threads, fwd_smem, stream, prm)
-                   : launch_tile_kernel(forward_kernel<T, Policy, false>, grid, Policy::threads, fwd_smem, stream, prm));
+      if (hopper_forward_) CCE_TRY(sm90::launch_forward(prm, stream));
+      else if (vec_) CCE_TRY(launch_tile_kernel(forward_kernel<T, Policy, true>, grid, Policy::threads, fwd_smem, stream, prm));
+      else CCE_TRY(launch_tile_kernel(forward_kernel<T, Policy, false>, grid, Policy::threads, fwd_smem, stream, prm));
 
       finalise_params fin;
       fin.partials = fw.partials;
@@ -179,6 +182,7 @@ class portable_path {
   const options& o_;
   const plan& pl_;
   bool vec_;
+  bool hopper_forward_;
 
   target_reader labels() const { return make_target_reader(p_, o_); }
   logit_terms<T> terms(const float* lora_p) const { return make_logit_terms(p_, o_, lora_p); }

@@ -26,6 +26,13 @@ struct logit_terms {
     for (std::int64_t k = 0; k < rank; ++k) acc += lora_p[row * rank + k] * detail::to_float(lora_b[col * ldb + k]);
     return transform(acc);
   }
+#ifdef __CUDACC__
+  __device__ __forceinline__ float fast(float acc, std::int64_t row, std::int64_t col) const {
+    if (bias) acc += detail::to_float(bias[col]);
+    for (std::int64_t k = 0; k < rank; ++k) acc += lora_p[row * rank + k] * detail::to_float(lora_b[col * ldb + k]);
+    return transform.fast(acc);
+  }
+#endif
 };
 
 // The terms of a problem and its options; lora_p = scale * E A^T, computed by the caller when the head has one.

@@ -1,0 +1,276 @@
+// Hopper forward kernel (sm_90a): the same contract as the portable forward (forward.cuh: per-(row, split) softmax
+// partials, the target logit, the per-tile max for the gradient filter), computed with warp specialisation. One
+// producer thread streams 128-row E boxes and 256-row C boxes through a 4-stage ring with TMA; two consumer
+// warpgroups each multiply 64 rows by the 256 classes on wgmma (m64n256k16, fp32 accumulators in registers) and fold
+// the finished logit tile into thread-local online-softmax statistics. The producer runs ahead into the next vocab
+// tile while the consumers are in their epilogue, so loads never stall on it.
+//
+// A thread owns 2 rows x 64 columns of each tile (wgmma.cuh) and keeps its own statistics for its two rows across the
+// CTA's vocab tiles; the four lanes of a row merge theirs once, at the end.
+#pragma once
+
+#include <cuda.h>
+
+#include <cstdint>
+
+#include <cce/detail/math.hpp>
+#include <cce/epilogue/row_partial.hpp>
+#include <cce/kernel/portable/forward.cuh>
+#include <cce/kernel/portable/warp_reduce.cuh>
+#include <cce/kernel/sm90/pipeline.cuh>
+#include <cce/kernel/sm90/tma.cuh>
+#include <cce/kernel/sm90/wgmma.cuh>
+#include <cce/tile/tile_grid.hpp>
+
+namespace cce::detail::sm90 {
+
+struct forward_shape {
+  static constexpr int bm = 128;  // rows per CTA: 64 per consumer warpgroup
+  static constexpr int bn = 256;  // classes per vocab tile (the wgmma N)
+  static constexpr int bk = swizzle_depth;
+  static constexpr int stages = 4;
+  static constexpr int consumers = 2;
+  static constexpr int threads = 128 * (1 + consumers);
+  static constexpr int consumer_warps = 4 * consumers;
+  static constexpr int filter_bn = 128;  // the tile width of the gradient filter's per-tile max
+  static constexpr int producer_registers = 40, consumer_registers = 232;
+
+  template <class T>
+  static constexpr std::uint32_t a_bytes = bm* bk * sizeof(T);
+  template <class T>
+  static constexpr std::uint32_t b_bytes = bn* bk * sizeof(T);
+  template <class T>
+  static constexpr std::size_t smem_bytes = std::size_t(stages) * (a_bytes<T> + b_bytes<T>)+1024;  // + alignment
+};
+
+template <class T>
+struct forward_params_sm90 {
+  CUtensorMap e_map;  // E, boxes of 128 rows x 64
+  CUtensorMap c_map;  // C, boxes of 256 rows x 64
+  forward_params<T> base;
+};
+
+__device__ __forceinline__ float exp2_approx(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// Sum of exp(z - m) and exp(z - m) z over a thread's 64 logits of one row slot. Masked: only local columns below
+// `limit` (the vocabulary's end) other than `skip` (the target's, kept apart) count. Four independent chains keep the
+// adds pipelined.
+template <int Slot, bool Masked>
+__device__ __forceinline__ softmax_stats tile_softmax(const float (&acc)[128], float m, int skip = -1,
+                                                      int limit = 0) {
+  softmax_stats s;
+  if (m == -inf_f()) return s;
+  s.max = m;
+  const float ms = m * log2e;
+  float sum[4] = {0.f, 0.f, 0.f, 0.f}, sum_z[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+  for (int j = 0; j < 32; ++j)
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      if (Masked && (8 * j + e == skip || 8 * j + e >= limit)) continue;
+      const float z = acc[4 * j + 2 * Slot + e];
+      const float w = exp2_approx(fmaf(z, log2e, -ms));
+      sum[(j % 2) * 2 + e] += w;
+      sum_z[(j % 2) * 2 + e] = fmaf(w, z, sum_z[(j % 2) * 2 + e]);
+    }
+  s.sum_exp = (sum[0] + sum[1]) + (sum[2] + sum[3]);
+  s.sum_exp_z = (sum_z[0] + sum_z[1]) + (sum_z[2] + sum_z[3]);
+  return s;
+}
+
+__device__ __forceinline__ void consumer_barrier() {
+  asm volatile("bar.sync 1, %0;\n" ::"n"(forward_shape::consumer_warps * 32) : "memory");
+}
+
+template <class T>
+__global__ void __launch_bounds__(forward_shape::threads, 1)
+    forward_kernel(const __grid_constant__ forward_params_sm90<T> prm) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using S = forward_shape;
+  constexpr std::uint32_t a_bytes = S::a_bytes<T>, b_bytes = S::b_bytes<T>;
+  // Only the sm_90a image has this body (and static shared memory: the host checks for it, sm90.cuh).
+  extern __shared__ unsigned char smem_raw[];
+  __shared__ stage_barriers<S::stages> bars;
+  __shared__ std::int32_t targets[S::bm];
+  __shared__ float half_max[2][S::consumer_warps][2];  // double-buffered by tile parity
+
+  // The 128-byte swizzle repeats every 1024 bytes: stage buffers start on that boundary.
+  const std::uint32_t smem_base = (ptx::smem_addr(smem_raw) + 1023u) & ~1023u;
+  unsigned char* const smem = smem_raw + (smem_base - ptx::smem_addr(smem_raw));
+  const std::uint32_t sa = smem_base, sb = smem_base + S::stages * a_bytes;
+
+  const forward_params<T>& p = prm.base;
+  const tile::tile_grid& g = p.grid;
+  const std::int64_t rt = blockIdx.x, split = blockIdx.y;
+  const std::int64_t row0 = rt * S::bm;
+  const std::int64_t wide_tiles = ceil_div(g.cols, S::bn);
+  const std::int64_t ct_begin = tile::split_begin(wide_tiles, p.splits, split);
+  const std::int64_t ct_end = tile::split_begin(wide_tiles, p.splits, split + 1);
+  const int k_blocks = int(ceil_div(p.e.depth, S::bk));
+
+  if (threadIdx.x == 0) bars.init(S::consumer_warps);
+  for (int r = threadIdx.x; r < S::bm; r += S::threads) {
+    const std::int64_t row = row0 + r;
+    const row_label lab = row < g.rows ? p.labels(row) : row_label{};
+    targets[r] = lab.kind == row_label::kept ? std::int32_t(lab.target) : -1;
+  }
+  __syncthreads();
+
+  const int warpgroup = threadIdx.x / 128;
+  if (warpgroup == 0) {  // producer
+    shrink_registers<S::producer_registers>();
+    if (threadIdx.x == 0) {
+      ring_position<S::stages> at;
+      for (std::int64_t ct = ct_begin; ct < ct_end; ++ct) {
+        for (int kb = 0; kb < k_blocks; ++kb) {
+          acquire_for_write(bars, at, a_bytes + b_bytes);
+          tma_load_2d(smem + at.stage * a_bytes, &prm.e_map, kb * S::bk, int(row0), &bars.full[at.stage]);
+          tma_load_2d(smem + S::stages * a_bytes + at.stage * b_bytes, &prm.c_map, kb * S::bk, int(ct * S::bn),
+                      &bars.full[at.stage]);
+          at.advance();
+        }
+      }
+    }
+    return;
+  }
+
+  grow_registers<S::consumer_registers>();
+  const int cw = threadIdx.x / 32 - 4;  // consumer warp
+  const int lane = threadIdx.x % 32, lane_row = lane / 4, lane_col = 2 * (lane % 4);
+  const int local_row = (cw / 4) * 64 + (cw % 4) * 16 + lane_row;      // row slot r adds 8 r
+  const std::uint32_t a_rows = sa + std::uint32_t(cw / 4) * 64 * 128;  // this warpgroup's 64 rows
+
+  float acc[128];
+  row_partial part[2];
+  ring_position<S::stages> at;
+  int parity = 0;
+  for (std::int64_t ct = ct_begin; ct < ct_end; ++ct, parity ^= 1) {
+    int previous = 0;
+#pragma unroll 1
+    for (int kb = 0; kb < k_blocks; ++kb) {
+      wait_parity(&bars.full[at.stage], at.phase);
+      fence();
+#pragma unroll
+      for (int k = 0; k < S::bk / 16; ++k) {
+        mma_m64n256k16<T>(acc, k_major_sw128_descriptor(a_rows + at.stage * a_bytes + k * 32),
+                          k_major_sw128_descriptor(sb + at.stage * b_bytes + k * 32), kb > 0 || k > 0);
+      }
+      commit_group();
+      wait_group<1>();  // the previous stage's products are done: hand its
+                        // buffers back
+      if (kb > 0) release(bars, previous);
+      previous = at.stage;
+      at.advance();
+    }
+    wait_group<0>();
+    release(bars, previous);
+#pragma unroll
+    for (int i = 0; i < 128; ++i) fence_operand(acc[i]);
+
+    // Epilogue: logits z in place, then the tile's statistics.
+    const std::int64_t col0 = ct * S::bn;
+    const bool ragged = col0 + S::bn > g.cols;
+    float half[2] = {-inf_f(), -inf_f()};  // per 128-column half, over valid rows
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int lr = local_row + 8 * r;
+      const std::int64_t row = row0 + lr;
+      const std::int64_t col_thread = col0 + lane_col;
+      if (row < g.rows && (p.terms.bias || p.terms.rank || p.terms.transform.softcap > 0.f ||
+                           p.terms.transform.inv_temperature != 1.f)) {
+#pragma unroll
+        for (int j = 0; j < 32; ++j)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const std::int64_t col = col_thread + 8 * j + e;
+            float& z = acc[4 * j + 2 * r + e];
+            if (col < g.cols) z = p.terms.fast(z, row, col);
+          }
+      }
+      if (ragged) {
+#pragma unroll
+        for (int j = 0; j < 32; ++j)
+#pragma unroll
+          for (int e = 0; e < 2; ++e)
+            if (col_thread + 8 * j + e >= g.cols) acc[4 * j + 2 * r + e] = -inf_f();
+      }
+      float hm[2] = {-inf_f(), -inf_f()};
+#pragma unroll
+      for (int j = 0; j < 32; ++j)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) hm[j / 16] = fmaxf(hm[j / 16], acc[4 * j + 2 * r + e]);
+      if (row < g.rows) {
+        half[0] = fmaxf(half[0], hm[0]);
+        half[1] = fmaxf(half[1], hm[1]);
+      }
+      const float m = fmaxf(hm[0], hm[1]);
+      const std::int32_t target = targets[lr];
+      const bool has_target = target >= col0 && target < col0 + S::bn;
+      const int skip = has_target ? int(target - col_thread) : -1;
+      softmax_stats tile;
+      if (!has_target && !ragged) {
+        tile = r == 0 ? tile_softmax<0, false>(acc, m) : tile_softmax<1, false>(acc, m);
+      } else {  // the last vocab tile, or the target's: its logit is kept apart (row_output.hpp) and recorded
+        const int limit = int(g.cols - col_thread < S::bn ? g.cols - col_thread : S::bn);
+        tile = r == 0 ? tile_softmax<0, true>(acc, m, skip, limit) : tile_softmax<1, true>(acc, m, skip, limit);
+#pragma unroll
+        for (int j = 0; j < 32; ++j)
+#pragma unroll
+          for (int e = 0; e < 2; ++e)
+            if (8 * j + e == skip) p.target_logit[row] = acc[4 * j + 2 * r + e];
+      }
+      part[r].softmax = softmax_merge(part[r].softmax, tile);
+      if (p.smoothing || p.argmax) {
+#pragma unroll
+        for (int j = 0; j < 32; ++j)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const std::int64_t col = col_thread + 8 * j + e;
+            if (col >= g.cols) continue;
+            const float z = acc[4 * j + 2 * r + e];
+            if (p.smoothing) part[r].weighted_logit_sum += (p.class_weights ? p.class_weights[col] : 1.f) * z;
+            if (p.argmax && argmax_better(z, std::int32_t(col), part[r].argmax_value, part[r].argmax_index)) {
+              part[r].argmax_value = z;
+              part[r].argmax_index = std::int32_t(col);
+            }
+          }
+      }
+    }
+
+    if (p.tile_max) {  // the filter's per-tile max, on its 128 x 128 grid
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+#pragma unroll
+        for (int mask = 16; mask > 0; mask /= 2) half[h] = fmaxf(half[h], shuffle_xor(half[h], mask));
+      }
+      if (lane == 0) {
+        half_max[parity][cw][0] = half[0];
+        half_max[parity][cw][1] = half[1];
+      }
+      consumer_barrier();
+      if (cw == 0 && lane < 2) {
+        float m = half_max[parity][0][lane];
+        for (int w = 1; w < S::consumer_warps; ++w) m = fmaxf(m, half_max[parity][w][lane]);
+        const std::int64_t filter_tile = 2 * ct + lane;
+        if (filter_tile < g.col_tiles()) p.tile_max[rt * g.col_tiles() + filter_tile] = m;
+      }
+    }
+  }
+
+  // The four lanes of a row merge their statistics in a fixed order; lane 0 stores the split's partial.
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    row_partial q = part[r];
+#pragma unroll
+    for (int mask = 1; mask < 4; mask *= 2) q = merge(q, shuffle_xor(q, mask, p.smoothing, p.argmax));
+    const std::int64_t row = row0 + local_row + 8 * r;
+    if (lane % 4 == 0 && row < g.rows) p.partials[row * p.splits + split] = q;
+  }
+#endif
+}
+
+}  // namespace cce::detail::sm90
