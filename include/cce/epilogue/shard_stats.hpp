@@ -30,7 +30,7 @@ namespace detail {
 inline constexpr std::size_t shard_rows_offset = 32;
 
 constexpr std::size_t shard_stats_bytes(std::int64_t n) {
-  return std::size_t(round_up(std::int64_t(shard_rows_offset + std::size_t(n) * sizeof(shard_row_stats)), 16));
+  return std::size_t(round_up(std::int64_t(shard_rows_offset + std::size_t(n) * sizeof(shard_row_stats)), 256));
 }
 
 // A row's record from the split-merged statistics of the shard (argmax index still a shard column).
