@@ -174,7 +174,7 @@ const std::vector<std::vector<std::int64_t>> featured_layouts = {
 
 }  // namespace
 
-TEST_CASE("vocab-parallel: R shards match the float64 reference of the whole vocabulary", "[vocab-parallel]") {
+TEST_CASE("vocab-parallel: R shards match the float64 reference of the whole vocabulary", "[vocab-parallel][executor]") {
   std::mt19937_64 rng(97);
   for (const auto& offsets : featured_layouts) {
     for (bool exact : {true, false}) {
@@ -196,7 +196,7 @@ TEST_CASE("vocab-parallel: R shards match the float64 reference of the whole voc
   }
 }
 
-TEST_CASE("vocab-parallel: randomized shapes, options and shard layouts", "[vocab-parallel]") {
+TEST_CASE("vocab-parallel: randomized shapes, options and shard layouts", "[vocab-parallel][executor]") {
   std::mt19937_64 rng(20261126);
   for (int i = 0; i < 400; ++i) {
     const test::case_config cfg = test::random_config(rng, 40, 40, 80);
@@ -211,7 +211,7 @@ TEST_CASE("vocab-parallel: randomized shapes, options and shard layouts", "[voca
   }
 }
 
-TEST_CASE("vocab-parallel: one shard is the unsharded path, bit for bit", "[vocab-parallel]") {
+TEST_CASE("vocab-parallel: one shard is the unsharded path, bit for bit", "[vocab-parallel][executor]") {
   test::case_config cfg = featured_case(5);
   cfg.opts.filter = filter_mode::automatic;
   const auto h = test::make_problem<__nv_bfloat16>(cfg);
@@ -232,7 +232,7 @@ TEST_CASE("vocab-parallel: one shard is the unsharded path, bit for bit", "[voca
   CHECK(std::memcmp(saved.get(), run.saved[0].data(), run.saved[0].size()) == 0);
 }
 
-TEST_CASE("vocab-parallel: the gather order does not change a bit", "[vocab-parallel]") {
+TEST_CASE("vocab-parallel: the gather order does not change a bit", "[vocab-parallel][executor]") {
   const test::case_config cfg = featured_case(9);
   const auto h = test::make_problem<float>(cfg);
   const std::vector<std::int64_t> offsets = featured_layouts.back();
@@ -244,7 +244,7 @@ TEST_CASE("vocab-parallel: the gather order does not change a bit", "[vocab-para
   CHECK(in_order.total.dc == reversed.total.dc);
 }
 
-TEST_CASE("vocab-parallel: bad shard layouts are refused or reported", "[vocab-parallel]") {
+TEST_CASE("vocab-parallel: bad shard layouts are refused or reported", "[vocab-parallel][executor]") {
   const test::case_config cfg = featured_case(3);
   const auto h = test::make_problem<float>(cfg);
   const host::tiled_executor<float> ex(cfg.opts);
