@@ -5,6 +5,8 @@
 //   op.forward(prob, outputs, d_saved, saved, d_work, work, stream);
 //   op.backward(prob, {d_grad_loss}, grads, d_saved, saved, d_work, work, stream);
 //
+// With a vocabulary-parallel classifier, forward is replaced by shard_forward + combine (docs/vocab-parallel.md).
+//
 // Every call validates its arguments on the host first, then only enqueues work on `stream`: it allocates
 // nothing, never synchronises and can be captured in a CUDA graph. The workspace size the caller grants is the
 // budget that picks the backward's operating point; pass the same size that workspace_bytes returned.
@@ -20,10 +22,12 @@
 #include <cce/device.hpp>
 #include <cce/dispatch/plan.hpp>
 #include <cce/dispatch/portable.cuh>
+#include <cce/epilogue/shard_stats.hpp>
 #include <cce/options.hpp>
 #include <cce/problem.hpp>
 #include <cce/status.hpp>
 #include <cce/tile/default_policy.hpp>
+#include <cce/vocab_shard.hpp>
 
 namespace cce {
 
@@ -62,17 +66,54 @@ class linear_cross_entropy {
                                void* workspace, std::size_t workspace_size, cudaStream_t stream = nullptr) const {
     CCE_TRY(detail::validate_problem(p, opts_));
     if (out.loss == nullptr) return status::null_pointer;
+    if (p.v != p.total_classes()) return status::invalid_option;  // a vocabulary shard: shard_forward + combine
+    detail::plan pl;
     device_info dev;
-    CCE_TRY(current_device(dev));
-    CCE_TRY(can_implement(p, dev));
-    const detail::plan pl = plan(p, dev, workspace_size);
-    std::size_t need = 0;
-    pl.template carve_forward<T>(nullptr, &need);
-    CCE_TRY(detail::validate_buffer(saved, saved_size, pl.saved_bytes()));
-    CCE_TRY(detail::validate_buffer(workspace, workspace_size, need));
+    CCE_TRY(prepare_forward(p, saved, saved_size, workspace, workspace_size, pl, dev));
     const detail::portable_path<T, Tile> path(p, opts_, pl, detail::vectorizable(p),
                                               detail::sm90::forward_available(p, pl, dev, opts_));
     return path.forward(out, pl.carve_saved(saved), pl.template carve_forward<T>(workspace), stream);
+  }
+
+  // Vocabulary parallelism (docs/vocab-parallel.md): each rank's problem holds the classes named by p.shard and
+  // runs shard_forward, an all-gather of the statistics, combine, then backward as usual.
+
+  // Bytes of one shard's statistics: the same on every rank (it depends on N only).
+  std::size_t shard_stats_bytes(const problem<T>& p) const { return detail::shard_stats_bytes(p.n); }
+
+  // Per-row statistics of this shard's classes into `stats`; the gradient filter's statistics into `saved`.
+  [[nodiscard]] status shard_forward(const problem<T>& p, void* stats, std::size_t stats_size, void* saved,
+                                     std::size_t saved_size, void* workspace, std::size_t workspace_size,
+                                     cudaStream_t stream = nullptr) const {
+    CCE_TRY(detail::validate_problem(p, opts_));
+    CCE_TRY(detail::validate_buffer(stats, stats_size, shard_stats_bytes(p)));
+    detail::plan pl;
+    device_info dev;
+    CCE_TRY(prepare_forward(p, saved, saved_size, workspace, workspace_size, pl, dev));
+    const detail::portable_path<T, Tile> path(p, opts_, pl, detail::vectorizable(p),
+                                              detail::sm90::forward_available(p, pl, dev, opts_));
+    return path.shard_forward(stats, pl.carve_saved(saved), pl.template carve_forward<T>(workspace), stream);
+  }
+
+  // From every shard's gathered statistics: the loss and per-row outputs of the whole vocabulary (identical on
+  // every rank) and, in `saved`, the state this shard's backward reads. `saved` is the buffer shard_forward filled.
+  [[nodiscard]] status combine(const problem<T>& p, const gathered_stats& gathered, const forward_outputs& out,
+                               void* saved, std::size_t saved_size, void* workspace, std::size_t workspace_size,
+                               cudaStream_t stream = nullptr) const {
+    CCE_TRY(detail::validate_problem(p, opts_));
+    if (out.loss == nullptr || gathered.data == nullptr) return status::null_pointer;
+    detail::shard_rows rows;
+    CCE_TRY(detail::make_shard_order(gathered, p.total_classes(), rows.order));
+    rows.stride = shard_stats_bytes(p);
+    rows.data = static_cast<const unsigned char*>(gathered.data);
+    if (gathered.bytes < rows.stride * std::size_t(gathered.ranks)) return status::workspace_too_small;
+    if (!detail::aligned_to(gathered.data, 16)) return status::misaligned_pointer;
+    detail::plan pl;
+    device_info dev;
+    CCE_TRY(prepare_forward(p, saved, saved_size, workspace, workspace_size, pl, dev));
+    const detail::portable_path<T, Tile> path(p, opts_, pl, detail::vectorizable(p),
+                                              detail::sm90::forward_available(p, pl, dev, opts_));
+    return path.combine(rows, out, pl.carve_saved(saved), pl.template carve_forward<T>(workspace), stream);
   }
 
   // Gradients G are T or float; each non-null pointer in `grads` is written (or added to, with
@@ -108,6 +149,18 @@ class linear_cross_entropy {
 
  private:
   options opts_;
+
+  // The checks and plan every forward step shares, after the problem's own checks.
+  status prepare_forward(const problem<T>& p, const void* saved, std::size_t saved_size, const void* workspace,
+                         std::size_t workspace_size, detail::plan& pl, device_info& dev) const {
+    CCE_TRY(current_device(dev));
+    CCE_TRY(can_implement(p, dev));
+    pl = plan(p, dev, workspace_size);
+    std::size_t need = 0;
+    pl.template carve_forward<T>(nullptr, &need);
+    CCE_TRY(detail::validate_buffer(saved, saved_size, pl.saved_bytes()));
+    return detail::validate_buffer(workspace, workspace_size, need);
+  }
 
   detail::plan plan(const problem<T>& p, const device_info& dev, std::size_t budget) const {
     return detail::make_plan<T>(p.n, p.d, p.v, p.lora.rank, p.bias != nullptr, opts_, Tile::bm, Tile::bn, dev,

@@ -5,6 +5,7 @@
 #include <cstdint>
 
 #include <cce/options.hpp>
+#include <cce/vocab_shard.hpp>
 
 namespace cce {
 
@@ -23,7 +24,7 @@ template <class T>
 struct problem {
   std::int64_t n = 0;  // rows (tokens)
   std::int64_t d = 0;  // hidden size
-  std::int64_t v = 0;  // classes
+  std::int64_t v = 0;  // classes (of this vocabulary shard when `shard` is set)
   const T* e = nullptr;  // N x D embeddings
   std::int64_t lde = 0;  // 0 means D
   const T* c = nullptr;  // V x D classifier
@@ -31,15 +32,19 @@ struct problem {
   const void* targets = nullptr;  // N class indices
   target_type targets_type = target_type::int64;
   const T* bias = nullptr;              // optional, V
-  const float* class_weights = nullptr; // optional, V
+  const float* class_weights = nullptr; // optional, V; with a shard, all global_v weights (every rank needs w_y)
   lora_head<T> lora{};                  // optional, rank 0 disables
   std::int64_t seq_len = 0;             // sequence length when options::shift > 0; must divide N
+  // Vocabulary parallelism: c, bias and lora.b hold this shard's V classes; targets are global class ids.
+  vocab_shard shard{};
 
   constexpr std::int64_t e_stride() const noexcept { return lde ? lde : d; }
   constexpr std::int64_t c_stride() const noexcept { return ldc ? ldc : d; }
   constexpr std::int64_t a_stride() const noexcept { return lora.lda ? lora.lda : d; }
   constexpr std::int64_t b_stride() const noexcept { return lora.ldb ? lora.ldb : lora.rank; }
   constexpr bool has_lora() const noexcept { return lora.rank > 0; }
+  // Classes of the whole vocabulary: what targets index and what label smoothing averages over.
+  constexpr std::int64_t total_classes() const noexcept { return shard.global_v ? shard.global_v : v; }
 };
 
 // Forward outputs. Only `loss` is required; per-row outputs are written for every row (0 for ignored rows,

@@ -15,6 +15,7 @@ enum class [[nodiscard]] status : int {
   unsupported_arch,       // no kernel compiled for the device's compute capability
   invalid_target,         // device-side: a target outside [0, V) that is not ignore_index
   cuda_error,             // a CUDA runtime call failed
+  collective_error,       // a collective call (cce/nccl/) failed
 };
 
 constexpr const char* to_string(status s) noexcept {
@@ -30,6 +31,7 @@ constexpr const char* to_string(status s) noexcept {
     case status::unsupported_arch: return "no kernel compiled for this device's architecture";
     case status::invalid_target: return "a target is outside [0, V) and is not ignore_index";
     case status::cuda_error: return "a CUDA runtime call failed";
+    case status::collective_error: return "a collective (NCCL) call failed";
   }
   return "unknown status";
 }

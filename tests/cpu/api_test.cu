@@ -36,13 +36,13 @@ status check(const problem<bf16>& p, const options& o = {}) { return detail::val
 
 TEST_CASE("every status has its own message", "[api]") {
   std::set<std::string> seen;
-  for (int s = int(status::success); s <= int(status::cuda_error); ++s) {
+  for (int s = int(status::success); s <= int(status::collective_error); ++s) {
     const std::string m = to_string(status(s));
     CHECK(!m.empty());
     CHECK(m != "unknown status");
     seen.insert(m);
   }
-  CHECK(seen.size() == std::size_t(status::cuda_error) + 1);
+  CHECK(seen.size() == std::size_t(status::collective_error) + 1);
 }
 
 TEST_CASE("bad problems are rejected with their status", "[api]") {

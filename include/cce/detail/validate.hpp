@@ -32,7 +32,11 @@ template <class T>
 status validate_problem(const problem<T>& p, const options& o) {
   if (status s = validate_options(o); s != status::success) return s;
   if (p.n < 0 || p.d < 1 || p.v < 1 || p.lora.rank < 0) return status::invalid_size;
-  if (p.v > INT32_MAX - 1) return status::invalid_size;  // class indices travel as int32 inside kernels
+  if (p.total_classes() > INT32_MAX - 1) return status::invalid_size;  // class indices travel as int32 in kernels
+  if (p.shard.global_v != 0 && (p.shard.offset < 0 || p.shard.offset > p.shard.global_v - p.v)) {
+    return status::invalid_size;
+  }
+  if (p.shard.global_v == 0 && p.shard.offset != 0) return status::invalid_size;
   if (o.shift > 0 && (p.seq_len < 1 || p.n % p.seq_len != 0)) return status::invalid_size;
   if (p.n > 0 && (p.e == nullptr || p.targets == nullptr)) return status::null_pointer;
   if (p.c == nullptr) return status::null_pointer;

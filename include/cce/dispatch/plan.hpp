@@ -38,7 +38,8 @@ struct row_coefficients {
   dlogit_coefficients dz{};
   float lse = 0.f;
   float lse_others = 0.f;
-  std::int32_t target = -1;  // -1 for rows that contribute nothing
+  std::int32_t target = -1;  // the target's column in this vocabulary slice, -1 when it has none there
+  bool kept = false;         // the row contributes gradient
 };
 
 template <class T>
@@ -151,6 +152,12 @@ struct plan {
     return std::max(f, b);  // forward and backward reuse the same workspace
   }
 };
+
+// Tiles over which the gradient filter bounds a row's skipped mass: the problem's own and, for a vocabulary shard,
+// one per class held elsewhere (their tiling is unknown here, and no tile is smaller than a class).
+inline std::int64_t filter_tiles(const tile::tile_grid& g, std::int64_t total_classes) {
+  return g.col_tiles() + (total_classes - g.cols);
+}
 
 // Plan for a problem: `bm` x `bn` logit tiles, a workspace budget in bytes (0: the default of the mode).
 template <class T>

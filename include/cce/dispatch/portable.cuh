@@ -59,51 +59,32 @@ class portable_path {
 
   status forward(const forward_outputs& out, const saved_buffers& sv, const forward_buffers<T>& fw,
                  cudaStream_t stream) const {
-    class_weight_total_kernel<256><<<1, 256, 0, stream>>>(p_.class_weights, p_.v, sv.class_weight_total);
-    CCE_TRY(launch_status());
-    if (p_.n > 0) {
-      if (p_.has_lora()) CCE_TRY(lora_project(fw.lora_p, stream));
-      forward_params<T> prm;
-      prm.e = {p_.e, p_.e_stride(), p_.n, p_.d};
-      prm.c = {p_.c, p_.c_stride(), p_.v, p_.d};
-      prm.terms = terms(fw.lora_p);
-      prm.class_weights = p_.class_weights;
-      prm.labels = labels();
-      prm.grid = pl_.grid;
-      prm.splits = pl_.splits;
-      prm.smoothing = o_.label_smoothing != 0.f;
-      prm.argmax = out.correct != nullptr;
-      prm.partials = fw.partials;
-      prm.target_logit = fw.target_logit;
-      prm.tile_max = pl_.filter ? sv.tile_max : nullptr;
-      const dim3 grid(unsigned(pl_.grid.row_tiles()), unsigned(pl_.splits));
-      if (hopper_forward_) CCE_TRY(sm90::launch_forward(prm, stream));
-      else if (vec_) CCE_TRY(launch_tile_kernel(forward_kernel<T, Policy, true>, grid, Policy::threads, fwd_smem, stream, prm));
-      else CCE_TRY(launch_tile_kernel(forward_kernel<T, Policy, false>, grid, Policy::threads, fwd_smem, stream, prm));
+    if (p_.n > 0) CCE_TRY(tile_pass(sv, fw, out.correct != nullptr, stream));
+    split_rows rows;
+    rows.partials = fw.partials;
+    rows.splits = pl_.splits;
+    rows.target_logit = fw.target_logit;
+    return finalise(rows, out, sv, fw, stream);
+  }
 
-      finalise_params fin;
-      fin.partials = fw.partials;
-      fin.n = p_.n;
-      fin.splits = pl_.splits;
-      fin.target_logit = fw.target_logit;
-      fin.class_weights = p_.class_weights;
-      fin.class_weight_total = sv.class_weight_total;
-      fin.labels = labels();
-      fin.smoothing = o_.label_smoothing;
-      fin.z_loss = o_.z_loss;
-      fin.inv_classes = 1.f / float(p_.v);
-      fin.reduction = o_.reduction;
-      fin.lse_saved = sv.lse;
-      fin.lse_others_saved = sv.lse_others;
-      fin.out = out;
-      fin.block_sums = fw.block_sums;
-      finalise_kernel<plan::finalise_threads>
-          <<<unsigned(pl_.finalise_blocks()), plan::finalise_threads, 0, stream>>>(fin);
-      CCE_TRY(launch_status());
-    }
-    loss_total_kernel<256><<<1, 256, 0, stream>>>(fw.block_sums, pl_.finalise_blocks(), o_.reduction, out.loss,
-                                                  sv.weight_sum);
+  // This vocabulary shard's statistics (epilogue/shard_stats.hpp) into `stats`; the filter's tile maxima into sv.
+  status shard_forward(void* stats, const saved_buffers& sv, const forward_buffers<T>& fw, cudaStream_t stream) const {
+    if (p_.n > 0) CCE_TRY(tile_pass(sv, fw, true, stream));  // the combine step may be asked for accuracy
+    shard_stats_params prm;
+    prm.rows.partials = fw.partials;
+    prm.rows.splits = pl_.splits;
+    prm.rows.target_logit = fw.target_logit;
+    prm.n = p_.n;
+    prm.labels = labels();
+    prm.stats = static_cast<unsigned char*>(stats);
+    shard_stats_kernel<<<std::max(blocks_for(p_.n, 256), 1u), 256, 0, stream>>>(prm);
     return launch_status();
+  }
+
+  // The global results from every shard's statistics: outputs, loss and the state the shard backward reads.
+  status combine(const shard_rows& rows, const forward_outputs& out, const saved_buffers& sv,
+                 const forward_buffers<T>& fw, cudaStream_t stream) const {
+    return finalise(rows, out, sv, fw, stream);
   }
 
   template <class G>
@@ -123,7 +104,7 @@ class portable_path {
       cp.lse_others = sv.lse_others;
       cp.smoothing = o_.label_smoothing;
       cp.z_loss = o_.z_loss;
-      cp.inv_classes = 1.f / float(p_.v);
+      cp.inv_classes = 1.f / float(p_.total_classes());
       cp.coef = bw.coef;
       coefficients_kernel<<<blocks_for(p_.n, 256), 256, 0, stream>>>(cp);
       CCE_TRY(launch_status());
@@ -185,6 +166,60 @@ class portable_path {
   bool hopper_forward_;
 
   target_reader labels() const { return make_target_reader(p_, o_); }
+  // Class weights as the tile kernels index them: by the problem's own columns.
+  const float* shard_class_weights() const { return p_.class_weights ? p_.class_weights + p_.shard.offset : nullptr; }
+
+  // Logit tiles into per-(row, split) partials, the target logits and the filter's tile maxima.
+  status tile_pass(const saved_buffers& sv, const forward_buffers<T>& fw, bool argmax, cudaStream_t stream) const {
+    if (p_.has_lora()) CCE_TRY(lora_project(fw.lora_p, stream));
+    forward_params<T> prm;
+    prm.e = {p_.e, p_.e_stride(), p_.n, p_.d};
+    prm.c = {p_.c, p_.c_stride(), p_.v, p_.d};
+    prm.terms = terms(fw.lora_p);
+    prm.class_weights = shard_class_weights();
+    prm.labels = labels();
+    prm.grid = pl_.grid;
+    prm.splits = pl_.splits;
+    prm.smoothing = o_.label_smoothing != 0.f;
+    prm.argmax = argmax;
+    prm.partials = fw.partials;
+    prm.target_logit = fw.target_logit;
+    prm.tile_max = pl_.filter ? sv.tile_max : nullptr;
+    const dim3 grid(unsigned(pl_.grid.row_tiles()), unsigned(pl_.splits));
+    if (hopper_forward_) return sm90::launch_forward(prm, stream);
+    return vec_ ? launch_tile_kernel(forward_kernel<T, Policy, true>, grid, Policy::threads, fwd_smem, stream, prm)
+                : launch_tile_kernel(forward_kernel<T, Policy, false>, grid, Policy::threads, fwd_smem, stream, prm);
+  }
+
+  // Per-row outputs and saved state from merged statistics, then the loss and the mean's normaliser.
+  template <class Rows>
+  status finalise(const Rows& rows, const forward_outputs& out, const saved_buffers& sv,
+                  const forward_buffers<T>& fw, cudaStream_t stream) const {
+    class_weight_total_kernel<256><<<1, 256, 0, stream>>>(p_.class_weights, p_.total_classes(), sv.class_weight_total);
+    CCE_TRY(launch_status());
+    if (p_.n > 0) {
+      finalise_params<Rows> fin;
+      fin.rows = rows;
+      fin.n = p_.n;
+      fin.class_weights = p_.class_weights;
+      fin.class_weight_total = sv.class_weight_total;
+      fin.labels = labels();
+      fin.smoothing = o_.label_smoothing;
+      fin.z_loss = o_.z_loss;
+      fin.inv_classes = 1.f / float(p_.total_classes());
+      fin.reduction = o_.reduction;
+      fin.lse_saved = sv.lse;
+      fin.lse_others_saved = sv.lse_others;
+      fin.out = out;
+      fin.block_sums = fw.block_sums;
+      finalise_kernel<plan::finalise_threads, Rows>
+          <<<unsigned(pl_.finalise_blocks()), plan::finalise_threads, 0, stream>>>(fin);
+      CCE_TRY(launch_status());
+    }
+    loss_total_kernel<256><<<1, 256, 0, stream>>>(fw.block_sums, pl_.finalise_blocks(), o_.reduction, out.loss,
+                                                  sv.weight_sum);
+    return launch_status();
+  }
   logit_terms<T> terms(const float* lora_p) const { return make_logit_terms(p_, o_, lora_p); }
 
   template <class TA, class TB, class G>
@@ -218,14 +253,14 @@ class portable_path {
     prm.e = {p_.e, p_.e_stride(), p_.n, p_.d};
     prm.c = {p_.c, p_.c_stride(), p_.v, p_.d};
     prm.terms = terms(bw.lora_p);
-    prm.class_weights = p_.class_weights;
+    prm.class_weights = shard_class_weights();
     prm.coef = bw.coef;
     prm.grid = pl_.grid;
     // Smoothing spreads gradient over every class: no tile is negligible then.
     const bool filter = pl_.filter && o_.label_smoothing == 0.f;
     prm.tile_max = filter ? sv.tile_max : nullptr;
     const float eps = o_.filter == filter_mode::threshold ? o_.filter_eps : filter::auto_eps<T>();
-    prm.filter = filter::mass_threshold::make(eps, pl_.grid.bn, pl_.grid.col_tiles());
+    prm.filter = filter::mass_threshold::make(eps, pl_.grid.bn, filter_tiles(pl_.grid, p_.total_classes()));
     prm.row0 = r0;
     prm.v0 = v0;
     prm.chunk_cols = pl_.chunk_cols;

@@ -37,4 +37,23 @@ CCE_HOST_DEVICE row_partial merge(const row_partial& a, const row_partial& b) {
   return r;
 }
 
+namespace detail {
+
+// The finaliser's source of rows for one problem: the forward's split partials of the row, merged in split order,
+// and the target logit the forward set aside.
+struct split_rows {
+  const row_partial* partials = nullptr;  // N x splits
+  std::int64_t splits = 1;
+  const float* target_logit = nullptr;    // N: z_y of kept rows
+
+  // target: the row's target, -1 when it has none.
+  CCE_HOST_DEVICE bool read(std::int64_t row, std::int64_t target, row_partial& merged, float& z_target) const {
+    merged = partials[row * splits];
+    for (std::int64_t s = 1; s < splits; ++s) merged = merge(merged, partials[row * splits + s]);
+    z_target = target >= 0 ? target_logit[row] : 0.f;
+    return true;
+  }
+};
+
+}  // namespace detail
 }  // namespace cce

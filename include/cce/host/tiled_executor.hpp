@@ -3,7 +3,7 @@
 // computes in fp32 like the kernels and rounds dZ to T where they do, so it tests the algorithm on machines
 // without a GPU; cce::host::reference_* is the exact float64 ground truth both are compared with.
 //
-// Pointers in the problem, outputs and gradients are host pointers.
+// Pointers in the problem, outputs, gradients and gathered statistics are host pointers.
 #pragma once
 
 #include <algorithm>
@@ -19,9 +19,11 @@
 #include <cce/epilogue/logit_transform.hpp>
 #include <cce/epilogue/row_loss.hpp>
 #include <cce/epilogue/row_output.hpp>
+#include <cce/epilogue/shard_stats.hpp>
 #include <cce/filter/predicates.hpp>
 #include <cce/problem.hpp>
 #include <cce/reduce/kahan.hpp>
+#include <cce/vocab_shard.hpp>
 
 namespace cce::host {
 
@@ -45,85 +47,55 @@ class tiled_executor {
                  void* workspace, std::size_t workspace_size) const {
     if (status s = detail::validate_problem(p, opt_); s != status::success) return s;
     if (out.loss == nullptr) return status::null_pointer;
-    const detail::plan pl = plan_for(p, workspace_size);
-    std::size_t fwd_bytes = 0;
-    pl.template carve_forward<T>(nullptr, &fwd_bytes);
-    if (status s = detail::validate_buffer(saved, saved_size, pl.saved_bytes()); s != status::success) return s;
-    if (status s = detail::validate_buffer(workspace, workspace_size, fwd_bytes); s != status::success) return s;
+    if (p.v != p.total_classes()) return status::invalid_option;
+    detail::plan pl;
+    if (status s = prepare_forward(p, saved, saved_size, workspace, workspace_size, pl); s != status::success) return s;
     const detail::saved_buffers sv = pl.carve_saved(saved);
     const detail::forward_buffers<T> fw = pl.template carve_forward<T>(workspace);
+    tile_pass(p, pl, sv, fw);
+    finalise(p, pl, split_rows(pl, fw), out, sv, fw);
+    return status::success;
+  }
 
-    *sv.class_weight_total = class_weight_total(p);
-    if (p.has_lora()) lora_project(p, fw.lora_p);
+  // Vocabulary parallelism, as linear_cross_entropy: this shard's statistics, then the combine step.
+  std::size_t shard_stats_bytes(const problem<T>& p) const { return detail::shard_stats_bytes(p.n); }
+
+  status shard_forward(const problem<T>& p, void* stats, std::size_t stats_size, void* saved, std::size_t saved_size,
+                       void* workspace, std::size_t workspace_size) const {
+    if (status s = detail::validate_problem(p, opt_); s != status::success) return s;
+    if (status s = detail::validate_buffer(stats, stats_size, shard_stats_bytes(p)); s != status::success) return s;
+    detail::plan pl;
+    if (status s = prepare_forward(p, saved, saved_size, workspace, workspace_size, pl); s != status::success) return s;
+    const detail::saved_buffers sv = pl.carve_saved(saved);
+    const detail::forward_buffers<T> fw = pl.template carve_forward<T>(workspace);
+    tile_pass(p, pl, sv, fw);
     const auto label = labels(p);
-    const tile::tile_grid& g = pl.grid;
-    const dense_inputs x = densify(p);
-    std::vector<float> logits(std::size_t(g.bm * g.bn));
+    const detail::split_rows rows = split_rows(pl, fw);
+    auto* bytes = static_cast<unsigned char*>(stats);
+    *reinterpret_cast<shard_stats_header*>(bytes) = {p.shard.offset, p.v};
+    auto* records = reinterpret_cast<shard_row_stats*>(bytes + detail::shard_rows_offset);
+    for (std::int64_t row = 0; row < p.n; ++row) {
+      row_partial merged;
+      float target_logit = 0.f;
+      rows.read(row, label.column(label(row)), merged, target_logit);
+      records[row] = detail::make_shard_row_stats(merged, target_logit, p.shard.offset);
+    }
+    return status::success;
+  }
 
-    for (std::int64_t rt = 0; rt < g.row_tiles(); ++rt) {
-      for (std::int64_t split = 0; split < pl.splits; ++split) {
-        const std::int64_t ct_begin = tile::split_begin(g.col_tiles(), pl.splits, split);
-        const std::int64_t ct_end = tile::split_begin(g.col_tiles(), pl.splits, split + 1);
-        std::vector<row_partial> part(std::size_t(g.bm));
-        for (std::int64_t ct = ct_begin; ct < ct_end; ++ct) {
-          tile_logits(p, x, fw.lora_p, g, rt, ct, logits);
-          float tile_max = -detail::inf_f();
-          for (std::int64_t r = 0; r < g.rows_in(rt); ++r) {
-            const std::int64_t row = g.row_begin(rt) + r;
-            const detail::row_label lab = label(row);
-            for (std::int64_t c = 0; c < g.cols_in(ct); ++c) {
-              const std::int64_t col = g.col_begin(ct) + c;
-              const float z = logits[std::size_t(r * g.bn + c)];
-              // The target's logit is kept apart from the softmax statistics (row_output.hpp).
-              const bool is_target = lab.kind == detail::row_label::kept && lab.target == col;
-              if (is_target) fw.target_logit[row] = z;
-              part[std::size_t(r)].push(z, class_weight(p, col), std::int32_t(col), !is_target);
-              tile_max = detail::max_f(tile_max, z);
-            }
-          }
-          if (pl.filter) sv.tile_max[rt * g.col_tiles() + ct] = tile_max;
-        }
-        for (std::int64_t r = 0; r < g.rows_in(rt); ++r) {
-          fw.partials[(g.row_begin(rt) + r) * pl.splits + split] = part[std::size_t(r)];
-        }
-      }
-    }
-
-    // Finaliser: merge the splits of each row in order, then per-block (loss, weight) sums, then the total.
-    const loss_terms terms = make_terms(p, *sv.class_weight_total);
-    bool invalid = false;
-    for (std::int64_t b = 0; b < pl.finalise_blocks(); ++b) {
-      float loss_sum = 0.f, weight_sum = 0.f;
-      for (std::int64_t row = b * pl.finalise_threads; row < std::min(p.n, (b + 1) * pl.finalise_threads); ++row) {
-        row_partial merged = fw.partials[row * pl.splits];
-        for (std::int64_t s = 1; s < pl.splits; ++s) merged = merge(merged, fw.partials[row * pl.splits + s]);
-        const detail::row_label lab = label(row);
-        const bool kept = lab.kind == detail::row_label::kept;
-        const row_result r = finalise_row(merged, lab, kept ? fw.target_logit[row] : 0.f,
-                                          kept ? class_weight(p, lab.target) : 0.f, terms);
-        invalid |= lab.kind == detail::row_label::invalid;
-        sv.lse[row] = r.lse;
-        sv.lse_others[row] = r.lse_others;
-        if (out.lse) out.lse[row] = r.lse;
-        if (out.entropy) out.entropy[row] = r.entropy;
-        if (out.target_logprob) out.target_logprob[row] = r.target_logprob;
-        if (out.correct) out.correct[row] = r.correct;
-        if (opt_.reduction == reduction::none) out.loss[row] = r.loss;
-        loss_sum += r.loss;
-        weight_sum += r.weight;
-      }
-      fw.block_sums[2 * b] = loss_sum;
-      fw.block_sums[2 * b + 1] = weight_sum;
-    }
-    float loss_total = 0.f, weight_total = 0.f;
-    for (std::int64_t b = 0; b < pl.finalise_blocks(); ++b) {
-      loss_total += fw.block_sums[2 * b];
-      weight_total += fw.block_sums[2 * b + 1];
-    }
-    *sv.weight_sum = weight_total;
-    if (opt_.reduction == reduction::sum) *out.loss = loss_total;
-    if (opt_.reduction == reduction::mean) *out.loss = loss_total / weight_total;
-    if (invalid && out.error) *out.error = int(status::invalid_target);
+  status combine(const problem<T>& p, const gathered_stats& gathered, const forward_outputs& out, void* saved,
+                 std::size_t saved_size, void* workspace, std::size_t workspace_size) const {
+    if (status s = detail::validate_problem(p, opt_); s != status::success) return s;
+    if (out.loss == nullptr || gathered.data == nullptr) return status::null_pointer;
+    detail::shard_rows rows;
+    if (status s = detail::make_shard_order(gathered, p.total_classes(), rows.order); s != status::success) return s;
+    rows.stride = shard_stats_bytes(p);
+    rows.data = static_cast<const unsigned char*>(gathered.data);
+    if (gathered.bytes < rows.stride * std::size_t(gathered.ranks)) return status::workspace_too_small;
+    if (!detail::aligned_to(gathered.data, 16)) return status::misaligned_pointer;
+    detail::plan pl;
+    if (status s = prepare_forward(p, saved, saved_size, workspace, workspace_size, pl); s != status::success) return s;
+    finalise(p, pl, rows, out, pl.carve_saved(saved), pl.template carve_forward<T>(workspace));
     return status::success;
   }
 
@@ -155,7 +127,8 @@ class tiled_executor {
         rc.lse_others = sv.lse_others[row];
         rc.dz = make_dlogit_coefficients(terms, gr, rc.lse, class_weight(p, lab.target),
                                          -detail::exp_f(rc.lse_others - rc.lse));
-        rc.target = std::int32_t(lab.target);
+        rc.target = label.column(lab);  // the -1 of p - onehot only in the shard that holds the target
+        rc.kept = true;
       }
       bw.coef[row] = rc;
     }
@@ -207,6 +180,101 @@ class tiled_executor {
   int bm_, bn_;
   device_info dev_;
 
+  status prepare_forward(const problem<T>& p, const void* saved, std::size_t saved_size, const void* workspace,
+                         std::size_t workspace_size, detail::plan& pl) const {
+    pl = plan_for(p, workspace_size);
+    std::size_t fwd_bytes = 0;
+    pl.template carve_forward<T>(nullptr, &fwd_bytes);
+    if (status s = detail::validate_buffer(saved, saved_size, pl.saved_bytes()); s != status::success) return s;
+    return detail::validate_buffer(workspace, workspace_size, fwd_bytes);
+  }
+
+  static detail::split_rows split_rows(const detail::plan& pl, const detail::forward_buffers<T>& fw) {
+    return {fw.partials, pl.splits, fw.target_logit};
+  }
+
+  // Logit tiles into per-(row, split) partials, the target logits and the filter's tile maxima.
+  void tile_pass(const problem<T>& p, const detail::plan& pl, const detail::saved_buffers& sv,
+                 const detail::forward_buffers<T>& fw) const {
+    if (p.has_lora()) lora_project(p, fw.lora_p);
+    const auto label = labels(p);
+    const tile::tile_grid& g = pl.grid;
+    const dense_inputs x = densify(p);
+    std::vector<float> logits(std::size_t(g.bm * g.bn));
+    for (std::int64_t rt = 0; rt < g.row_tiles(); ++rt) {
+      for (std::int64_t split = 0; split < pl.splits; ++split) {
+        const std::int64_t ct_begin = tile::split_begin(g.col_tiles(), pl.splits, split);
+        const std::int64_t ct_end = tile::split_begin(g.col_tiles(), pl.splits, split + 1);
+        std::vector<row_partial> part(std::size_t(g.bm));
+        for (std::int64_t ct = ct_begin; ct < ct_end; ++ct) {
+          tile_logits(p, x, fw.lora_p, g, rt, ct, logits);
+          float tile_max = -detail::inf_f();
+          for (std::int64_t r = 0; r < g.rows_in(rt); ++r) {
+            const std::int64_t row = g.row_begin(rt) + r;
+            const std::int32_t target = label.column(label(row));
+            for (std::int64_t c = 0; c < g.cols_in(ct); ++c) {
+              const std::int64_t col = g.col_begin(ct) + c;
+              const float z = logits[std::size_t(r * g.bn + c)];
+              // The target's logit is kept apart from the softmax statistics (row_output.hpp).
+              const bool is_target = target == col;
+              if (is_target) fw.target_logit[row] = z;
+              part[std::size_t(r)].push(z, shard_class_weight(p, col), std::int32_t(col), !is_target);
+              tile_max = detail::max_f(tile_max, z);
+            }
+          }
+          if (pl.filter) sv.tile_max[rt * g.col_tiles() + ct] = tile_max;
+        }
+        for (std::int64_t r = 0; r < g.rows_in(rt); ++r) {
+          fw.partials[(g.row_begin(rt) + r) * pl.splits + split] = part[std::size_t(r)];
+        }
+      }
+    }
+  }
+
+  // Finaliser: merge each row's statistics (split_rows or shard_rows), then per-block (loss, weight) sums, then
+  // the total.
+  template <class Rows>
+  void finalise(const problem<T>& p, const detail::plan& pl, const Rows& rows, const forward_outputs& out,
+                const detail::saved_buffers& sv, const detail::forward_buffers<T>& fw) const {
+    *sv.class_weight_total = class_weight_total(p);
+    const loss_terms terms = make_terms(p, *sv.class_weight_total);
+    const auto label = labels(p);
+    bool invalid = false, inconsistent = false;
+    for (std::int64_t b = 0; b < pl.finalise_blocks(); ++b) {
+      float loss_sum = 0.f, weight_sum = 0.f;
+      for (std::int64_t row = b * pl.finalise_threads; row < std::min(p.n, (b + 1) * pl.finalise_threads); ++row) {
+        const detail::row_label lab = label(row);
+        const bool kept = lab.kind == detail::row_label::kept;
+        row_partial merged;
+        float target_logit = 0.f;
+        inconsistent |= !rows.read(row, kept ? lab.target : -1, merged, target_logit);
+        const row_result r = finalise_row(merged, lab, target_logit, kept ? class_weight(p, lab.target) : 0.f, terms);
+        invalid |= lab.kind == detail::row_label::invalid;
+        sv.lse[row] = r.lse;
+        sv.lse_others[row] = r.lse_others;
+        if (out.lse) out.lse[row] = r.lse;
+        if (out.entropy) out.entropy[row] = r.entropy;
+        if (out.target_logprob) out.target_logprob[row] = r.target_logprob;
+        if (out.correct) out.correct[row] = r.correct;
+        if (opt_.reduction == reduction::none) out.loss[row] = r.loss;
+        loss_sum += r.loss;
+        weight_sum += r.weight;
+      }
+      fw.block_sums[2 * b] = loss_sum;
+      fw.block_sums[2 * b + 1] = weight_sum;
+    }
+    float loss_total = 0.f, weight_total = 0.f;
+    for (std::int64_t b = 0; b < pl.finalise_blocks(); ++b) {
+      loss_total += fw.block_sums[2 * b];
+      weight_total += fw.block_sums[2 * b + 1];
+    }
+    *sv.weight_sum = weight_total;
+    if (opt_.reduction == reduction::sum) *out.loss = loss_total;
+    if (opt_.reduction == reduction::mean) *out.loss = loss_total / weight_total;
+    if (invalid && out.error) *out.error = int(status::invalid_target);
+    if (inconsistent && out.error) *out.error = int(status::invalid_size);
+  }
+
   static float load(const T* base, std::int64_t i) { return detail::to_float(base[i]); }
   template <class G>
   static G store_as(float x) {
@@ -235,17 +303,21 @@ class tiled_executor {
   }
 
   detail::target_reader labels(const problem<T>& p) const { return detail::make_target_reader(p, opt_); }
-  static float class_weight(const problem<T>& p, std::int64_t col) {
-    return p.class_weights ? p.class_weights[col] : 1.f;
+  // w of a global class id, and of a column of the problem's (possibly sharded) classes.
+  static float class_weight(const problem<T>& p, std::int64_t cls) {
+    return p.class_weights ? p.class_weights[cls] : 1.f;
+  }
+  static float shard_class_weight(const problem<T>& p, std::int64_t col) {
+    return class_weight(p, p.shard.offset + col);
   }
   static float class_weight_total(const problem<T>& p) {
-    if (!p.class_weights) return float(p.v);
+    if (!p.class_weights) return float(p.total_classes());
     float w = 0.f;
-    for (std::int64_t v = 0; v < p.v; ++v) w += p.class_weights[v];
+    for (std::int64_t v = 0; v < p.total_classes(); ++v) w += p.class_weights[v];
     return w;
   }
   loss_terms make_terms(const problem<T>& p, float weight_total) const {
-    return {opt_.label_smoothing, opt_.z_loss, 1.f / float(p.v), weight_total};
+    return {opt_.label_smoothing, opt_.z_loss, 1.f / float(p.total_classes()), weight_total};
   }
   logit_transform transform() const { return {opt_.softcap, 1.f / opt_.temperature}; }
 
@@ -277,14 +349,14 @@ class tiled_executor {
   }
 
   // May tile (rt, ct) be skipped? Only rows that contribute count; target tiles and smoothing are never skipped.
-  bool tile_active(const detail::plan& pl, const detail::saved_buffers& sv,
+  bool tile_active(const problem<T>& p, const detail::plan& pl, const detail::saved_buffers& sv,
                    const detail::backward_buffers<T>& bw, std::int64_t rt, std::int64_t ct) const {
     const tile::tile_grid& g = pl.grid;
     float min_floor = detail::inf_f();
     bool any = false;
     for (std::int64_t r = 0; r < g.rows_in(rt); ++r) {
       const detail::row_coefficients& rc = bw.coef[g.row_begin(rt) + r];
-      if (rc.target < 0) continue;
+      if (!rc.kept) continue;
       any = true;
       if (rc.target >= g.col_begin(ct) && rc.target < g.col_begin(ct) + g.cols_in(ct)) return true;
       min_floor = detail::min_f(min_floor, rc.lse_others);
@@ -292,7 +364,7 @@ class tiled_executor {
     if (!any) return false;
     if (!pl.filter || opt_.label_smoothing != 0.f) return true;
     const float eps = opt_.filter == filter_mode::threshold ? opt_.filter_eps : filter::auto_eps<T>();
-    const auto f = filter::mass_threshold::make(eps, g.bn, g.col_tiles());
+    const auto f = filter::mass_threshold::make(eps, g.bn, detail::filter_tiles(g, p.total_classes()));
     return !f.skip(sv.tile_max[rt * g.col_tiles() + ct] - min_floor);
   }
 
@@ -306,7 +378,7 @@ class tiled_executor {
     const std::int64_t chunk_tiles = pl.chunk_cols / g.bn;
     for (std::int64_t rt = r0 / g.bm; rt < detail::ceil_div(r0 + rows, g.bm); ++rt) {
       for (std::int64_t ct = v0 / g.bn; ct < detail::ceil_div(v0 + cols, g.bn); ++ct) {
-        const bool active = tile_active(pl, sv, bw, rt, ct);
+        const bool active = tile_active(p, pl, sv, bw, rt, ct);
         bw.active[(rt - r0 / g.bm) * chunk_tiles + (ct - v0 / g.bn)] = active;
         std::vector<float> col_sum(std::size_t(g.bn), 0.f);
         if (active) {
@@ -318,7 +390,7 @@ class tiled_executor {
               const std::int64_t col = g.col_begin(ct) + c;
               const float zz = z[std::size_t(r * g.bn + c)];
               const float prob = detail::exp_f(zz - rc.lse);
-              const float draw = rc.dz(prob, col == rc.target, class_weight(p, col)) * tf.derivative_from_logit(zz);
+              const float draw = rc.dz(prob, col == rc.target, shard_class_weight(p, col)) * tf.derivative_from_logit(zz);
               bw.dz[(row - r0) * pl.chunk_cols + (col - v0)] = detail::from_float<T>(draw);
               col_sum[std::size_t(c)] += draw;
             }

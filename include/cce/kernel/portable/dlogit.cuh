@@ -22,7 +22,7 @@ struct dlogit_params {
   operand<T> e;  // N x D
   operand<T> c;  // V x D
   logit_terms<T> terms;
-  const float* class_weights = nullptr;
+  const float* class_weights = nullptr;    // of the problem's classes
   const row_coefficients* coef = nullptr;  // N
   tile::tile_grid grid;                    // N x V
   const float* tile_max = nullptr;         // row_tiles x col_tiles, null when the filter is off
@@ -48,7 +48,7 @@ __device__ __forceinline__ bool tile_is_active(const row_coefficients* coef, con
   int flags = 0;  // bit 0: a row carries gradient; bit 1: a target lies in the tile
   for (std::int64_t r = threadIdx.x; r < g.rows_in(rt); r += Threads) {
     const row_coefficients& rc = coef[g.row_begin(rt) + r];
-    if (rc.target < 0) continue;
+    if (!rc.kept) continue;
     flags |= 1;
     if (rc.target >= c0 && rc.target < c1) flags |= 2;
     my_min = min_f(my_min, rc.lse_others);
@@ -115,7 +115,7 @@ __global__ void __launch_bounds__(Policy::threads, Policy::min_blocks) dlogit_ke
     for (int c = 0; c < layout::cols; ++c) {
       const std::int64_t col = col0 + f.col(c);
       float draw = 0.f;
-      if (row_ok && col < g.cols && rc.target >= 0) {
+      if (row_ok && col < g.cols && rc.kept) {
         const float z = prm.terms(layout::at(acc, s, c), row, col);
         const float p = exp_f(z - rc.lse);
         const float w = prm.class_weights ? prm.class_weights[col] : 1.f;

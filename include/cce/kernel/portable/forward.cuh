@@ -19,7 +19,7 @@ struct forward_params {
   operand<T> e;  // N x D, k-major
   operand<T> c;  // V x D, k-major
   logit_terms<T> terms;
-  const float* class_weights = nullptr;
+  const float* class_weights = nullptr;  // of the problem's classes
   target_reader labels;
   tile::tile_grid grid;
   std::int64_t splits = 1;
@@ -52,8 +52,7 @@ __global__ void __launch_bounds__(Policy::threads, Policy::min_blocks) forward_k
   __shared__ row_partial running[Policy::bm * layout::row_groups];
   for (int r = threadIdx.x; r < Policy::bm; r += Policy::threads) {
     const std::int64_t row = row0 + r;
-    const row_label lab = row < g.rows ? prm.labels(row) : row_label{};
-    targets[r] = lab.kind == row_label::kept ? std::int32_t(lab.target) : -1;
+    targets[r] = row < g.rows ? prm.labels.column(prm.labels(row)) : -1;
   }
 #pragma unroll
   for (int s = 0; s < layout::row_slots; ++s) {

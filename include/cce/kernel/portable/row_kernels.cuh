@@ -12,6 +12,7 @@
 #include <cce/dispatch/plan.hpp>
 #include <cce/epilogue/row_loss.hpp>
 #include <cce/epilogue/row_output.hpp>
+#include <cce/epilogue/shard_stats.hpp>
 #include <cce/options.hpp>
 #include <cce/problem.hpp>
 #include <cce/status.hpp>
@@ -38,11 +39,12 @@ __global__ void __launch_bounds__(Threads) class_weight_total_kernel(const float
   if (threadIdx.x == 0) *total = s;
 }
 
+// Rows: split_rows (one problem's forward) or shard_rows (the gathered statistics of every vocabulary shard).
+template <class Rows>
 struct finalise_params {
-  const row_partial* partials = nullptr;
-  std::int64_t n = 0, splits = 1;
-  const float* target_logit = nullptr;
-  const float* class_weights = nullptr;
+  Rows rows;
+  std::int64_t n = 0;
+  const float* class_weights = nullptr;  // of the whole vocabulary
   const float* class_weight_total = nullptr;
   target_reader labels;
   float smoothing = 0.f, z_loss = 0.f, inv_classes = 0.f;
@@ -53,21 +55,22 @@ struct finalise_params {
   float* block_sums = nullptr;
 };
 
-// One thread per row: merge the row's split partials in order, write its outputs, sum (loss, w_y) per block.
-template <int Threads>
-__global__ void __launch_bounds__(Threads) finalise_kernel(const __grid_constant__ finalise_params prm) {
+// One thread per row: merge the row's partials in their fixed order, write its outputs, sum (loss, w_y) per block.
+template <int Threads, class Rows>
+__global__ void __launch_bounds__(Threads) finalise_kernel(const __grid_constant__ finalise_params<Rows> prm) {
   using reduce = cub::BlockReduce<pair_sum, Threads>;
   __shared__ typename reduce::TempStorage tmp;
   const std::int64_t row = std::int64_t(blockIdx.x) * Threads + threadIdx.x;
   pair_sum mine{0.f, 0.f};
   if (row < prm.n) {
-    row_partial p = prm.partials[row * prm.splits];
-    for (std::int64_t s = 1; s < prm.splits; ++s) p = merge(p, prm.partials[row * prm.splits + s]);
     const row_label lab = prm.labels(row);
     const bool kept = lab.kind == row_label::kept;
+    row_partial p;
+    float target_logit = 0.f;
+    const bool consistent = prm.rows.read(row, kept ? lab.target : -1, p, target_logit);
     const loss_terms terms{prm.smoothing, prm.z_loss, prm.inv_classes, *prm.class_weight_total};
     const float w = kept && prm.class_weights ? prm.class_weights[lab.target] : 1.f;
-    const row_result r = finalise_row(p, lab, kept ? prm.target_logit[row] : 0.f, kept ? w : 0.f, terms);
+    const row_result r = finalise_row(p, lab, target_logit, kept ? w : 0.f, terms);
     prm.lse_saved[row] = r.lse;
     prm.lse_others_saved[row] = r.lse_others;
     if (prm.out.lse) prm.out.lse[row] = r.lse;
@@ -75,7 +78,10 @@ __global__ void __launch_bounds__(Threads) finalise_kernel(const __grid_constant
     if (prm.out.target_logprob) prm.out.target_logprob[row] = r.target_logprob;
     if (prm.out.correct) prm.out.correct[row] = r.correct;
     if (prm.reduction == reduction::none) prm.out.loss[row] = r.loss;
-    if (lab.kind == row_label::invalid && prm.out.error) *prm.out.error = int(status::invalid_target);
+    if (prm.out.error) {
+      if (lab.kind == row_label::invalid) *prm.out.error = int(status::invalid_target);
+      if (!consistent) *prm.out.error = int(status::invalid_size);
+    }
     mine = {r.loss, r.weight};
   }
   const pair_sum total = reduce(tmp).Reduce(mine, pair_plus{});
@@ -83,6 +89,28 @@ __global__ void __launch_bounds__(Threads) finalise_kernel(const __grid_constant
     prm.block_sums[2 * blockIdx.x] = total.loss;
     prm.block_sums[2 * blockIdx.x + 1] = total.weight;
   }
+}
+
+// A vocabulary shard's statistics: the header, then per row its split partials merged in order and the target
+// logit when the shard holds the target (the argmax index becomes a global class id).
+struct shard_stats_params {
+  split_rows rows;
+  std::int64_t n = 0;
+  target_reader labels;
+  unsigned char* stats = nullptr;
+};
+
+__global__ void shard_stats_kernel(const __grid_constant__ shard_stats_params prm) {
+  const std::int64_t row = std::int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (row == 0) {
+    *reinterpret_cast<shard_stats_header*>(prm.stats) = {prm.labels.first_class, prm.labels.columns};
+  }
+  if (row >= prm.n) return;
+  row_partial p;
+  float target_logit = 0.f;
+  prm.rows.read(row, prm.labels.column(prm.labels(row)), p, target_logit);
+  reinterpret_cast<shard_row_stats*>(prm.stats + shard_rows_offset)[row] =
+      make_shard_row_stats(p, target_logit, prm.labels.first_class);
 }
 
 // Sum of the finaliser's block sums: the loss (sum or mean) and the mean's normaliser.
@@ -112,7 +140,7 @@ struct coefficient_params {
   bool mean = false;
   const float* weight_sum = nullptr;
   const float* lse = nullptr;
-  const float* class_weights = nullptr;
+  const float* class_weights = nullptr;  // of the whole vocabulary
   const float* class_weight_total = nullptr;
   const float* lse_others = nullptr;
   float smoothing = 0.f, z_loss = 0.f, inv_classes = 0.f;
@@ -132,7 +160,8 @@ __global__ void coefficients_kernel(const __grid_constant__ coefficient_params p
     rc.lse_others = prm.lse_others[row];
     rc.dz = make_dlogit_coefficients(terms, g, rc.lse, prm.class_weights ? prm.class_weights[lab.target] : 1.f,
                                      -exp_f(rc.lse_others - rc.lse));
-    rc.target = std::int32_t(lab.target);
+    rc.target = prm.labels.column(lab);  // the -1 of p - onehot only in the shard that holds the target
+    rc.kept = true;
   }
   prm.coef[row] = rc;
 }

@@ -115,8 +115,7 @@ __global__ void __launch_bounds__(forward_shape::threads, 1)
   if (threadIdx.x == 0) bars.init(S::consumer_warps);
   for (int r = threadIdx.x; r < S::bm; r += S::threads) {
     const std::int64_t row = row0 + r;
-    const row_label lab = row < g.rows ? p.labels(row) : row_label{};
-    targets[r] = lab.kind == row_label::kept ? std::int32_t(lab.target) : -1;
+    targets[r] = row < g.rows ? p.labels.column(p.labels(row)) : -1;
   }
   __syncthreads();
 
