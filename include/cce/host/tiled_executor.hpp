@@ -44,7 +44,7 @@ class tiled_executor {
   status forward(const problem<T>& p, const forward_outputs& out, void* saved, std::size_t saved_size,
                  void* workspace, std::size_t workspace_size) const {
     if (status s = detail::validate_problem(p, opt_); s != status::success) return s;
-    if (out.loss == nullptr) return status::null_pointer;
+    if (out.loss == nullptr && (opt_.reduction != reduction::none || p.n > 0)) return status::null_pointer;
     const detail::plan pl = plan_for(p, workspace_size);
     std::size_t fwd_bytes = 0;
     pl.template carve_forward<T>(nullptr, &fwd_bytes);
