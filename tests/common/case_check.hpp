@@ -84,6 +84,14 @@ constexpr double subnormal_half_spacing() {
   return std::is_same_v<T, __half> ? 0x1p-25 : std::is_same_v<T, __nv_bfloat16> ? 0x1p-134 : 0x1p-150;
 }
 
+// The rounding bound of a gradient (gradient_check::bound): the output's rounding plus rounding dZ to T before
+// the products, k = 1 exact and 2 with the filter; `terms` dZ values summed per element, `count` elements.
+template <class T>
+double gradient_error_bound(double ref_norm, double scale_norm, double k, double terms, std::size_t count) {
+  const double floor = subnormal_half_spacing<T>() * (1 + k * terms) * std::sqrt(double(count));
+  return double(detail::unit_roundoff<T>()) * (ref_norm + k * scale_norm) + floor;
+}
+
 // Compares `got` with the float64 reference of the case. `G` is the gradient type the executor wrote.
 template <class T, class G>
 void check_case(const host_problem<T>& h, const case_results& got, bool with_backward,
@@ -128,7 +136,6 @@ void check_case(const host_problem<T>& h, const case_results& got, bool with_bac
   const std::vector<double> grad(grad_f.begin(), grad_f.end());
   const auto rg = host::reference_backward(p, cfg.opts, grad);
   const double tol = gradient_tolerance<T>(cfg.opts);
-  const double u = double(detail::unit_roundoff<T>());
   const double k = cfg.opts.filter == filter_mode::none ? 1.0 : 2.0;
   const bool acc = cfg.opts.accumulate;
   // `terms`: how many rounded dZ values each element of the gradient sums.
@@ -141,8 +148,8 @@ void check_case(const host_problem<T>& h, const case_results& got, bool with_bac
       INFO("gradient " << name << " relative L2 error " << err << " tolerance " << tol);
       CHECK(err <= tol);
     } else {
-      const double floor = subnormal_half_spacing<T>() * (1 + k * terms) * std::sqrt(double(want.size()));
-      const double ref_norm = l2(expected), bound = u * (ref_norm + k * l2(scale)) + floor;
+      const double ref_norm = l2(expected);
+      const double bound = gradient_error_bound<T>(ref_norm, l2(scale), k, terms, want.size());
       const double abs_err = ref_norm > 0 ? err * ref_norm : err;
       INFO("gradient " << name << " L2 error " << abs_err << " bound " << bound << " (relative " << err << ")");
       CHECK(abs_err <= bound);

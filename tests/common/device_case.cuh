@@ -10,6 +10,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <memory>
 #include <vector>
 
@@ -83,7 +84,8 @@ template <class T, class G>
 class device_case {
  public:
   // `budget` as in workspace_bytes (0: the mode's default); the upstream gradient is make_grad_loss(cfg).
-  device_case(const host_problem<T>& h, std::size_t budget)
+  // `edit` changes the device problem before the sizes are queried (e.g. pointers a test wants there).
+  device_case(const host_problem<T>& h, std::size_t budget, const std::function<void(problem<T>&)>& edit = {})
       : cfg_(h.cfg),
         op_(h.cfg.opts),
         dp_(h),
@@ -100,6 +102,7 @@ class device_case {
         dbias_(h.cfg.bias ? std::size_t(h.cfg.v) : 0),
         da_(std::size_t(h.cfg.rank * h.cfg.d)),
         db_(std::size_t(h.cfg.v * h.cfg.rank)) {
+    if (edit) edit(dp_.p);
     device_info dev;
     REQUIRE(current_device(dev) == status::success);
     saved_bytes_ = op_.saved_bytes(dp_.p);
@@ -113,7 +116,10 @@ class device_case {
     }
   }
 
-  const problem<T>& device_problem_view() const { return dp_.p; }
+  const linear_cross_entropy<T>& op() const { return op_; }
+  const problem<T>& device_view() const { return dp_.p; }
+  void* saved() const { return saved_->ptr; }
+  void* workspace() const { return ws_->ptr; }
   std::size_t saved_bytes() const { return saved_bytes_; }
   std::size_t workspace_bytes() const { return ws_bytes_; }
 
