@@ -42,8 +42,9 @@ struct problem {
   constexpr bool has_lora() const noexcept { return lora.rank > 0; }
 };
 
-// Forward outputs. Only `loss` is required (null only where it would hold no value: reduction none, N = 0); per-row outputs are written for every row (0 for ignored rows,
-// except lse, which is defined for every row).
+// Forward outputs. Only `loss` is required (it may be null only where it would hold no value: reduction none
+// with N = 0); per-row outputs are written for every row (0 for ignored rows, except lse, which is defined for
+// every row).
 struct forward_outputs {
   float* loss = nullptr;            // 1 value (mean, sum) or N values (none)
   float* lse = nullptr;             // N
