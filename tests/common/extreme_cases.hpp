@@ -75,7 +75,8 @@ std::vector<extreme_case<T>> extreme_cases(options opts) {
     cfg.seed = 101;
     cfg.opts.softcap = softcap;
     extreme_case<T> c{softcap ? "logits +-1e4, softcap 30" : "logits +-1e4", make_problem<T>(cfg)};
-    for (std::int64_t i = 0; i < cfg.n; i += 2) scale_elements(c.h.e, std::size_t(i * d), std::size_t((i + 1) * d), 1000.f);
+    for (std::int64_t i = 0; i < cfg.n; i += 2)
+      scale_elements(c.h.e, std::size_t(i * d), std::size_t((i + 1) * d), 1000.f);
     c.expect = expect_finite;
     cases.push_back(std::move(c));
   }

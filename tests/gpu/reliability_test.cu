@@ -323,21 +323,24 @@ __device__ double unit_hash(std::uint64_t i, std::uint64_t seed) {  // splitmix6
 }
 
 __global__ void fill_kernel(bf16* x, std::size_t count, std::uint64_t seed, float scale) {
-  for (std::size_t i = std::size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < count; i += std::size_t(gridDim.x) * blockDim.x)
+  const std::size_t stride = std::size_t(gridDim.x) * blockDim.x;
+  for (std::size_t i = std::size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < count; i += stride)
     x[i] = __float2bfloat16(float(unit_hash(i, seed)) * scale);
 }
 
 // Every 16th row is ignored.
 __global__ void targets_kernel(std::int64_t* y, std::int64_t n, std::int64_t v, std::uint64_t seed) {
-  for (std::int64_t i = std::int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += std::int64_t(gridDim.x) * blockDim.x)
+  const std::int64_t stride = std::int64_t(gridDim.x) * blockDim.x;
+  for (std::int64_t i = std::int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride)
     y[i] = i % 16 == 5 ? -100 : std::int64_t((unit_hash(std::uint64_t(i), seed) + 1.0) * 0.5 * double(v)) % v;
 }
 
 // Per (row, split) log-sum-exp partials in float64: 128 rows x 16 classes per step, 256 threads, each thread 8
 // rows of one class column, then the 16 columns of a row merged in shared memory.
 constexpr int lse_rows = 128, lse_cols = 16, lse_k = 16;
-__global__ void __launch_bounds__(256) lse64_partial_kernel(const bf16* e, const bf16* c, std::int64_t n, std::int64_t v,
-                                                            std::int64_t d, std::int64_t splits, double2* partial) {
+__global__ void __launch_bounds__(256) lse64_partial_kernel(const bf16* e, const bf16* c, std::int64_t n,
+                                                            std::int64_t v, std::int64_t d, std::int64_t splits,
+                                                            double2* partial) {
   __shared__ double se[lse_rows][lse_k + 1], sc[lse_cols][lse_k + 1];
   __shared__ double2 merge[lse_rows][lse_cols];
   const int tc = threadIdx.x % lse_cols, tr = threadIdx.x / lse_cols;  // column, group of 8 rows
@@ -444,7 +447,9 @@ __global__ void weighted_rows64_kernel(const double* w, std::int64_t count, cons
   scale[k] = a;
 }
 
-unsigned grid_for(std::int64_t work, int threads) { return unsigned(std::min<std::int64_t>((work + threads - 1) / threads, 1 << 20)); }
+unsigned grid_for(std::int64_t work, int threads) {
+  return unsigned(std::min<std::int64_t>((work + threads - 1) / threads, 1 << 20));
+}
 
 struct scale_shape {
   std::int64_t n, d, v;
@@ -530,7 +535,8 @@ void run_scale_case(const scale_shape& s, options opts, std::size_t budget) {
     want.insert(want.end(), w.begin(), w.end());
     scale.insert(scale.end(), a.begin(), a.end());
     std::vector<bf16> row(std::size_t(s.d));
-    CCE_REQUIRE_CUDA(cudaMemcpy(row.data(), grad.ptr + fixed * s.d, std::size_t(s.d) * sizeof(bf16), cudaMemcpyDeviceToHost));
+    CCE_REQUIRE_CUDA(cudaMemcpy(row.data(), grad.ptr + fixed * s.d, std::size_t(s.d) * sizeof(bf16),
+                                cudaMemcpyDeviceToHost));
     for (bf16 x : row) have.push_back(detail::to_float(x));
   };
   std::mt19937_64 rng(s.n ^ s.v);

@@ -21,7 +21,8 @@ inline status validate_options(const options& o) {
   if (int(o.reduction) < int(reduction::none) || int(o.reduction) > int(reduction::mean) ||
       int(o.filter) < int(filter_mode::none) || int(o.filter) > int(filter_mode::threshold) ||
       int(o.accum) < int(accumulation::fp32) || int(o.accum) > int(accumulation::kahan) ||
-      int(o.backward_mode) < int(backward_mode::automatic) || int(o.backward_mode) > int(backward_mode::loss_and_grad)) {
+      int(o.backward_mode) < int(backward_mode::automatic) ||
+      int(o.backward_mode) > int(backward_mode::loss_and_grad)) {
     return status::invalid_option;
   }
   if (!finite(o.temperature) || o.temperature <= 0.f) return status::invalid_option;
