@@ -9,6 +9,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <random>
 #include <vector>
 
@@ -27,6 +28,11 @@ struct case_results {
   int error = 0;
   std::vector<float> de, dc, dbias, da, db;
 };
+
+// Bitwise equality of two runs' values (NaN compares by its bits too).
+inline bool bitwise_equal(const std::vector<float>& a, const std::vector<float>& b) {
+  return a.size() == b.size() && (a.empty() || std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0);
+}
 
 // The upstream gradient used by the backward checks: a scalar for mean/sum, per row for none.
 inline std::vector<float> make_grad_loss(const case_config& cfg) {

@@ -9,7 +9,6 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
-#include <cstring>
 #include <functional>
 #include <memory>
 #include <vector>
@@ -223,10 +222,6 @@ case_results run_device(const host_problem<T>& h, std::size_t budget, bool with_
   return dc.results(with_backward);
 }
 
-// Bitwise equality of two runs' results (NaN compares by bits too).
-inline bool bitwise_equal(const std::vector<float>& a, const std::vector<float>& b) {
-  return a.size() == b.size() && (a.empty() || std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0);
-}
 inline void check_bitwise_equal(const case_results& a, const case_results& b) {
   CHECK(bitwise_equal(a.loss, b.loss));
   CHECK(bitwise_equal(a.lse, b.lse));

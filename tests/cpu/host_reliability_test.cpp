@@ -5,7 +5,6 @@
 #include <catch2/catch.hpp>
 
 #include <cmath>
-#include <cstring>
 
 #include "../common/extreme_cases.hpp"
 #include "../common/host_case.hpp"
@@ -25,10 +24,6 @@ test::case_config small_case(std::uint64_t seed) {
   cfg.bias = true;
   cfg.seed = seed;
   return cfg;
-}
-
-bool same_bits(const std::vector<float>& a, const std::vector<float>& b) {
-  return a.size() == b.size() && (a.empty() || std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0);
 }
 
 }  // namespace
@@ -62,10 +57,10 @@ TEST_CASE("invalid targets: reported, NaN loss, gradients as if the rows were ig
         } else {
           CHECK(std::isnan(r.loss[0]));  // never a number presented as the loss
         }
-        CHECK(same_bits(r.lse, ok.lse));  // lse is defined for every row
-        CHECK(same_bits(r.de, ok.de));
-        CHECK(same_bits(r.dc, ok.dc));
-        CHECK(same_bits(r.dbias, ok.dbias));
+        CHECK(test::bitwise_equal(r.lse, ok.lse));  // lse is defined for every row
+        CHECK(test::bitwise_equal(r.de, ok.de));
+        CHECK(test::bitwise_equal(r.dc, ok.dc));
+        CHECK(test::bitwise_equal(r.dbias, ok.dbias));
       }
     }
   }
@@ -148,9 +143,9 @@ TEST_CASE("a low-rank head of rank 0 is ignored, whatever its pointers", "[relia
   p.lora.scale = NAN;
   const auto with = test::run_executor<bf16, bf16>(h, p, 0, true);
   const auto without = test::run_executor<bf16, bf16>(h, 0, true);
-  CHECK(same_bits(with.loss, without.loss));
-  CHECK(same_bits(with.de, without.de));
-  CHECK(same_bits(with.dc, without.dc));
+  CHECK(test::bitwise_equal(with.loss, without.loss));
+  CHECK(test::bitwise_equal(with.de, without.de));
+  CHECK(test::bitwise_equal(with.dc, without.dc));
 }
 
 TEST_CASE("extreme values on the CPU executor", "[reliability][extreme]") {
