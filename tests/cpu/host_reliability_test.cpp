@@ -121,7 +121,8 @@ TEST_CASE("degenerate shapes: N = 0, V = 1, D = 1", "[reliability][bad-input]") 
         cfg.opts.z_loss = 1e-3f;  // with V = 1 the cross-entropy term is 0: z-loss keeps a gradient
         const auto h = test::make_problem<bf16>(cfg);
         const auto r = test::run_executor<bf16, bf16>(h, budget, true);
-        test::check_case<bf16, bf16>(h, r, true);
+        // Tiny D or V is ill-conditioned: the rounding bound, as for the randomized cases.
+        test::check_case<bf16, bf16>(h, r, true, test::gradient_check::bound);
         if (s.n == 0) {
           CHECK((red == reduction::mean ? std::isnan(r.loss.at(0)) : red == reduction::sum ? r.loss.at(0) == 0.f
                                                                                             : r.loss.empty()));

@@ -129,7 +129,8 @@ TEST_CASE("GPU: ignore_index other than -100, every row ignored, degenerate shap
         cfg.opts.reduction = red;
         cfg.opts.z_loss = 1e-3f;
         const auto h = test::make_problem<bf16>(cfg);
-        test::check_case<bf16, bf16>(h, run_device<bf16, bf16>(h, budget), true);
+        // Tiny D or V is ill-conditioned: the rounding bound, as for the randomized cases.
+        test::check_case<bf16, bf16>(h, run_device<bf16, bf16>(h, budget), true, test::gradient_check::bound);
       }
     }
   }
@@ -341,8 +342,15 @@ constexpr int lse_rows = 128, lse_cols = 16, lse_k = 16;
 __global__ void __launch_bounds__(256) lse64_partial_kernel(const bf16* e, const bf16* c, std::int64_t n,
                                                             std::int64_t v, std::int64_t d, std::int64_t splits,
                                                             double2* partial) {
-  __shared__ double se[lse_rows][lse_k + 1], sc[lse_cols][lse_k + 1];
-  __shared__ double2 merge[lse_rows][lse_cols];
+  __shared__ union {
+    struct {
+      double e[lse_rows][lse_k + 1], c[lse_cols][lse_k + 1];
+    } tile;
+    double2 merge[lse_rows][lse_cols];  // after the last tile: the per-column partials of each row
+  } sm;
+  auto& se = sm.tile.e;
+  auto& sc = sm.tile.c;
+  auto& merge = sm.merge;
   const int tc = threadIdx.x % lse_cols, tr = threadIdx.x / lse_cols;  // column, group of 8 rows
   const std::int64_t row0 = std::int64_t(blockIdx.x) * lse_rows;
   const std::int64_t col_tiles = (v + lse_cols - 1) / lse_cols;
@@ -377,6 +385,7 @@ __global__ void __launch_bounds__(256) lse64_partial_kernel(const bf16* e, const
       }
     }
   }
+  __syncthreads();  // the tiles are no longer read: their memory holds the partials
   for (int r = 0; r < 8; ++r) merge[tr * 8 + r][tc] = make_double2(m[r], s[r]);
   __syncthreads();
   if (threadIdx.x < lse_rows && row0 + threadIdx.x < n) {
