@@ -4,6 +4,8 @@
 #
 #   scripts/device_check.sh tests   BUILD   GPU tests (ctest -L gpu)
 #   scripts/device_check.sh sanitize BUILD  compute-sanitizer memcheck, racecheck, synccheck, initcheck on a subset
+#                                           (forward, both backward operating points, loss_and_grad, LoRA, errors,
+#                                           extreme values: small shapes, a few minutes per tool)
 #   scripts/device_check.sh bench   BUILD [FILTER]   the benchmark of shared/bench-spec.md, JSON and text
 #
 # Results go to $OUT (default ./out).
@@ -18,17 +20,25 @@ git rev-parse HEAD >"$out/commit.txt" 2>/dev/null || true
 
 case "$phase" in
   tests)
-    "$build/tests/linear_cross_entropy_test" --reporter compact 2>&1 | tee "$out/gpu_tests.txt"
-    exit "${PIPESTATUS[0]}"
+    status=0
+    for test in linear_cross_entropy_test reliability_test; do
+      "$build/tests/$test" --reporter compact 2>&1 | tee -a "$out/gpu_tests.txt"
+      [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+    done
+    exit $status
     ;;
   sanitize)
     status=0
-    subset='[errors],[determinism]'
+    # test binary, then its tags: small shapes only ([scale], [graph] and the randomized sweep are left out).
+    subsets=("linear_cross_entropy_test" "[errors],[determinism],[lora]"
+             "reliability_test" "[sanitize],[bad-input],[extreme]")
     for tool in memcheck racecheck synccheck initcheck; do
-      echo "== compute-sanitizer --tool $tool" | tee -a "$out/sanitizer.txt"
-      compute-sanitizer --tool "$tool" --error-exitcode 3 "$build/tests/linear_cross_entropy_test" "$subset" \
-        --reporter compact 2>&1 | tail -n 5 | tee -a "$out/sanitizer.txt"
-      [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+      for ((i = 0; i < ${#subsets[@]}; i += 2)); do
+        echo "== compute-sanitizer --tool $tool ${subsets[i]} ${subsets[i + 1]}" | tee -a "$out/sanitizer.txt"
+        compute-sanitizer --tool "$tool" --error-exitcode 3 "$build/tests/${subsets[i]}" "${subsets[i + 1]}" \
+          --reporter compact 2>&1 | tail -n 5 | tee -a "$out/sanitizer.txt"
+        [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+      done
     done
     exit $status
     ;;

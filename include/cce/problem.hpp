@@ -47,8 +47,9 @@ struct problem {
   constexpr std::int64_t total_classes() const noexcept { return shard.global_v ? shard.global_v : v; }
 };
 
-// Forward outputs. Only `loss` is required; per-row outputs are written for every row (0 for ignored rows,
-// except lse, which is defined for every row).
+// Forward outputs. Only `loss` is required (it may be null only where it would hold no value: reduction none
+// with N = 0); per-row outputs are written for every row (0 for ignored rows, except lse, which is defined for
+// every row).
 struct forward_outputs {
   float* loss = nullptr;            // 1 value (mean, sum) or N values (none)
   float* lse = nullptr;             // N

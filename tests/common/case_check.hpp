@@ -9,11 +9,13 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <random>
 #include <vector>
 
 #include <cce/detail/element_type.hpp>
 #include <cce/host/reference.hpp>
+#include <cce/status.hpp>
 #include "random_problem.hpp"
 
 namespace cce::test {
@@ -26,6 +28,11 @@ struct case_results {
   int error = 0;
   std::vector<float> de, dc, dbias, da, db;
 };
+
+// Bitwise equality of two runs' values (NaN compares by its bits too).
+inline bool bitwise_equal(const std::vector<float>& a, const std::vector<float>& b) {
+  return a.size() == b.size() && (a.empty() || std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0);
+}
 
 // The upstream gradient used by the backward checks: a scalar for mean/sum, per row for none.
 inline std::vector<float> make_grad_loss(const case_config& cfg) {
@@ -68,9 +75,11 @@ enum class gradient_check {
              // mass is below eps <= u of the same sums; for randomized cases, conditioning included
 };
 
+// The L2 norm of the values that are not NaN (NaN positions are compared as a pattern by relative_l2).
 inline double l2(const std::vector<double>& x) {
   double s = 0.0;
-  for (double v : x) s += v * v;
+  for (double v : x)
+    if (!std::isnan(v)) s += v * v;
   return std::sqrt(s);
 }
 
@@ -79,6 +88,14 @@ inline double l2(const std::vector<double>& x) {
 template <class T>
 constexpr double subnormal_half_spacing() {
   return std::is_same_v<T, __half> ? 0x1p-25 : std::is_same_v<T, __nv_bfloat16> ? 0x1p-134 : 0x1p-150;
+}
+
+// The rounding bound of a gradient (gradient_check::bound): the output's rounding plus rounding dZ to T before
+// the products, k = 1 exact and 2 with the filter; `terms` dZ values summed per element, `count` elements.
+template <class T>
+double gradient_error_bound(double ref_norm, double scale_norm, double k, double terms, std::size_t count) {
+  const double floor = subnormal_half_spacing<T>() * (1 + k * terms) * std::sqrt(double(count));
+  return double(detail::unit_roundoff<T>()) * (ref_norm + k * scale_norm) + floor;
 }
 
 // Compares `got` with the float64 reference of the case. `G` is the gradient type the executor wrote.
@@ -109,7 +126,10 @@ void check_case(const host_problem<T>& h, const case_results& got, bool with_bac
   const double lse_norm = std::max(l2(ref.lse), 1e-30);
   auto on_lse_scale = [&](const std::vector<float>& x, const std::vector<double>& r) {
     double num = 0.0;
-    for (std::size_t i = 0; i < r.size(); ++i) num += (double(x[i]) - r[i]) * (double(x[i]) - r[i]);
+    for (std::size_t i = 0; i < r.size(); ++i) {
+      if (std::isnan(double(x[i])) != std::isnan(r[i])) return double(INFINITY);
+      if (!std::isnan(r[i])) num += (double(x[i]) - r[i]) * (double(x[i]) - r[i]);
+    }
     return std::sqrt(num) / lse_norm;
   };
   if (!got.lse.empty()) CHECK(relative_l2(got.lse, ref.lse) <= loss_tol);
@@ -122,7 +142,6 @@ void check_case(const host_problem<T>& h, const case_results& got, bool with_bac
   const std::vector<double> grad(grad_f.begin(), grad_f.end());
   const auto rg = host::reference_backward(p, cfg.opts, grad);
   const double tol = gradient_tolerance<T>(cfg.opts);
-  const double u = double(detail::unit_roundoff<T>());
   const double k = cfg.opts.filter == filter_mode::none ? 1.0 : 2.0;
   const bool acc = cfg.opts.accumulate;
   // `terms`: how many rounded dZ values each element of the gradient sums.
@@ -135,8 +154,8 @@ void check_case(const host_problem<T>& h, const case_results& got, bool with_bac
       INFO("gradient " << name << " relative L2 error " << err << " tolerance " << tol);
       CHECK(err <= tol);
     } else {
-      const double floor = subnormal_half_spacing<T>() * (1 + k * terms) * std::sqrt(double(want.size()));
-      const double ref_norm = l2(expected), bound = u * (ref_norm + k * l2(scale)) + floor;
+      const double ref_norm = l2(expected);
+      const double bound = gradient_error_bound<T>(ref_norm, l2(scale), k, terms, want.size());
       const double abs_err = ref_norm > 0 ? err * ref_norm : err;
       INFO("gradient " << name << " L2 error " << abs_err << " bound " << bound << " (relative " << err << ")");
       CHECK(abs_err <= bound);

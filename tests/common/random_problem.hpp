@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <random>
 #include <sstream>
 #include <string>
@@ -39,9 +40,11 @@ struct case_config {
   regime data = regime::lm_like;
   std::uint64_t seed = 1;
   options opts{};
+  int index = -1;  // position in a randomized loop: CCE_CASE=<index> reruns that case alone
 
   std::string describe() const {
     std::ostringstream s;
+    if (index >= 0) s << "CCE_CASE=" << index << " ";
     s << "n=" << n << " d=" << d << " v=" << v << " rank=" << rank << " e_pad=" << e_pad << " c_pad=" << c_pad
       << " bias=" << bias << " weights=" << class_weights << " int32=" << int32_targets
       << " ignore=" << ignore_fraction << " seq_len=" << seq_len << " data=" << to_string(data) << " seed=" << seed
@@ -145,6 +148,13 @@ host_problem<T> make_problem(const case_config& cfg) {
     h.t32.push_back(std::int32_t(y));
   }
   return h;
+}
+
+// Whether a randomized loop runs case `index`: all of them, or only the one named by the environment variable
+// CCE_CASE. Loops draw every configuration either way, so case k is the same case alone or in the full run.
+inline bool case_selected(int index) {
+  const char* only = std::getenv("CCE_CASE");
+  return only == nullptr || *only == '\0' || std::atoi(only) == index;
 }
 
 // A random configuration: odd sizes, tiny vocabularies, single rows and every option, drawn from `rng`.

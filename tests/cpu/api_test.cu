@@ -175,3 +175,167 @@ TEST_CASE("operating points respect their budgets at every benchmark shape", "[a
     CHECK(op.workspace_bytes(p, h100, chunk_bytes) == chunk_bytes);
   }
 }
+
+TEST_CASE("every input of the reliability list is checked on the host", "[api][bad-input]") {
+  fixture f;
+  auto with = [&](auto change) {
+    problem<bf16> p = f.p;
+    change(p);
+    return check(p);
+  };
+  auto shifted = [](const void* p, int bytes) { return static_cast<const char*>(p) + bytes; };
+  std::vector<float> weights(100, 1.f);
+  std::vector<std::int32_t> y32(64, 1);
+
+  // Target index types other than int32 and int64 have no kernel.
+  CHECK(with([](auto& p) { p.targets_type = target_type(7); }) == status::unsupported_dtype);
+  // Sizes: V must fit the kernels' int32 class indices; V = 1 and D = 1 are valid problems.
+  CHECK(with([](auto& p) { p.v = std::int64_t(INT32_MAX); }) == status::invalid_size);
+  CHECK(with([](auto& p) { p.v = 1; }) == status::success);
+  CHECK(with([](auto& p) { p.d = 1; }) == status::success);
+  CHECK(with([](auto& p) { p.d = -3; }) == status::invalid_size);
+  // Strides: negative ones and the low-rank head's B.
+  CHECK(with([](auto& p) { p.lde = -64; }) == status::invalid_stride);
+  CHECK(with([&](auto& p) {
+          p.lora.rank = 4;
+          p.lora.a = f.e.data();
+          p.lora.b = f.c.data();
+          p.lora.ldb = 3;
+        }) == status::invalid_stride);
+  // Rank 0 disables the head: whatever its pointers hold is never used.
+  CHECK(with([&](auto& p) {
+          p.lora.a = nullptr;
+          p.lora.b = f.c.data();
+          p.lora.ldb = 1;
+        }) == status::success);
+  // Every input pointer is checked for the alignment of its element type.
+  CHECK(with([&](auto& p) { p.c = reinterpret_cast<const bf16*>(shifted(f.c.data(), 1)); }) ==
+        status::misaligned_pointer);
+  CHECK(with([&](auto& p) { p.bias = reinterpret_cast<const bf16*>(shifted(f.bias.data(), 1)); }) ==
+        status::misaligned_pointer);
+  CHECK(with([&](auto& p) { p.class_weights = reinterpret_cast<const float*>(shifted(weights.data(), 2)); }) ==
+        status::misaligned_pointer);
+  CHECK(with([&](auto& p) {
+          p.lora.rank = 4;
+          p.lora.a = reinterpret_cast<const bf16*>(shifted(f.e.data(), 1));
+          p.lora.b = f.c.data();
+        }) == status::misaligned_pointer);
+  CHECK(with([&](auto& p) {
+          p.lora.rank = 4;
+          p.lora.a = f.e.data();
+          p.lora.b = reinterpret_cast<const bf16*>(shifted(f.c.data(), 1));
+        }) == status::misaligned_pointer);
+  // int32 targets need 4-byte alignment only.
+  CHECK(with([&](auto& p) {
+          p.targets_type = target_type::int32;
+          p.targets = shifted(y32.data(), 4);
+        }) == status::success);
+  CHECK(with([&](auto& p) {
+          p.targets_type = target_type::int32;
+          p.targets = shifted(y32.data(), 2);
+        }) == status::misaligned_pointer);
+  // ignore_index is any int64, including a valid class (that class is then never a target).
+  for (std::int64_t ignore : {std::int64_t(-1), std::int64_t(0), std::int64_t(5), std::int64_t(INT64_MIN)}) {
+    options o;
+    o.ignore_index = ignore;
+    CHECK(check(f.p, o) == status::success);
+  }
+}
+
+TEST_CASE("options outside their domain, enums included, are rejected", "[api][bad-input]") {
+  fixture f;
+  auto with = [&](auto change) {
+    options o;
+    change(o);
+    return check(f.p, o);
+  };
+  CHECK(with([](options& o) { o.temperature = NAN; }) == status::invalid_option);
+  CHECK(with([](options& o) { o.temperature = -0.f; }) == status::invalid_option);
+  CHECK(with([](options& o) { o.temperature = 1e-30f; }) == status::success);
+  CHECK(with([](options& o) { o.softcap = INFINITY; }) == status::invalid_option);
+  CHECK(with([](options& o) { o.softcap = -1e-30f; }) == status::invalid_option);
+  CHECK(with([](options& o) { o.label_smoothing = NAN; }) == status::invalid_option);
+  CHECK(with([](options& o) { o.label_smoothing = 1.0000001f; }) == status::invalid_option);
+  CHECK(with([](options& o) { o.label_smoothing = 0.f; }) == status::success);
+  CHECK(with([](options& o) { o.z_loss = NAN; }) == status::invalid_option);
+  CHECK(with([](options& o) {
+          o.filter = filter_mode::threshold;
+          o.filter_eps = 1.f;
+        }) == status::invalid_option);
+  // An enum value outside the declared ones would leave outputs unwritten (no reduction to write the loss).
+  CHECK(with([](options& o) { o.reduction = cce::reduction(3); }) == status::invalid_option);
+  CHECK(with([](options& o) { o.reduction = cce::reduction(-1); }) == status::invalid_option);
+  CHECK(with([](options& o) { o.filter = filter_mode(3); }) == status::invalid_option);
+  CHECK(with([](options& o) { o.accum = accumulation(2); }) == status::invalid_option);
+  CHECK(with([](options& o) { o.backward_mode = cce::backward_mode(4); }) == status::invalid_option);
+  CHECK(with([](options& o) { o.backward_mode = cce::backward_mode::loss_and_grad; }) == status::success);
+}
+
+TEST_CASE("gradient buffers and architectures are checked on the host", "[api][bad-input]") {
+  fixture f;
+  const host::tiled_executor<bf16> ex(options{});
+  std::vector<bf16> grad_buf(64 * 32 + 8);
+  gradients<bf16> g;
+  g.ld_dc = 31;  // smaller than D
+  CHECK(ex.backward(f.p, {}, g, nullptr, 0, nullptr, 0) == status::invalid_stride);
+  g = {};
+  g.de = reinterpret_cast<bf16*>(reinterpret_cast<char*>(grad_buf.data()) + 1);
+  CHECK(ex.backward(f.p, {}, g, nullptr, 0, nullptr, 0) == status::misaligned_pointer);
+  g = {};
+  g.db = grad_buf.data();  // a low-rank gradient without the head (rank 0)
+  CHECK(ex.backward(f.p, {}, g, nullptr, 0, nullptr, 0) == status::invalid_option);
+
+  // can_implement is host-only: a described device decides, none is needed.
+  const linear_cross_entropy<bf16> op{};
+  for (int arch : {0, 52, 70, 75}) CHECK(op.can_implement(f.p, device_info{arch, 80}) == status::unsupported_arch);
+  for (int arch : {80, 86, 89, 90}) CHECK(op.can_implement(f.p, device_info{arch, 80}) == status::success);
+  // On a supported device, argument errors are reported.
+  problem<bf16> bad = f.p;
+  bad.c = nullptr;
+  CHECK(op.can_implement(bad, device_info{90, 132}) == status::null_pointer);
+  options hot;
+  hot.temperature = 0.f;
+  CHECK(linear_cross_entropy<bf16>{hot}.can_implement(f.p, device_info{90, 132}) == status::invalid_option);
+  // The element type itself is checked when the functor is instantiated.
+  static_assert(!detail::is_supported_element_v<double> && !detail::is_supported_element_v<int>);
+  static_assert(detail::is_supported_element_v<float> && detail::is_supported_element_v<__half> &&
+                detail::is_supported_element_v<bf16>);
+}
+
+TEST_CASE("a too small, null or misaligned workspace is rejected before anything runs", "[api][bad-input]") {
+  fixture f;
+  const host::tiled_executor<bf16> ex(options{});
+  const std::size_t saved = ex.saved_bytes(f.p), work = ex.workspace_bytes(f.p);
+  REQUIRE(work > 256);
+  std::vector<unsigned char> buf_saved(saved + 512), buf_work(work + 512);
+  auto align = [](std::vector<unsigned char>& b) {
+    auto a = reinterpret_cast<std::uintptr_t>(b.data());
+    return reinterpret_cast<unsigned char*>((a + 255) / 256 * 256);
+  };
+  float loss = -7.f;
+  forward_outputs out;
+  out.loss = &loss;
+  // The size granted is the budget: below the default it selects a smaller plan, and only a size below the
+  // smallest plan (or 0, which asks for the default) is too small.
+  CHECK(ex.forward(f.p, out, align(buf_saved), saved, align(buf_work), 1) == status::workspace_too_small);
+  CHECK(ex.forward(f.p, out, align(buf_saved), saved, align(buf_work), 0) == status::workspace_too_small);
+  CHECK(ex.forward(f.p, out, align(buf_saved), saved, align(buf_work) + 16, work) == status::misaligned_pointer);
+  gradients<bf16> g;
+  CHECK(ex.backward(f.p, {}, g, align(buf_saved), saved, nullptr, work) == status::null_pointer);
+  CHECK(ex.backward(f.p, {}, g, align(buf_saved), saved - 1, align(buf_work), work) == status::workspace_too_small);
+  CHECK(loss == -7.f);  // nothing was written
+}
+
+TEST_CASE("size queries of an empty problem (N = 0)", "[api][bad-input]") {
+  fixture f;
+  problem<bf16> p = f.p;
+  p.n = 0;
+  p.e = nullptr;
+  p.targets = nullptr;
+  const linear_cross_entropy<bf16> op{};
+  const device_info h100{90, 132};
+  CHECK(op.can_implement(p, h100) == status::success);
+  CHECK(op.saved_bytes(p) > 0);  // the loss normaliser and class-weight total still live there
+  CHECK(op.workspace_bytes(p, h100) <= (std::size_t(1) << 20));
+  CHECK(op.mode(p, h100, 0) == backward_mode::chunked);
+}

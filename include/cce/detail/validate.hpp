@@ -17,6 +17,14 @@ inline bool aligned_to(const void* p, std::size_t bytes) {
 
 inline status validate_options(const options& o) {
   const auto finite = [](float x) { return std::isfinite(x); };
+  // An enum outside its values would leave outputs unwritten (e.g. a loss with no reduction to write it).
+  if (int(o.reduction) < int(reduction::none) || int(o.reduction) > int(reduction::mean) ||
+      int(o.filter) < int(filter_mode::none) || int(o.filter) > int(filter_mode::threshold) ||
+      int(o.accum) < int(accumulation::fp32) || int(o.accum) > int(accumulation::kahan) ||
+      int(o.backward_mode) < int(backward_mode::automatic) ||
+      int(o.backward_mode) > int(backward_mode::loss_and_grad)) {
+    return status::invalid_option;
+  }
   if (!finite(o.temperature) || o.temperature <= 0.f) return status::invalid_option;
   if (!finite(o.softcap) || o.softcap < 0.f) return status::invalid_option;
   if (!(o.label_smoothing >= 0.f && o.label_smoothing <= 1.f)) return status::invalid_option;
@@ -31,6 +39,7 @@ inline status validate_options(const options& o) {
 template <class T>
 status validate_problem(const problem<T>& p, const options& o) {
   if (status s = validate_options(o); s != status::success) return s;
+  if (p.targets_type != target_type::int32 && p.targets_type != target_type::int64) return status::unsupported_dtype;
   if (p.n < 0 || p.d < 1 || p.v < 1 || p.lora.rank < 0) return status::invalid_size;
   if (p.total_classes() > INT32_MAX - 1) return status::invalid_size;  // class indices travel as int32 in kernels
   if (p.shard.global_v != 0 && (p.shard.offset < 0 || p.shard.offset > p.shard.global_v - p.v)) {

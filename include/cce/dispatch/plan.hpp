@@ -177,7 +177,9 @@ plan make_plan(std::int64_t n, std::int64_t d, std::int64_t v, std::int64_t rank
   // Forward: split the vocabulary until the grid holds about 16 CTAs per SM, so that the last partial wave costs
   // little (with two resident CTAs per SM and 1.2 waves, half the second wave's time is idle).
   const std::int64_t target_ctas = 16 * std::int64_t(std::max(dev.sm_count, 1));
-  p.splits = std::clamp<std::int64_t>(ceil_div(target_ctas, p.grid.row_tiles()), 1, p.grid.col_tiles());
+  // (N = 0 has no row tile: one split, and no division by zero.)
+  p.splits = std::clamp<std::int64_t>(ceil_div(target_ctas, std::max<std::int64_t>(p.grid.row_tiles(), 1)), 1,
+                                      p.grid.col_tiles());
 
   const std::size_t minimal_budget = std::size_t(64) << 20, chunked_budget = std::size_t(256) << 20;
   backward_mode mode = opt.backward_mode;

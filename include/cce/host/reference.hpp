@@ -162,7 +162,9 @@ inline reference_forward_result reference_forward(const dense_problem& x, const 
     for (std::int64_t v = 0; v < x.v; ++v) {
       smooth += weight(x, v) * (lse - z[std::size_t(v)]);
       expected_z += std::exp(z[std::size_t(v)] - lse) * z[std::size_t(v)];
-      if (z[std::size_t(v)] > z[std::size_t(argmax)]) argmax = v;  // strict: the first index wins ties
+      // As torch.argmax: NaN is the largest value, and the first index wins ties (strict comparison).
+      const double zv = z[std::size_t(v)], za = z[std::size_t(argmax)];
+      if ((std::isnan(zv) && !std::isnan(za)) || zv > za) argmax = v;
     }
     const double wy = weight(x, y);
     const double loss = (1 - eps) * wy * (lse - z[std::size_t(y)]) + eps / double(x.v) * smooth + lambda * lse * lse;

@@ -46,7 +46,7 @@ class tiled_executor {
   status forward(const problem<T>& p, const forward_outputs& out, void* saved, std::size_t saved_size,
                  void* workspace, std::size_t workspace_size) const {
     if (status s = detail::validate_problem(p, opt_); s != status::success) return s;
-    if (out.loss == nullptr) return status::null_pointer;
+    if (out.loss == nullptr && (opt_.reduction != reduction::none || p.n > 0)) return status::null_pointer;
     if (p.v != p.total_classes()) return status::invalid_option;
     detail::plan pl;
     if (status s = prepare_forward(p, saved, saved_size, workspace, workspace_size, pl); s != status::success) return s;
