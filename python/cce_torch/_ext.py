@@ -2,7 +2,9 @@
 
 The library is found, in this order, at $CCE_TORCH_LIBRARY (a prebuilt shared object) or built on first use with
 torch.utils.cpp_extension into $CCE_TORCH_BUILD_DIR (default: python/build next to this package). Without a CUDA
-toolkit the CPU operators alone are built.
+toolkit the CPU operators alone are built. Ahead of time (no package import):
+
+    MAX_JOBS=1 python3 python/cce_torch/_ext.py BUILD_DIR     # prints the shared object's path
 """
 
 import os

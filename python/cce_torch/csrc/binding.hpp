@@ -137,15 +137,20 @@ struct bound_problem {
 using forward_result = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 using backward_result = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
-// n bytes on the device of `like`, starting on the 256-byte boundary the library asks of its buffers (what the
-// CUDA caching allocator returns; CPU allocations are padded and sliced).
 inline at::Tensor device_bytes(std::int64_t n, const at::Tensor& like) {
-  constexpr std::int64_t align = 256;
-  const auto opts = like.options().dtype(at::kByte);
-  if (like.is_cuda()) return at::empty({n}, opts);
-  at::Tensor raw = at::empty({n + align}, opts);
+  return at::empty({n}, like.options().dtype(at::kByte));
+}
+
+// The library asks for 256-byte aligned buffers: what the CUDA caching allocator returns. CPU tensors are aligned
+// to 64 bytes only; there the call runs on an aligned copy (`aligned_scratch`), so that the operators' outputs
+// stay plain tensors.
+inline bool is_aligned(const at::Tensor& t) { return reinterpret_cast<std::uintptr_t>(t.data_ptr()) % 256 == 0; }
+
+inline at::Tensor aligned_scratch(const at::Tensor& t) {
+  if (t.numel() == 0 || is_aligned(t)) return t;
+  at::Tensor raw = device_bytes(t.numel() + 256, t);
   const auto address = reinterpret_cast<std::uintptr_t>(raw.data_ptr());
-  return raw.narrow(0, std::int64_t((align - address % align) % align), n);
+  return raw.narrow(0, std::int64_t((256 - address % 256) % 256), t.numel()).copy_(t);
 }
 
 // Exec provides, for element type T:  saved_bytes(p), workspace_bytes(p, budget), forward(p, out, saved, ws),
@@ -167,9 +172,11 @@ forward_result forward_op(const Exec& ex, const bound_problem<T>& bp, const cce:
   const std::size_t need = ex.saved_bytes(p);
   TORCH_CHECK(std::size_t(saved_bytes) >= need, "cce: saved-state size ", saved_bytes, " below the library's ",
               need, " bytes");
-  at::Tensor saved = device_bytes(saved_bytes, like);
+  // zeroed: the layout's padding is never written, and outputs should not hold stale bytes
+  at::Tensor saved = device_bytes(saved_bytes, like).zero_();
+  at::Tensor saved_call = aligned_scratch(saved);
   const std::size_t ws_bytes = ex.workspace_bytes(p, 1);
-  at::Tensor ws = device_bytes(std::int64_t(ws_bytes), like);
+  at::Tensor ws = aligned_scratch(device_bytes(std::int64_t(ws_bytes), like));
   cce::forward_outputs out;
   out.loss = ptr<float>(loss);
   out.lse = ptr<float>(lse);
@@ -177,7 +184,8 @@ forward_result forward_op(const Exec& ex, const bound_problem<T>& bp, const cce:
   out.target_logprob = ptr<float>(logprob);
   out.correct = ptr<std::uint8_t>(correct);
   if (p.n == 0 && o.reduction != cce::reduction::none) loss.fill_(o.reduction == cce::reduction::sum ? 0. : NAN);
-  else check(ex.forward(p, out, ptr<void>(saved), std::size_t(saved_bytes), ptr<void>(ws), ws_bytes), "forward");
+  else check(ex.forward(p, out, ptr<void>(saved_call), std::size_t(saved_bytes), ptr<void>(ws), ws_bytes), "forward");
+  if (!saved_call.is_same(saved)) saved.copy_(saved_call);
   return {loss, lse, entropy, logprob, correct, saved};
 }
 
@@ -206,14 +214,14 @@ backward_result backward_op(const Exec& ex, const bound_problem<T>& bp, const cc
   out.da = p.has_lora() ? ptr<T>(da) : nullptr;
   out.db = p.has_lora() ? ptr<T>(db) : nullptr;
   const std::size_t ws_bytes = ex.workspace_bytes(p, budget);
-  at::Tensor ws = device_bytes(std::int64_t(ws_bytes), bp.c);
+  at::Tensor ws = aligned_scratch(device_bytes(std::int64_t(ws_bytes), bp.c));
   if (p.n == 0) {
     if (needs[grad_c]) dc.zero_();
     if (needs[grad_bias]) dbias.zero_();
     if (needs[grad_a]) da.zero_();
     if (needs[grad_b]) db.zero_();
   } else {
-    check(ex.backward(p, cce::loss_gradient{ptr<const float>(g)}, out, ptr<const void>(saved),
+    check(ex.backward(p, cce::loss_gradient{ptr<const float>(g)}, out, ptr<const void>(aligned_scratch(saved)),
                       std::size_t(saved.numel()), ptr<void>(ws), ws_bytes),
           "backward");
   }
