@@ -141,9 +141,9 @@ def torch_compile_chunked(e, c, y, softcap):
 
 
 def apple_cce(filter_eps):
-    from cut_cross_entropy import linear_cross_entropy as apple
-
     def run(e, c, y, softcap):
+        from cut_cross_entropy import linear_cross_entropy as apple
+
         return apple(e, c, y, softcap=softcap, filter_eps=filter_eps)
 
     return run
@@ -156,9 +156,9 @@ def liger_flce(e, c, y, softcap):
 
 
 def cce(**options):
-    import cce_torch
-
     def run(e, c, y, softcap):
+        import cce_torch
+
         return cce_torch.linear_cross_entropy(e, c, y, softcap=softcap, **options)
 
     return run
@@ -166,9 +166,10 @@ def cce(**options):
 
 def cce_loss_and_grad(**options):
     """One call for the loss and both gradients: timed as fw-bw only."""
-    import cce_torch
 
     def run(e, c, y, softcap):
+        import cce_torch
+
         return cce_torch.loss_and_grad(e, c, y, softcap=softcap, **options)
 
     run.one_call = True
@@ -184,7 +185,7 @@ METHODS = {
     "torch materialised": torch_materialised,
     "torch.compile chunked": torch_compile_chunked,
     "apple cce": apple_cce("auto"),
-    "apple cce exact": apple_cce(None),
+    "apple cce exact": apple_cce(None),  # its gradient filter off
     "liger flce": liger_flce,
 }
 # Which parts each method is timed in: cce's own forward does not depend on the workspace, so it is timed once.

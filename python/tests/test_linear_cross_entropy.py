@@ -252,7 +252,7 @@ def test_frozen_classifier_gets_no_gradient(cce_torch, device):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: str(t).split(".")[-1])
 def test_torch_compile_fullgraph(cce_torch, device, dtype):
-    """A compiled training step (linear head + loss) without graph breaks gives the eager values bit for bit."""
+    """A compiled step (a linear layer, then the loss) without graph breaks gives the eager loss and dC bit for bit."""
     e, c, y = make_inputs(48, 32, 300, dtype, device, ignore_every=5)
     w = torch.nn.Parameter(torch.eye(32, dtype=dtype, device=device))
 
@@ -266,8 +266,9 @@ def test_torch_compile_fullgraph(cce_torch, device, dtype):
         ci = c.clone().requires_grad_(True)
         loss = fn(e, ci, y)
         results.append((loss, *torch.autograd.grad(loss, [ci, w])))
-    for a, b in zip(*results):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    (loss, dc, dw), (loss_c, dc_c, dw_c) = results
+    assert torch.equal(loss, loss_c) and torch.equal(dc, dc_c)  # the same operator on the same values
+    torch.testing.assert_close(dw, dw_c)  # a GEMM the compiler may schedule differently
 
 
 def test_torch_compile_dynamic_shapes(cce_torch, device):
