@@ -7,19 +7,18 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <c10/util/Exception.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-#include <c10/util/Exception.h>
 
 #include <array>
+#include <cce/options.hpp>
+#include <cce/problem.hpp>
+#include <cce/status.hpp>
 #include <cstdint>
 #include <optional>
 #include <string>
 #include <tuple>
-
-#include <cce/options.hpp>
-#include <cce/problem.hpp>
-#include <cce/status.hpp>
 
 namespace cce_torch {
 
@@ -65,7 +64,9 @@ inline cce::options make_options(at::IntArrayRef io, at::ArrayRef<double> fo) {
 }
 
 // A matrix the kernels can read in place: unit column stride; its row stride becomes the leading dimension.
-inline at::Tensor rows(const at::Tensor& t) { return t.stride(-1) == 1 && t.stride(0) >= t.size(1) ? t : t.contiguous(); }
+inline at::Tensor rows(const at::Tensor& t) {
+  return t.stride(-1) == 1 && t.stride(0) >= t.size(1) ? t : t.contiguous();
+}
 
 template <class T>
 T* ptr(const at::Tensor& t) {
@@ -158,8 +159,8 @@ inline at::Tensor aligned_scratch(const at::Tensor& t) {
 // results do not depend on the backward's operating point, so it runs with the least scratch. The backward's
 // budget (0: the default of the pinned mode) selects that operating point.
 template <class T, class Exec>
-forward_result forward_op(const Exec& ex, const bound_problem<T>& bp, const cce::options& o,
-                                   std::int64_t outputs, std::int64_t saved_bytes) {
+forward_result forward_op(const Exec& ex, const bound_problem<T>& bp, const cce::options& o, std::int64_t outputs,
+                          std::int64_t saved_bytes) {
   const cce::problem<T>& p = bp.p;
   const at::Tensor& like = bp.c;
   const auto f32 = like.options().dtype(at::kFloat);
@@ -170,8 +171,8 @@ forward_result forward_op(const Exec& ex, const bound_problem<T>& bp, const cce:
   at::Tensor lse = per_row(want_lse, at::kFloat), entropy = per_row(want_entropy, at::kFloat),
              logprob = per_row(want_logprob, at::kFloat), correct = per_row(want_correct, at::kBool);
   const std::size_t need = ex.saved_bytes(p);
-  TORCH_CHECK(std::size_t(saved_bytes) >= need, "cce: saved-state size ", saved_bytes, " below the library's ",
-              need, " bytes");
+  TORCH_CHECK(std::size_t(saved_bytes) >= need, "cce: saved-state size ", saved_bytes, " below the library's ", need,
+              " bytes");
   // zeroed: the layout's padding is never written, and outputs should not hold stale bytes
   at::Tensor saved = device_bytes(saved_bytes, like).zero_();
   at::Tensor saved_call = aligned_scratch(saved);
@@ -183,16 +184,18 @@ forward_result forward_op(const Exec& ex, const bound_problem<T>& bp, const cce:
   out.entropy = ptr<float>(entropy);
   out.target_logprob = ptr<float>(logprob);
   out.correct = ptr<std::uint8_t>(correct);
-  if (p.n == 0 && o.reduction != cce::reduction::none) loss.fill_(o.reduction == cce::reduction::sum ? 0. : NAN);
-  else check(ex.forward(p, out, ptr<void>(saved_call), std::size_t(saved_bytes), ptr<void>(ws), ws_bytes), "forward");
+  if (p.n == 0 && o.reduction != cce::reduction::none)
+    loss.fill_(o.reduction == cce::reduction::sum ? 0. : NAN);
+  else
+    check(ex.forward(p, out, ptr<void>(saved_call), std::size_t(saved_bytes), ptr<void>(ws), ws_bytes), "forward");
   if (!saved_call.is_same(saved)) saved.copy_(saved_call);
   return {loss, lse, entropy, logprob, correct, saved};
 }
 
 template <class T, class Exec>
-backward_result backward_op(const Exec& ex, const bound_problem<T>& bp, const cce::options& o,
-                                    std::size_t budget, const at::Tensor& grad_loss, const at::Tensor& saved,
-                                    const std::array<bool, grad_count>& needs) {
+backward_result backward_op(const Exec& ex, const bound_problem<T>& bp, const cce::options& o, std::size_t budget,
+                            const at::Tensor& grad_loss, const at::Tensor& saved,
+                            const std::array<bool, grad_count>& needs) {
   const cce::problem<T>& p = bp.p;
   const auto opts = bp.c.options();
   auto grad = [&](int slot, at::IntArrayRef shape) {
@@ -210,9 +213,9 @@ backward_result backward_op(const Exec& ex, const bound_problem<T>& bp, const cc
   cce::gradients<T> out;
   out.de = ptr<T>(de);
   out.dc = ptr<T>(dc);
-  out.dbias = bp.bias.defined() ? ptr<T>(dbias) : nullptr;
-  out.da = p.has_lora() ? ptr<T>(da) : nullptr;
-  out.db = p.has_lora() ? ptr<T>(db) : nullptr;
+  out.dbias = ptr<T>(dbias);  // empty tensors (not asked for, or no such input) are null pointers
+  out.da = ptr<T>(da);
+  out.db = ptr<T>(db);
   const std::size_t ws_bytes = ex.workspace_bytes(p, budget);
   at::Tensor ws = aligned_scratch(device_bytes(std::int64_t(ws_bytes), bp.c));
   if (p.n == 0) {
@@ -237,20 +240,23 @@ struct type_tag {
 template <class Fn>
 decltype(auto) dispatch_type(at::ScalarType s, Fn&& fn) {
   switch (s) {
-    case at::kBFloat16: return fn(type_tag<__nv_bfloat16>{});
-    case at::kHalf: return fn(type_tag<__half>{});
-    case at::kFloat: return fn(type_tag<float>{});
-    default: C10_THROW_ERROR(ValueError, "cce: inputs are bfloat16, float16 or float32, not " + std::string(c10::toString(s)));
+    case at::kBFloat16:
+      return fn(type_tag<__nv_bfloat16>{});
+    case at::kHalf:
+      return fn(type_tag<__half>{});
+    case at::kFloat:
+      return fn(type_tag<float>{});
+    default:
+      C10_THROW_ERROR(ValueError, "cce: inputs are bfloat16, float16 or float32, not " + std::string(c10::toString(s)));
   }
 }
 
 // The operators, for an executor template Exec<T> constructed from the options (see forward_op).
 template <template <class> class Exec>
 forward_result forward(const at::Tensor& e, const at::Tensor& c, const at::Tensor& targets,
-                                const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& weight,
-                                const std::optional<at::Tensor>& a, const std::optional<at::Tensor>& b,
-                                at::IntArrayRef io, at::ArrayRef<double> fo, std::int64_t outputs,
-                                std::int64_t saved_bytes) {
+                       const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& weight,
+                       const std::optional<at::Tensor>& a, const std::optional<at::Tensor>& b, at::IntArrayRef io,
+                       at::ArrayRef<double> fo, std::int64_t outputs, std::int64_t saved_bytes) {
   const cce::options o = make_options(io, fo);
   return dispatch_type(e.scalar_type(), [&](auto tag) {
     using T = typename decltype(tag)::type;
@@ -261,10 +267,10 @@ forward_result forward(const at::Tensor& e, const at::Tensor& c, const at::Tenso
 
 template <template <class> class Exec>
 backward_result backward(const at::Tensor& grad_loss, const at::Tensor& e, const at::Tensor& c,
-                                 const at::Tensor& targets, const std::optional<at::Tensor>& bias,
-                                 const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& a,
-                                 const std::optional<at::Tensor>& b, const at::Tensor& saved, at::IntArrayRef io,
-                                 at::ArrayRef<double> fo, std::array<bool, grad_count> needs) {
+                         const at::Tensor& targets, const std::optional<at::Tensor>& bias,
+                         const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& a,
+                         const std::optional<at::Tensor>& b, const at::Tensor& saved, at::IntArrayRef io,
+                         at::ArrayRef<double> fo, std::array<bool, grad_count> needs) {
   const cce::options o = make_options(io, fo);
   TORCH_CHECK_VALUE(io[iopt::budget] >= 0, "cce: the workspace budget is a byte count >= 0");
   return dispatch_type(e.scalar_type(), [&](auto tag) {

@@ -3,10 +3,9 @@
 // small problems (tests, a first try) work without a GPU.
 #include <torch/library.h>
 
-#include <vector>
-
 #include <cce/host/tiled_executor.hpp>
 #include <cce/tile/default_policy.hpp>
+#include <vector>
 
 #include "binding.hpp"
 
@@ -27,8 +26,8 @@ struct cpu_exec {
                       void* ws, std::size_t ws_size) const {
     return ex.forward(p, out, saved, saved_size, ws, ws_size);
   }
-  cce::status backward(const cce::problem<T>& p, cce::loss_gradient g, const cce::gradients<T>& out,
-                       const void* saved, std::size_t saved_size, void* ws, std::size_t ws_size) const {
+  cce::status backward(const cce::problem<T>& p, cce::loss_gradient g, const cce::gradients<T>& out, const void* saved,
+                       std::size_t saved_size, void* ws, std::size_t ws_size) const {
     return ex.backward(p, g, out, saved, saved_size, ws, ws_size);
   }
 };

@@ -28,26 +28,25 @@ struct cuda_exec {
                       void* ws, std::size_t ws_size) const {
     return op.forward(p, out, saved, saved_size, ws, ws_size, stream);
   }
-  cce::status backward(const cce::problem<T>& p, cce::loss_gradient g, const cce::gradients<T>& out,
-                       const void* saved, std::size_t saved_size, void* ws, std::size_t ws_size) const {
+  cce::status backward(const cce::problem<T>& p, cce::loss_gradient g, const cce::gradients<T>& out, const void* saved,
+                       std::size_t saved_size, void* ws, std::size_t ws_size) const {
     return op.backward(p, g, out, saved, saved_size, ws, ws_size, stream);
   }
 };
 
 forward_result forward_cuda(const at::Tensor& e, const at::Tensor& c, const at::Tensor& targets,
-                                     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& weight,
-                                     const std::optional<at::Tensor>& a, const std::optional<at::Tensor>& b,
-                                     at::IntArrayRef io, at::ArrayRef<double> fo, std::int64_t outputs,
-                                     std::int64_t saved_bytes) {
+                            const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& weight,
+                            const std::optional<at::Tensor>& a, const std::optional<at::Tensor>& b, at::IntArrayRef io,
+                            at::ArrayRef<double> fo, std::int64_t outputs, std::int64_t saved_bytes) {
   const c10::cuda::CUDAGuard guard(c.device());
   return forward<cuda_exec>(e, c, targets, bias, weight, a, b, io, fo, outputs, saved_bytes);
 }
 
 backward_result backward_cuda(const at::Tensor& grad_loss, const at::Tensor& e, const at::Tensor& c,
-                                      const at::Tensor& targets, const std::optional<at::Tensor>& bias,
-                                      const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& a,
-                                      const std::optional<at::Tensor>& b, const at::Tensor& saved,
-                                      at::IntArrayRef io, at::ArrayRef<double> fo, std::array<bool, grad_count> needs) {
+                              const at::Tensor& targets, const std::optional<at::Tensor>& bias,
+                              const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& a,
+                              const std::optional<at::Tensor>& b, const at::Tensor& saved, at::IntArrayRef io,
+                              at::ArrayRef<double> fo, std::array<bool, grad_count> needs) {
   const c10::cuda::CUDAGuard guard(c.device());
   return backward<cuda_exec>(grad_loss, e, c, targets, bias, weight, a, b, saved, io, fo, needs);
 }
