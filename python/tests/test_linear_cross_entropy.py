@@ -280,7 +280,7 @@ def test_torch_compile_dynamic_shapes(cce_torch, device):
 
 
 def test_opcheck(cce_torch, device):
-    """torch.library's consistency checks of the registration: schema, fake shapes, autograd, AOT dispatch."""
+    """torch.library's consistency checks of both operators: schema, fake shapes, autograd, AOT dispatch."""
     from cce_torch import _ops
     from cce_torch.functional import _prepare
 
@@ -289,5 +289,10 @@ def test_opcheck(cce_torch, device):
     c.requires_grad_(True)
     args = _prepare(e, c, y, None, -100, None, "mean", False, "auto", "fp32", 0.0, 0.0, None, 1.0, None, False,
                     "chunked")
-    saved = _ops.saved_nbytes(20, 100, torch.bfloat16, True)
-    torch.library.opcheck(torch.ops.cce.forward.default, (*args, _ops.WANT_LSE, saved))
+    saved_bytes = _ops.saved_nbytes(20, 100, torch.bfloat16, True)
+    torch.library.opcheck(torch.ops.cce.forward.default, (*args, _ops.WANT_LSE, saved_bytes))
+    plain = args._replace(e=e.detach(), c=c.detach())
+    saved = torch.ops.cce.forward(*plain, 0, saved_bytes)[-1]
+    grad = torch.tensor(0.5, device=device)
+    torch.library.opcheck(torch.ops.cce.backward.default, (grad, *plain[:7], saved, plain.iopt, plain.fopt,
+                                                           [True, True, False, False, False]))
