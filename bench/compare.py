@@ -327,27 +327,27 @@ def plot_ratios(rows, methods, path):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
 
     groups = sorted({(r["shape"], r["regime"]) for r in rows})
-    fig, axes = plt.subplots(2, 1, figsize=(max(8, 1.6 * len(groups) * 1.5), 9))
+    colors = {m: plt.get_cmap("tab20")(i % 20) for i, m in enumerate(methods)}
+    fig, axes = plt.subplots(2, 1, figsize=(max(9, 2.2 * len(groups)) + 3, 9))
     for ax, part in zip(axes, ("fw", "fw-bw")):
         names = [m for m in methods if any(r["method"] == m and r["part"] == part for r in rows)]
         width = 0.8 / max(len(names), 1)
         for i, name in enumerate(names):
-            xs, hs = [], []
             for j, grp in enumerate(groups):
                 hit = [r for r in rows if (r["shape"], r["regime"]) == grp and r["method"] == name and r["part"] == part]
                 if hit and "ms" in hit[0]:
-                    xs.append(j + i * width)
-                    hs.append(hit[0]["ms"] / hit[0]["gemm_ms"])
-                elif hit:
-                    ax.text(j + i * width, 0.1, "x", ha="center", color="red")  # failed / out of memory
-            ax.bar(xs, hs, width, label=name)
+                    ax.bar(j + i * width, hit[0]["ms"] / hit[0]["gemm_ms"], width, color=colors[name])
+                elif hit:  # failed or out of memory: a cross on the GEMM line
+                    ax.plot(j + i * width, 1.0, "x", color=colors[name], markersize=9, mew=2)
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(groups))], [f"{s}\n{r}" for s, r in groups], fontsize=8)
         ax.set_ylabel(f"{part} time / cuBLAS GEMM")
         ax.set_yscale("log")
         ax.axhline(1.0, color="black", lw=0.8)
-        ax.legend(fontsize=7, ncol=3)
+        ax.legend(handles=[Patch(color=colors[n], label=n) for n in names], fontsize=8, loc="upper left",
+                  bbox_to_anchor=(1.01, 1.0))
     axes[0].set_title("time relative to the same-run bf16 GEMM E·Cᵀ (x: failed or out of memory)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -498,6 +498,9 @@ def main():
         unknown = [x for x in chosen if x not in table]
         if unknown:
             ap.error(f"unknown {name}: {unknown}")
+    unknown = [p for p in args.parts.split(",") if p not in PARTS]
+    if unknown:
+        ap.error(f"unknown part: {unknown}")
     if args.reps < 10:
         ap.error("--reps is at least 10")
     if not torch.cuda.is_available():
