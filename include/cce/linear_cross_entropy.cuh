@@ -71,7 +71,7 @@ class linear_cross_entropy {
     device_info dev;
     CCE_TRY(prepare_forward(p, saved, saved_size, workspace, workspace_size, pl, dev));
     const detail::portable_path<T, Tile> path(p, opts_, pl, detail::vectorizable(p),
-                                              detail::sm90::forward_available(p, pl, dev, opts_));
+                                              detail::sm90::available(p, pl, dev, opts_));
     return path.forward(out, pl.carve_saved(saved), pl.template carve_forward<T>(workspace), stream);
   }
 
@@ -91,7 +91,7 @@ class linear_cross_entropy {
     device_info dev;
     CCE_TRY(prepare_forward(p, saved, saved_size, workspace, workspace_size, pl, dev));
     const detail::portable_path<T, Tile> path(p, opts_, pl, detail::vectorizable(p),
-                                              detail::sm90::forward_available(p, pl, dev, opts_));
+                                              detail::sm90::available(p, pl, dev, opts_));
     return path.shard_forward(stats, pl.carve_saved(saved), pl.template carve_forward<T>(workspace), stream);
   }
 
@@ -112,7 +112,7 @@ class linear_cross_entropy {
     device_info dev;
     CCE_TRY(prepare_forward(p, saved, saved_size, workspace, workspace_size, pl, dev));
     const detail::portable_path<T, Tile> path(p, opts_, pl, detail::vectorizable(p),
-                                              detail::sm90::forward_available(p, pl, dev, opts_));
+                                              detail::sm90::available(p, pl, dev, opts_));
     return path.combine(rows, out, pl.carve_saved(saved), pl.template carve_forward<T>(workspace), stream);
   }
 
@@ -133,7 +133,8 @@ class linear_cross_entropy {
     pl.template carve_backward<T>(nullptr, &need);
     CCE_TRY(detail::validate_buffer(saved, saved_size, pl.saved_bytes()));
     CCE_TRY(detail::validate_buffer(workspace, workspace_size, need));
-    const detail::portable_path<T, Tile> path(p, opts_, pl, detail::vectorizable(p));
+    const detail::portable_path<T, Tile> path(p, opts_, pl, detail::vectorizable(p),
+                                              detail::sm90::available(p, pl, dev, opts_));
     return path.backward(grad, grads, pl.carve_saved(const_cast<void*>(saved)),
                          pl.template carve_backward<T>(workspace), stream);
   }

@@ -53,9 +53,9 @@ class portable_path {
       std::max(fwd_loop::smem_bytes, std::size_t(Policy::bn) * fwd_loop::fragment_layout::col_groups * sizeof(float));
 
  public:
-  // hopper_forward: the forward runs on the sm_90a kernel (sm90.cuh decides when it may).
-  portable_path(const problem<T>& p, const options& o, const plan& pl, bool vectorized, bool hopper_forward = false)
-      : p_(p), o_(o), pl_(pl), vec_(vectorized), hopper_forward_(hopper_forward) {}
+  // hopper: the logit-tile steps (forward, dlogits) run on the sm_90a kernels (sm90.cuh decides when they may).
+  portable_path(const problem<T>& p, const options& o, const plan& pl, bool vectorized, bool hopper = false)
+      : p_(p), o_(o), pl_(pl), vec_(vectorized), hopper_(hopper) {}
 
   status forward(const forward_outputs& out, const saved_buffers& sv, const forward_buffers<T>& fw,
                  cudaStream_t stream) const {
@@ -163,7 +163,7 @@ class portable_path {
   const options& o_;
   const plan& pl_;
   bool vec_;
-  bool hopper_forward_;
+  bool hopper_;
 
   target_reader labels() const { return make_target_reader(p_, o_); }
   // Class weights as the tile kernels index them: by the problem's own columns.
@@ -186,7 +186,7 @@ class portable_path {
     prm.target_logit = fw.target_logit;
     prm.tile_max = pl_.filter ? sv.tile_max : nullptr;
     const dim3 grid(unsigned(pl_.grid.row_tiles()), unsigned(pl_.splits));
-    if (hopper_forward_) return sm90::launch_forward(prm, stream);
+    if (hopper_) return sm90::launch_forward(prm, stream);
     return vec_ ? launch_tile_kernel(forward_kernel<T, Policy, true>, grid, Policy::threads, fwd_smem, stream, prm)
                 : launch_tile_kernel(forward_kernel<T, Policy, false>, grid, Policy::threads, fwd_smem, stream, prm);
   }
@@ -267,6 +267,7 @@ class portable_path {
     prm.dz = bw.dz;
     prm.active = bw.active;
     prm.dbias_partial = bw.dbias_partial;
+    if (hopper_) return sm90::launch_dlogits(prm, rows, cols, stream);
     const dim3 grid(unsigned(ceil_div(rows, Policy::bm)), unsigned(ceil_div(cols, Policy::bn)));
     return vec_ ? launch_tile_kernel(dlogit_kernel<T, Policy, true>, grid, Policy::threads, dz_smem, stream, prm)
                 : launch_tile_kernel(dlogit_kernel<T, Policy, false>, grid, Policy::threads, dz_smem, stream, prm);

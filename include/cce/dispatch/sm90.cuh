@@ -5,10 +5,12 @@
 
 #include <cuda_runtime_api.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <type_traits>
 
 #include <cce/dispatch/plan.hpp>
+#include <cce/kernel/sm90/dlogit.cuh>
 #include <cce/kernel/sm90/forward.cuh>
 #include <cce/options.hpp>
 #include <cce/problem.hpp>
@@ -18,11 +20,6 @@ namespace cce::detail::sm90 {
 
 template <class T>
 inline constexpr bool tensor_core_type = std::is_same_v<T, __nv_bfloat16> || std::is_same_v<T, __half>;
-
-template <class T>
-CUtensorMapDataType tensor_map_type() {
-  return std::is_same_v<T, __nv_bfloat16> ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
-}
 
 // The kernel carries its sm_90a body (which declares static shared memory) in the image the device loads.
 template <class Kernel>
@@ -36,7 +33,7 @@ bool has_sm90a_image(Kernel kernel) {
 }
 
 template <class T>
-bool forward_available(const problem<T>& p, const plan& pl, const device_info& dev, const options& o) {
+bool available(const problem<T>& p, const plan& pl, const device_info& dev, const options& o) {
   if constexpr (!tensor_core_type<T>) {
     return false;
   } else {
@@ -55,10 +52,8 @@ status launch_forward(const forward_params<T>& base, cudaStream_t stream) {
   } else {
     forward_params_sm90<T> prm;
     prm.base = base;
-    if (!encode_k_major_sw128(&prm.e_map, base.e.ptr, base.e.extent, base.e.depth, base.e.ld, tensor_map_type<T>(),
-                              sizeof(T), forward_shape::bm) ||
-        !encode_k_major_sw128(&prm.c_map, base.c.ptr, base.c.extent, base.c.depth, base.c.ld, tensor_map_type<T>(),
-                              sizeof(T), forward_shape::bn)) {
+    if (!encode_logit_tile_maps(prm.maps, base.e.ptr, base.e.extent, base.e.ld, base.c.ptr, base.c.extent, base.c.ld,
+                                base.e.depth)) {
       return status::unsupported_arch;
     }
     constexpr std::size_t smem = forward_shape::smem_bytes<T>;
@@ -69,6 +64,44 @@ status launch_forward(const forward_params<T>& base, cudaStream_t stream) {
       return status::unsupported_arch;
     }
     forward_kernel<T><<<grid, forward_shape::threads, smem, stream>>>(prm);
+    return cudaGetLastError() == cudaSuccess ? status::success : status::cuda_error;
+  }
+}
+
+// The backward's dlogit step for one (row block, chunk): the filter flags, then the tiles.
+template <class T>
+status launch_dlogits(const dlogit_params<T>& base, std::int64_t rows, std::int64_t cols, cudaStream_t stream) {
+  if constexpr (!tensor_core_type<T>) {
+    return status::unsupported_arch;
+  } else {
+    using S = logit_tile_shape;
+    const std::int64_t row_tiles = ceil_div(rows, S::bm);
+    const std::int64_t filter_tiles = ceil_div(cols, S::filter_bn), wide_tiles = ceil_div(cols, S::bn);
+    if (row_tiles == 0 || filter_tiles == 0) return status::success;
+    active_tiles_kernel<T><<<dim3(unsigned(row_tiles), unsigned(filter_tiles)), 128, 0, stream>>>(base);
+    if (cudaGetLastError() != cudaSuccess) return status::cuda_error;
+
+    dlogit_params_sm90<T> prm;
+    prm.base = base;
+    prm.rows = rows;
+    prm.cols = cols;
+    if (!encode_logit_tile_maps(prm.maps, base.e.ptr, base.e.extent, base.e.ld, base.c.ptr, base.c.extent, base.c.ld,
+                                base.e.depth)) {
+      return status::unsupported_arch;
+    }
+    int device = 0, sms = 1;
+    if (cudaGetDevice(&device) != cudaSuccess ||
+        cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
+      return status::cuda_error;
+    }
+    // A few CTAs per SM's worth of work units, each a run of tiles that keeps the ring full.
+    prm.splits = std::clamp<std::int64_t>(ceil_div(2 * std::int64_t(sms), row_tiles), 1, wide_tiles);
+    constexpr std::size_t smem = S::smem_bytes<T>;
+    if (cudaFuncSetAttribute(dlogit_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)) != cudaSuccess) {
+      cudaGetLastError();
+      return status::unsupported_arch;
+    }
+    dlogit_kernel<T><<<dim3(unsigned(row_tiles), unsigned(prm.splits)), S::threads, smem, stream>>>(prm);
     return cudaGetLastError() == cudaSuccess ? status::success : status::cuda_error;
   }
 }

@@ -13,26 +13,23 @@ namespace cce {
 
 template <class T>
 struct logit_terms {
-  const T* bias = nullptr;       // V
-  const float* lora_p = nullptr; // N x rank
-  const T* lora_b = nullptr;     // V x rank, leading dimension ldb
+  const T* bias = nullptr;        // V
+  const float* lora_p = nullptr;  // N x rank
+  const T* lora_b = nullptr;      // V x rank, leading dimension ldb
   std::int64_t rank = 0;
   std::int64_t ldb = 0;
   logit_transform transform{};
 
-  // raw = acc + bias + lora; returns z. `raw_out` receives raw when the caller needs it.
+  // raw = acc + bias + lora; returns z.
   CCE_HOST_DEVICE float operator()(float acc, std::int64_t row, std::int64_t col) const {
+    return transform(raw(acc, row, col));
+  }
+  CCE_HOST_DEVICE float raw(float acc, std::int64_t row, std::int64_t col) const {
     if (bias) acc += detail::to_float(bias[col]);
     for (std::int64_t k = 0; k < rank; ++k) acc += lora_p[row * rank + k] * detail::to_float(lora_b[col * ldb + k]);
-    return transform(acc);
+    return acc;
   }
-#ifdef __CUDACC__
-  __device__ __forceinline__ float fast(float acc, std::int64_t row, std::int64_t col) const {
-    if (bias) acc += detail::to_float(bias[col]);
-    for (std::int64_t k = 0; k < rank; ++k) acc += lora_p[row * rank + k] * detail::to_float(lora_b[col * ldb + k]);
-    return transform.fast(acc);
-  }
-#endif
+  CCE_HOST_DEVICE bool has_raw_terms() const { return bias != nullptr || rank > 0; }
 };
 
 // The terms of a problem and its options; lora_p = scale * E A^T, computed by the caller when the head has one.

@@ -15,18 +15,6 @@ struct logit_transform {
     const float capped = softcap > 0.f ? softcap * detail::tanh_f(raw / softcap) : raw;
     return capped * inv_temperature;
   }
-#ifdef __CUDACC__
-  // The same map with the tensor-core kernels' fast math: tanh from one ex2.approx and an approximate division
-  // (absolute error of tanh about 1e-7, against ~1 ulp for tanhf at a fraction of its cost).
-  __device__ __forceinline__ float fast(float raw) const {
-    if (softcap > 0.f) {
-      const float y = __fdividef(raw, softcap);
-      const float e = exp2f(-2.f * detail::log2e * fabsf(y));  // in (0, 1]: no overflow
-      raw = softcap * copysignf(__fdividef(1.f - e, 1.f + e), y);
-    }
-    return raw * inv_temperature;
-  }
-#endif
   // dz/draw at raw.
   CCE_HOST_DEVICE float derivative(float raw) const {
     if (softcap > 0.f) {

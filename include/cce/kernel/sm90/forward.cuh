@@ -17,55 +17,27 @@
 #include <cce/epilogue/row_partial.hpp>
 #include <cce/kernel/portable/forward.cuh>
 #include <cce/kernel/portable/warp_reduce.cuh>
-#include <cce/kernel/sm90/pipeline.cuh>
-#include <cce/kernel/sm90/tma.cuh>
-#include <cce/kernel/sm90/wgmma.cuh>
+#include <cce/kernel/sm90/logit_tile.cuh>
 #include <cce/tile/tile_grid.hpp>
 
 namespace cce::detail::sm90 {
 
-struct forward_shape {
-  static constexpr int bm = 128;  // rows per CTA: 64 per consumer warpgroup
-  static constexpr int bn = 256;  // classes per vocab tile (the wgmma N)
-  static constexpr int bk = swizzle_depth;
-  static constexpr int stages = 4;
-  static constexpr int consumers = 2;
-  static constexpr int threads = 128 * (1 + consumers);
-  static constexpr int consumer_warps = 4 * consumers;
-  static constexpr int filter_bn = 128;  // the tile width of the gradient filter's per-tile max
-  static constexpr int producer_registers = 40, consumer_registers = 232;
-
-  template <class T>
-  static constexpr std::uint32_t a_bytes = bm* bk * sizeof(T);
-  template <class T>
-  static constexpr std::uint32_t b_bytes = bn* bk * sizeof(T);
-  template <class T>
-  static constexpr std::size_t smem_bytes = std::size_t(stages) * (a_bytes<T> + b_bytes<T>)+1024;  // + alignment
-};
+using forward_shape = logit_tile_shape;
 
 template <class T>
 struct forward_params_sm90 {
-  CUtensorMap e_map;  // E, boxes of 128 rows x 64
-  CUtensorMap c_map;  // C, boxes of 256 rows x 64
+  logit_tile_maps maps;
   forward_params<T> base;
 };
-
-__device__ __forceinline__ float exp2_approx(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
 
 // Sum of exp(z - m) and exp(z - m) z over a thread's 64 logits of one row slot. Masked: only local columns below
 // `limit` (the vocabulary's end) other than `skip` (the target's, kept apart) count. Four independent chains keep the
 // adds pipelined.
 template <int Slot, bool Masked>
-__device__ __forceinline__ softmax_stats tile_softmax(const float (&acc)[128], float m, int skip = -1,
-                                                      int limit = 0) {
+__device__ __forceinline__ softmax_stats tile_softmax(const float (&acc)[128], float m, int skip = -1, int limit = 0) {
   softmax_stats s;
   if (m == -inf_f()) return s;
   s.max = m;
-  const float ms = m * log2e;
   float sum[4] = {0.f, 0.f, 0.f, 0.f}, sum_z[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
   for (int j = 0; j < 32; ++j)
@@ -73,7 +45,7 @@ __device__ __forceinline__ softmax_stats tile_softmax(const float (&acc)[128], f
     for (int e = 0; e < 2; ++e) {
       if (Masked && (8 * j + e == skip || 8 * j + e >= limit)) continue;
       const float z = acc[4 * j + 2 * Slot + e];
-      const float w = exp2_approx(fmaf(z, log2e, -ms));
+      const float w = exp2_approx((z - m) * log2e);  // not fma(z, log2e, -m log2e): m log2e rounds at large m
       sum[(j % 2) * 2 + e] += w;
       sum_z[(j % 2) * 2 + e] = fmaf(w, z, sum_z[(j % 2) * 2 + e]);
     }
@@ -82,26 +54,18 @@ __device__ __forceinline__ softmax_stats tile_softmax(const float (&acc)[128], f
   return s;
 }
 
-__device__ __forceinline__ void consumer_barrier() {
-  asm volatile("bar.sync 1, %0;\n" ::"n"(forward_shape::consumer_warps * 32) : "memory");
-}
-
 template <class T>
 __global__ void __launch_bounds__(forward_shape::threads, 1)
     forward_kernel(const __grid_constant__ forward_params_sm90<T> prm) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using S = forward_shape;
-  constexpr std::uint32_t a_bytes = S::a_bytes<T>, b_bytes = S::b_bytes<T>;
   // Only the sm_90a image has this body (and static shared memory: the host checks for it, sm90.cuh).
   extern __shared__ unsigned char smem_raw[];
   __shared__ stage_barriers<S::stages> bars;
   __shared__ std::int32_t targets[S::bm];
   __shared__ float half_max[2][S::consumer_warps][2];  // double-buffered by tile parity
 
-  // The 128-byte swizzle repeats every 1024 bytes: stage buffers start on that boundary.
-  const std::uint32_t smem_base = (ptx::smem_addr(smem_raw) + 1023u) & ~1023u;
-  unsigned char* const smem = smem_raw + (smem_base - ptx::smem_addr(smem_raw));
-  const std::uint32_t sa = smem_base, sb = smem_base + S::stages * a_bytes;
+  const logit_tile_ring<T> ring(smem_raw, bars);
 
   const forward_params<T>& p = prm.base;
   const tile::tile_grid& g = p.grid;
@@ -124,15 +88,8 @@ __global__ void __launch_bounds__(forward_shape::threads, 1)
     shrink_registers<S::producer_registers>();
     if (threadIdx.x == 0) {
       ring_position<S::stages> at;
-      for (std::int64_t ct = ct_begin; ct < ct_end; ++ct) {
-        for (int kb = 0; kb < k_blocks; ++kb) {
-          acquire_for_write(bars, at, a_bytes + b_bytes);
-          tma_load_2d(smem + at.stage * a_bytes, &prm.e_map, kb * S::bk, int(row0), &bars.full[at.stage]);
-          tma_load_2d(smem + S::stages * a_bytes + at.stage * b_bytes, &prm.c_map, kb * S::bk, int(ct * S::bn),
-                      &bars.full[at.stage]);
-          at.advance();
-        }
-      }
+      for (std::int64_t ct = ct_begin; ct < ct_end; ++ct)
+        ring.load_tile(at, &prm.maps, int(row0), int(ct * S::bn), k_blocks);
     }
     return;
   }
@@ -140,56 +97,26 @@ __global__ void __launch_bounds__(forward_shape::threads, 1)
   grow_registers<S::consumer_registers>();
   const int cw = threadIdx.x / 32 - 4;  // consumer warp
   const int lane = threadIdx.x % 32, lane_row = lane / 4, lane_col = 2 * (lane % 4);
-  const int local_row = (cw / 4) * 64 + (cw % 4) * 16 + lane_row;      // row slot r adds 8 r
-  const std::uint32_t a_rows = sa + std::uint32_t(cw / 4) * 64 * 128;  // this warpgroup's 64 rows
+  const int local_row = (cw / 4) * 64 + (cw % 4) * 16 + lane_row;  // row slot r adds 8 r
 
   float acc[128];
   row_partial part[2];
   ring_position<S::stages> at;
   int parity = 0;
   for (std::int64_t ct = ct_begin; ct < ct_end; ++ct, parity ^= 1) {
-    int previous = 0;
-#pragma unroll 1
-    for (int kb = 0; kb < k_blocks; ++kb) {
-      wait_parity(&bars.full[at.stage], at.phase);
-      fence();
-#pragma unroll
-      for (int k = 0; k < S::bk / 16; ++k) {
-        mma_m64n256k16<T>(acc, k_major_sw128_descriptor(a_rows + at.stage * a_bytes + k * 32),
-                          k_major_sw128_descriptor(sb + at.stage * b_bytes + k * 32), kb > 0 || k > 0);
-      }
-      commit_group();
-      wait_group<1>();  // the previous stage's products are done: hand its
-                        // buffers back
-      if (kb > 0) release(bars, previous);
-      previous = at.stage;
-      at.advance();
-    }
-    wait_group<0>();
-    release(bars, previous);
-#pragma unroll
-    for (int i = 0; i < 128; ++i) fence_operand(acc[i]);
+    ring.compute_tile(acc, at, k_blocks, cw / 4);
 
     // Epilogue: logits z in place, then the tile's statistics.
     const std::int64_t col0 = ct * S::bn;
     const bool ragged = col0 + S::bn > g.cols;
+    if (p.terms.has_raw_terms()) add_raw_terms(acc, p.terms, row0 + local_row, col0 + lane_col, g);
+    transform_logits(acc, p.terms.transform);
     float half[2] = {-inf_f(), -inf_f()};  // per 128-column half, over valid rows
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const int lr = local_row + 8 * r;
       const std::int64_t row = row0 + lr;
       const std::int64_t col_thread = col0 + lane_col;
-      if (row < g.rows && (p.terms.bias || p.terms.rank || p.terms.transform.softcap > 0.f ||
-                           p.terms.transform.inv_temperature != 1.f)) {
-#pragma unroll
-        for (int j = 0; j < 32; ++j)
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const std::int64_t col = col_thread + 8 * j + e;
-            float& z = acc[4 * j + 2 * r + e];
-            if (col < g.cols) z = p.terms.fast(z, row, col);
-          }
-      }
       if (ragged) {
 #pragma unroll
         for (int j = 0; j < 32; ++j)

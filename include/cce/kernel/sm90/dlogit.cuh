@@ -1,0 +1,158 @@
+// Hopper backward step 1 (sm_90a): the contract of the portable dlogit kernel (kernel/portable/dlogit.cuh) on the
+// logit-tile engine of logit_tile.cuh. The gradient filter's flags come first, from a small kernel, so that the
+// producer never loads a skipped tile; each CTA then walks a range of 256-class tiles of its 128 rows, recomputes
+// the logits and stores draw = dz * dz/draw in T into the chunk buffer, with the bias gradient's column sums.
+// A 256-class tile spans two 128-class filter tiles: it is computed when either is active, and only the active
+// halves are stored (the gradient GEMMs read only those).
+#pragma once
+
+#include <cstdint>
+
+#include <cce/detail/element_type.hpp>
+#include <cce/kernel/portable/dlogit.cuh>
+#include <cce/kernel/sm90/logit_tile.cuh>
+
+namespace cce::detail::sm90 {
+
+template <class T>
+struct dlogit_params_sm90 {
+  logit_tile_maps maps;
+  dlogit_params<T> base;
+  std::int64_t rows = 0;    // rows of this row block
+  std::int64_t cols = 0;    // classes of this chunk
+  std::int64_t splits = 1;  // CTAs along the chunk's 256-class tiles
+};
+
+// One CTA per 128 x 128 filter tile of the (row block, chunk): its flag, as the portable kernel decides it.
+template <class T>
+__global__ void __launch_bounds__(128) active_tiles_kernel(const __grid_constant__ dlogit_params<T> prm) {
+  const tile::tile_grid& g = prm.grid;
+  const std::int64_t rt = prm.row0 / g.bm + blockIdx.x, ct = prm.v0 / g.bn + blockIdx.y;
+  const bool active = tile_is_active<128>(prm.coef, g, rt, ct, prm.tile_max, prm.filter);
+  if (threadIdx.x == 0) prm.active[blockIdx.x * (prm.chunk_cols / g.bn) + blockIdx.y] = active;
+}
+
+template <class T>
+__global__ void __launch_bounds__(logit_tile_shape::threads, 1)
+    dlogit_kernel(const __grid_constant__ dlogit_params_sm90<T> prm) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using S = logit_tile_shape;
+  // Only the sm_90a image has this body (and static shared memory: the host checks for it, dispatch/sm90.cuh).
+  extern __shared__ unsigned char smem_raw[];
+  __shared__ stage_barriers<S::stages> bars;
+  __shared__ float col_sums[S::consumer_warps][S::bn];
+
+  const dlogit_params<T>& p = prm.base;
+  const tile::tile_grid& g = p.grid;
+  const std::int64_t row0 = p.row0 + std::int64_t(blockIdx.x) * S::bm;
+  const std::int64_t rt = row0 / S::bm;  // absolute row tile
+  const std::int64_t chunk_tiles = p.chunk_cols / S::filter_bn;
+  const std::int64_t filter_tiles = ceil_div(prm.cols, S::filter_bn);
+  const std::int64_t wide_tiles = ceil_div(prm.cols, S::bn);
+  const std::int64_t wt_begin = tile::split_begin(wide_tiles, prm.splits, blockIdx.y);
+  const std::int64_t wt_end = tile::split_begin(wide_tiles, prm.splits, blockIdx.y + 1);
+  const std::uint8_t* flags = p.active + std::int64_t(blockIdx.x) * chunk_tiles;
+  auto half_active = [&](std::int64_t wt, int h) {
+    const std::int64_t ft = 2 * wt + h;
+    return ft < filter_tiles && flags[ft] != 0;
+  };
+  const int k_blocks = int(ceil_div(p.e.depth, S::bk));
+
+  if (threadIdx.x == 0) bars.init(S::consumer_warps);
+  __syncthreads();
+  const logit_tile_ring<T> ring(smem_raw, bars);
+
+  if (threadIdx.x / 128 == 0) {  // producer
+    shrink_registers<S::producer_registers>();
+    if (threadIdx.x == 0) {
+      ring_position<S::stages> at;
+      for (std::int64_t wt = wt_begin; wt < wt_end; ++wt)
+        if (half_active(wt, 0) || half_active(wt, 1))
+          ring.load_tile(at, &prm.maps, int(row0), int(p.v0 + wt * S::bn), k_blocks);
+    }
+    return;
+  }
+
+  grow_registers<S::consumer_registers>();
+  const int cw = threadIdx.x / 32 - 4;  // consumer warp
+  const int lane = threadIdx.x % 32, lane_row = lane / 4, lane_col = 2 * (lane % 4);
+  const int local_row = (cw / 4) * 64 + (cw % 4) * 16 + lane_row;  // row slot r adds 8 r
+  row_coefficients rc[2];
+  bool row_ok[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const std::int64_t row = row0 + local_row + 8 * r;
+    row_ok[r] = row < g.rows && row - p.row0 < prm.rows;
+    rc[r] = row_ok[r] ? p.coef[row] : row_coefficients{};
+  }
+  const logit_derivative derivative(p.terms.transform);
+
+  float acc[128];
+  ring_position<S::stages> at;
+  for (std::int64_t wt = wt_begin; wt < wt_end; ++wt) {
+    const bool active[2] = {half_active(wt, 0), half_active(wt, 1)};
+    if (active[0] || active[1]) {
+      ring.compute_tile(acc, at, k_blocks, cw / 4);
+      if (p.terms.has_raw_terms()) add_raw_terms(acc, p.terms, row0 + local_row, p.v0 + wt * S::bn + lane_col, g);
+      transform_logits(acc, p.terms.transform);
+    }
+    const std::int64_t col0 = p.v0 + wt * S::bn;
+    const std::int64_t col_thread = col0 + lane_col;
+    T* out[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+      out[r] = p.dz + (row0 + local_row + 8 * r - p.row0) * p.chunk_cols + (col_thread - p.v0);
+
+    // draw of the active halves, stored in T; with a bias, its column sums over the CTA's rows go to col_sums
+    // (inactive halves sum to 0).
+    const bool bias_sums = p.dbias_partial != nullptr;
+#pragma unroll
+    for (int j = 0; j < 32; ++j) {
+      const int h = j / 16;
+      float draw[2][2] = {{0.f, 0.f}, {0.f, 0.f}};  // [row slot][column]
+      if (active[h]) {
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const std::int64_t col = col_thread + 8 * j + e;
+            if (row_ok[r] && rc[r].kept && col < g.cols) {
+              const float z = acc[4 * j + 2 * r + e];
+              const float prob = exp2_approx((z - rc[r].lse) * log2e);  // exactly 1 at z = lse
+              const float w = p.class_weights ? p.class_weights[col] : 1.f;
+              draw[r][e] = rc[r].dz(prob, col == rc[r].target, w) * derivative(z);
+            }
+          }
+          // Columns past V inside an active filter tile are stored as 0: the GEMMs read whole tiles.
+          if (row_ok[r]) {
+            const T pair[2] = {from_float<T>(draw[r][0]), from_float<T>(draw[r][1])};
+            *reinterpret_cast<std::uint32_t*>(out[r] + 8 * j) = *reinterpret_cast<const std::uint32_t*>(pair);
+          }
+        }
+      }
+      if (bias_sums) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          float v = draw[0][e] + draw[1][e];
+#pragma unroll
+          for (int mask = 4; mask < 32; mask *= 2) v += shuffle_xor(v, mask);
+          if (lane_row == 0) col_sums[cw][8 * j + lane_col + e] = v;
+        }
+      }
+    }
+
+    if (bias_sums) {  // the warps' column sums, in a fixed order
+      consumer_barrier();
+      const int c = threadIdx.x - 128;
+      if (2 * wt + c / S::filter_bn < filter_tiles) {
+        float v = 0.f;
+        for (int w = 0; w < S::consumer_warps; ++w) v += col_sums[w][c];
+        p.dbias_partial[rt * p.chunk_cols + (col0 - p.v0) + c] = v;
+      }
+      consumer_barrier();  // col_sums is rewritten by the next tile
+    }
+  }
+#endif
+}
+
+}  // namespace cce::detail::sm90
