@@ -151,13 +151,20 @@ __device__ __forceinline__ void add_raw_terms(float (&acc)[128], const logit_ter
   }
 }
 
-// dz/draw from z (logit_transform::derivative_from_logit) without a branch: (1 - c z^2) / T, c = 0 without softcap.
+// dz/draw from z (logit_transform::derivative_from_logit) without a branch: (1 - c z^2) / T with c = 0 without
+// softcap, and exactly 0 where the softcap saturates (|z| = k / T, as transform_logits produces it), so that an
+// infinite input meets a zero gradient as it does in the reference.
 struct logit_derivative {
-  float c = 0.f, inv_temperature = 1.f;
-  __device__ explicit logit_derivative(const logit_transform& t)
-      : c(t.softcap > 0.f ? 1.f / (t.softcap * t.inv_temperature * t.softcap * t.inv_temperature) : 0.f),
-        inv_temperature(t.inv_temperature) {}
-  __device__ __forceinline__ float operator()(float z) const { return fmaf(-c * z, z, 1.f) * inv_temperature; }
+  float c = 0.f, inv_temperature = 1.f, saturated = detail::inf_f();
+  __device__ explicit logit_derivative(const logit_transform& t) : inv_temperature(t.inv_temperature) {
+    if (t.softcap > 0.f) {
+      saturated = t.softcap * t.inv_temperature;
+      c = 1.f / (saturated * saturated);
+    }
+  }
+  __device__ __forceinline__ float operator()(float z) const {
+    return fabsf(z) >= saturated ? 0.f : fmaf(-c * z, z, 1.f) * inv_temperature;
+  }
 };
 
 // Consumer warpgroups only: a barrier that leaves the producer out.
