@@ -1,15 +1,11 @@
-// Hopper forward kernel (sm_90a): the same contract as the portable forward (forward.cuh: per-(row, split) softmax
-// partials, the target logit, the per-tile max for the gradient filter), computed with warp specialisation. One
-// producer thread streams 128-row E boxes and 256-row C boxes through a 4-stage ring with TMA; two consumer
-// warpgroups each multiply 64 rows by the 256 classes on wgmma (m64n256k16, fp32 accumulators in registers) and fold
-// the finished logit tile into thread-local online-softmax statistics. The producer runs ahead into the next vocab
-// tile while the consumers are in their epilogue, so loads never stall on it.
+// Hopper forward kernel (sm_90a): the contract of the portable forward (kernel/portable/forward.cuh: per-(row, split)
+// softmax partials, the target logit, the per-tile max for the gradient filter) on the logit-tile engine of
+// logit_tile.cuh. Each CTA walks a run of 256-class tiles of its 128 rows; while the producer runs ahead into the next
+// tile, the consumers fold the finished one into online-softmax statistics.
 //
 // A thread owns 2 rows x 64 columns of each tile (wgmma.cuh) and keeps its own statistics for its two rows across the
-// CTA's vocab tiles; the four lanes of a row merge theirs once, at the end.
+// run; the four lanes of a row merge theirs once, at the end.
 #pragma once
-
-#include <cuda.h>
 
 #include <cstdint>
 
