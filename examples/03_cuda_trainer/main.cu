@@ -346,9 +346,8 @@ int train(const settings& s, bool gpu, const corpus& text) {
     const auto t3 = std::chrono::steady_clock::now();
 
     const double seconds = std::chrono::duration<double>((t1 - t0) + (t3 - t2)).count();
-    std::printf("step %5lld/%lld  loss %8.4f  %10.0f tokens/s  %s  cce workspace %.1f MiB\n", (long long)step,
-                (long long)s.steps, step_loss, double(n) / seconds, memory_in_use(gpu).c_str(),
-                double(work_bytes) / (1 << 20));
+    std::printf("step %5lld/%lld  loss %8.4f  %10.0f tokens/s  %s  cce workspace %zu bytes\n", (long long)step,
+                (long long)s.steps, step_loss, double(n) / seconds, memory_in_use(gpu).c_str(), work_bytes);
     if (!std::isfinite(step_loss)) {
       std::fprintf(stderr, "the loss is not finite\n");
       return 1;
@@ -382,8 +381,9 @@ int main(int argc, char** argv) {
     s.batch = std::min<std::int64_t>(s.batch, 64);
     s.check = 1;
     s.d = 32;
-    std::printf("no GPU visible: %lld steps of %lld tokens with D=%lld on the CPU (cce's tiled executor)\n",
-                (long long)s.steps, (long long)s.batch, (long long)s.d);
+    std::printf(
+        "no GPU visible: %lld steps of %lld tokens with D=%lld on the CPU (cce's tiled executor), checked every step\n",
+        (long long)s.steps, (long long)s.batch, (long long)s.d);
   }
 
   corpus text;
