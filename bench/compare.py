@@ -16,6 +16,7 @@ Parts (--parts):
   budget    cce fw-bw ratio against the workspace budget, 64 MiB .. 1 GiB (budget.png, budget.json)
 
   python3 bench/compare.py --parts table --shapes llama3,gpt2 --regimes lm-like --out results/
+  python3 bench/compare.py --merge a/table.json,b/table.json --out results/     (one table and plot of several runs)
 """
 
 import argparse
@@ -306,14 +307,20 @@ def part_table(args, methods, out):
             del e, c, y
             _free()
     (out / "table.json").write_text(json.dumps(rows, indent=1))
+    write_table(rows, args.shapes, args.regimes, methods, out)
+
+
+def write_table(rows, shapes, regimes, methods, out):
+    """table.md and ratios.png from measured rows (also for rows merged from several runs, --merge)."""
     lines = ["| shape / data | method | fw ratio | fw-bw ratio | extra memory fw / fw-bw |", "|---|---|---|---|---|"]
-    for shape in args.shapes:
-        for regime in args.regimes:
+    for shape in shapes:
+        for regime in regimes:
             for name in methods:
                 sel = {r["part"]: r for r in rows if (r["shape"], r["regime"], r["method"]) == (shape, regime, name)}
                 fw, fb = sel.get("fw", {}), sel.get("fw-bw", {})
-                lines.append(f"| {shape} / {regime} | {name} | {fmt_ratio(fw) if fw else ''} | "
-                             f"{fmt_ratio(fb) if fb else ''} | {fmt_mem(fw)} / {fmt_mem(fb)} |")
+                if fw or fb:
+                    lines.append(f"| {shape} / {regime} | {name} | {fmt_ratio(fw) if fw else ''} | "
+                                 f"{fmt_ratio(fb) if fb else ''} | {fmt_mem(fw)} / {fmt_mem(fb)} |")
     gemms = sorted({(r["shape"], r["regime"], r["gemm_ms"]) for r in rows})
     lines += ["", "cuBLAS bf16 GEMM (the ratios' denominator): " +
               ", ".join(f"{s} / {rg} {ms:.3f} ms" for s, rg, ms in gemms)]
@@ -323,34 +330,39 @@ def part_table(args, methods, out):
 
 
 def plot_ratios(rows, methods, path):
+    """One panel per (part, data regime): bars per method, grouped by shape, log scale."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
 
-    groups = sorted({(r["shape"], r["regime"]) for r in rows})
+    shapes = [s for s in SHAPES if any(r["shape"] == s for r in rows)]
+    regimes = [g for g in REGIMES if any(r["regime"] == g for r in rows)]
+    panels = [(part, regime) for part in ("fw", "fw-bw") for regime in regimes]
     colors = {m: plt.get_cmap("tab20")(i % 20) for i, m in enumerate(methods)}
-    fig, axes = plt.subplots(2, 1, figsize=(max(9, 2.2 * len(groups)) + 3, 9))
-    for ax, part in zip(axes, ("fw", "fw-bw")):
+    fig, axes = plt.subplots(len(panels), 1, figsize=(max(9, 1.9 * len(shapes)) + 3, 3.2 * len(panels)),
+                             squeeze=False)
+    for ax, (part, regime) in zip(axes[:, 0], panels):
         names = [m for m in methods if any(r["method"] == m and r["part"] == part for r in rows)]
         width = 0.8 / max(len(names), 1)
         for i, name in enumerate(names):
-            for j, grp in enumerate(groups):
-                hit = [r for r in rows if (r["shape"], r["regime"]) == grp and r["method"] == name and r["part"] == part]
+            for j, shape in enumerate(shapes):
+                hit = [r for r in rows if (r["shape"], r["regime"], r["method"], r["part"]) == (shape, regime, name, part)]
                 if hit and "ms" in hit[0]:
                     ax.bar(j + i * width, hit[0]["ms"] / hit[0]["gemm_ms"], width, color=colors[name])
                 elif hit:  # failed or out of memory: a cross on the GEMM line
                     ax.plot(j + i * width, 1.0, "x", color=colors[name], markersize=9, mew=2)
-        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(groups))], [f"{s}\n{r}" for s, r in groups], fontsize=8)
-        ax.set_ylabel(f"{part} time / cuBLAS GEMM")
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(shapes))], shapes, fontsize=9)
+        ax.set_ylabel(f"{part} / GEMM")
+        ax.set_title(f"{part}, {regime} data", fontsize=10)
         ax.set_yscale("log")
         ax.axhline(1.0, color="black", lw=0.8)
         ax.legend(handles=[Patch(color=colors[n], label=n) for n in names], fontsize=8, loc="upper left",
                   bbox_to_anchor=(1.01, 1.0))
-    axes[0].set_title("time relative to the same-run bf16 GEMM E·Cᵀ (x: failed or out of memory)")
+    fig.suptitle("time relative to the same-run bf16 GEMM E·Cᵀ (x: failed or out of memory)")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=100)
 
 
 def part_accuracy(args, methods, out):
@@ -489,6 +501,8 @@ def main():
     ap.add_argument("--scaling-regime", default="lm-like")
     ap.add_argument("--budget-shape", default="llama3")
     ap.add_argument("--out", default="compare-out")
+    ap.add_argument("--merge", help="comma list of table.json files from earlier runs: write their joint table.md "
+                                    "and ratios.png to --out (no GPU needed)")
     args = ap.parse_args()
     args.shapes = list(SHAPES) if args.shapes == "all" else args.shapes.split(",")
     args.regimes = args.regimes.split(",")
@@ -503,11 +517,17 @@ def main():
         ap.error(f"unknown part: {unknown}")
     if args.reps < 10:
         ap.error("--reps is at least 10")
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.merge:
+        rows = [r for f in args.merge.split(",") for r in json.loads(pathlib.Path(f).read_text())]
+        (out / "table.json").write_text(json.dumps(rows, indent=1))
+        present = lambda key, order: [x for x in order if any(r[key] == x for r in rows)]
+        write_table(rows, present("shape", SHAPES), present("regime", REGIMES), present("method", methods), out)
+        return 0
     if not torch.cuda.is_available():
         print("compare.py needs a CUDA GPU")
         return 1
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
     for part in args.parts.split(","):
         t0 = time.time()
