@@ -159,10 +159,11 @@ inline std::int64_t filter_tiles(const tile::tile_grid& g, std::int64_t total_cl
   return g.col_tiles() + (total_classes - g.cols);
 }
 
-// Plan for a problem: `bm` x `bn` logit tiles, a workspace budget in bytes (0: the default of the mode).
+// Plan for a problem: `bm` x `bn` logit tiles, a workspace budget in bytes (0: the default of the mode), and the
+// forward grid's target of CTAs per SM (tile::policy::forward_ctas_per_sm).
 template <class T>
 plan make_plan(std::int64_t n, std::int64_t d, std::int64_t v, std::int64_t rank, bool bias, const options& opt,
-               int bm, int bn, const device_info& dev, std::size_t budget) {
+               int bm, int bn, const device_info& dev, std::size_t budget, int forward_ctas_per_sm = 16) {
   plan p;
   p.n = n;
   p.d = d;
@@ -174,9 +175,9 @@ plan make_plan(std::int64_t n, std::int64_t d, std::int64_t v, std::int64_t rank
   p.kahan = opt.accum == accumulation::kahan;
   p.elem_bytes = sizeof(T);
 
-  // Forward: split the vocabulary until the grid holds about 16 CTAs per SM, so that the last partial wave costs
-  // little (with two resident CTAs per SM and 1.2 waves, half the second wave's time is idle).
-  const std::int64_t target_ctas = 16 * std::int64_t(std::max(dev.sm_count, 1));
+  // Forward: split the vocabulary until the grid holds about `forward_ctas_per_sm` CTAs per SM, so that the last
+  // partial wave costs little (with two resident CTAs per SM and 1.2 waves, half the second wave's time is idle).
+  const std::int64_t target_ctas = std::int64_t(std::max(forward_ctas_per_sm, 1)) * std::max(dev.sm_count, 1);
   // (N = 0 has no row tile: one split, and no division by zero.)
   p.splits = std::clamp<std::int64_t>(ceil_div(target_ctas, std::max<std::int64_t>(p.grid.row_tiles(), 1)), 1,
                                       p.grid.col_tiles());
