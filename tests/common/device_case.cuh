@@ -27,7 +27,7 @@ std::vector<G> prefill_as(std::size_t count, std::uint64_t seed) {
   return v;
 }
 
-template <class T, class G>
+template <class T, class G, class Tile = tile::default_policy_t<T>>
 class device_case {
  public:
   // `budget` as in workspace_bytes (0: the mode's default); the upstream gradient is make_grad_loss(cfg).
@@ -63,7 +63,7 @@ class device_case {
     }
   }
 
-  const linear_cross_entropy<T>& op() const { return op_; }
+  const linear_cross_entropy<T, Tile>& op() const { return op_; }
   const problem<T>& device_view() const { return dp_.p; }
   void* saved() const { return saved_->ptr; }
   void* workspace() const { return ws_->ptr; }
@@ -147,7 +147,7 @@ class device_case {
 
  private:
   case_config cfg_;
-  linear_cross_entropy<T> op_;
+  linear_cross_entropy<T, Tile> op_;
   device_problem<T> dp_;
   std::size_t n_;
   device_vector<float> loss_, lse_, entropy_, logprob_;
@@ -161,9 +161,9 @@ class device_case {
 };
 
 // Forward (every output) and backward (every gradient) on the default stream, results on the host.
-template <class T, class G>
+template <class T, class G, class Tile = tile::default_policy_t<T>>
 case_results run_device(const host_problem<T>& h, std::size_t budget, bool with_backward = true) {
-  const device_case<T, G> dc(h, budget);
+  const device_case<T, G, Tile> dc(h, budget);
   dc.reset();
   REQUIRE(dc.forward() == status::success);
   if (with_backward) REQUIRE(dc.backward() == status::success);

@@ -5,6 +5,13 @@
 
 #include <random>
 
+#include <cce/presets/gemma2.hpp>
+#include <cce/presets/gpt2.hpp>
+#include <cce/presets/llama3.hpp>
+#include <cce/presets/mistral_nemo.hpp>
+#include <cce/presets/phi3_5.hpp>
+#include <cce/presets/qwen2_5.hpp>
+
 #include "../common/device_case.cuh"
 
 namespace {
@@ -83,22 +90,27 @@ TEST_CASE("GPU: every data regime at a size with many tiles", "[gpu][regimes]") 
   }
 }
 
-TEST_CASE("GPU: benchmark shapes at a reduced token count", "[gpu][shapes]") {
-  struct shape {
-    std::int64_t d, v;
-    float softcap;
-  };
-  const shape shapes[] = {{2304, 256000, 30.f}, {4096, 128256, 0.f}, {5120, 131072, 0.f},
-                          {3072, 32064, 0.f},   {3584, 152064, 0.f}, {768, 50304, 30.f}};
-  for (const shape& s : shapes) {
-    test::case_config cfg;
-    cfg.n = 3;  // the float64 reference is O(N V D) on one core
-    cfg.d = s.d;
-    cfg.v = s.v;
-    cfg.opts.softcap = s.softcap;
-    cfg.seed = std::uint64_t(s.v);
-    run_case<__nv_bfloat16, __nv_bfloat16>(cfg, 0, test::gradient_check::relative);
-  }
+// Each model's preset policy with the model's recommended options, on the model's shape.
+template <class Preset>
+void run_preset(std::int64_t d, std::int64_t v, const options& opts) {
+  test::case_config cfg;
+  cfg.n = 3;  // the float64 reference is O(N V D) on one core
+  cfg.d = d;
+  cfg.v = v;
+  cfg.opts = opts;
+  cfg.seed = std::uint64_t(v);
+  const auto h = test::make_problem<__nv_bfloat16>(cfg);
+  test::check_case<__nv_bfloat16, __nv_bfloat16>(h, run_device<__nv_bfloat16, __nv_bfloat16, Preset>(h, 0), true,
+                                                 test::gradient_check::relative);
+}
+
+TEST_CASE("GPU: benchmark shapes at a reduced token count, with their presets", "[gpu][shapes]") {
+  run_preset<presets::gemma2>(2304, 256000, presets::gemma2_options());
+  run_preset<presets::llama3>(4096, 128256, presets::llama3_options());
+  run_preset<presets::mistral_nemo>(5120, 131072, presets::mistral_nemo_options());
+  run_preset<presets::phi3_5>(3072, 32064, presets::phi3_5_options());
+  run_preset<presets::qwen2_5>(3584, 152064, presets::qwen2_5_options());
+  run_preset<presets::gpt2>(768, 50304, presets::gpt2_options());
 }
 
 TEST_CASE("GPU: results are bitwise repeatable", "[gpu][determinism]") {
