@@ -101,7 +101,7 @@ struct plan {
   bool kahan = false;
   bool sort = false;             // options::vocab_sort
   bool weights = false;          // class weights are gathered with the sorted chunks
-  std::size_t sort_temp = 0;     // scratch of the device sort (0 on the host)
+  std::size_t sort_temp = 0;     // scratch of the device sort, at least 1 byte with vocab_sort
   std::int64_t mean_splits = 1;  // row splits of the column mean of E
   std::size_t elem_bytes = 2;
   static constexpr int finalise_threads = 256;
@@ -211,7 +211,7 @@ plan make_plan(std::int64_t n, std::int64_t d, std::int64_t v, std::int64_t rank
   p.kahan = opt.accum == accumulation::kahan;
   p.sort = opt.vocab_sort;
   p.weights = weights;
-  p.sort_temp = opt.vocab_sort ? sort_temp : 0;
+  p.sort_temp = opt.vocab_sort ? std::max<std::size_t>(sort_temp, 1) : 0;  // a null scratch means a size query
   p.mean_splits = std::clamp<std::int64_t>(ceil_div(n, mean_rows_per_split), 1, 64);
   p.elem_bytes = sizeof(T);
 
