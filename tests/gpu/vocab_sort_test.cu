@@ -177,7 +177,7 @@ TEST_CASE("GPU: sorting clusters the probable classes, so more tiles are skipped
   cfg.bias = true;
   cfg.seed = 9;
   auto h = test::make_problem<bf16>(cfg);
-  for (std::int64_t k = 0; k < 8; ++k) h.bias[std::size_t(k * 1021 + 5)] = detail::from_float<bf16>(24.f);
+  for (std::int64_t k = 0; k < 8; ++k) h.bias[std::size_t(k * 1021 + 5)] = detail::from_float<bf16>(40.f);
   for (std::int64_t i = 0; i < cfg.n; ++i) {
     h.t64[std::size_t(i)] = (i % 8) * 1021 + 5;
     h.t32[std::size_t(i)] = std::int32_t(h.t64[std::size_t(i)]);
