@@ -165,7 +165,8 @@ class linear_cross_entropy {
 
   detail::plan plan(const problem<T>& p, const device_info& dev, std::size_t budget) const {
     return detail::make_plan<T>(p.n, p.d, p.v, p.lora.rank, p.bias != nullptr, opts_, Tile::bm, Tile::bn, dev,
-                                budget, Tile::forward_ctas_per_sm);
+                                budget, p.class_weights != nullptr,
+                                opts_.vocab_sort ? detail::sort_temp_bytes(p.v) : 0, Tile::forward_ctas_per_sm);
   }
 };
 

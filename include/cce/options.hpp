@@ -40,6 +40,7 @@ struct options {
   std::int64_t shift = 0;       // row (b, t) pairs with target (b, t + shift); needs problem::seq_len
   cce::backward_mode backward_mode = backward_mode::automatic;
   bool hopper_kernels = true;   // sm_90a kernels where compiled in and applicable; false pins the portable path
+  bool vocab_sort = false;      // backward walks the classes by decreasing average logit, so the filter skips more
 
   // `exact` mode: no filter, fixed reduction order, bitwise repeatable.
   static constexpr options exact() noexcept {

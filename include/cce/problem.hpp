@@ -69,6 +69,9 @@ struct gradients {
   G* db = nullptr;     // V x r
   std::int64_t ld_de = 0;
   std::int64_t ld_dc = 0;
+  // Optional, 2 counters (device memory for the GPU): vocabulary tiles (row tile x vocab tile pairs) the backward
+  // computed and skipped by the gradient filter; overwritten by each backward.
+  std::int64_t* filter_tiles = nullptr;
 };
 
 // Upstream gradient of the loss: a device scalar for mean and sum, N values for none; null means 1.

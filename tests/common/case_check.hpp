@@ -27,6 +27,7 @@ struct case_results {
   std::vector<std::uint8_t> correct;
   int error = 0;
   std::vector<float> de, dc, dbias, da, db;
+  std::int64_t filter_tiles[2] = {-1, -1};  // vocabulary tiles the backward computed and skipped
 };
 
 // Bitwise equality of two runs' values (NaN compares by its bits too).

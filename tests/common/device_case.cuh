@@ -43,6 +43,7 @@ class device_case {
         logprob_(n_),
         correct_(n_),
         error_(1),
+        filter_tiles_(2),
         grad_(make_grad_loss(h.cfg)),
         de_(n_ * std::size_t(h.cfg.d)),
         dc_(std::size_t(h.cfg.v * h.cfg.d)),
@@ -87,6 +88,7 @@ class device_case {
     g.dbias = dbias_.ptr;
     g.da = da_.ptr;
     g.db = db_.ptr;
+    g.filter_tiles = filter_tiles_.ptr;
     return g;
   }
 
@@ -141,6 +143,9 @@ class device_case {
       r.dbias = to_float_vector(dbias_.download());
       r.da = to_float_vector(da_.download());
       r.db = to_float_vector(db_.download());
+      const std::vector<std::int64_t> tiles = filter_tiles_.download();
+      r.filter_tiles[0] = tiles[0];
+      r.filter_tiles[1] = tiles[1];
     }
     return r;
   }
@@ -153,6 +158,7 @@ class device_case {
   device_vector<float> loss_, lse_, entropy_, logprob_;
   device_vector<std::uint8_t> correct_;
   device_vector<int> error_;
+  device_vector<std::int64_t> filter_tiles_;
   device_vector<float> grad_;
   device_vector<G> de_, dc_, dbias_, da_, db_;
   std::unique_ptr<device_vector<G>> prefill_[5];  // what accumulating gradients start from

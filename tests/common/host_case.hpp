@@ -68,6 +68,7 @@ case_results run_executor(const host_problem<T>& h, const problem<T>& p, std::si
   g.dbias = cfg.bias ? dbias.data() : nullptr;
   g.da = cfg.rank ? da.data() : nullptr;
   g.db = cfg.rank ? db.data() : nullptr;
+  g.filter_tiles = r.filter_tiles;
   REQUIRE(ex.backward(p, loss_gradient{grad.data()}, g, saved.get(), saved_bytes, ws.get(), ws_bytes) ==
           status::success);
   auto to_f = [](const std::vector<G>& v) {

@@ -52,7 +52,7 @@ struct case_config {
       << " smoothing=" << opts.label_smoothing << " z_loss=" << opts.z_loss << " filter=" << int(opts.filter)
       << " kahan=" << (opts.accum == accumulation::kahan) << " shift=" << opts.shift
       << " ignore_index=" << opts.ignore_index << " accumulate=" << opts.accumulate
-      << " hopper_kernels=" << opts.hopper_kernels;
+      << " hopper_kernels=" << opts.hopper_kernels << " vocab_sort=" << opts.vocab_sort;
     return s.str();
   }
 };

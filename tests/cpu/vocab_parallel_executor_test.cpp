@@ -196,6 +196,26 @@ TEST_CASE("vocab-parallel: R shards match the float64 reference of the whole voc
   }
 }
 
+TEST_CASE("vocab-parallel: every shard's backward sorted", "[vocab-parallel][executor][sort]") {
+  std::mt19937_64 rng(98);
+  for (const auto& offsets : featured_layouts) {
+    for (bool exact : {true, false}) {
+      test::case_config cfg = featured_case(offsets.size() * 10 + exact);
+      cfg.opts.filter = exact ? filter_mode::none : filter_mode::automatic;
+      cfg.opts.deterministic = exact;
+      cfg.opts.label_smoothing = 0.f;  // smoothing turns the filter off
+      cfg.opts.vocab_sort = true;
+      auto h = test::make_problem<__nv_bfloat16>(cfg);
+      for (std::size_t k = 0; k < offsets.size(); ++k) {
+        h.t64[2 * k + 1] = offsets[k] + test::shard_size(offsets, k, cfg.v) - 1;
+        h.t32[2 * k + 1] = std::int32_t(h.t64[2 * k + 1]);
+      }
+      run_case(h, offsets, 0, test::gradient_check::relative, rng);
+      run_case(h, offsets, 1, test::gradient_check::relative, rng);
+    }
+  }
+}
+
 TEST_CASE("vocab-parallel: randomized shapes, options and shard layouts", "[vocab-parallel][executor]") {
   std::mt19937_64 rng(20261126);
   for (int i = 0; i < 400; ++i) {

@@ -87,6 +87,7 @@ status validate_gradients(const problem<T>& p, const gradients<G>& g) {
                         static_cast<const void*>(g.db)}) {
     if (!aligned_to(q, sizeof(G))) return status::misaligned_pointer;
   }
+  if (!aligned_to(g.filter_tiles, sizeof(std::int64_t))) return status::misaligned_pointer;
   return status::success;
 }
 

@@ -9,6 +9,11 @@
 //            Pass 2, per chunk and row block: dZ -> dC_chunk += dZ^T E_block. 5 GEMM-equivalents, O(row_block * D +
 //            chunk * D) memory whatever N and V are.
 // Both visit tiles in a fixed order and own every output element in one CTA per launch: no atomics.
+//
+// Vocabulary sorting (options::vocab_sort): the backward first orders the classes by a key (their average logit
+// over the kept rows, docs/api.md), then walks vocab chunks in that order. Each chunk's classifier rows (and bias,
+// class weights, low-rank B rows) are gathered into chunk buffers so the tile kernels read a contiguous slice;
+// class gradients are scattered back to the original rows by the products' epilogues.
 #pragma once
 
 #include <algorithm>
@@ -59,30 +64,45 @@ struct backward_buffers {
   float* de_comp = nullptr;          // Kahan compensation of de_acc
   float* dc_acc = nullptr;           // chunk_cols x D, minimal mode
   float* dc_comp = nullptr;
-  float* dbias_partial = nullptr;    // row_tiles x chunk_cols
-  float* lora_p = nullptr;           // N x r
-  float* lora_q = nullptr;           // N x r: draw B
-  float* db_acc = nullptr;           // chunk_cols x r: dB carried over row blocks
+  float* dbias_partial = nullptr;  // row_tiles x chunk_cols
+  float* lora_p = nullptr;         // N x r
+  float* lora_q = nullptr;         // N x r: draw B
+  float* db_acc = nullptr;         // chunk_cols x r: dB carried over row blocks
+  // Vocabulary sorting only.
+  float* mean_partial = nullptr;      // mean_splits x (D + 1): column sums of kept rows of E, then their count
+  float* key_inputs = nullptr;        // D + 1 + r: the mean row e_bar, the kept count, then scale * A e_bar
+  float* sort_keys[2] = {};           // V each: the key, and the sort's second buffer
+  std::int32_t* sort_values[2] = {};  // V each: class ids; after the sort one of them is `order`
+  void* sort_temp = nullptr;          // plan::sort_temp bytes of the device sort's scratch
+  std::int32_t* position = nullptr;   // V: class -> sorted position (the inverse of order)
+  T* c_sorted = nullptr;              // chunk_cols x D: the chunk's classifier rows, in walk order
+  T* bias_sorted = nullptr;           // chunk_cols
+  float* weights_sorted = nullptr;    // chunk_cols
+  T* b_sorted = nullptr;              // chunk_cols x r
 };
 
 struct saved_buffers {
-  float* lse = nullptr;         // N
-  float* weight_sum = nullptr;  // 1: sum of w_y over kept rows (the mean's normaliser)
+  float* lse = nullptr;                 // N
+  float* weight_sum = nullptr;          // 1: sum of w_y over kept rows (the mean's normaliser)
   float* class_weight_total = nullptr;  // 1: W = sum_v w_v (V without class weights)
-  float* lse_others = nullptr;    // N: log-sum-exp of the non-target classes (lse for rows without a target)
-  float* tile_max = nullptr;    // row_tiles x col_tiles: max logit of each tile, for the gradient filter
+  float* lse_others = nullptr;          // N: log-sum-exp of the non-target classes (lse for rows without a target)
+  float* tile_max = nullptr;            // row_tiles x col_tiles: max logit of each tile, for the gradient filter
 };
 
 struct plan {
   std::int64_t n = 0, d = 0, v = 0, rank = 0;
-  tile::tile_grid grid{};       // N x V in bm x bn tiles
-  std::int64_t splits = 1;      // forward vocab splits
+  tile::tile_grid grid{};   // N x V in bm x bn tiles
+  std::int64_t splits = 1;  // forward vocab splits
   backward_mode mode = backward_mode::chunked;
   std::int64_t row_block = 0;   // rows per backward row block (multiple of bm unless it is N)
   std::int64_t chunk_cols = 0;  // classes per backward chunk (multiple of bn)
   bool filter = false;
   bool bias = false;
   bool kahan = false;
+  bool sort = false;             // options::vocab_sort
+  bool weights = false;          // class weights are gathered with the sorted chunks
+  std::size_t sort_temp = 0;     // scratch of the device sort, at least 1 byte with vocab_sort
+  std::int64_t mean_splits = 1;  // row splits of the column mean of E
   std::size_t elem_bytes = 2;
   static constexpr int finalise_threads = 256;
 
@@ -135,6 +155,18 @@ struct plan {
     b.dbias_partial = c.take<float>(bias ? grid.row_tiles() * chunk_cols : 0);
     b.lora_p = c.take<float>(n * rank);
     b.lora_q = c.take<float>(n * rank);
+    if (sort) {
+      b.mean_partial = c.take<float>(mean_splits * (d + 1));
+      b.key_inputs = c.take<float>(d + 1 + rank);
+      for (int i = 0; i < 2; ++i) b.sort_keys[i] = c.take<float>(v);
+      for (int i = 0; i < 2; ++i) b.sort_values[i] = c.take<std::int32_t>(v);
+      b.sort_temp = c.take<unsigned char>(sort_temp);
+      b.position = c.take<std::int32_t>(v);
+      b.c_sorted = c.take<T>(chunk_cols * d);
+      b.bias_sorted = c.take<T>(bias ? chunk_cols : 0);
+      b.weights_sorted = c.take<float>(weights ? chunk_cols : 0);
+      b.b_sorted = c.take<T>(chunk_cols * rank);
+    }
     if (bytes) *bytes = c.bytes();
     return b;
   }
@@ -159,11 +191,17 @@ inline std::int64_t filter_tiles(const tile::tile_grid& g, std::int64_t total_cl
   return g.col_tiles() + (total_classes - g.cols);
 }
 
-// Plan for a problem: `bm` x `bn` logit tiles, a workspace budget in bytes (0: the default of the mode), and the
-// forward grid's target of CTAs per SM (tile::policy::forward_ctas_per_sm).
+// Rows each block of the column mean of E sums (the split count is fixed by N, so the sum order is too).
+inline constexpr std::int64_t mean_rows_per_split = 512;
+
+// Plan for a problem: `bm` x `bn` logit tiles, a workspace budget in bytes (0: the default of the mode).
+// `weights`: the problem has class weights; `sort_temp`: bytes of the device sort's scratch for V keys (what the
+// GPU path's sort asks for; 0 on the host), used with options::vocab_sort; `forward_ctas_per_sm`: the forward
+// grid's target (tile::policy::forward_ctas_per_sm).
 template <class T>
-plan make_plan(std::int64_t n, std::int64_t d, std::int64_t v, std::int64_t rank, bool bias, const options& opt,
-               int bm, int bn, const device_info& dev, std::size_t budget, int forward_ctas_per_sm = 16) {
+plan make_plan(std::int64_t n, std::int64_t d, std::int64_t v, std::int64_t rank, bool bias, const options& opt, int bm,
+               int bn, const device_info& dev, std::size_t budget, bool weights = false, std::size_t sort_temp = 0,
+               int forward_ctas_per_sm = 16) {
   plan p;
   p.n = n;
   p.d = d;
@@ -173,6 +211,10 @@ plan make_plan(std::int64_t n, std::int64_t d, std::int64_t v, std::int64_t rank
   p.filter = opt.filter != filter_mode::none;
   p.bias = bias;
   p.kahan = opt.accum == accumulation::kahan;
+  p.sort = opt.vocab_sort;
+  p.weights = weights;
+  p.sort_temp = opt.vocab_sort ? std::max<std::size_t>(sort_temp, 1) : 0;  // a null scratch means a size query
+  p.mean_splits = std::clamp<std::int64_t>(ceil_div(n, mean_rows_per_split), 1, 64);
   p.elem_bytes = sizeof(T);
 
   // Forward: split the vocabulary until the grid holds about `forward_ctas_per_sm` CTAs per SM, so that the last

@@ -17,6 +17,7 @@
 #include <cce/kernel/portable/forward.cuh>
 #include <cce/kernel/portable/grad_gemm.cuh>
 #include <cce/kernel/portable/row_kernels.cuh>
+#include <cce/kernel/portable/vocab_sort.cuh>
 #include <cce/problem.hpp>
 #include <cce/status.hpp>
 
@@ -113,44 +114,55 @@ class portable_path {
       if (p_.n > 0) CCE_TRY(lora_project(bw.lora_p, stream));
       if (cudaMemsetAsync(bw.lora_q, 0, sizeof(float) * p_.n * p_.lora.rank, stream) != cudaSuccess) return status::cuda_error;
     }
+    auto* counts = reinterpret_cast<unsigned long long*>(out.filter_tiles);
+    if (counts && cudaMemsetAsync(counts, 0, 2 * sizeof(unsigned long long), stream) != cudaSuccess) {
+      return status::cuda_error;
+    }
+    const std::int32_t* order = nullptr;  // sorted position -> class
+    if (pl_.sort) CCE_TRY(sort_vocabulary(bw, order, stream));
     const std::int64_t block_rows = std::min(pl_.row_block, p_.n);
     const std::int64_t ld_de = out.ld_de ? out.ld_de : p_.d, ld_dc = out.ld_dc ? out.ld_dc : p_.d;
-    auto chunk = [&](std::int64_t ch) {
-      const std::int64_t v0 = ch * pl_.chunk_cols;
-      return std::pair<std::int64_t, std::int64_t>{v0, std::min(pl_.chunk_cols, p_.v - v0)};
+    // The classes of chunk `ch`: the problem's own rows, or (sorted) the chunk's gathered rows.
+    auto chunk = [&](std::int64_t ch, vocab_slice& s) -> status {
+      s.v0 = ch * pl_.chunk_cols;
+      s.cols = std::min(pl_.chunk_cols, p_.v - s.v0);
+      return pl_.sort ? gather(bw, order, s, stream) : status::success;
     };
     if (pl_.mode == backward_mode::chunked) {
       for (std::int64_t ch = 0; ch < pl_.chunks(); ++ch) {
-        const auto [v0, cols] = chunk(ch);
-        CCE_TRY(dlogits(sv, bw, 0, p_.n, v0, cols, stream));
-        if (p_.has_lora()) CCE_TRY(lora_q_update(bw, 0, p_.n, v0, cols, stream));
+        vocab_slice s = own_classes();
+        CCE_TRY(chunk(ch, s));
+        CCE_TRY(dlogits(sv, bw, s, 0, p_.n, counts, stream));
+        if (p_.has_lora()) CCE_TRY(lora_q_update(bw, s, 0, p_.n, stream));
         const bool last = ch + 1 == pl_.chunks();
-        if (out.de) CCE_TRY(de_product(bw, out.de, ld_de, 0, p_.n, v0, cols, ch == 0, last, stream));
-        if (out.dc) CCE_TRY(dc_product(bw, out.dc, ld_dc, 0, p_.n, v0, cols, true, true, stream));
-        if (out.dbias) CCE_TRY(dbias_sum(bw, out.dbias, v0, cols, stream));
-        if (out.db) CCE_TRY(db_product(bw, out.db, 0, p_.n, v0, cols, true, true, stream));
+        if (out.de) CCE_TRY(de_product(bw, s, out.de, ld_de, 0, p_.n, ch == 0, last, stream));
+        if (out.dc) CCE_TRY(dc_product(bw, s, out.dc, ld_dc, 0, p_.n, true, true, stream));
+        if (out.dbias) CCE_TRY(dbias_sum(bw, s, out.dbias, stream));
+        if (out.db) CCE_TRY(db_product(bw, s, out.db, 0, p_.n, true, true, stream));
       }
     } else {
       for (std::int64_t r0 = 0; r0 < p_.n; r0 += block_rows) {  // pass 1: dE (and the low-rank q)
         const std::int64_t rows = std::min(block_rows, p_.n - r0);
         for (std::int64_t ch = 0; ch < pl_.chunks(); ++ch) {
-          const auto [v0, cols] = chunk(ch);
-          CCE_TRY(dlogits(sv, bw, r0, rows, v0, cols, stream));
-          if (p_.has_lora()) CCE_TRY(lora_q_update(bw, r0, rows, v0, cols, stream));
-          if (out.de) CCE_TRY(de_product(bw, out.de, ld_de, r0, rows, v0, cols, ch == 0, ch + 1 == pl_.chunks(), stream));
+          vocab_slice s = own_classes();
+          CCE_TRY(chunk(ch, s));
+          CCE_TRY(dlogits(sv, bw, s, r0, rows, counts, stream));
+          if (p_.has_lora()) CCE_TRY(lora_q_update(bw, s, r0, rows, stream));
+          if (out.de) CCE_TRY(de_product(bw, s, out.de, ld_de, r0, rows, ch == 0, ch + 1 == pl_.chunks(), stream));
         }
       }
       if (out.dc || out.dbias || out.db) {
-        for (std::int64_t ch = 0; ch < pl_.chunks(); ++ch) {  // pass 2: dC, dBias, dB
-          const auto [v0, cols] = chunk(ch);
+        for (std::int64_t ch = 0; ch < pl_.chunks(); ++ch) {  // pass 2: dC, dBias, dB (tiles counted in pass 1)
+          vocab_slice s = own_classes();
+          CCE_TRY(chunk(ch, s));
           for (std::int64_t r0 = 0; r0 < p_.n; r0 += block_rows) {
             const std::int64_t rows = std::min(block_rows, p_.n - r0);
             const bool first = r0 == 0, last = r0 + rows == p_.n;
-            CCE_TRY(dlogits(sv, bw, r0, rows, v0, cols, stream));
-            if (out.dc) CCE_TRY(dc_product(bw, out.dc, ld_dc, r0, rows, v0, cols, first, last, stream));
-            if (out.db) CCE_TRY(db_product(bw, out.db, r0, rows, v0, cols, first, last, stream));
+            CCE_TRY(dlogits(sv, bw, s, r0, rows, nullptr, stream));
+            if (out.dc) CCE_TRY(dc_product(bw, s, out.dc, ld_dc, r0, rows, first, last, stream));
+            if (out.db) CCE_TRY(db_product(bw, s, out.db, r0, rows, first, last, stream));
           }
-          if (out.dbias) CCE_TRY(dbias_sum(bw, out.dbias, v0, cols, stream));
+          if (out.dbias) CCE_TRY(dbias_sum(bw, s, out.dbias, stream));
         }
       }
     }
@@ -166,6 +178,128 @@ class portable_path {
   bool hopper_;
 
   target_reader labels() const { return make_target_reader(p_, o_); }
+
+  // Where the kernels read a vocab chunk's classes [v0, v0 + cols) of the walk from, and where its class gradients
+  // go. c, bias, weights and lora_b hold column `base` in their row 0: the problem's own arrays (base 0) or, in the
+  // sorted walk, the chunk's gathered copies (base v0), whose gradients are scattered to `classes` (order + v0).
+  struct vocab_slice {
+    std::int64_t v0 = 0, cols = 0;
+    std::int64_t base = 0;
+    const T* c = nullptr;
+    std::int64_t ldc = 0, rows = 0;  // rows the c pointer holds
+    const T* bias = nullptr;
+    const float* weights = nullptr;
+    const T* lora_b = nullptr;
+    std::int64_t ldb = 0;
+    const std::int32_t* classes = nullptr;  // class of walk column v0 + j, null: v0 + j itself
+
+    const T* c_rows() const { return c + (v0 - base) * ldc; }
+    const T* b_rows() const { return lora_b + (v0 - base) * ldb; }
+  };
+
+  vocab_slice own_classes() const {
+    vocab_slice s;
+    s.c = p_.c;
+    s.ldc = p_.c_stride();
+    s.rows = p_.v;
+    s.bias = p_.bias;
+    s.weights = shard_class_weights();
+    s.lora_b = p_.lora.b;
+    s.ldb = p_.b_stride();
+    return s;
+  }
+
+  // The sort key of every class (vocab_sort.cuh), the stable descending sort into `order`, its inverse, and the
+  // rows' targets as sorted positions.
+  status sort_vocabulary(const backward_buffers<T>& bw, const std::int32_t*& order, cudaStream_t stream) const {
+    const std::int64_t d = p_.d, v = p_.v, rank = p_.lora.rank;
+    float* e_bar = bw.key_inputs;
+    if (p_.n > 0) {
+      const dim3 grid(blocks_for(d + 1, 128), unsigned(pl_.mean_splits));
+      column_sum_kernel<T>
+          <<<grid, 128, 0, stream>>>(p_.e, p_.e_stride(), p_.n, d, bw.coef, pl_.mean_splits, bw.mean_partial);
+      CCE_TRY(launch_status());
+      column_mean_kernel<<<blocks_for(d + 1, 128), 128, 0, stream>>>(bw.mean_partial, d, pl_.mean_splits, e_bar);
+      CCE_TRY(launch_status());
+    } else if (cudaMemsetAsync(e_bar, 0, sizeof(float) * (d + 1), stream) != cudaSuccess) {
+      return status::cuda_error;
+    }
+    float* lora_u = e_bar + d + 1;
+    if (rank > 0) {  // u = scale * A e_bar
+      thin_product<T, float, float> t;
+      t.a = p_.lora.a;
+      t.a_m = p_.a_stride();
+      t.a_k = 1;
+      t.b = e_bar;
+      t.b_k = 1;
+      t.b_n = 0;
+      t.m = rank;
+      t.n = 1;
+      t.k = d;
+      t.alpha = p_.lora.scale;
+      t.out = lora_u;
+      t.out_m = 1;
+      CCE_TRY(launch_thin(t, stream));
+    }
+    sort_key_params<T> kp;
+    kp.c = p_.c;
+    kp.ldc = p_.c_stride();
+    kp.v = v;
+    kp.d = d;
+    kp.e_bar = e_bar;
+    kp.bias = p_.bias;
+    kp.lora_b = p_.lora.b;
+    kp.lora_u = lora_u;
+    kp.rank = rank;
+    kp.ldb = p_.b_stride();
+    kp.keys = bw.sort_keys[0];
+    kp.classes = bw.sort_values[0];
+    sort_key_kernel<T><<<blocks_for(v * 32, 256), 256, 0, stream>>>(kp);
+    CCE_TRY(launch_status());
+    cub::DoubleBuffer<float> keys(bw.sort_keys[0], bw.sort_keys[1]);
+    cub::DoubleBuffer<std::int32_t> values(bw.sort_values[0], bw.sort_values[1]);
+    std::size_t temp = pl_.sort_temp;
+    if (cub::DeviceRadixSort::SortPairsDescending(bw.sort_temp, temp, keys, values, int(v), 0, int(sizeof(float) * 8),
+                                                  stream) != cudaSuccess) {
+      return status::cuda_error;
+    }
+    order = values.Current();
+    invert_order_kernel<<<blocks_for(v, 256), 256, 0, stream>>>(order, v, bw.position);
+    CCE_TRY(launch_status());
+    if (p_.n == 0) return status::success;
+    sorted_targets_kernel<<<blocks_for(p_.n, 256), 256, 0, stream>>>(bw.coef, p_.n, bw.position);
+    return launch_status();
+  }
+
+  // The sorted walk's chunk s: its classes' rows gathered into the chunk buffers.
+  status gather(const backward_buffers<T>& bw, const std::int32_t* order, vocab_slice& s, cudaStream_t stream) const {
+    gather_params<T> g;
+    g.classes = order + s.v0;
+    g.cols = s.cols;
+    g.d = p_.d;
+    g.c = p_.c;
+    g.ldc = p_.c_stride();
+    g.bias = p_.bias;
+    g.weights = shard_class_weights();
+    g.lora_b = p_.lora.b;
+    g.rank = p_.lora.rank;
+    g.ldb = p_.b_stride();
+    g.c_out = bw.c_sorted;
+    g.bias_out = p_.bias ? bw.bias_sorted : nullptr;
+    g.weights_out = g.weights ? bw.weights_sorted : nullptr;
+    g.b_out = bw.b_sorted;
+    gather_classes_kernel<T><<<unsigned(s.cols), 128, 0, stream>>>(g);
+    s.base = s.v0;
+    s.c = bw.c_sorted;
+    s.ldc = p_.d;
+    s.rows = s.cols;
+    s.bias = g.bias_out;
+    s.weights = g.weights_out;
+    s.lora_b = bw.b_sorted;
+    s.ldb = p_.lora.rank;
+    s.classes = g.classes;
+    return launch_status();
+  }
   // Class weights as the tile kernels index them: by the problem's own columns.
   const float* shard_class_weights() const { return p_.class_weights ? p_.class_weights + p_.shard.offset : nullptr; }
 
@@ -247,18 +381,26 @@ class portable_path {
     return launch_thin(t, stream);
   }
 
-  status dlogits(const saved_buffers& sv, const backward_buffers<T>& bw, std::int64_t r0, std::int64_t rows,
-                 std::int64_t v0, std::int64_t cols, cudaStream_t stream) const {
+  // dZ of rows [r0, r0 + rows) and the slice's classes, with the filter's tile flags (counted into `counts`).
+  status dlogits(const saved_buffers& sv, const backward_buffers<T>& bw, const vocab_slice& s, std::int64_t r0,
+                 std::int64_t rows, unsigned long long* counts, cudaStream_t stream) const {
+    const std::int64_t v0 = s.v0, cols = s.cols;
     dlogit_params<T> prm;
     prm.e = {p_.e, p_.e_stride(), p_.n, p_.d};
-    prm.c = {p_.c, p_.c_stride(), p_.v, p_.d};
+    prm.c = {s.c, s.ldc, s.rows, p_.d};
     prm.terms = terms(bw.lora_p);
-    prm.class_weights = shard_class_weights();
+    prm.terms.bias = s.bias;
+    prm.terms.lora_b = s.lora_b;
+    prm.terms.ldb = s.ldb;
+    prm.class_weights = s.weights;
+    prm.col_base = s.base;
     prm.coef = bw.coef;
     prm.grid = pl_.grid;
-    // Smoothing spreads gradient over every class: no tile is negligible then.
+    // Smoothing spreads gradient over every class: no tile is negligible then. The sorted walk's tiles are not
+    // the forward's: their max logit is taken from the recomputed tile.
     const bool filter = pl_.filter && o_.label_smoothing == 0.f;
-    prm.tile_max = filter ? sv.tile_max : nullptr;
+    prm.tile_max = filter && !pl_.sort ? sv.tile_max : nullptr;
+    prm.filter_in_tile = filter && pl_.sort;
     const float eps = o_.filter == filter_mode::threshold ? o_.filter_eps : filter::auto_eps<T>();
     prm.filter = filter::mass_threshold::make(eps, pl_.grid.bn, filter_tiles(pl_.grid, p_.total_classes()));
     prm.row0 = r0;
@@ -267,7 +409,10 @@ class portable_path {
     prm.dz = bw.dz;
     prm.active = bw.active;
     prm.dbias_partial = bw.dbias_partial;
-    if (hopper_) return sm90::launch_dlogits(prm, rows, cols, stream);
+    prm.tile_counts = counts;
+    // The sm_90a kernel takes its flags from the forward's maxima before loading; the sorted walk runs the
+    // portable kernel, which decides from the recomputed tile (docs/api.md).
+    if (hopper_ && !pl_.sort) return sm90::launch_dlogits(prm, rows, cols, stream);
     const dim3 grid(unsigned(ceil_div(rows, Policy::bm)), unsigned(ceil_div(cols, Policy::bn)));
     return vec_ ? launch_tile_kernel(dlogit_kernel<T, Policy, true>, grid, Policy::threads, dz_smem, stream, prm)
                 : launch_tile_kernel(dlogit_kernel<T, Policy, false>, grid, Policy::threads, dz_smem, stream, prm);
@@ -291,13 +436,14 @@ class portable_path {
                                      loop::smem_bytes, stream, prm);
   }
 
-  // dE[r0 : r0 + rows] (+)= dZ C[v0 : v0 + cols] (+ scale * q A on the last chunk).
+  // dE[r0 : r0 + rows] (+)= dZ C[slice] (+ scale * q A on the last chunk).
   template <class G>
-  status de_product(const backward_buffers<T>& bw, G* de, std::int64_t ld, std::int64_t r0, std::int64_t rows,
-                    std::int64_t v0, std::int64_t cols, bool first, bool last, cudaStream_t stream) const {
+  status de_product(const backward_buffers<T>& bw, const vocab_slice& s, G* de, std::int64_t ld, std::int64_t r0,
+                    std::int64_t rows, bool first, bool last, cudaStream_t stream) const {
+    const std::int64_t cols = s.cols;
     grad_gemm_params<T, G, Policy::bm> prm;
     prm.a = {bw.dz, pl_.chunk_cols, rows, pl_.chunk_cols};
-    prm.b = {p_.c + v0 * p_.c_stride(), p_.c_stride(), p_.d, cols};
+    prm.b = {s.c_rows(), s.ldc, p_.d, cols};
     prm.m = rows;
     prm.n = p_.d;
     prm.k = cols;
@@ -319,10 +465,11 @@ class portable_path {
     return gemm<G, major::k, major::mn>(prm, stream);
   }
 
-  // dC[v0 : v0 + cols] (+)= dZ^T E[r0 : r0 + rows].
+  // dC[slice's classes] (+)= dZ^T E[r0 : r0 + rows].
   template <class G>
-  status dc_product(const backward_buffers<T>& bw, G* dc, std::int64_t ld, std::int64_t r0, std::int64_t rows,
-                    std::int64_t v0, std::int64_t cols, bool first, bool last, cudaStream_t stream) const {
+  status dc_product(const backward_buffers<T>& bw, const vocab_slice& s, G* dc, std::int64_t ld, std::int64_t r0,
+                    std::int64_t rows, bool first, bool last, cudaStream_t stream) const {
+    const std::int64_t cols = s.cols;
     grad_gemm_params<T, G, Policy::bm> prm;
     prm.a = {bw.dz, pl_.chunk_cols, pl_.chunk_cols, rows};
     prm.b = {p_.e + r0 * p_.e_stride(), p_.e_stride(), p_.d, rows};
@@ -336,16 +483,17 @@ class portable_path {
     prm.first = first;
     prm.last = last;
     prm.accumulate = o_.accumulate;
-    prm.out = dc + v0 * ld;
+    prm.out = s.classes ? dc : dc + s.v0 * ld;
+    prm.out_rows = s.classes;
     prm.ld_out = ld;
     return gemm<G, major::mn, major::mn>(prm, stream);
   }
 
   template <class G>
-  status dbias_sum(const backward_buffers<T>& bw, G* dbias, std::int64_t v0, std::int64_t cols,
-                   cudaStream_t stream) const {
-    dbias_kernel<G><<<blocks_for(cols, 256), 256, 0, stream>>>(bw.dbias_partial, pl_.grid.row_tiles(),
-                                                                pl_.chunk_cols, cols, o_.accumulate, dbias + v0);
+  status dbias_sum(const backward_buffers<T>& bw, const vocab_slice& s, G* dbias, cudaStream_t stream) const {
+    dbias_kernel<G><<<blocks_for(s.cols, 256), 256, 0, stream>>>(bw.dbias_partial, pl_.grid.row_tiles(), pl_.chunk_cols,
+                                                                 s.cols, o_.accumulate,
+                                                                 s.classes ? dbias : dbias + s.v0, s.classes);
     return launch_status();
   }
 
@@ -361,14 +509,15 @@ class portable_path {
     return t;
   }
 
-  // lora_q[r0 : r0 + rows] += dZ B[v0 : v0 + cols].
-  status lora_q_update(const backward_buffers<T>& bw, std::int64_t r0, std::int64_t rows, std::int64_t v0,
-                       std::int64_t cols, cudaStream_t stream) const {
+  // lora_q[r0 : r0 + rows] += dZ B[slice].
+  status lora_q_update(const backward_buffers<T>& bw, const vocab_slice& s, std::int64_t r0, std::int64_t rows,
+                       cudaStream_t stream) const {
+    const std::int64_t cols = s.cols;
     thin_product<T, T, float> t = over_dz<T>(bw);
     t.a_m = pl_.chunk_cols;
     t.a_k = 1;
-    t.b = p_.lora.b + v0 * p_.b_stride();
-    t.b_k = p_.b_stride();
+    t.b = s.b_rows();
+    t.b_k = s.ldb;
     t.b_n = 1;
     t.m = rows;
     t.n = p_.lora.rank;
@@ -382,8 +531,9 @@ class portable_path {
   // dB[v0 : v0 + cols] (+)= dZ^T lora_p[r0 : r0 + rows], carried in fp32 over row blocks and folded into the
   // output after the last one.
   template <class G>
-  status db_product(const backward_buffers<T>& bw, G* db, std::int64_t r0, std::int64_t rows, std::int64_t v0,
-                    std::int64_t cols, bool first, bool last, cudaStream_t stream) const {
+  status db_product(const backward_buffers<T>& bw, const vocab_slice& s, G* db, std::int64_t r0, std::int64_t rows,
+                    bool first, bool last, cudaStream_t stream) const {
+    const std::int64_t cols = s.cols;
     thin_product<T, float, float> t = over_dz<float>(bw);
     t.a_transposed = true;
     t.a_m = 1;
@@ -400,7 +550,9 @@ class portable_path {
     CCE_TRY(launch_thin(t, stream));
     if (!last) return status::success;
     const std::int64_t count = cols * p_.lora.rank;
-    fold_kernel<G><<<blocks_for(count, 256), 256, 0, stream>>>(bw.db_acc, count, o_.accumulate, db + v0 * p_.lora.rank);
+    G* out = s.classes ? db : db + s.v0 * p_.lora.rank;
+    fold_kernel<G>
+        <<<blocks_for(count, 256), 256, 0, stream>>>(bw.db_acc, count, o_.accumulate, out, s.classes, p_.lora.rank);
     return launch_status();
   }
 

@@ -36,7 +36,8 @@ class tiled_executor {
       : opt_(opt), bm_(bm), bn_(bn), dev_(dev) {}
 
   detail::plan plan_for(const problem<T>& p, std::size_t budget) const {
-    return detail::make_plan<T>(p.n, p.d, p.v, p.lora.rank, p.bias != nullptr, opt_, bm_, bn_, dev_, budget);
+    return detail::make_plan<T>(p.n, p.d, p.v, p.lora.rank, p.bias != nullptr, opt_, bm_, bn_, dev_, budget,
+                                p.class_weights != nullptr);
   }
   std::size_t saved_bytes(const problem<T>& p) const { return plan_for(p, 0).saved_bytes(); }
   std::size_t workspace_bytes(const problem<T>& p, std::size_t budget = 0) const {
@@ -136,39 +137,50 @@ class tiled_executor {
       lora_project(p, bw.lora_p);
       std::fill(bw.lora_q, bw.lora_q + p.n * p.lora.rank, 0.f);
     }
+    std::int64_t* counts = out.filter_tiles;
+    if (counts) counts[0] = counts[1] = 0;
+    const std::int32_t* order = pl.sort ? sort_vocabulary(p, pl, bw) : nullptr;
     const std::int64_t ld_de = out.ld_de ? out.ld_de : p.d, ld_dc = out.ld_dc ? out.ld_dc : p.d;
     const std::int64_t block_rows = std::min(pl.row_block, p.n);
+    std::vector<float> gathered;  // the sorted chunk's classifier rows in fp32
+    auto chunk = [&](std::int64_t ch) {
+      vocab_slice s = own_classes(p, x);
+      s.v0 = ch * pl.chunk_cols;
+      s.cols = std::min(pl.chunk_cols, p.v - s.v0);
+      if (pl.sort) gather(p, bw, order, s, gathered);
+      return s;
+    };
 
     if (pl.mode == backward_mode::chunked) {
       for (std::int64_t ch = 0; ch < pl.chunks(); ++ch) {
-        const std::int64_t v0 = ch * pl.chunk_cols, cols = std::min(pl.chunk_cols, p.v - v0);
-        compute_dz(p, x, pl, sv, bw, 0, p.n, v0, cols);
-        if (p.has_lora()) lora_accumulate_q(p, pl, bw, 0, p.n, v0, cols);
-        if (out.de) de_update(p, x, pl, bw, out, ld_de, 0, p.n, v0, cols, ch == 0, ch + 1 == pl.chunks());
-        if (out.dc) dc_update(p, x, pl, bw, out, ld_dc, 0, p.n, v0, cols, true, true);
-        if (out.dbias) dbias_update(pl, bw, out, v0, cols);
-        if (out.db) db_update(p, pl, bw, out, 0, p.n, v0, cols, true, true);
+        const vocab_slice s = chunk(ch);
+        compute_dz(p, x, s, pl, sv, bw, 0, p.n, counts);
+        if (p.has_lora()) lora_accumulate_q(p, s, pl, bw, 0, p.n);
+        if (out.de) de_update(p, s, pl, bw, out, ld_de, 0, p.n, ch == 0, ch + 1 == pl.chunks());
+        if (out.dc) dc_update(p, x, s, pl, bw, out, ld_dc, 0, p.n, true, true);
+        if (out.dbias) dbias_update(s, pl, bw, out);
+        if (out.db) db_update(p, s, pl, bw, out, 0, p.n, true, true);
       }
     } else {
       for (std::int64_t r0 = 0; r0 < p.n; r0 += block_rows) {  // pass 1: dE
         const std::int64_t rows = std::min(block_rows, p.n - r0);
         for (std::int64_t ch = 0; ch < pl.chunks(); ++ch) {
-          const std::int64_t v0 = ch * pl.chunk_cols, cols = std::min(pl.chunk_cols, p.v - v0);
-          compute_dz(p, x, pl, sv, bw, r0, rows, v0, cols);
-          if (p.has_lora()) lora_accumulate_q(p, pl, bw, r0, rows, v0, cols);
-          if (out.de) de_update(p, x, pl, bw, out, ld_de, r0, rows, v0, cols, ch == 0, ch + 1 == pl.chunks());
+          const vocab_slice s = chunk(ch);
+          compute_dz(p, x, s, pl, sv, bw, r0, rows, counts);
+          if (p.has_lora()) lora_accumulate_q(p, s, pl, bw, r0, rows);
+          if (out.de) de_update(p, s, pl, bw, out, ld_de, r0, rows, ch == 0, ch + 1 == pl.chunks());
         }
       }
-      for (std::int64_t ch = 0; ch < pl.chunks(); ++ch) {  // pass 2: dC, dBias, dB
-        const std::int64_t v0 = ch * pl.chunk_cols, cols = std::min(pl.chunk_cols, p.v - v0);
+      for (std::int64_t ch = 0; ch < pl.chunks(); ++ch) {  // pass 2: dC, dBias, dB (tiles counted in pass 1)
+        const vocab_slice s = chunk(ch);
         for (std::int64_t r0 = 0; r0 < p.n; r0 += block_rows) {
           const std::int64_t rows = std::min(block_rows, p.n - r0);
           const bool first = r0 == 0, last = r0 + rows == p.n;
-          compute_dz(p, x, pl, sv, bw, r0, rows, v0, cols);
-          if (out.dc) dc_update(p, x, pl, bw, out, ld_dc, r0, rows, v0, cols, first, last);
-          if (out.db) db_update(p, pl, bw, out, r0, rows, v0, cols, first, last);
+          compute_dz(p, x, s, pl, sv, bw, r0, rows, nullptr);
+          if (out.dc) dc_update(p, x, s, pl, bw, out, ld_dc, r0, rows, first, last);
+          if (out.db) db_update(p, s, pl, bw, out, r0, rows, first, last);
         }
-        if (out.dbias) dbias_update(pl, bw, out, v0, cols);
+        if (out.dbias) dbias_update(s, pl, bw, out);
       }
     }
     if (out.da) da_update(p, bw, out);
@@ -207,7 +219,7 @@ class tiled_executor {
         const std::int64_t ct_end = tile::split_begin(g.col_tiles(), pl.splits, split + 1);
         std::vector<row_partial> part(std::size_t(g.bm));
         for (std::int64_t ct = ct_begin; ct < ct_end; ++ct) {
-          tile_logits(p, x, fw.lora_p, g, rt, ct, logits);
+          tile_logits(p, x, own_classes(p, x), fw.lora_p, g, rt, ct, logits);
           float tile_max = -detail::inf_f();
           for (std::int64_t r = 0; r < g.rows_in(rt); ++r) {
             const std::int64_t row = g.row_begin(rt) + r;
@@ -302,6 +314,115 @@ class tiled_executor {
     return x;
   }
 
+  // Where a vocab chunk's classes [v0, v0 + cols) of the walk are read from and their gradients written to, as
+  // in the GPU path (dispatch/portable.cuh): c (dense fp32, D per row), bias, weights and lora_b hold column `base`
+  // in their row 0: the problem's own arrays (base 0) or the sorted chunk's gathered copies (base v0), whose
+  // gradients go to the classes `classes` names.
+  struct vocab_slice {
+    std::int64_t v0 = 0, cols = 0, base = 0;
+    const float* c = nullptr;
+    const T* bias = nullptr;
+    const float* weights = nullptr;
+    const T* lora_b = nullptr;
+    std::int64_t ldb = 0;
+    const std::int32_t* classes = nullptr;  // class of walk column v0 + j, null: v0 + j itself
+
+    const float* c_row(std::int64_t col, std::int64_t d) const { return c + (col - base) * d; }
+    float weight(std::int64_t col) const { return weights ? weights[col - base] : 1.f; }
+    std::int64_t class_of(std::int64_t col) const { return classes ? classes[col - v0] : col; }
+    logit_terms<T> terms(logit_terms<T> t) const {
+      t.bias = bias;
+      t.lora_b = lora_b;
+      t.ldb = ldb;
+      return t;
+    }
+  };
+
+  static vocab_slice own_classes(const problem<T>& p, const dense_inputs& x) {
+    vocab_slice s;
+    s.cols = p.v;
+    s.c = x.c.data();
+    s.bias = p.bias;
+    s.weights = p.class_weights ? p.class_weights + p.shard.offset : nullptr;
+    s.lora_b = p.lora.b;
+    s.ldb = p.b_stride();
+    return s;
+  }
+
+  // The sort key of every class (kernel/portable/vocab_sort.cuh: the average logit over the kept rows, without
+  // softcap and temperature), the stable descending order, its inverse and the targets as sorted positions.
+  // Returns the order (sorted position -> class).
+  const std::int32_t* sort_vocabulary(const problem<T>& p, const detail::plan& pl,
+                                      const detail::backward_buffers<T>& bw) const {
+    const std::int64_t d = p.d, v = p.v, rank = p.lora.rank;
+    for (std::int64_t k = 0; k < pl.mean_splits; ++k) {  // column sums per row split, then the kept count
+      const std::int64_t r0 = tile::split_begin(p.n, pl.mean_splits, k),
+                         r1 = tile::split_begin(p.n, pl.mean_splits, k + 1);
+      for (std::int64_t col = 0; col <= d; ++col) {
+        float sum = 0.f;
+        for (std::int64_t row = r0; row < r1; ++row) {
+          if (bw.coef[row].kept) sum += col < d ? load(p.e, row * p.e_stride() + col) : 1.f;
+        }
+        bw.mean_partial[k * (d + 1) + col] = sum;
+      }
+    }
+    float* e_bar = bw.key_inputs;
+    for (std::int64_t col = 0; col <= d; ++col) {
+      float sum = 0.f, count = 0.f;
+      for (std::int64_t k = 0; k < pl.mean_splits; ++k) {
+        sum += bw.mean_partial[k * (d + 1) + col];
+        count += bw.mean_partial[k * (d + 1) + d];
+      }
+      e_bar[col] = col == d ? count : (count > 0.f ? sum / count : 0.f);
+    }
+    float* lora_u = e_bar + d + 1;
+    for (std::int64_t k = 0; k < rank; ++k) {
+      float acc = 0.f;
+      for (std::int64_t j = 0; j < d; ++j) acc += load(p.lora.a, k * p.a_stride() + j) * e_bar[j];
+      lora_u[k] = p.lora.scale * acc;
+    }
+    float* keys = bw.sort_keys[0];
+    std::int32_t* order = bw.sort_values[0];
+    for (std::int64_t c = 0; c < v; ++c) {
+      float key = 0.f;
+      for (std::int64_t j = 0; j < d; ++j) key += load(p.c, c * p.c_stride() + j) * e_bar[j];
+      for (std::int64_t k = 0; k < rank; ++k) key += load(p.lora.b, c * p.b_stride() + k) * lora_u[k];
+      keys[c] = key + (p.bias ? load(p.bias, c) : 0.f);
+      order[c] = std::int32_t(c);
+    }
+    std::stable_sort(order, order + v, [&](std::int32_t a, std::int32_t b) { return keys[a] > keys[b]; });
+    for (std::int64_t i = 0; i < v; ++i) bw.position[order[i]] = std::int32_t(i);
+    for (std::int64_t row = 0; row < p.n; ++row) {
+      if (bw.coef[row].target >= 0) bw.coef[row].target = bw.position[bw.coef[row].target];
+    }
+    return order;
+  }
+
+  // The sorted walk's chunk s: its classes' rows gathered into the chunk buffers (and C's in fp32 into `dense`).
+  void gather(const problem<T>& p, const detail::backward_buffers<T>& bw, const std::int32_t* order, vocab_slice& s,
+              std::vector<float>& dense) const {
+    const std::int64_t d = p.d, rank = p.lora.rank;
+    const float* weights = s.weights;
+    dense.resize(std::size_t(s.cols * d));
+    for (std::int64_t j = 0; j < s.cols; ++j) {
+      const std::int64_t cls = order[s.v0 + j];
+      for (std::int64_t k = 0; k < d; ++k) {
+        bw.c_sorted[j * d + k] = p.c[cls * p.c_stride() + k];
+        dense[std::size_t(j * d + k)] = load(bw.c_sorted, j * d + k);
+      }
+      for (std::int64_t k = 0; k < rank; ++k) bw.b_sorted[j * rank + k] = p.lora.b[cls * p.b_stride() + k];
+      if (p.bias) bw.bias_sorted[j] = p.bias[cls];
+      if (weights) bw.weights_sorted[j] = weights[cls];
+    }
+    s.base = s.v0;
+    s.c = dense.data();
+    s.bias = p.bias ? bw.bias_sorted : nullptr;
+    s.weights = weights ? bw.weights_sorted : nullptr;
+    s.lora_b = bw.b_sorted;
+    s.ldb = rank;
+    s.classes = order + s.v0;
+  }
+
   detail::target_reader labels(const problem<T>& p) const { return detail::make_target_reader(p, opt_); }
   // w of a global class id, and of a column of the problem's (possibly sharded) classes.
   static float class_weight(const problem<T>& p, std::int64_t cls) {
@@ -332,25 +453,28 @@ class tiled_executor {
   }
 
   // z of one bm x bn tile: the per-logit terms (bias, low-rank head, softcap, temperature) on E C^T.
-  void tile_logits(const problem<T>& p, const dense_inputs& x, const float* lora_p, const tile::tile_grid& g,
-                   std::int64_t rt, std::int64_t ct, std::vector<float>& z) const {
-    const logit_terms<T> terms = make_logit_terms(p, opt_, lora_p);
+  void tile_logits(const problem<T>& p, const dense_inputs& x, const vocab_slice& s, const float* lora_p,
+                   const tile::tile_grid& g, std::int64_t rt, std::int64_t ct, std::vector<float>& z) const {
+    const logit_terms<T> terms = s.terms(make_logit_terms(p, opt_, lora_p));
     for (std::int64_t r = 0; r < g.rows_in(rt); ++r) {
       const std::int64_t row = g.row_begin(rt) + r;
       const float* er = &x.e[std::size_t(row * p.d)];
       for (std::int64_t c = 0; c < g.cols_in(ct); ++c) {
         const std::int64_t col = g.col_begin(ct) + c;
-        const float* cr = &x.c[std::size_t(col * p.d)];
+        const float* cr = s.c_row(col, p.d);
         float acc = 0.f;
         for (std::int64_t d = 0; d < p.d; ++d) acc += er[d] * cr[d];
-        z[std::size_t(r * g.bn + c)] = terms(acc, row, col);
+        z[std::size_t(r * g.bn + c)] = terms(acc, row, col - s.base);
       }
     }
   }
 
   // May tile (rt, ct) be skipped? Only rows that contribute count; target tiles and smoothing are never skipped.
-  bool tile_active(const problem<T>& p, const detail::plan& pl, const detail::saved_buffers& sv,
-                   const detail::backward_buffers<T>& bw, std::int64_t rt, std::int64_t ct) const {
+  // The unsorted walk decides from the forward's tile max before computing anything; the sorted walk computes the
+  // tile into `z` first (`computed`) and applies the same predicate to its max logit over the kept rows.
+  bool tile_active(const problem<T>& p, const dense_inputs& x, const vocab_slice& s, const detail::plan& pl,
+                   const detail::saved_buffers& sv, const detail::backward_buffers<T>& bw, std::int64_t rt,
+                   std::int64_t ct, std::vector<float>& z, bool& computed) const {
     const tile::tile_grid& g = pl.grid;
     float min_floor = detail::inf_f();
     bool any = false;
@@ -365,24 +489,36 @@ class tiled_executor {
     if (!pl.filter || opt_.label_smoothing != 0.f) return true;
     const float eps = opt_.filter == filter_mode::threshold ? opt_.filter_eps : filter::auto_eps<T>();
     const auto f = filter::mass_threshold::make(eps, g.bn, detail::filter_tiles(g, p.total_classes()));
-    return !f.skip(sv.tile_max[rt * g.col_tiles() + ct] - min_floor);
+    if (!pl.sort) return !f.skip(sv.tile_max[rt * g.col_tiles() + ct] - min_floor);
+    tile_logits(p, x, s, bw.lora_p, g, rt, ct, z);
+    computed = true;
+    float m = -detail::inf_f();
+    for (std::int64_t r = 0; r < g.rows_in(rt); ++r) {
+      if (!bw.coef[g.row_begin(rt) + r].kept) continue;
+      for (std::int64_t c = 0; c < g.cols_in(ct); ++c) m = detail::max_f(m, z[std::size_t(r * g.bn + c)]);
+    }
+    return !f.skip(m - min_floor);
   }
 
-  // dZ for rows [r0, r0 + rows) and classes [v0, v0 + cols): draw in T, dbias partials per row tile.
-  void compute_dz(const problem<T>& p, const dense_inputs& x, const detail::plan& pl, const detail::saved_buffers& sv,
-                  const detail::backward_buffers<T>& bw, std::int64_t r0, std::int64_t rows, std::int64_t v0,
-                  std::int64_t cols) const {
+  // dZ for rows [r0, r0 + rows) and the slice's classes: draw in T, dbias partials per row tile; the tiles
+  // computed and skipped are added to `counts` when given.
+  void compute_dz(const problem<T>& p, const dense_inputs& x, const vocab_slice& s, const detail::plan& pl,
+                  const detail::saved_buffers& sv, const detail::backward_buffers<T>& bw, std::int64_t r0,
+                  std::int64_t rows, std::int64_t* counts) const {
+    const std::int64_t v0 = s.v0, cols = s.cols;
     const tile::tile_grid& g = pl.grid;
     const logit_transform tf = transform();
     std::vector<float> z(std::size_t(g.bm * g.bn));
     const std::int64_t chunk_tiles = pl.chunk_cols / g.bn;
     for (std::int64_t rt = r0 / g.bm; rt < detail::ceil_div(r0 + rows, g.bm); ++rt) {
       for (std::int64_t ct = v0 / g.bn; ct < detail::ceil_div(v0 + cols, g.bn); ++ct) {
-        const bool active = tile_active(p, pl, sv, bw, rt, ct);
+        bool computed = false;
+        const bool active = tile_active(p, x, s, pl, sv, bw, rt, ct, z, computed);
         bw.active[(rt - r0 / g.bm) * chunk_tiles + (ct - v0 / g.bn)] = active;
+        if (counts) ++counts[active ? 0 : 1];
         std::vector<float> col_sum(std::size_t(g.bn), 0.f);
         if (active) {
-          tile_logits(p, x, bw.lora_p, g, rt, ct, z);
+          if (!computed) tile_logits(p, x, s, bw.lora_p, g, rt, ct, z);
           for (std::int64_t r = 0; r < g.rows_in(rt); ++r) {
             const std::int64_t row = g.row_begin(rt) + r;
             const detail::row_coefficients& rc = bw.coef[row];
@@ -390,7 +526,7 @@ class tiled_executor {
               const std::int64_t col = g.col_begin(ct) + c;
               const float zz = z[std::size_t(r * g.bn + c)];
               const float prob = detail::exp_f(zz - rc.lse);
-              const float draw = rc.dz(prob, col == rc.target, shard_class_weight(p, col)) * tf.derivative_from_logit(zz);
+              const float draw = rc.dz(prob, col == rc.target, s.weight(col)) * tf.derivative_from_logit(zz);
               bw.dz[(row - r0) * pl.chunk_cols + (col - v0)] = detail::from_float<T>(draw);
               col_sum[std::size_t(c)] += draw;
             }
@@ -436,15 +572,16 @@ class tiled_executor {
 
   // dE[rows] (+)= dZ C_chunk (+ scale * lora_q A on the last chunk).
   template <class G>
-  void de_update(const problem<T>& p, const dense_inputs& x, const detail::plan& pl,
+  void de_update(const problem<T>& p, const vocab_slice& s, const detail::plan& pl,
                  const detail::backward_buffers<T>& bw, const gradients<G>& out, std::int64_t ld, std::int64_t r0,
-                 std::int64_t rows, std::int64_t v0, std::int64_t cols, bool first, bool last) const {
+                 std::int64_t rows, bool first, bool last) const {
+    const std::int64_t v0 = s.v0, cols = s.cols;
     std::vector<float> acc(std::size_t(p.d));
     for (std::int64_t row = r0; row < r0 + rows; ++row) {
       std::fill(acc.begin(), acc.end(), 0.f);
       for (std::int64_t col = v0; col < v0 + cols; ++col) {
         const float dz = dz_at(pl, bw, r0, row, v0, col);
-        const float* cr = &x.c[std::size_t(col * p.d)];
+        const float* cr = s.c_row(col, p.d);
         for (std::int64_t d = 0; d < p.d; ++d) acc[std::size_t(d)] += dz * cr[d];
       }
       for (std::int64_t d = 0; d < p.d; ++d) {
@@ -460,11 +597,12 @@ class tiled_executor {
     }
   }
 
-  // dC_chunk (+)= dZ^T E[rows].
+  // dC of the slice's classes (+)= dZ^T E[rows].
   template <class G>
-  void dc_update(const problem<T>& p, const dense_inputs& x, const detail::plan& pl,
+  void dc_update(const problem<T>& p, const dense_inputs& x, const vocab_slice& s, const detail::plan& pl,
                  const detail::backward_buffers<T>& bw, const gradients<G>& out, std::int64_t ld, std::int64_t r0,
-                 std::int64_t rows, std::int64_t v0, std::int64_t cols, bool first, bool last) const {
+                 std::int64_t rows, bool first, bool last) const {
+    const std::int64_t v0 = s.v0, cols = s.cols;
     std::vector<float> acc(std::size_t(p.d));
     for (std::int64_t col = v0; col < v0 + cols; ++col) {
       std::fill(acc.begin(), acc.end(), 0.f);
@@ -474,45 +612,50 @@ class tiled_executor {
         for (std::int64_t d = 0; d < p.d; ++d) acc[std::size_t(d)] += dz * er[d];
       }
       for (std::int64_t d = 0; d < p.d; ++d) {
-        accumulate_out(acc[std::size_t(d)], bw.dc_acc, bw.dc_comp, (col - v0) * p.d + d, out.dc, col * ld + d, first,
-                       last);
+        accumulate_out(acc[std::size_t(d)], bw.dc_acc, bw.dc_comp, (col - v0) * p.d + d, out.dc,
+                       s.class_of(col) * ld + d, first, last);
       }
     }
   }
 
   // dBias_chunk = sum over all row tiles of the dZ kernel's column partials, in row-tile order.
   template <class G>
-  void dbias_update(const detail::plan& pl, const detail::backward_buffers<T>& bw, const gradients<G>& out,
-                    std::int64_t v0, std::int64_t cols) const {
-    for (std::int64_t c = 0; c < cols; ++c) {
-      float s = 0.f;
-      for (std::int64_t rt = 0; rt < pl.grid.row_tiles(); ++rt) s += bw.dbias_partial[rt * pl.chunk_cols + c];
-      out.dbias[v0 + c] = store_as<G>((opt_.accumulate ? load_g(out.dbias, v0 + c) : 0.f) + s);
+  void dbias_update(const vocab_slice& s, const detail::plan& pl, const detail::backward_buffers<T>& bw,
+                    const gradients<G>& out) const {
+    for (std::int64_t c = 0; c < s.cols; ++c) {
+      float sum = 0.f;
+      for (std::int64_t rt = 0; rt < pl.grid.row_tiles(); ++rt) sum += bw.dbias_partial[rt * pl.chunk_cols + c];
+      const std::int64_t o = s.class_of(s.v0 + c);
+      out.dbias[o] = store_as<G>((opt_.accumulate ? load_g(out.dbias, o) : 0.f) + sum);
     }
   }
 
   // lora_q[rows] += dZ B_chunk.
-  void lora_accumulate_q(const problem<T>& p, const detail::plan& pl, const detail::backward_buffers<T>& bw,
-                         std::int64_t r0, std::int64_t rows, std::int64_t v0, std::int64_t cols) const {
+  void lora_accumulate_q(const problem<T>& p, const vocab_slice& s, const detail::plan& pl,
+                         const detail::backward_buffers<T>& bw, std::int64_t r0, std::int64_t rows) const {
+    const std::int64_t v0 = s.v0, cols = s.cols;
     for (std::int64_t row = r0; row < r0 + rows; ++row)
       for (std::int64_t k = 0; k < p.lora.rank; ++k) {
         float acc = 0.f;
-        for (std::int64_t col = v0; col < v0 + cols; ++col) acc += dz_at(pl, bw, r0, row, v0, col) * load(p.lora.b, col * p.b_stride() + k);
+        for (std::int64_t col = v0; col < v0 + cols; ++col)
+          acc += dz_at(pl, bw, r0, row, v0, col) * load(s.lora_b, (col - s.base) * s.ldb + k);
         bw.lora_q[row * p.lora.rank + k] += acc;
       }
   }
 
   // dB_chunk (+)= dZ^T lora_p[rows].
   template <class G>
-  void db_update(const problem<T>& p, const detail::plan& pl, const detail::backward_buffers<T>& bw,
-                 const gradients<G>& out, std::int64_t r0, std::int64_t rows, std::int64_t v0, std::int64_t cols,
+  void db_update(const problem<T>& p, const vocab_slice& s, const detail::plan& pl,
+                 const detail::backward_buffers<T>& bw, const gradients<G>& out, std::int64_t r0, std::int64_t rows,
                  bool first, bool last) const {
+    const std::int64_t v0 = s.v0, cols = s.cols;
     for (std::int64_t col = v0; col < v0 + cols; ++col)
       for (std::int64_t k = 0; k < p.lora.rank; ++k) {
         float acc = 0.f;
-        for (std::int64_t row = r0; row < r0 + rows; ++row) acc += dz_at(pl, bw, r0, row, v0, col) * bw.lora_p[row * p.lora.rank + k];
-        accumulate_out(acc, bw.db_acc, nullptr, (col - v0) * p.lora.rank + k, out.db, col * p.lora.rank + k, first,
-                       last);
+        for (std::int64_t row = r0; row < r0 + rows; ++row)
+          acc += dz_at(pl, bw, r0, row, v0, col) * bw.lora_p[row * p.lora.rank + k];
+        accumulate_out(acc, bw.db_acc, nullptr, (col - v0) * p.lora.rank + k, out.db, s.class_of(col) * p.lora.rank + k,
+                       first, last);
       }
   }
 

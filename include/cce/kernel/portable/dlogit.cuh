@@ -2,6 +2,10 @@
 // stored in T into the chunk buffer for the two gradient GEMMs. The gradient filter decides
 // per tile, from the forward's tile max and the rows' non-target log-sum-exp, before anything is loaded; a skipped tile is marked
 // inactive and the GEMMs never read it. Column sums of draw (the bias gradient) are written per row tile.
+//
+// With vocabulary sorting the columns are sorted positions, whose tiles the forward's maxima do not describe: the
+// tile is recomputed and the same predicate is applied to its own max logit over the kept rows (`filter_in_tile`).
+// The classifier rows, bias, weights and B rows are then the chunk's gathered copies, indexed by column - col_base.
 #pragma once
 
 #include <cstdint>
@@ -20,13 +24,16 @@ namespace cce::detail {
 template <class T>
 struct dlogit_params {
   operand<T> e;  // N x D
-  operand<T> c;  // V x D
-  logit_terms<T> terms;
-  const float* class_weights = nullptr;    // of the problem's classes
+  operand<T> c;  // V x D (row j is column col_base + j)
+  logit_terms<T> terms;                    // bias and B indexed by column - col_base
+  const float* class_weights = nullptr;    // of the problem's classes, indexed by column - col_base
   const row_coefficients* coef = nullptr;  // N
   tile::tile_grid grid;                    // N x V
   const float* tile_max = nullptr;         // row_tiles x col_tiles, null when the filter is off
   filter::mass_threshold filter{};
+  bool filter_in_tile = false;             // decide from the recomputed tile (sorted columns), tile_max is null
+  std::int64_t col_base = 0;               // first column the c, bias, B and weight pointers hold
+  unsigned long long* tile_counts = nullptr;  // optional: tiles computed, tiles skipped
   std::int64_t row0 = 0, v0 = 0;           // origin of this (row block, chunk)
   std::int64_t chunk_cols = 0;             // leading dimension of dz, multiple of bn
   T* dz = nullptr;                         // rows x chunk_cols
@@ -34,12 +41,17 @@ struct dlogit_params {
   float* dbias_partial = nullptr;          // row_tiles x chunk_cols (absolute row tile), or null
 };
 
-// Does tile (rt, ct) contribute? Rows that carry no gradient do not count; a tile holding a target is kept, and
-// so is every tile when the filter is off. Every thread returns the same answer.
+// What a tile's rows say about it: whether any row carries gradient, whether a target lies in its columns, and
+// the smallest non-target log-sum-exp of those rows (the filter's reference). Every thread gets the same answer.
+struct tile_rows {
+  bool kept = false;
+  bool target = false;
+  float min_floor = 0.f;
+};
+
 template <int Threads>
-__device__ __forceinline__ bool tile_is_active(const row_coefficients* coef, const tile::tile_grid& g,
-                                               std::int64_t rt, std::int64_t ct, const float* tile_max,
-                                               const filter::mass_threshold& filter) {
+__device__ __forceinline__ tile_rows tile_row_summary(const row_coefficients* coef, const tile::tile_grid& g,
+                                                      std::int64_t rt, std::int64_t ct) {
   constexpr int warps = Threads / 32;
   __shared__ float warp_min[warps];
   __shared__ int warp_flags[warps];
@@ -71,10 +83,35 @@ __device__ __forceinline__ bool tile_is_active(const row_coefficients* coef, con
     flags |= warp_flags[w];
   }
   __syncthreads();  // the arrays may be rewritten by the next call
-  if (!(flags & 1)) return false;
-  if ((flags & 2) || tile_max == nullptr) return true;
+  return {(flags & 1) != 0, (flags & 2) != 0, min_floor};
+}
+
+// Does tile (rt, ct) contribute? Rows that carry no gradient do not count; a tile holding a target is kept, and
+// so is every tile when the filter is off. Every thread returns the same answer.
+template <int Threads>
+__device__ __forceinline__ bool tile_is_active(const row_coefficients* coef, const tile::tile_grid& g,
+                                               std::int64_t rt, std::int64_t ct, const float* tile_max,
+                                               const filter::mass_threshold& filter) {
+  const tile_rows t = tile_row_summary<Threads>(coef, g, rt, ct);
+  if (!t.kept) return false;
+  if (t.target || tile_max == nullptr) return true;
   // NaN in either operand makes the comparison false: the tile is kept.
-  return !filter.skip(tile_max[rt * g.col_tiles() + ct] - min_floor);
+  return !filter.skip(tile_max[rt * g.col_tiles() + ct] - t.min_floor);
+}
+
+// The block-wide max of one value per thread (NaN wins). Every thread gets it.
+template <int Threads>
+__device__ __forceinline__ float block_max(float x) {
+  constexpr int warps = Threads / 32;
+  __shared__ float warp_max[warps];
+  x = warp_max_all(x);
+  if (threadIdx.x % 32 == 0) warp_max[threadIdx.x / 32] = x;
+  __syncthreads();
+  x = warp_max[0];
+#pragma unroll
+  for (int w = 1; w < warps; ++w) x = max_f(x, warp_max[w]);
+  __syncthreads();
+  return x;
 }
 
 template <class T, class Policy, bool Vectorized>
@@ -88,20 +125,50 @@ __global__ void __launch_bounds__(Policy::threads, Policy::min_blocks) dlogit_ke
   const std::int64_t ct = prm.v0 / g.bn + blockIdx.y;
   const std::int64_t row0 = g.row_begin(rt), col0 = g.col_begin(ct);
   const std::int64_t chunk_tiles = prm.chunk_cols / g.bn;
-  const bool active = tile_is_active<Policy::threads>(prm.coef, g, rt, ct, prm.tile_max, prm.filter);
-  if (threadIdx.x == 0) prm.active[blockIdx.x * chunk_tiles + blockIdx.y] = active;
   float* dbias = prm.dbias_partial ? prm.dbias_partial + rt * prm.chunk_cols + (col0 - prm.v0) : nullptr;
+  const layout f;
+  typename mainloop::accumulators acc;
+  bool active, computed = false;
+  if (!prm.filter_in_tile) {
+    active = tile_is_active<Policy::threads>(prm.coef, g, rt, ct, prm.tile_max, prm.filter);
+  } else {
+    // Sorted columns: recompute the tile, then the predicate on its max logit over the kept rows.
+    const tile_rows t = tile_row_summary<Policy::threads>(prm.coef, g, rt, ct);
+    active = t.kept;
+    if (t.kept && !t.target) {
+      mainloop::clear(acc);
+      mainloop::template run<Vectorized>(acc, smem, prm.e, row0, prm.c, col0 - prm.col_base, 0, prm.e.depth);
+      computed = true;
+      float m = -inf_f();
+#pragma unroll
+      for (int s = 0; s < layout::row_slots; ++s) {
+        const std::int64_t row = row0 + f.row(s);
+        if (row >= g.rows || !prm.coef[row].kept) continue;
+#pragma unroll
+        for (int c = 0; c < layout::cols; ++c) {
+          const std::int64_t col = col0 + f.col(c);
+          if (col < g.cols) m = max_f(m, prm.terms(layout::at(acc, s, c), row, col - prm.col_base));
+        }
+      }
+      // NaN in either operand makes the comparison false: the tile is kept.
+      active = !prm.filter.skip(block_max<Policy::threads>(m) - t.min_floor);
+    }
+  }
+  if (threadIdx.x == 0) {
+    prm.active[blockIdx.x * chunk_tiles + blockIdx.y] = active;
+    if (prm.tile_counts) atomicAdd(prm.tile_counts + (active ? 0 : 1), 1ull);
+  }
   if (!active) {
     if (dbias)
       for (int c = threadIdx.x; c < Policy::bn; c += Policy::threads) dbias[c] = 0.f;
     return;
   }
 
-  typename mainloop::accumulators acc;
-  mainloop::clear(acc);
-  mainloop::template run<Vectorized>(acc, smem, prm.e, row0, prm.c, col0, 0, prm.e.depth);
+  if (!computed) {
+    mainloop::clear(acc);
+    mainloop::template run<Vectorized>(acc, smem, prm.e, row0, prm.c, col0 - prm.col_base, 0, prm.e.depth);
+  }
 
-  const layout f;
   float col_sum[layout::cols];
 #pragma unroll
   for (int c = 0; c < layout::cols; ++c) col_sum[c] = 0.f;
@@ -116,9 +183,9 @@ __global__ void __launch_bounds__(Policy::threads, Policy::min_blocks) dlogit_ke
       const std::int64_t col = col0 + f.col(c);
       float draw = 0.f;
       if (row_ok && col < g.cols && rc.kept) {
-        const float z = prm.terms(layout::at(acc, s, c), row, col);
+        const float z = prm.terms(layout::at(acc, s, c), row, col - prm.col_base);
         const float p = exp_f(z - rc.lse);
-        const float w = prm.class_weights ? prm.class_weights[col] : 1.f;
+        const float w = prm.class_weights ? prm.class_weights[col - prm.col_base] : 1.f;
         draw = rc.dz(p, col == rc.target, w) * prm.terms.transform.derivative_from_logit(z);
       }
       // Columns past V inside the tile are written as 0: the GEMMs read whole tiles.

@@ -40,6 +40,7 @@ struct grad_gemm_params {
   bool accumulate = false;     // out += result instead of out = result
   G* out = nullptr;
   std::int64_t ld_out = 0;
+  const std::int32_t* out_rows = nullptr;  // output row of each product row (scatter to the classes), null: same
   // Low-rank head (dE only, on the last chunk): out += scale * q (M x r) a (r x N).
   const float* lora_q = nullptr;
   const T* lora_a = nullptr;
@@ -89,7 +90,7 @@ __global__ void __launch_bounds__(Policy::threads, Policy::min_blocks)
         for (std::int64_t r = 0; r < prm.rank; ++r) l += prm.lora_q[row * prm.rank + r] * to_float(prm.lora_a[r * prm.lda + col]);
         total += prm.lora_scale * l;
       }
-      G* o = prm.out + row * prm.ld_out + col;
+      G* o = prm.out + (prm.out_rows ? std::int64_t(prm.out_rows[row]) : row) * prm.ld_out + col;
       float prev = 0.f;
       if (prm.accumulate) {
         if constexpr (std::is_same_v<G, float>) prev = *o;

@@ -166,27 +166,32 @@ __global__ void coefficients_kernel(const __grid_constant__ coefficient_params p
   prm.coef[row] = rc;
 }
 
-// dBias[v0 + c] (+)= sum over row tiles of the partial column sums, in row-tile order.
+// dBias[v0 + c] (+)= sum over row tiles of the partial column sums, in row-tile order. With `classes` (the
+// sorted walk) the sum of column c goes to dBias[classes[c]] instead, `out` being dBias itself.
 template <class G>
 __global__ void dbias_kernel(const float* partial, std::int64_t row_tiles, std::int64_t ld, std::int64_t cols,
-                             bool accumulate, G* out) {
+                             bool accumulate, G* out, const std::int32_t* classes = nullptr) {
   const std::int64_t c = std::int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= cols) return;
   float s = 0.f;
   for (std::int64_t rt = 0; rt < row_tiles; ++rt) s += partial[rt * ld + c];
+  G* o = out + (classes ? std::int64_t(classes[c]) : c);
   float prev = 0.f;
-  if (accumulate) prev = to_float(out[c]);
-  out[c] = from_float<G>(prev + s);
+  if (accumulate) prev = to_float(*o);
+  *o = from_float<G>(prev + s);
 }
 
-// out = (accumulate ? out : 0) + acc: the last step of a gradient carried in fp32.
+// out = (accumulate ? out : 0) + acc: the last step of a gradient carried in fp32. With `classes`, row i / width
+// of acc goes to row classes[i / width] of out (the sorted walk's scatter).
 template <class G>
-__global__ void fold_kernel(const float* acc, std::int64_t count, bool accumulate, G* out) {
+__global__ void fold_kernel(const float* acc, std::int64_t count, bool accumulate, G* out,
+                            const std::int32_t* classes = nullptr, std::int64_t width = 1) {
   const std::int64_t i = std::int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= count) return;
+  G* o = out + (classes ? std::int64_t(classes[i / width]) * width + i % width : i);
   float prev = 0.f;
-  if (accumulate) prev = to_float(out[i]);
-  out[i] = from_float<G>(prev + acc[i]);
+  if (accumulate) prev = to_float(*o);
+  *o = from_float<G>(prev + acc[i]);
 }
 
 // Thin products of the low-rank head, out(M x N) = alpha * sum_k a(m, k) b(k, n) (+ out when `add`), with

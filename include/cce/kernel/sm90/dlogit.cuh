@@ -29,7 +29,10 @@ __global__ void __launch_bounds__(128) active_tiles_kernel(const __grid_constant
   const tile::tile_grid& g = prm.grid;
   const std::int64_t rt = prm.row0 / g.bm + blockIdx.x, ct = prm.v0 / g.bn + blockIdx.y;
   const bool active = tile_is_active<128>(prm.coef, g, rt, ct, prm.tile_max, prm.filter);
-  if (threadIdx.x == 0) prm.active[blockIdx.x * (prm.chunk_cols / g.bn) + blockIdx.y] = active;
+  if (threadIdx.x == 0) {
+    prm.active[blockIdx.x * (prm.chunk_cols / g.bn) + blockIdx.y] = active;
+    if (prm.tile_counts) atomicAdd(prm.tile_counts + (active ? 0 : 1), 1ull);
+  }
 }
 
 template <class T>
