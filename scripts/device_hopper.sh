@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # GPU checks in phases with time limits (a hung kernel must not take the whole call), from a build made elsewhere:
-#   scripts/device_hopper.sh tests BUILD   every GPU test executable (the benchmark-shape case excluded: it is
-#                                          host-bound), then memcheck and racecheck on the sm_90a subset
+#   scripts/device_hopper.sh tests BUILD    linear_cross_entropy_test ([hopper] first, then the rest) and vocab_sort_test
+#   scripts/device_hopper.sh checks BUILD   reliability_test, vocab_parallel_test, then memcheck and racecheck on a subset
 #   scripts/device_hopper.sh bench BUILD   the benchmark (BENCH_FILTER) and one Nsight Compute profile (NCU_FILTER)
+#   scripts/device_hopper.sh examples BUILD   examples 02-05 (03 and 05 read data/corpus.txt)
 # Results go to $OUT (default ./out) as one tarball; the summary is printed last.
 set -uo pipefail
 what=${1:?tests or bench}
@@ -29,13 +30,24 @@ case "$what" in
   tests)
     if phase hopper 150 "$t/linear_cross_entropy_test" "[hopper]" --reporter compact; then
       phase gpu 240 "$t/linear_cross_entropy_test" "~[shapes]" --reporter compact
-      phase reliability 240 "$t/reliability_test" --reporter compact
-      phase vocab 120 "$t/vocab_parallel_test" --reporter compact
-      phase memcheck 150 compute-sanitizer --tool memcheck --error-exitcode 3 "$t/linear_cross_entropy_test" \
-        "[errors],[lora]" --reporter compact
-      phase racecheck 150 compute-sanitizer --tool racecheck --error-exitcode 3 "$t/linear_cross_entropy_test" \
-        "[errors]" --reporter compact
+      phase shapes 120 "$t/linear_cross_entropy_test" "[shapes]" --reporter compact
+      phase sort 150 "$t/vocab_sort_test" --reporter compact
     fi
+    ;;
+  checks)
+    phase reliability 240 "$t/reliability_test" --reporter compact
+    phase vocab 120 "$t/vocab_parallel_test" --reporter compact
+    phase memcheck 150 compute-sanitizer --tool memcheck --error-exitcode 3 "$t/linear_cross_entropy_test" \
+      "[errors],[lora]" --reporter compact
+    phase racecheck 150 compute-sanitizer --tool racecheck --error-exitcode 3 "$t/linear_cross_entropy_test" \
+      "[errors]" --reporter compact
+    ;;
+  examples)
+    x="$build/examples"
+    phase example02 60 "$x/02_find_package"
+    phase example03 300 "$x/03_cuda_trainer" data/corpus.txt "${TRAIN_STEPS:-300}" 8192 50
+    phase example04 120 "$x/04_lora_head" 30
+    phase example05 180 "$x/05_vocab_sorting" data/corpus.txt
     ;;
   bench)
     phase bench 420 "$build/bench/cce_bench" \
