@@ -44,10 +44,10 @@ case "$what" in
     ;;
   examples)
     x="$build/examples"
-    phase example02 60 "$x/02_find_package"
-    phase example03 300 "$x/03_cuda_trainer" data/corpus.txt "${TRAIN_STEPS:-300}" 8192 50
-    phase example04 120 "$x/04_lora_head" 30
-    phase example05 180 "$x/05_vocab_sorting" data/corpus.txt
+    phase example02 60 "$x/02_find_package/02_find_package"
+    phase example03 300 "$x/03_cuda_trainer/03_cuda_trainer" data/corpus.txt "${TRAIN_STEPS:-300}" 8192 50
+    phase example04 120 "$x/04_lora_head/04_lora_head" 30
+    phase example05 180 "$x/05_vocab_sorting/05_vocab_sorting" data/corpus.txt
     ;;
   bench)
     phase bench 420 "$build/bench/cce_bench" \
