@@ -128,6 +128,8 @@ host_problem<T> make_problem(const case_config& cfg) {
     for (std::int64_t k = cfg.d; k < ldc; ++k) cf[std::size_t(i * ldc + k)] = 1e4f;
   for (std::int64_t i = 0; i < cfg.n; ++i)
     for (std::int64_t k = cfg.d; k < lde; ++k) ef[std::size_t(i * lde + k)] = 1e4f;
+  h.c.reserve(cf.size());
+  h.e.reserve(ef.size());
   for (float x : cf) h.c.push_back(detail::from_float<T>(x));
   for (float x : ef) h.e.push_back(detail::from_float<T>(x));
 

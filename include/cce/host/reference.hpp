@@ -34,6 +34,8 @@ dense_problem to_dense(const problem<T>& p, const options& o) {
   x.rank = p.lora.rank;
   x.scale = p.lora.scale;
   auto f = [](T t) { return double(detail::to_float(t)); };
+  x.e.reserve(std::size_t(p.n * p.d));
+  x.c.reserve(std::size_t(p.v * p.d));
   for (std::int64_t i = 0; i < p.n; ++i)
     for (std::int64_t k = 0; k < p.d; ++k) x.e.push_back(f(p.e[i * p.e_stride() + k]));
   for (std::int64_t i = 0; i < p.v; ++i)
