@@ -428,6 +428,10 @@ class portable_path {
 
   template <class G, major MajorA, major MajorB>
   status gemm(grad_gemm_params<T, G, Policy::bm>& prm, cudaStream_t stream) const {
+    if (hopper_) {
+      const status st = sm90::launch_grad_gemm<T, G, Policy::bm, MajorA, MajorB>(prm, stream);
+      if (st != status::unsupported_arch) return st;
+    }
     using loop = mainloop_for<T, Policy, MajorA, MajorB>;
     const dim3 grid(unsigned(ceil_div(prm.m, Policy::bm)), unsigned(ceil_div(prm.n, Policy::bn)));
     return vec_ ? launch_tile_kernel(grad_gemm_kernel<T, G, Policy, MajorA, MajorB, true>, grid, Policy::threads,

@@ -12,6 +12,7 @@
 #include <cce/dispatch/plan.hpp>
 #include <cce/kernel/sm90/dlogit.cuh>
 #include <cce/kernel/sm90/forward.cuh>
+#include <cce/kernel/sm90/grad_gemm.cuh>
 #include <cce/options.hpp>
 #include <cce/problem.hpp>
 #include <cce/status.hpp>
@@ -52,8 +53,7 @@ status launch_forward(const forward_params<T>& base, cudaStream_t stream) {
   } else {
     forward_params_sm90<T> prm;
     prm.base = base;
-    if (!encode_logit_tile_maps(prm.maps, base.e.ptr, base.e.extent, base.e.ld, base.c.ptr, base.c.extent, base.c.ld,
-                                base.e.depth)) {
+    if (!encode_logit_maps(prm.maps, base.e, base.c)) {
       return status::unsupported_arch;
     }
     constexpr std::size_t smem = forward_shape::smem_bytes<T>;
@@ -85,8 +85,7 @@ status launch_dlogits(const dlogit_params<T>& base, std::int64_t rows, std::int6
     prm.base = base;
     prm.rows = rows;
     prm.cols = cols;
-    if (!encode_logit_tile_maps(prm.maps, base.e.ptr, base.e.extent, base.e.ld, base.c.ptr, base.c.extent, base.c.ld,
-                                base.e.depth)) {
+    if (!encode_logit_maps(prm.maps, base.e, base.c)) {
       return status::unsupported_arch;
     }
     int device = 0, sms = 1;
@@ -102,6 +101,35 @@ status launch_dlogits(const dlogit_params<T>& base, std::int64_t rows, std::int6
       return status::unsupported_arch;
     }
     dlogit_kernel<T><<<dim3(unsigned(row_tiles), unsigned(prm.splits)), S::threads, smem, stream>>>(prm);
+    return cudaGetLastError() == cudaSuccess ? status::success : status::cuda_error;
+  }
+}
+
+// A gradient product (dE or dC) of the backward on wgmma; unsupported_arch when TMA cannot address an operand (the
+// caller then runs the portable kernel).
+template <class T, class G, int KTile, major MajorA, major MajorB>
+status launch_grad_gemm(const grad_gemm_params<T, G, KTile>& base, cudaStream_t stream) {
+  using S = grad_gemm_shape;
+  if constexpr (!tensor_core_type<T> || KTile != S::filter_bn || MajorB != major::mn) {
+    return status::unsupported_arch;
+  } else {
+    if (base.m == 0 || base.n == 0) return status::success;
+    grad_gemm_params_sm90<T, G> prm;
+    prm.base = base;
+    if (!tma_addressable(base.a.ptr, base.a.ld, sizeof(T)) || !tma_addressable(base.b.ptr, base.b.ld, sizeof(T)) ||
+        !encode_operand_map<T, MajorA>(prm.maps.a, base.a, S::bm) ||
+        !encode_operand_map<T, major::mn>(prm.maps.b, base.b, S::bn)) {
+      return status::unsupported_arch;
+    }
+    prm.m_tiles = int(ceil_div(base.m, S::bm));
+    prm.n_tiles = int(ceil_div(base.n, S::bn));
+    const auto kernel = grad_gemm_kernel<T, G, MajorA>;
+    constexpr std::size_t smem = S::smem_bytes<T>;
+    if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)) != cudaSuccess) {
+      cudaGetLastError();
+      return status::unsupported_arch;
+    }
+    kernel<<<unsigned(prm.m_tiles * prm.n_tiles), S::threads, smem, stream>>>(prm);
     return cudaGetLastError() == cudaSuccess ? status::success : status::cuda_error;
   }
 }

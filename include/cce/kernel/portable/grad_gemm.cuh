@@ -7,6 +7,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include <cce/detail/element_type.hpp>
 #include <cce/kernel/portable/mainloop.cuh>
@@ -48,6 +49,39 @@ struct grad_gemm_params {
   float lora_scale = 0.f;
 };
 
+// Folds one element x of the product into the output: carried in fp32 (optionally compensated) until the last
+// contribution, which adds the low-rank term and writes G (adding to what is there when gradients accumulate).
+template <class T, class G, int KTile>
+__device__ __forceinline__ void store_gradient(const grad_gemm_params<T, G, KTile>& prm, std::int64_t row,
+                                               std::int64_t col, float x) {
+  float total = x;
+  if (prm.acc) {
+    const std::int64_t i = row * prm.n + col;
+    kahan_sum k{prm.first ? 0.f : prm.acc[i], (prm.first || !prm.comp) ? 0.f : prm.comp[i]};
+    if (prm.comp) k.add(x);
+    else k.sum += x;
+    if (!prm.last) {
+      prm.acc[i] = k.sum;
+      if (prm.comp) prm.comp[i] = k.compensation;
+      return;
+    }
+    total = k.value();
+  }
+  if (prm.rank) {
+    float l = 0.f;
+    for (std::int64_t r = 0; r < prm.rank; ++r) l += prm.lora_q[row * prm.rank + r] * to_float(prm.lora_a[r * prm.lda + col]);
+    total += prm.lora_scale * l;
+  }
+  G* o = prm.out + (prm.out_rows ? std::int64_t(prm.out_rows[row]) : row) * prm.ld_out + col;
+  float prev = 0.f;
+  if (prm.accumulate) {
+    if constexpr (std::is_same_v<G, float>) prev = *o;
+    else prev = to_float(*o);
+  }
+  if constexpr (std::is_same_v<G, float>) *o = prev + total;
+  else *o = from_float<G>(prev + total);
+}
+
 template <class T, class G, class Policy, major MajorA, major MajorB, bool Vectorized>
 __global__ void __launch_bounds__(Policy::threads, Policy::min_blocks)
     grad_gemm_kernel(const __grid_constant__ grad_gemm_params<T, G, Policy::bm> prm) {
@@ -70,34 +104,7 @@ __global__ void __launch_bounds__(Policy::threads, Policy::min_blocks)
 #pragma unroll
     for (int c = 0; c < layout::cols; ++c) {
       const std::int64_t col = n0 + f.col(c);
-      if (col >= prm.n) continue;
-      const float x = layout::at(acc, s, c);
-      float total = x;
-      if (prm.acc) {
-        const std::int64_t i = row * prm.n + col;
-        kahan_sum k{prm.first ? 0.f : prm.acc[i], (prm.first || !prm.comp) ? 0.f : prm.comp[i]};
-        if (prm.comp) k.add(x);
-        else k.sum += x;
-        if (!prm.last) {
-          prm.acc[i] = k.sum;
-          if (prm.comp) prm.comp[i] = k.compensation;
-          continue;
-        }
-        total = k.value();
-      }
-      if (prm.rank) {
-        float l = 0.f;
-        for (std::int64_t r = 0; r < prm.rank; ++r) l += prm.lora_q[row * prm.rank + r] * to_float(prm.lora_a[r * prm.lda + col]);
-        total += prm.lora_scale * l;
-      }
-      G* o = prm.out + (prm.out_rows ? std::int64_t(prm.out_rows[row]) : row) * prm.ld_out + col;
-      float prev = 0.f;
-      if (prm.accumulate) {
-        if constexpr (std::is_same_v<G, float>) prev = *o;
-        else prev = to_float(*o);
-      }
-      if constexpr (std::is_same_v<G, float>) *o = prev + total;
-      else *o = from_float<G>(prev + total);
+      if (col < prm.n) store_gradient(prm, row, col, layout::at(acc, s, c));
     }
   }
 }

@@ -16,7 +16,7 @@ namespace cce::detail::sm90 {
 
 template <class T>
 struct dlogit_params_sm90 {
-  logit_tile_maps maps;
+  operand_maps maps;
   dlogit_params<T> base;
   std::int64_t rows = 0;    // rows of this row block
   std::int64_t cols = 0;    // classes of this chunk
@@ -63,7 +63,7 @@ __global__ void __launch_bounds__(logit_tile_shape::threads, 1)
 
   if (threadIdx.x == 0) bars.init(S::consumer_warps);
   __syncthreads();
-  const logit_tile_ring<T> ring(smem_raw, bars);
+  const tile_ring<T> ring(smem_raw, bars);
 
   if (threadIdx.x / 128 == 0) {  // producer
     shrink_registers<S::producer_registers>();

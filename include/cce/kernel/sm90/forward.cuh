@@ -22,7 +22,7 @@ using forward_shape = logit_tile_shape;
 
 template <class T>
 struct forward_params_sm90 {
-  logit_tile_maps maps;
+  operand_maps maps;
   forward_params<T> base;
 };
 
@@ -61,7 +61,7 @@ __global__ void __launch_bounds__(forward_shape::threads, 1)
   __shared__ std::int32_t targets[S::bm];
   __shared__ float half_max[2][S::consumer_warps][2];  // double-buffered by tile parity
 
-  const logit_tile_ring<T> ring(smem_raw, bars);
+  const tile_ring<T> ring(smem_raw, bars);
 
   const forward_params<T>& p = prm.base;
   const tile::tile_grid& g = p.grid;

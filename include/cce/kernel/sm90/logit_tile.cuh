@@ -1,16 +1,20 @@
-// The logit-tile engine the Hopper kernels share: a CTA of one producer warpgroup and two consumer warpgroups
-// computes 128 x 256 tiles of E C^T. The producer streams 128-row E boxes and 256-row C boxes, 64 deep, through a
-// 4-stage ring with TMA; each consumer warpgroup multiplies its 64 rows by the 256 classes on wgmma (m64n256k16,
-// fp32 accumulators in registers, wgmma.cuh gives their layout) and hands each stage back as soon as its products
-// are done. Kernels differ only in which tiles they visit and in their epilogues.
+// The tile engine the Hopper kernels share: a CTA of one producer warpgroup and two consumer warpgroups computes
+// 128 x 256 tiles of a product A B^T (E C^T for the logits, dZ C and dZ^T E for the gradients). The producer streams
+// A and B through a 4-stage ring with TMA, 64 deep; each consumer warpgroup multiplies its 64 rows of A by the 256
+// rows of B on wgmma (m64n256k16, fp32 accumulators in registers, wgmma.cuh gives their layout) and hands each stage
+// back as soon as its products are done. Operands are K-major (E, C in the logits; dZ in dE) or MN-major (C and E
+// as right-hand sides, dZ^T); k-blocks a predicate rejects (the gradient filter) are neither loaded nor computed.
+// Kernels differ only in which tiles they visit and in their epilogues.
 #pragma once
 
 #include <cuda.h>
 
 #include <cstddef>
 #include <cstdint>
+#include <type_traits>
 
 #include <cce/epilogue/logit_terms.hpp>
+#include <cce/kernel/portable/operand.cuh>
 #include <cce/kernel/portable/ptx.cuh>
 #include <cce/kernel/sm90/pipeline.cuh>
 #include <cce/kernel/sm90/tma.cuh>
@@ -20,8 +24,8 @@
 namespace cce::detail::sm90 {
 
 struct logit_tile_shape {
-  static constexpr int bm = 128;  // rows per CTA: 64 per consumer warpgroup
-  static constexpr int bn = 256;  // classes per tile (the wgmma N)
+  static constexpr int bm = 128;  // rows of A per CTA: 64 per consumer warpgroup
+  static constexpr int bn = 256;  // rows of B per tile (the wgmma N)
   static constexpr int bk = swizzle_depth;
   static constexpr int stages = 4;
   static constexpr int consumers = 2;
@@ -38,76 +42,125 @@ struct logit_tile_shape {
   static constexpr std::size_t smem_bytes = std::size_t(stages) * (a_bytes<T> + b_bytes<T>)+1024;  // + alignment
 };
 
-// Operand maps of a logit-tile kernel: E in boxes of 128 rows, C in boxes of 256 rows, 64 deep.
-struct logit_tile_maps {
-  CUtensorMap e;
-  CUtensorMap c;
+// Operand maps of a tile kernel. A K-major operand is copied in one box of all its rows per k-block, an MN-major one
+// in boxes of 64 M/N elements (tma.cuh).
+struct operand_maps {
+  CUtensorMap a;
+  CUtensorMap b;
 };
 
-template <class T>
-class logit_tile_ring {
+struct every_k_block {
+  __device__ __forceinline__ bool operator()(int) const { return true; }
+};
+
+template <class T, major MajorA = major::k, major MajorB = major::k>
+class tile_ring {
   using S = logit_tile_shape;
   static constexpr std::uint32_t a_bytes = S::a_bytes<T>, b_bytes = S::b_bytes<T>;
+  static constexpr std::uint32_t mn_box_bytes = 64 * S::bk * sizeof(T);  // one MN-major box: 64 M/N x 64 k
+  static constexpr std::uint32_t k16_bytes_k_major = 16 * sizeof(T);     // a k16 step inside a 128-byte row
+  static constexpr std::uint32_t k16_bytes_mn_major = 16 * 128;          // a k16 step over 16 rows of 128 bytes
 
  public:
   // The 128-byte swizzle repeats every 1024 bytes: stage buffers start on that boundary.
-  __device__ logit_tile_ring(unsigned char* smem_raw, stage_barriers<S::stages>& bars)
+  __device__ tile_ring(unsigned char* smem_raw, stage_barriers<S::stages>& bars)
       : bars_(bars),
         sa_((ptx::smem_addr(smem_raw) + 1023u) & ~1023u),
         sb_(sa_ + S::stages * a_bytes),
         smem_(smem_raw + (sa_ - ptx::smem_addr(smem_raw))) {}
 
-  // Producer (one thread): the k-blocks of tile (row0, col0).
-  __device__ __forceinline__ void load_tile(ring_position<S::stages>& at, const logit_tile_maps* maps, int row0,
-                                            int col0, int k_blocks) const {
+  // Producer (one thread): the k-blocks `active` accepts of the tile whose A rows start at a0 and B rows at b0.
+  template <class Active = every_k_block>
+  __device__ __forceinline__ void load_tile(ring_position<S::stages>& at, const operand_maps* maps, int a0, int b0,
+                                            int k_blocks, const Active& active = {}) const {
     for (int kb = 0; kb < k_blocks; ++kb) {
+      if (!active(kb)) continue;
       acquire_for_write(bars_, at, a_bytes + b_bytes);
-      tma_load_2d(smem_ + at.stage * a_bytes, &maps->e, kb * S::bk, row0, &bars_.full[at.stage]);
-      tma_load_2d(smem_ + S::stages * a_bytes + at.stage * b_bytes, &maps->c, kb * S::bk, col0, &bars_.full[at.stage]);
+      std::uint64_t* full = &bars_.full[at.stage];
+      load_operand<MajorA, S::bm>(smem_ + at.stage * a_bytes, &maps->a, a0, kb, full);
+      load_operand<MajorB, S::bn>(smem_ + S::stages * a_bytes + at.stage * b_bytes, &maps->b, b0, kb, full);
       at.advance();
     }
   }
 
-  // Consumer warpgroup `wg` (0 or 1): acc = its 64 rows x 256 classes of the next tile in the ring.
-  __device__ __forceinline__ void compute_tile(float (&acc)[128], ring_position<S::stages>& at, int k_blocks,
-                                               int wg) const {
-    const std::uint32_t a_rows = sa_ + std::uint32_t(wg) * 64 * 128;  // 64 rows of 128 bytes
-    int previous = 0;
+  // Consumer warpgroup `wg` (0 or 1): acc = its 64 rows x 256 columns of the next tile in the ring, over the same
+  // k-blocks the producer loaded (zero when there are none).
+  template <class Active = every_k_block>
+  __device__ __forceinline__ void compute_tile(float (&acc)[128], ring_position<S::stages>& at, int k_blocks, int wg,
+                                               const Active& active = {}) const {
+    int previous = -1;
 #pragma unroll 1
     for (int kb = 0; kb < k_blocks; ++kb) {
+      if (!active(kb)) continue;
       wait_parity(&bars_.full[at.stage], at.phase);
       fence();
+      const std::uint32_t a_stage = sa_ + at.stage * a_bytes, b_stage = sb_ + at.stage * b_bytes;
 #pragma unroll
-      for (int k = 0; k < S::bk / 16; ++k) {
-        mma_m64n256k16<T>(acc, k_major_sw128_descriptor(a_rows + at.stage * a_bytes + k * 32),
-                          k_major_sw128_descriptor(sb_ + at.stage * b_bytes + k * 32), kb > 0 || k > 0);
-      }
+      for (int k = 0; k < S::bk / 16; ++k)
+        mma_m64n256k16<T, MajorA == major::mn, MajorB == major::mn>(acc, a_descriptor(a_stage, wg, k),
+                                                                    b_descriptor(b_stage, k), previous >= 0 || k > 0);
       commit_group();
       wait_group<1>();  // the previous stage's products are done: hand its buffers back
-      if (kb > 0) release(bars_, previous);
+      if (previous >= 0) release(bars_, previous);
       previous = at.stage;
       at.advance();
     }
     wait_group<0>();
-    release(bars_, previous);
+    if (previous >= 0) {
+      release(bars_, previous);
+    } else {
+#pragma unroll
+      for (int i = 0; i < 128; ++i) acc[i] = 0.f;
+    }
 #pragma unroll
     for (int i = 0; i < 128; ++i) fence_operand(acc[i]);
   }
 
  private:
+  template <major Major, int Rows>
+  __device__ __forceinline__ static void load_operand(unsigned char* dst, const CUtensorMap* map, int mn0, int kb,
+                                                      std::uint64_t* full) {
+    if constexpr (Major == major::k) {
+      tma_load_2d(dst, map, kb * S::bk, mn0, full);
+    } else {
+#pragma unroll
+      for (int i = 0; i < Rows / 64; ++i) tma_load_2d(dst + i * mn_box_bytes, map, mn0 + 64 * i, kb * S::bk, full);
+    }
+  }
+  // Warpgroup wg's 64 rows of A: rows 64 wg.. of the K-major box, or the wg-th MN-major box.
+  __device__ __forceinline__ static std::uint64_t a_descriptor(std::uint32_t stage, int wg, int k) {
+    if constexpr (MajorA == major::k)
+      return k_major_sw128_descriptor(stage + std::uint32_t(wg) * 64 * 128 + k * k16_bytes_k_major);
+    else
+      return mn_major_sw128_descriptor(stage + std::uint32_t(wg) * mn_box_bytes + k * k16_bytes_mn_major, mn_box_bytes);
+  }
+  __device__ __forceinline__ static std::uint64_t b_descriptor(std::uint32_t stage, int k) {
+    if constexpr (MajorB == major::k)
+      return k_major_sw128_descriptor(stage + k * k16_bytes_k_major);
+    else
+      return mn_major_sw128_descriptor(stage + k * k16_bytes_mn_major, mn_box_bytes);
+  }
+
   stage_barriers<S::stages>& bars_;
   std::uint32_t sa_, sb_;
   unsigned char* smem_;
 };
 
-// Encodes the maps of E (rows x depth) and C (classes x depth) for T; false when TMA cannot address them.
-template <class T>
-bool encode_logit_tile_maps(logit_tile_maps& maps, const T* e, std::int64_t rows, std::int64_t lde, const T* c,
-                            std::int64_t classes, std::int64_t ldc, std::int64_t depth) {
+// Encodes the map of an operand for T in `major` (rows x depth, as kernel/portable/operand.cuh describes it) with
+// boxes for `rows` per tile; false when TMA cannot address it.
+template <class T, major Major>
+bool encode_operand_map(CUtensorMap& map, const operand<T>& g, std::uint32_t rows) {
   const CUtensorMapDataType type =
       std::is_same_v<T, __half> ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
-  return encode_k_major_sw128(&maps.e, e, rows, depth, lde, type, sizeof(T), logit_tile_shape::bm) &&
-         encode_k_major_sw128(&maps.c, c, classes, depth, ldc, type, sizeof(T), logit_tile_shape::bn);
+  return Major == major::k ? encode_sw128(&map, g.ptr, g.depth, g.extent, g.ld, type, sizeof(T), rows)
+                           : encode_sw128(&map, g.ptr, g.extent, g.depth, g.ld, type, sizeof(T), swizzle_depth);
+}
+
+// The maps of the logit product E (rows x depth) C (classes x depth)^T, both K-major.
+template <class T>
+bool encode_logit_maps(operand_maps& maps, const operand<T>& e, const operand<T>& c) {
+  return encode_operand_map<T, major::k>(maps.a, e, logit_tile_shape::bm) &&
+         encode_operand_map<T, major::k>(maps.b, c, logit_tile_shape::bn);
 }
 
 // 2^x on the special-function unit (relative error ~2^-22); the epilogues fold log2(e) into an FMA.

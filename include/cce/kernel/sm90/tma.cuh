@@ -1,7 +1,9 @@
-// Tensor maps for the Hopper tensor-memory-access unit (TMA): a 2-D K-major operand (rows x depth, depth contiguous)
-// copied in boxes of `box_rows` x 64 elements with the 128-byte swizzle that wgmma descriptors read. Encoded on the
-// host (cuTensorMapEncodeTiled, reached through the runtime's driver entry point so that nothing links against
-// libcuda) and passed to kernels by value as __grid_constant__ parameters.
+// Tensor maps for the Hopper tensor-memory-access unit (TMA): a 2-D operand whose contiguous axis is copied 64
+// elements (128 bytes) at a time, in boxes of 64 x `box_rows`, with the 128-byte swizzle that wgmma descriptors read.
+// A K-major operand (rows x depth, depth contiguous) gives boxes of `box_rows` rows of one 64-deep k-slice; an MN-major
+// one (depth x extent, extent contiguous) boxes of 64 consecutive M/N elements of `box_rows` k. Encoded on the host
+// (cuTensorMapEncodeTiled, reached through the runtime's driver entry point so that nothing links against libcuda)
+// and passed to kernels by value as __grid_constant__ parameters.
 #pragma once
 
 #include <cuda.h>
@@ -18,10 +20,11 @@ inline bool tma_addressable(const void* ptr, std::int64_t ld_elems, std::size_t 
   return reinterpret_cast<std::uintptr_t>(ptr) % 16 == 0 && (ld_elems * std::int64_t(elem_bytes)) % 16 == 0;
 }
 
-// Out-of-range boxes (rows past `rows`, depth past `depth`) are filled with zeros by the hardware.
-inline bool encode_k_major_sw128(CUtensorMap* map, const void* ptr, std::int64_t rows, std::int64_t depth,
-                                 std::int64_t ld_elems, CUtensorMapDataType type, std::size_t elem_bytes,
-                                 std::uint32_t box_rows) {
+// `inner` elements contiguous, `outer` rows `ld_elems` apart. Out-of-range parts of a box are filled with zeros by the
+// hardware.
+inline bool encode_sw128(CUtensorMap* map, const void* ptr, std::int64_t inner, std::int64_t outer,
+                         std::int64_t ld_elems, CUtensorMapDataType type, std::size_t elem_bytes,
+                         std::uint32_t box_rows) {
   using encode_fn = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
                                  const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
                                  CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
@@ -36,8 +39,8 @@ inline bool encode_k_major_sw128(CUtensorMap* map, const void* ptr, std::int64_t
     }
     return reinterpret_cast<encode_fn>(fn);
   }();
-  if (encode == nullptr || rows <= 0 || depth <= 0) return false;
-  const cuuint64_t dims[2] = {cuuint64_t(depth), cuuint64_t(rows)};
+  if (encode == nullptr || inner <= 0 || outer <= 0) return false;
+  const cuuint64_t dims[2] = {cuuint64_t(inner), cuuint64_t(outer)};
   const cuuint64_t strides[1] = {cuuint64_t(ld_elems) * elem_bytes};
   const cuuint32_t box[2] = {cuuint32_t(swizzle_depth), box_rows};
   const cuuint32_t unit[2] = {1, 1};

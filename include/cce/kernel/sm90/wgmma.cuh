@@ -1,5 +1,5 @@
-// Hopper warpgroup MMA (wgmma, sm_90a) through inline PTX: shared-memory matrix descriptors, the fences that order it
-// against ordinary register use, and the m64n256k16 product with fp32 accumulators in registers.
+// Hopper warpgroup MMA (wgmma, sm_90a) through inline PTX: shared-memory matrix descriptors (K-major and MN-major), the
+// fences that order it against ordinary register use, and the m64n256k16 product with fp32 accumulators in registers.
 //
 // Accumulator layout of m64nNk16 (PTX ISA, "wgmma register fragments"): warp w of the warpgroup holds rows 16w .. 16w
 // + 15; lane (g = lane / 4, t = lane % 4) holds, for each n8 block j, d[4j + 0..1] = row g, columns 8j + 2t + 0..1
@@ -24,6 +24,19 @@ __device__ __forceinline__ std::uint64_t k_major_sw128_descriptor(std::uint32_t 
          (swizzle_128b << 62);
 }
 
+// Descriptor of an MN-major operand tile stored with the 128-byte swizzle: each 128-byte row holds 64 consecutive M (or
+// N) elements of one k, 8 such rows form a 1024-byte atom (8 k), and the next 64 M/N elements start `mn_stride` bytes
+// further (the tensor-memory-access unit writes one such box per 64 M/N elements). `smem` is the address of the k
+// row to start from: a k16 step advances it by 16 rows (2048 bytes), whole atoms.
+__device__ __forceinline__ std::uint64_t mn_major_sw128_descriptor(std::uint32_t smem, std::uint32_t mn_stride) {
+  constexpr std::uint64_t k_atom_bytes = 1024;  // between consecutive groups of 8 k
+  constexpr std::uint64_t swizzle_128b = 1;
+  // For MN-major swizzled layouts the leading offset steps along M/N and the stride offset along K (PTX ISA,
+  // "Leading/Stride Dimension Byte Offset").
+  return std::uint64_t((smem & 0x3FFFF) >> 4) | (std::uint64_t(mn_stride >> 4) << 16) |
+         ((k_atom_bytes >> 4) << 32) | (swizzle_128b << 62);
+}
+
 // Orders this warpgroup's earlier register and shared-memory accesses before the wgmma that follow.
 __device__ __forceinline__ void fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void commit_group() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
@@ -35,8 +48,9 @@ __device__ __forceinline__ void wait_group() {
 // Keeps the compiler from moving accesses of `x` across the asynchronous MMA's fences and waits.
 __device__ __forceinline__ void fence_operand(float& x) { asm volatile("" : "+f"(x)::"memory"); }
 
-// d (+)= A(64 x 16) * B(256 x 16)^T, both K-major in shared memory; accumulate = false overwrites d.
-template <class T>
+// d (+)= A(64 x 16) * B(256 x 16)^T from shared memory, each K-major or (Transposed) MN-major; accumulate = false
+// overwrites d.
+template <class T, bool TransposedA = false, bool TransposedB = false>
 __device__ __forceinline__ void mma_m64n256k16(float (&d)[128], std::uint64_t desc_a, std::uint64_t desc_b,
                                                bool accumulate) {
   static_assert(std::is_same_v<T, __nv_bfloat16> || std::is_same_v<T, __half>, "16-bit operands");
@@ -59,7 +73,7 @@ __device__ __forceinline__ void mma_m64n256k16(float (&d)[128], std::uint64_t de
         "%108, %109, %110, %111,"                                                                                      \
         "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, "                                           \
         "%123, %124, %125, %126, %127"                                                                                 \
-        "}, %128, %129, p, 1, 1, 0, 0;\n}\n"                                                                           \
+        "}, %128, %129, p, 1, 1, %131, %132;\n}\n"                                                                     \
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]),  \
           "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]),       \
           "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]),      \
@@ -77,7 +91,7 @@ __device__ __forceinline__ void mma_m64n256k16(float (&d)[128], std::uint64_t de
           "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]),            \
           "+f"(d[119]), "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]),            \
           "+f"(d[126]), "+f"(d[127])                                                                                   \
-        : "l"(desc_a), "l"(desc_b), "r"(int(accumulate)))
+        : "l"(desc_a), "l"(desc_b), "r"(int(accumulate)), "n"(int(TransposedA)), "n"(int(TransposedB)))
   if constexpr (std::is_same_v<T, __nv_bfloat16>) CCE_WGMMA_M64N256K16("bf16");
   else CCE_WGMMA_M64N256K16("f16");
 #undef CCE_WGMMA_M64N256K16

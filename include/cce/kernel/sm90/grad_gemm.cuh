@@ -1,0 +1,91 @@
+// Hopper backward step 2 (sm_90a): the gradient products of kernel/portable/grad_gemm.cuh, same parameters and
+// epilogue, on the tile engine of logit_tile.cuh:
+//   dE_block = dZ C_chunk     A = dZ K-major (rows x classes),    B = C_chunk MN-major (D contiguous)
+//   dC_chunk = dZ^T E_block   A = dZ MN-major (classes contiguous), B = E_block MN-major
+// Each CTA owns a 128 x 256 output tile (128 rows or classes by 256 of D). k-blocks whose dZ tile the filter skipped
+// are neither loaded nor multiplied. CTAs run in groups of 8 output-row tiles that sweep every column tile, so that
+// a group's A tiles are read from L2 by all of its column tiles.
+#pragma once
+
+#include <cstdint>
+
+#include <cce/detail/math.hpp>
+#include <cce/kernel/portable/grad_gemm.cuh>
+#include <cce/kernel/sm90/logit_tile.cuh>
+
+namespace cce::detail::sm90 {
+
+using grad_gemm_shape = logit_tile_shape;
+
+template <class T, class G>
+struct grad_gemm_params_sm90 {
+  operand_maps maps;
+  grad_gemm_params<T, G, grad_gemm_shape::filter_bn> base;
+  int m_tiles = 0, n_tiles = 0;
+};
+
+// Output tile (m, n) of CTA `block` in the grouped order.
+struct grouped_tile {
+  static constexpr int group = 8;
+  int m, n;
+  __device__ grouped_tile(int block, int m_tiles, int n_tiles) {
+    const int per_group = group * n_tiles;
+    const int first_m = (block / per_group) * group;
+    const int group_m = min(m_tiles - first_m, group);
+    const int in_group = block % per_group;
+    m = first_m + in_group % group_m;
+    n = in_group / group_m;
+  }
+};
+
+template <class T, class G, major MajorA>
+__global__ void __launch_bounds__(grad_gemm_shape::threads, 1)
+    grad_gemm_kernel(const __grid_constant__ grad_gemm_params_sm90<T, G> prm) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using S = grad_gemm_shape;
+  // Only the sm_90a image has this body (and static shared memory: the host checks for it, dispatch/sm90.cuh).
+  extern __shared__ unsigned char smem_raw[];
+  __shared__ stage_barriers<S::stages> bars;
+
+  const auto& p = prm.base;
+  const grouped_tile tile(int(blockIdx.x), prm.m_tiles, prm.n_tiles);
+  active_k_tiles<S::filter_bn> active = p.active;
+  active.fixed_tile = tile.m;
+  const auto live = [&](int kb) { return active(std::int64_t(kb) * S::bk); };  // 2 k-blocks per filter tile
+  const int k_blocks = int(ceil_div(p.k, std::int64_t(S::bk)));
+
+  if (threadIdx.x == 0) bars.init(S::consumer_warps);
+  __syncthreads();
+  const tile_ring<T, MajorA, major::mn> ring(smem_raw, bars);
+
+  if (threadIdx.x / 128 == 0) {  // producer
+    shrink_registers<S::producer_registers>();
+    if (threadIdx.x == 0) {
+      ring_position<S::stages> at;
+      ring.load_tile(at, &prm.maps, tile.m * S::bm, tile.n * S::bn, k_blocks, live);
+    }
+    return;
+  }
+
+  grow_registers<S::consumer_registers>();
+  const int cw = threadIdx.x / 32 - 4;  // consumer warp
+  const int lane = threadIdx.x % 32;
+  float acc[128];
+  ring_position<S::stages> at;
+  ring.compute_tile(acc, at, k_blocks, cw / 4, live);
+
+  const std::int64_t row = std::int64_t(tile.m) * S::bm + (cw / 4) * 64 + (cw % 4) * 16 + lane / 4;
+  const std::int64_t col = std::int64_t(tile.n) * S::bn + 2 * (lane % 4);
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    if (row + 8 * r >= p.m) continue;
+#pragma unroll
+    for (int j = 0; j < 32; ++j)
+#pragma unroll
+      for (int e = 0; e < 2; ++e)
+        if (col + 8 * j + e < p.n) store_gradient(p, row + 8 * r, col + 8 * j + e, acc[4 * j + 2 * r + e]);
+  }
+#endif
+}
+
+}  // namespace cce::detail::sm90
