@@ -49,38 +49,67 @@ struct grad_gemm_params {
   float lora_scale = 0.f;
 };
 
-// Folds one element x of the product into the output: carried in fp32 (optionally compensated) until the last
-// contribution, which adds the low-rank term and writes G (adding to what is there when gradients accumulate).
-template <class T, class G, int KTile>
-__device__ __forceinline__ void store_gradient(const grad_gemm_params<T, G, KTile>& prm, std::int64_t row,
-                                               std::int64_t col, float x) {
-  float total = x;
-  if (prm.acc) {
-    const std::int64_t i = row * prm.n + col;
-    kahan_sum k{prm.first ? 0.f : prm.acc[i], (prm.first || !prm.comp) ? 0.f : prm.comp[i]};
-    if (prm.comp) k.add(x);
-    else k.sum += x;
-    if (!prm.last) {
-      prm.acc[i] = k.sum;
-      if (prm.comp) prm.comp[i] = k.compensation;
-      return;
+// Folds elements x[0..Count) of row `row`, columns col0.., of the product into the output: carried in fp32
+// (optionally compensated) until the last contribution, which adds the low-rank term and writes G (adding to what is
+// there when gradients accumulate). What the output step reads is loaded first, by load(): the compiler has to
+// assume that the carry, its compensation and the output may alias, so code that loads each element right before
+// storing it would wait for every load in turn; loading several runs before storing them overlaps the waits.
+template <int Count, class G>
+struct gradient_run {
+  float carried[Count], comp[Count], prev[Count];
+
+  template <class T, int KTile>
+  __device__ __forceinline__ static G* output(const grad_gemm_params<T, G, KTile>& prm, std::int64_t row,
+                                              std::int64_t col0) {
+    return prm.out + (prm.out_rows ? std::int64_t(prm.out_rows[row]) : row) * prm.ld_out + col0;
+  }
+
+  template <class T, int KTile>
+  __device__ __forceinline__ void load(const grad_gemm_params<T, G, KTile>& prm, std::int64_t row, std::int64_t col0) {
+    const std::int64_t base = row * prm.n + col0;
+    const bool carry_in = prm.acc && !prm.first, add_prev = prm.accumulate && prm.last;
+    const G* out = add_prev ? output(prm, row, col0) : nullptr;
+#pragma unroll
+    for (int q = 0; q < Count; ++q) {
+      const bool in = col0 + q < prm.n;
+      carried[q] = in && carry_in ? prm.acc[base + q] : 0.f;
+      comp[q] = in && carry_in && prm.comp ? prm.comp[base + q] : 0.f;
+      if constexpr (std::is_same_v<G, float>) prev[q] = in && add_prev ? out[q] : 0.f;
+      else prev[q] = in && add_prev ? to_float(out[q]) : 0.f;
     }
-    total = k.value();
   }
-  if (prm.rank) {
-    float l = 0.f;
-    for (std::int64_t r = 0; r < prm.rank; ++r) l += prm.lora_q[row * prm.rank + r] * to_float(prm.lora_a[r * prm.lda + col]);
-    total += prm.lora_scale * l;
+
+  template <class T, int KTile>
+  __device__ __forceinline__ void store(const grad_gemm_params<T, G, KTile>& prm, std::int64_t row,
+                                        std::int64_t col0, const float (&x)[Count]) const {
+    const std::int64_t base = row * prm.n + col0;
+    G* out = output(prm, row, col0);
+#pragma unroll
+    for (int q = 0; q < Count; ++q) {
+      if (col0 + q >= prm.n) continue;
+      float total = x[q];
+      if (prm.acc) {
+        kahan_sum k{carried[q], comp[q]};
+        if (prm.comp) k.add(x[q]);
+        else k.sum += x[q];
+        if (!prm.last) {
+          prm.acc[base + q] = k.sum;
+          if (prm.comp) prm.comp[base + q] = k.compensation;
+          continue;
+        }
+        total = k.value();
+      }
+      if (prm.rank) {
+        float l = 0.f;
+        for (std::int64_t r = 0; r < prm.rank; ++r)
+          l += prm.lora_q[row * prm.rank + r] * to_float(prm.lora_a[r * prm.lda + col0 + q]);
+        total += prm.lora_scale * l;
+      }
+      if constexpr (std::is_same_v<G, float>) out[q] = prev[q] + total;
+      else out[q] = from_float<G>(prev[q] + total);
+    }
   }
-  G* o = prm.out + (prm.out_rows ? std::int64_t(prm.out_rows[row]) : row) * prm.ld_out + col;
-  float prev = 0.f;
-  if (prm.accumulate) {
-    if constexpr (std::is_same_v<G, float>) prev = *o;
-    else prev = to_float(*o);
-  }
-  if constexpr (std::is_same_v<G, float>) *o = prev + total;
-  else *o = from_float<G>(prev + total);
-}
+};
 
 template <class T, class G, class Policy, major MajorA, major MajorB, bool Vectorized>
 __global__ void __launch_bounds__(Policy::threads, Policy::min_blocks)
@@ -104,7 +133,11 @@ __global__ void __launch_bounds__(Policy::threads, Policy::min_blocks)
 #pragma unroll
     for (int c = 0; c < layout::cols; ++c) {
       const std::int64_t col = n0 + f.col(c);
-      if (col < prm.n) store_gradient(prm, row, col, layout::at(acc, s, c));
+      if (col >= prm.n) continue;
+      const float x[1] = {layout::at(acc, s, c)};
+      gradient_run<1, G> run;
+      run.load(prm, row, col);
+      run.store(prm, row, col, x);
     }
   }
 }

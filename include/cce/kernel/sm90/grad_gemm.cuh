@@ -16,6 +16,12 @@
 namespace cce::detail::sm90 {
 
 using grad_gemm_shape = logit_tile_shape;
+// Row pitch of the staged fp32 output tile: 4 floats of padding make the fragment writes conflict-free.
+inline constexpr int staging_ld = grad_gemm_shape::bn + 4;
+static_assert(std::size_t(grad_gemm_shape::bm) * staging_ld * sizeof(float) <=
+                  std::size_t(grad_gemm_shape::stages) *
+                      (grad_gemm_shape::a_bytes<__half> + grad_gemm_shape::b_bytes<__half>),
+              "the staged tile fits in the ring");
 
 template <class T, class G>
 struct grad_gemm_params_sm90 {
@@ -74,16 +80,39 @@ __global__ void __launch_bounds__(grad_gemm_shape::threads, 1)
   ring_position<S::stages> at;
   ring.compute_tile(acc, at, k_blocks, cw / 4, live);
 
-  const std::int64_t row = std::int64_t(tile.m) * S::bm + (cw / 4) * 64 + (cw % 4) * 16 + lane / 4;
-  const std::int64_t col = std::int64_t(tile.n) * S::bn + 2 * (lane % 4);
+  // The epilogue goes through shared memory (the ring's buffers, free once both warpgroups are done with them), so
+  // that it runs as a short loop of coalesced 4-column runs rather than 128 scattered elements per thread.
+  consumer_barrier();
+  float* staged = ring.staging_area();
+  const int wrow = (cw / 4) * 64 + (cw % 4) * 16 + lane / 4, wcol = 2 * (lane % 4);
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    if (row + 8 * r >= p.m) continue;
+  for (int r = 0; r < 2; ++r)
 #pragma unroll
     for (int j = 0; j < 32; ++j)
+      *reinterpret_cast<float2*>(staged + (wrow + 8 * r) * staging_ld + 8 * j + wcol) =
+          make_float2(acc[4 * j + 2 * r], acc[4 * j + 2 * r + 1]);
+  consumer_barrier();
+
+  // 256 threads: 64 runs of 4 columns per row, 4 rows per pass, the loads of `batch` passes ahead of their stores.
+  constexpr int row_step = S::consumer_warps * 32 / 64, batch = 8;
+  const int t = threadIdx.x - 128, col = 4 * (t % 64);
+  const std::int64_t row0 = std::int64_t(tile.m) * S::bm, col0 = std::int64_t(tile.n) * S::bn + col;
+  if (col0 >= p.n) return;
+  const int rows = int(p.m - row0 < S::bm ? p.m - row0 : S::bm);
+#pragma unroll 1
+  for (int r0 = t / 64; r0 < rows; r0 += batch * row_step) {
+    gradient_run<4, G> run[batch];
 #pragma unroll
-      for (int e = 0; e < 2; ++e)
-        if (col + 8 * j + e < p.n) store_gradient(p, row + 8 * r, col + 8 * j + e, acc[4 * j + 2 * r + e]);
+    for (int b = 0; b < batch; ++b)
+      if (r0 + b * row_step < rows) run[b].load(p, row0 + r0 + b * row_step, col0);
+#pragma unroll
+    for (int b = 0; b < batch; ++b) {
+      const int r = r0 + b * row_step;
+      if (r >= rows) break;
+      const float4 v = *reinterpret_cast<const float4*>(staged + r * staging_ld + col);
+      const float x[4] = {v.x, v.y, v.z, v.w};
+      run[b].store(p, row0 + r, col0, x);
+    }
   }
 #endif
 }

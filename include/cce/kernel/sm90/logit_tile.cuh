@@ -116,6 +116,9 @@ class tile_ring {
     for (int i = 0; i < 128; ++i) fence_operand(acc[i]);
   }
 
+  // The ring's memory as a scratch area for an epilogue, once every consumer is past its last compute_tile.
+  __device__ __forceinline__ float* staging_area() const { return reinterpret_cast<float*>(smem_); }
+
  private:
   template <major Major, int Rows>
   __device__ __forceinline__ static void load_operand(unsigned char* dst, const CUtensorMap* map, int mn0, int kb,
