@@ -4,6 +4,8 @@
 #   scripts/device_hopper.sh checks BUILD   reliability_test, vocab_parallel_test, then memcheck and racecheck on a subset
 #   scripts/device_hopper.sh bench BUILD   the benchmark (BENCH_FILTER) and one Nsight Compute profile (NCU_FILTER)
 #   scripts/device_hopper.sh examples BUILD   examples 02-05 (03 and 05 read data/corpus.txt)
+#   scripts/device_hopper.sh quick BUILD    about four minutes when device time is short: [hopper], [shapes], the rest
+#                                           of linear_cross_entropy_test, vocab_sort_test, then a few benchmark rows
 # Results go to $OUT (default ./out) as one tarball; the summary is printed last.
 set -uo pipefail
 what=${1:?tests or bench}
@@ -32,6 +34,15 @@ case "$what" in
       phase gpu 240 "$t/linear_cross_entropy_test" "~[shapes]" --reporter compact
       phase shapes 120 "$t/linear_cross_entropy_test" "[shapes]" --reporter compact
       phase sort 150 "$t/vocab_sort_test" --reporter compact
+    fi
+    ;;
+  quick)
+    if phase hopper 60 "$t/linear_cross_entropy_test" "[hopper]" --reporter compact; then
+      phase shapes 30 "$t/linear_cross_entropy_test" "[shapes]" --reporter compact
+      phase gpu 90 "$t/linear_cross_entropy_test" "~[shapes]~[hopper]" --reporter compact
+      phase sort 45 "$t/vocab_sort_test" --reporter compact
+      phase bench 60 "$build/bench/cce_bench" \
+        --benchmark_filter="${BENCH_FILTER:-^(llama3|gemma2)/lm-like/(gemm|fw-bw-chunked)/}"
     fi
     ;;
   checks)
