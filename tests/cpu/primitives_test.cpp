@@ -1057,6 +1057,24 @@ TEST_CASE("split_begin: exact partition with sizes differing by at most one", "[
   }
 }
 
+TEST_CASE("grouped_order: every output tile exactly once, groups of rows sweeping all columns", "[primitives][tile]") {
+  const std::pair<int, int> shapes[] = {{1, 1}, {1, 16}, {8, 16}, {9, 16}, {63, 16}, {64, 16}, {128, 3}, {7, 1}, {17, 5}};
+  for (const auto& [m_tiles, n_tiles] : shapes) {
+    INFO(m_tiles << " x " << n_tiles << " tiles");
+    std::vector<int> seen(std::size_t(m_tiles * n_tiles), 0);
+    for (int block = 0; block < m_tiles * n_tiles; ++block) {
+      const tile::grouped_order<8> t(block, m_tiles, n_tiles);
+      REQUIRE(t.m >= 0);
+      REQUIRE(t.m < m_tiles);
+      REQUIRE(t.n >= 0);
+      REQUIRE(t.n < n_tiles);
+      ++seen[std::size_t(t.m * n_tiles + t.n)];
+      CHECK(t.m / 8 == block / (8 * n_tiles));  // the group of a block is its row group
+    }
+    CHECK(std::count(seen.begin(), seen.end(), 1) == m_tiles * n_tiles);
+  }
+}
+
 TEST_CASE("tile::policy: derived constants", "[primitives][tile]") {
   using p = tile::policy<128, 256, 32, 3, 2, 4>;
   static_assert(p::bm == 128 && p::bn == 256 && p::bk == 32 && p::stages == 3, "shape");

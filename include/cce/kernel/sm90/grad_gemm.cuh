@@ -12,6 +12,7 @@
 #include <cce/detail/math.hpp>
 #include <cce/kernel/portable/grad_gemm.cuh>
 #include <cce/kernel/sm90/logit_tile.cuh>
+#include <cce/tile/tile_grid.hpp>
 
 namespace cce::detail::sm90 {
 
@@ -30,20 +31,6 @@ struct grad_gemm_params_sm90 {
   int m_tiles = 0, n_tiles = 0;
 };
 
-// Output tile (m, n) of CTA `block` in the grouped order.
-struct grouped_tile {
-  static constexpr int group = 8;
-  int m, n;
-  __device__ grouped_tile(int block, int m_tiles, int n_tiles) {
-    const int per_group = group * n_tiles;
-    const int first_m = (block / per_group) * group;
-    const int group_m = min(m_tiles - first_m, group);
-    const int in_group = block % per_group;
-    m = first_m + in_group % group_m;
-    n = in_group / group_m;
-  }
-};
-
 template <class T, class G, major MajorA>
 __global__ void __launch_bounds__(grad_gemm_shape::threads, 1)
     grad_gemm_kernel(const __grid_constant__ grad_gemm_params_sm90<T, G> prm) {
@@ -54,9 +41,9 @@ __global__ void __launch_bounds__(grad_gemm_shape::threads, 1)
   __shared__ stage_barriers<S::stages> bars;
 
   const auto& p = prm.base;
-  const grouped_tile tile(int(blockIdx.x), prm.m_tiles, prm.n_tiles);
+  const tile::grouped_order<8> pos(int(blockIdx.x), prm.m_tiles, prm.n_tiles);
   active_k_tiles<S::filter_bn> active = p.active;
-  active.fixed_tile = tile.m;
+  active.fixed_tile = pos.m;
   const auto live = [&](int kb) { return active(std::int64_t(kb) * S::bk); };  // 2 k-blocks per filter tile
   const int k_blocks = int(ceil_div(p.k, std::int64_t(S::bk)));
 
@@ -68,7 +55,7 @@ __global__ void __launch_bounds__(grad_gemm_shape::threads, 1)
     shrink_registers<S::producer_registers>();
     if (threadIdx.x == 0) {
       ring_position<S::stages> at;
-      ring.load_tile(at, &prm.maps, tile.m * S::bm, tile.n * S::bn, k_blocks, live);
+      ring.load_tile(at, &prm.maps, pos.m * S::bm, pos.n * S::bn, k_blocks, live);
     }
     return;
   }
@@ -96,7 +83,7 @@ __global__ void __launch_bounds__(grad_gemm_shape::threads, 1)
   // 256 threads: 64 runs of 4 columns per row, 4 rows per pass, the loads of `batch` passes ahead of their stores.
   constexpr int row_step = S::consumer_warps * 32 / 64, batch = 8;
   const int t = threadIdx.x - 128, col = 4 * (t % 64);
-  const std::int64_t row0 = std::int64_t(tile.m) * S::bm, col0 = std::int64_t(tile.n) * S::bn + col;
+  const std::int64_t row0 = std::int64_t(pos.m) * S::bm, col0 = std::int64_t(pos.n) * S::bn + col;
   if (col0 >= p.n) return;
   const int rows = int(p.m - row0 < S::bm ? p.m - row0 : S::bm);
 #pragma unroll 1
