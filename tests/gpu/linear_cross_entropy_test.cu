@@ -70,6 +70,15 @@ TEST_CASE("GPU: TMA-addressable problems with every option", "[gpu][hopper]") {
   wide.opts.softcap = 30.f;
   wide.seed = 11;
   run_case<__nv_bfloat16, __nv_bfloat16>(wide, 0, test::gradient_check::relative);
+  test::case_config tall;  // more tiles than SMs: the dZ kernel's CTAs run across row tiles
+  tall.n = 1100;
+  tall.d = 136;
+  tall.v = 6000 + 13;
+  tall.bias = true;
+  tall.class_weights = true;
+  tall.ignore_fraction = 0.1;
+  tall.seed = 12;
+  run_case<__nv_bfloat16, float>(tall, 0, test::gradient_check::relative);
 }
 
 TEST_CASE("GPU: every data regime at a size with many tiles", "[gpu][regimes]") {

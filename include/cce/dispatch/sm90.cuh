@@ -93,14 +93,13 @@ status launch_dlogits(const dlogit_params<T>& base, std::int64_t rows, std::int6
         cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
       return status::cuda_error;
     }
-    // A few CTAs per SM's worth of work units, each a run of tiles that keeps the ring full.
-    prm.splits = std::clamp<std::int64_t>(ceil_div(2 * std::int64_t(sms), row_tiles), 1, wide_tiles);
+    const unsigned ctas = unsigned(std::min<std::int64_t>(row_tiles * wide_tiles, sms));  // one per SM
     constexpr std::size_t smem = S::smem_bytes<T>;
     if (cudaFuncSetAttribute(dlogit_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)) != cudaSuccess) {
       cudaGetLastError();
       return status::unsupported_arch;
     }
-    dlogit_kernel<T><<<dim3(unsigned(row_tiles), unsigned(prm.splits)), S::threads, smem, stream>>>(prm);
+    dlogit_kernel<T><<<ctas, S::threads, smem, stream>>>(prm);
     return cudaGetLastError() == cudaSuccess ? status::success : status::cuda_error;
   }
 }

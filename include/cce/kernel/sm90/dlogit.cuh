@@ -1,7 +1,7 @@
 // Hopper backward step 1 (sm_90a): the contract of the portable dlogit kernel (kernel/portable/dlogit.cuh) on the
 // logit-tile engine of logit_tile.cuh. The gradient filter's flags come first, from a small kernel, so that the
-// producer never loads a skipped tile; each CTA then walks a range of 256-class tiles of its 128 rows, recomputes
-// the logits and stores draw = dz * dz/draw in T into the chunk buffer, with the bias gradient's column sums.
+// producer never loads a skipped tile; persistent CTAs then take the (128-row, 256-class) tiles in turn, recompute
+// the logits and store draw = dz * dz/draw in T into the chunk buffer, with the bias gradient's column sums.
 // A 256-class tile spans two 128-class filter tiles: it is computed when either is active, and only the active
 // halves are stored (the gradient GEMMs read only those).
 #pragma once
@@ -18,9 +18,8 @@ template <class T>
 struct dlogit_params_sm90 {
   operand_maps maps;
   dlogit_params<T> base;
-  std::int64_t rows = 0;    // rows of this row block
-  std::int64_t cols = 0;    // classes of this chunk
-  std::int64_t splits = 1;  // CTAs along the chunk's 256-class tiles
+  std::int64_t rows = 0;  // rows of this row block
+  std::int64_t cols = 0;  // classes of this chunk
 };
 
 // One CTA per 128 x 128 filter tile of the (row block, chunk): its flag, as the portable kernel decides it.
@@ -35,6 +34,16 @@ __global__ void __launch_bounds__(128) active_tiles_kernel(const __grid_constant
   }
 }
 
+// One row slot's constants for a tile's epilogue (a thread holds 2 rows x 64 columns, wgmma.cuh). Column offsets
+// are relative to the thread's first column, so that the per-logit tests compare with compile-time constants.
+struct dlogit_row {
+  row_coefficients rc;
+  int limit = 0;    // logits [0, limit) of the slot carry gradient: 0 for a row without one, less at the vocab's end
+  int target = -1;  // offset of the target among the slot's columns, -1 when it is not there
+};
+
+// Persistent: the grid's CTAs (at most one per SM) take the (row tile, 256-class tile) pairs of the row block and
+// chunk in turn, column-major, so that the CTAs running at once share a few classifier tiles in L2.
 template <class T>
 __global__ void __launch_bounds__(logit_tile_shape::threads, 1)
     dlogit_kernel(const __grid_constant__ dlogit_params_sm90<T> prm) {
@@ -47,17 +56,14 @@ __global__ void __launch_bounds__(logit_tile_shape::threads, 1)
 
   const dlogit_params<T>& p = prm.base;
   const tile::tile_grid& g = p.grid;
-  const std::int64_t row0 = p.row0 + std::int64_t(blockIdx.x) * S::bm;
-  const std::int64_t rt = row0 / S::bm;  // absolute row tile
   const std::int64_t chunk_tiles = p.chunk_cols / S::filter_bn;
   const std::int64_t filter_tiles = ceil_div(prm.cols, S::filter_bn);
   const std::int64_t wide_tiles = ceil_div(prm.cols, S::bn);
-  const std::int64_t wt_begin = tile::split_begin(wide_tiles, prm.splits, blockIdx.y);
-  const std::int64_t wt_end = tile::split_begin(wide_tiles, prm.splits, blockIdx.y + 1);
-  const std::uint8_t* flags = p.active + std::int64_t(blockIdx.x) * chunk_tiles;
-  auto half_active = [&](std::int64_t wt, int h) {
+  const std::int64_t row_tiles = ceil_div(prm.rows, S::bm), tiles = row_tiles * wide_tiles;
+  // Whether half h (a 128-class filter tile) of wide tile wt of row tile rl (in the block) is computed.
+  auto half_active = [&](std::int64_t rl, std::int64_t wt, int h) {
     const std::int64_t ft = 2 * wt + h;
-    return ft < filter_tiles && flags[ft] != 0;
+    return ft < filter_tiles && p.active[rl * chunk_tiles + ft] != 0;
   };
   const int k_blocks = int(ceil_div(p.e.depth, S::bk));
 
@@ -69,9 +75,11 @@ __global__ void __launch_bounds__(logit_tile_shape::threads, 1)
     shrink_registers<S::producer_registers>();
     if (threadIdx.x == 0) {
       ring_position<S::stages> at;
-      for (std::int64_t wt = wt_begin; wt < wt_end; ++wt)
-        if (half_active(wt, 0) || half_active(wt, 1))
-          ring.load_tile(at, &prm.maps, int(row0), int(p.v0 + wt * S::bn), k_blocks);
+      for (std::int64_t t = blockIdx.x; t < tiles; t += gridDim.x) {
+        const std::int64_t rl = t % row_tiles, wt = t / row_tiles;
+        if (half_active(rl, wt, 0) || half_active(rl, wt, 1))
+          ring.load_tile(at, &prm.maps, int(p.row0 + rl * S::bm), int(p.v0 + wt * S::bn), k_blocks);
+      }
     }
     return;
   }
@@ -80,35 +88,40 @@ __global__ void __launch_bounds__(logit_tile_shape::threads, 1)
   const int cw = threadIdx.x / 32 - 4;  // consumer warp
   const int lane = threadIdx.x % 32, lane_row = lane / 4, lane_col = 2 * (lane % 4);
   const int local_row = (cw / 4) * 64 + (cw % 4) * 16 + lane_row;  // row slot r adds 8 r
-  row_coefficients rc[2];
-  bool row_ok[2];
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const std::int64_t row = row0 + local_row + 8 * r;
-    row_ok[r] = row < g.rows && row - p.row0 < prm.rows;
-    rc[r] = row_ok[r] ? p.coef[row] : row_coefficients{};
-  }
   const logit_derivative derivative(p.terms.transform);
+  const bool bias_sums = p.dbias_partial != nullptr, weighted = p.class_weights != nullptr;
 
   float acc[128];
   ring_position<S::stages> at;
-  for (std::int64_t wt = wt_begin; wt < wt_end; ++wt) {
-    const bool active[2] = {half_active(wt, 0), half_active(wt, 1)};
+  for (std::int64_t t = blockIdx.x; t < tiles; t += gridDim.x) {
+    const std::int64_t rl = t % row_tiles, wt = t / row_tiles;
+    const bool active[2] = {half_active(rl, wt, 0), half_active(rl, wt, 1)};
+    if (!active[0] && !active[1] && !bias_sums) continue;  // nothing to compute or store
+    const std::int64_t row0 = p.row0 + rl * S::bm, col0 = p.v0 + wt * S::bn;
+    const std::int64_t col_thread = col0 + lane_col;
     if (active[0] || active[1]) {
       ring.compute_tile(acc, at, k_blocks, cw / 4);
-      if (p.terms.has_raw_terms()) add_raw_terms(acc, p.terms, row0 + local_row, p.v0 + wt * S::bn + lane_col, g);
+      if (p.terms.has_raw_terms()) add_raw_terms(acc, p.terms, row0 + local_row, col_thread, g);
       transform_logits(acc, p.terms.transform);
     }
-    const std::int64_t col0 = p.v0 + wt * S::bn;
-    const std::int64_t col_thread = col0 + lane_col;
-    T* out[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r)
-      out[r] = p.dz + (row0 + local_row + 8 * r - p.row0) * p.chunk_cols + (col_thread - p.v0);
 
-    // draw of the active halves, stored in T; with a bias, its column sums over the CTA's rows go to col_sums
-    // (inactive halves sum to 0).
-    const bool bias_sums = p.dbias_partial != nullptr;
+    dlogit_row slot[2];
+    T* out[2] = {nullptr, nullptr};  // null past the block's rows: nothing is stored there
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const std::int64_t row = row0 + local_row + 8 * r;
+      if (row >= g.rows || row - p.row0 >= prm.rows) continue;
+      out[r] = p.dz + (row - p.row0) * p.chunk_cols + (col_thread - p.v0);
+      slot[r].rc = p.coef[row];
+      if (!slot[r].rc.kept) continue;
+      const std::int64_t left = g.cols - col_thread, to_target = slot[r].rc.target - col_thread;
+      slot[r].limit = int(left < 0 ? 0 : left < S::bn ? left : S::bn);
+      slot[r].target = to_target >= 0 && to_target < S::bn ? int(to_target) : -1;
+    }
+    const float* weights = weighted ? p.class_weights + col_thread : nullptr;
+
+    // draw of the active halves, stored in T (columns past V inside an active filter tile as 0: the GEMMs read
+    // whole tiles); with a bias, its column sums over the CTA's rows go to col_sums (inactive halves sum to 0).
 #pragma unroll
     for (int j = 0; j < 32; ++j) {
       const int h = j / 16;
@@ -118,16 +131,14 @@ __global__ void __launch_bounds__(logit_tile_shape::threads, 1)
         for (int r = 0; r < 2; ++r) {
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
-            const std::int64_t col = col_thread + 8 * j + e;
-            if (row_ok[r] && rc[r].kept && col < g.cols) {
-              const float z = acc[4 * j + 2 * r + e];
-              const float prob = exp2_approx((z - rc[r].lse) * log2e);  // exactly 1 at z = lse
-              const float w = p.class_weights ? p.class_weights[col] : 1.f;
-              draw[r][e] = rc[r].dz(prob, col == rc[r].target, w) * derivative(z);
-            }
+            const int c = 8 * j + e;
+            const float z = acc[4 * j + 2 * r + e];
+            const float prob = exp2_approx((z - slot[r].rc.lse) * log2e);  // exactly 1 at z = lse
+            const float w = weighted && c < slot[r].limit ? weights[c] : 1.f;
+            const float d = slot[r].rc.dz(prob, c == slot[r].target, w) * derivative(z);
+            draw[r][e] = c < slot[r].limit ? d : 0.f;
           }
-          // Columns past V inside an active filter tile are stored as 0: the GEMMs read whole tiles.
-          if (row_ok[r]) {
+          if (out[r] != nullptr) {
             const T pair[2] = {from_float<T>(draw[r][0]), from_float<T>(draw[r][1])};
             *reinterpret_cast<std::uint32_t*>(out[r] + 8 * j) = *reinterpret_cast<const std::uint32_t*>(pair);
           }
@@ -150,7 +161,7 @@ __global__ void __launch_bounds__(logit_tile_shape::threads, 1)
       if (2 * wt + c / S::filter_bn < filter_tiles) {
         float v = 0.f;
         for (int w = 0; w < S::consumer_warps; ++w) v += col_sums[w][c];
-        p.dbias_partial[rt * p.chunk_cols + (col0 - p.v0) + c] = v;
+        p.dbias_partial[(row0 / S::bm) * p.chunk_cols + (col0 - p.v0) + c] = v;
       }
       consumer_barrier();  // col_sums is rewritten by the next tile
     }
