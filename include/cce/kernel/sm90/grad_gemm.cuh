@@ -7,7 +7,9 @@
 // a group's A tiles are read from L2 by all of its column tiles.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
+#include <type_traits>
 
 #include <cce/detail/math.hpp>
 #include <cce/kernel/portable/grad_gemm.cuh>
@@ -30,6 +32,91 @@ struct grad_gemm_params_sm90 {
   grad_gemm_params<T, G, grad_gemm_shape::filter_bn> base;
   int m_tiles = 0, n_tiles = 0;
 };
+
+// The common case of the epilogue in 16-byte loads and stores: no Kahan compensation, no low-rank term, and runs
+// of 4 columns that start 16-byte aligned in the carry and 4-element aligned in the output.
+template <class T, class G, int KTile>
+__device__ __forceinline__ bool vector_runs(const grad_gemm_params<T, G, KTile>& p) {
+  const auto aligned = [](const void* ptr, std::size_t bytes) { return reinterpret_cast<std::uintptr_t>(ptr) % bytes == 0; };
+  return p.comp == nullptr && p.rank == 0 && p.n % 4 == 0 && p.ld_out % 4 == 0 && aligned(p.acc, 16) &&
+         aligned(p.out, 4 * sizeof(G));
+}
+
+// gradient_run's contract (load what the store needs first, then fold 4 columns into the carry or the output)
+// under vector_runs().
+template <class G>
+struct vector_run {
+  float4 carried, prev;
+
+  template <class T, int KTile>
+  __device__ __forceinline__ void load(const grad_gemm_params<T, G, KTile>& p, std::int64_t row, std::int64_t col0) {
+    carried = p.acc && !p.first ? *reinterpret_cast<const float4*>(p.acc + row * p.n + col0) : float4{};
+    prev = p.accumulate && p.last ? load4(gradient_run<4, G>::output(p, row, col0)) : float4{};
+  }
+
+  template <class T, int KTile>
+  __device__ __forceinline__ void store(const grad_gemm_params<T, G, KTile>& p, std::int64_t row, std::int64_t col0,
+                                        float4 x) const {
+    x = make_float4(carried.x + x.x, carried.y + x.y, carried.z + x.z, carried.w + x.w);
+    if (p.acc && !p.last) {
+      *reinterpret_cast<float4*>(p.acc + row * p.n + col0) = x;
+      return;
+    }
+    store4(gradient_run<4, G>::output(p, row, col0),
+           make_float4(prev.x + x.x, prev.y + x.y, prev.z + x.z, prev.w + x.w));
+  }
+
+ private:
+  __device__ __forceinline__ static float4 load4(const G* g) {
+    if constexpr (std::is_same_v<G, float>) {
+      return *reinterpret_cast<const float4*>(g);
+    } else {
+      const uint2 v = *reinterpret_cast<const uint2*>(g);
+      const G* h = reinterpret_cast<const G*>(&v);
+      return make_float4(to_float(h[0]), to_float(h[1]), to_float(h[2]), to_float(h[3]));
+    }
+  }
+  __device__ __forceinline__ static void store4(G* g, float4 x) {
+    if constexpr (std::is_same_v<G, float>) {
+      *reinterpret_cast<float4*>(g) = x;
+    } else {
+      uint2 v;
+      G* h = reinterpret_cast<G*>(&v);
+      h[0] = from_float<G>(x.x);
+      h[1] = from_float<G>(x.y);
+      h[2] = from_float<G>(x.z);
+      h[3] = from_float<G>(x.w);
+      *reinterpret_cast<uint2*>(g) = v;
+    }
+  }
+};
+
+// Rows first, first + row_step, ... of the staged tile (a thread's 4 columns from `staged`) into the gradient, the
+// loads of `batch` rows ahead of their stores. Run is gradient_run<4, G> or vector_run<G>.
+template <class Run, class T, class G, int KTile>
+__device__ __forceinline__ void store_runs(const grad_gemm_params<T, G, KTile>& p, const float* staged, int first,
+                                           int rows, std::int64_t row0, std::int64_t col0) {
+  constexpr int row_step = logit_tile_shape::consumer_warps * 32 / 64, batch = 8;
+#pragma unroll 1
+  for (int r0 = first; r0 < rows; r0 += batch * row_step) {
+    Run run[batch];
+#pragma unroll
+    for (int b = 0; b < batch; ++b)
+      if (r0 + b * row_step < rows) run[b].load(p, row0 + r0 + b * row_step, col0);
+#pragma unroll
+    for (int b = 0; b < batch; ++b) {
+      const int r = r0 + b * row_step;
+      if (r >= rows) break;
+      const float4 v = *reinterpret_cast<const float4*>(staged + r * staging_ld);
+      if constexpr (std::is_same_v<Run, vector_run<G>>) {
+        run[b].store(p, row0 + r, col0, v);
+      } else {
+        const float x[4] = {v.x, v.y, v.z, v.w};
+        run[b].store(p, row0 + r, col0, x);
+      }
+    }
+  }
+}
 
 template <class T, class G, major MajorA>
 __global__ void __launch_bounds__(grad_gemm_shape::threads, 1)
@@ -81,26 +168,15 @@ __global__ void __launch_bounds__(grad_gemm_shape::threads, 1)
   consumer_barrier();
 
   // 256 threads: 64 runs of 4 columns per row, 4 rows per pass, the loads of `batch` passes ahead of their stores.
-  constexpr int row_step = S::consumer_warps * 32 / 64, batch = 8;
   const int t = threadIdx.x - 128, col = 4 * (t % 64);
   const std::int64_t row0 = std::int64_t(pos.m) * S::bm, col0 = std::int64_t(pos.n) * S::bn + col;
   if (col0 >= p.n) return;
   const int rows = int(p.m - row0 < S::bm ? p.m - row0 : S::bm);
-#pragma unroll 1
-  for (int r0 = t / 64; r0 < rows; r0 += batch * row_step) {
-    gradient_run<4, G> run[batch];
-#pragma unroll
-    for (int b = 0; b < batch; ++b)
-      if (r0 + b * row_step < rows) run[b].load(p, row0 + r0 + b * row_step, col0);
-#pragma unroll
-    for (int b = 0; b < batch; ++b) {
-      const int r = r0 + b * row_step;
-      if (r >= rows) break;
-      const float4 v = *reinterpret_cast<const float4*>(staged + r * staging_ld + col);
-      const float x[4] = {v.x, v.y, v.z, v.w};
-      run[b].store(p, row0 + r, col0, x);
-    }
-  }
+  const float* from = staged + col;
+  if (vector_runs(p))
+    store_runs<vector_run<G>>(p, from, t / 64, rows, row0, col0);
+  else
+    store_runs<gradient_run<4, G>>(p, from, t / 64, rows, row0, col0);
 #endif
 }
 
