@@ -62,7 +62,7 @@ struct backward_buffers {
   std::uint8_t* active = nullptr;    // (row_block / bm) x (chunk_cols / bn): tile computed (not filtered)
   float* de_acc = nullptr;           // row_block x D, when a row block spans several chunks
   float* de_comp = nullptr;          // Kahan compensation of de_acc
-  float* dc_acc = nullptr;           // chunk_cols x D, minimal mode
+  float* dc_acc = nullptr;           // chunk_cols x D, minimal mode (the same memory as de_acc: pass 2 runs after 1)
   float* dc_comp = nullptr;
   float* dbias_partial = nullptr;  // row_tiles x chunk_cols
   float* lora_p = nullptr;         // N x r
@@ -143,13 +143,18 @@ struct plan {
     b.coef = c.take<row_coefficients>(n);
     b.dz = c.take<T>(block_rows * chunk_cols);
     b.active = c.take<std::uint8_t>(ceil_div(block_rows, grid.bm) * (chunk_cols / grid.bn));
-    if (needs_de_acc()) {
-      b.de_acc = c.take<float>(block_rows * d);
-      b.de_comp = c.take<float>(kahan ? block_rows * d : 0);
+    // The dE carry (a row block over its chunks) and the dC carry (a chunk over its row blocks, minimal mode only)
+    // belong to passes that run one after the other: they share one region.
+    const std::int64_t de_carry = needs_de_acc() ? block_rows * d : 0, dc_carry = row_blocks() > 1 ? chunk_cols * d : 0;
+    float* carry = c.take<float>(std::max(de_carry, dc_carry));
+    float* carry_comp = c.take<float>(kahan ? std::max(de_carry, dc_carry) : 0);
+    if (de_carry > 0) {
+      b.de_acc = carry;
+      b.de_comp = carry_comp;
     }
-    if (row_blocks() > 1) {
-      b.dc_acc = c.take<float>(chunk_cols * d);
-      b.dc_comp = c.take<float>(kahan ? chunk_cols * d : 0);
+    if (dc_carry > 0) {
+      b.dc_acc = carry;
+      b.dc_comp = carry_comp;
     }
     b.db_acc = c.take<float>(chunk_cols * rank);
     b.dbias_partial = c.take<float>(bias ? grid.row_tiles() * chunk_cols : 0);
