@@ -3,6 +3,7 @@
 #   scripts/device_hopper.sh tests BUILD    linear_cross_entropy_test ([hopper] first, then the rest) and vocab_sort_test
 #   scripts/device_hopper.sh checks BUILD   reliability_test, vocab_parallel_test, then memcheck and racecheck on a subset
 #   scripts/device_hopper.sh bench BUILD   the benchmark (BENCH_FILTER) and one Nsight Compute profile (NCU_FILTER)
+#   scripts/device_hopper.sh profile BUILD   the Nsight Compute profile alone (NCU_FILTER, NCU_KERNELS, NCU_COUNT)
 #   scripts/device_hopper.sh examples BUILD   examples 02-05 (03 and 05 read data/corpus.txt)
 #   scripts/device_hopper.sh quick BUILD    about four minutes when device time is short: [hopper], [shapes], the rest
 #                                           of linear_cross_entropy_test, vocab_sort_test, then a few benchmark rows
@@ -27,6 +28,15 @@ phase() {  # name seconds command...
   echo "rc=$rc" >>"$res/summary.txt"
   [ $rc -eq 0 ] || status=1
   return $rc
+}
+# Nsight Compute on one benchmark row: NCU_KERNELS (a regex) names the kernels, NCU_COUNT how many launches.
+profile() {
+  phase ncu 240 ncu --kernel-name "regex:${NCU_KERNELS:-forward_kernel}" --launch-skip 0 \
+    --launch-count "${NCU_COUNT:-1}" --set full --export "$res/profile" \
+    "$build/bench/cce_bench" --benchmark_filter="${NCU_FILTER:-^gpt2/lm-like/fw/}"
+  ncu --import "$res/profile.ncu-rep" --page details >"$res/profile-details.txt" 2>&1
+  ncu --import "$res/profile.ncu-rep" --page source --csv --print-source sass >"$res/profile-sass.csv" 2>/dev/null
+  rm -f "$res/profile.ncu-rep"  # the text pages are what comes back
 }
 case "$what" in
   tests)
@@ -63,8 +73,10 @@ case "$what" in
   bench)
     phase bench 420 "$build/bench/cce_bench" \
       --benchmark_filter="${BENCH_FILTER:-^(gemma2|llama3|mistral-nemo|phi3.5|qwen2.5|gpt2)/lm-like/(gemm|fw|fw-bw-chunked)/}"
-    phase ncu 150 ncu --kernel-name regex:forward_kernel --launch-skip 0 --launch-count 1 --set full \
-      "$build/bench/cce_bench" --benchmark_filter="${NCU_FILTER:-^gpt2/lm-like/fw/}"
+    profile
+    ;;
+  profile)
+    profile
     ;;
 esac
 tar -C "$res" -czf "$out/$what.tgz" .
