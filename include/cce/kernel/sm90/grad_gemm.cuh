@@ -37,7 +37,9 @@ struct grad_gemm_params_sm90 {
 // of 4 columns that start 16-byte aligned in the carry and 4-element aligned in the output.
 template <class T, class G, int KTile>
 __device__ __forceinline__ bool vector_runs(const grad_gemm_params<T, G, KTile>& p) {
-  const auto aligned = [](const void* ptr, std::size_t bytes) { return reinterpret_cast<std::uintptr_t>(ptr) % bytes == 0; };
+  const auto aligned = [](const void* ptr, std::size_t bytes) {
+    return reinterpret_cast<std::uintptr_t>(ptr) % bytes == 0;
+  };
   return p.comp == nullptr && p.rank == 0 && p.n % 4 == 0 && p.ld_out % 4 == 0 && aligned(p.acc, 16) &&
          aligned(p.out, 4 * sizeof(G));
 }
@@ -56,14 +58,14 @@ struct vector_run {
 
   template <class T, int KTile>
   __device__ __forceinline__ void store(const grad_gemm_params<T, G, KTile>& p, std::int64_t row, std::int64_t col0,
-                                        float4 x) const {
-    x = make_float4(carried.x + x.x, carried.y + x.y, carried.z + x.z, carried.w + x.w);
+                                        const float (&x)[4]) const {
+    const float4 sum = make_float4(carried.x + x[0], carried.y + x[1], carried.z + x[2], carried.w + x[3]);
     if (p.acc && !p.last) {
-      *reinterpret_cast<float4*>(p.acc + row * p.n + col0) = x;
+      *reinterpret_cast<float4*>(p.acc + row * p.n + col0) = sum;
       return;
     }
     store4(gradient_run<4, G>::output(p, row, col0),
-           make_float4(prev.x + x.x, prev.y + x.y, prev.z + x.z, prev.w + x.w));
+           make_float4(prev.x + sum.x, prev.y + sum.y, prev.z + sum.z, prev.w + sum.w));
   }
 
  private:
@@ -108,12 +110,8 @@ __device__ __forceinline__ void store_runs(const grad_gemm_params<T, G, KTile>& 
       const int r = r0 + b * row_step;
       if (r >= rows) break;
       const float4 v = *reinterpret_cast<const float4*>(staged + r * staging_ld);
-      if constexpr (std::is_same_v<Run, vector_run<G>>) {
-        run[b].store(p, row0 + r, col0, v);
-      } else {
-        const float x[4] = {v.x, v.y, v.z, v.w};
-        run[b].store(p, row0 + r, col0, x);
-      }
+      const float x[4] = {v.x, v.y, v.z, v.w};
+      run[b].store(p, row0 + r, col0, x);
     }
   }
 }
