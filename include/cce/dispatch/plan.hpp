@@ -104,6 +104,7 @@ struct plan {
   std::size_t sort_temp = 0;     // scratch of the device sort, at least 1 byte with vocab_sort
   std::int64_t mean_splits = 1;  // row splits of the column mean of E
   std::size_t elem_bytes = 2;
+  int sm_count = 1;              // of the device planned for: persistent grids take one CTA per SM
   static constexpr int finalise_threads = 256;
 
   std::int64_t finalise_blocks() const { return ceil_div(n, finalise_threads); }
@@ -221,6 +222,7 @@ plan make_plan(std::int64_t n, std::int64_t d, std::int64_t v, std::int64_t rank
   p.sort_temp = opt.vocab_sort ? std::max<std::size_t>(sort_temp, 1) : 0;  // a null scratch means a size query
   p.mean_splits = std::clamp<std::int64_t>(ceil_div(n, mean_rows_per_split), 1, 64);
   p.elem_bytes = sizeof(T);
+  p.sm_count = std::max(dev.sm_count, 1);
 
   // Forward: split the vocabulary until the grid holds about `forward_ctas_per_sm` CTAs per SM, so that the last
   // partial wave costs little (with two resident CTAs per SM and 1.2 waves, half the second wave's time is idle).

@@ -68,9 +68,10 @@ status launch_forward(const forward_params<T>& base, cudaStream_t stream) {
   }
 }
 
-// The backward's dlogit step for one (row block, chunk): the filter flags, then the tiles.
+// The backward's dlogit step for one (row block, chunk): the filter flags, then the tiles on (at most) `sms` CTAs.
 template <class T>
-status launch_dlogits(const dlogit_params<T>& base, std::int64_t rows, std::int64_t cols, cudaStream_t stream) {
+status launch_dlogits(const dlogit_params<T>& base, std::int64_t rows, std::int64_t cols, int sms,
+                      cudaStream_t stream) {
   if constexpr (!tensor_core_type<T>) {
     return status::unsupported_arch;
   } else {
@@ -87,11 +88,6 @@ status launch_dlogits(const dlogit_params<T>& base, std::int64_t rows, std::int6
     prm.cols = cols;
     if (!encode_logit_maps(prm.maps, base.e, base.c)) {
       return status::unsupported_arch;
-    }
-    int device = 0, sms = 1;
-    if (cudaGetDevice(&device) != cudaSuccess ||
-        cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
-      return status::cuda_error;
     }
     const unsigned ctas = unsigned(std::min<std::int64_t>(row_tiles * wide_tiles, sms));  // one per SM
     constexpr std::size_t smem = S::smem_bytes<T>;
