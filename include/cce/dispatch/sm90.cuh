@@ -46,6 +46,24 @@ bool available(const problem<T>& p, const plan& pl, const device_info& dev, cons
   }
 }
 
+// Launches kernel<<<grid, threads, smem, stream>>> in clusters of `cluster` CTAs along x (errors as a launch's).
+template <class... Params, class... Args>
+void launch_clustered(void (*kernel)(Params...), dim3 grid, int threads, std::size_t smem, int cluster,
+                             cudaStream_t stream, const Args&... args) {
+  cudaLaunchAttribute dims{};
+  dims.id = cudaLaunchAttributeClusterDimension;
+  dims.val.clusterDim.x = unsigned(cluster);
+  dims.val.clusterDim.y = dims.val.clusterDim.z = 1;
+  cudaLaunchConfig_t config{};
+  config.gridDim = grid;
+  config.blockDim = dim3(unsigned(threads));
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  config.attrs = &dims;
+  config.numAttrs = 1;
+  cudaLaunchKernelEx(&config, kernel, args...);
+}
+
 template <class T>
 status launch_forward(const forward_params<T>& base, cudaStream_t stream) {
   if constexpr (!tensor_core_type<T>) {
@@ -53,17 +71,20 @@ status launch_forward(const forward_params<T>& base, cudaStream_t stream) {
   } else {
     forward_params_sm90<T> prm;
     prm.base = base;
-    if (!encode_logit_maps(prm.maps, base.e, base.c)) {
+    if (!encode_logit_maps<forward_ring<T>>(prm.maps, base.e, base.c)) {
       return status::unsupported_arch;
     }
-    constexpr std::size_t smem = forward_shape::smem_bytes<T>;
-    const dim3 grid(unsigned(base.grid.row_tiles()), unsigned(base.splits));
+    using S = forward_shape;
+    prm.share_classifier = shares_classifier(base.grid.cols, base.e.depth, base.splits);
+    const int cluster = prm.share_classifier ? forward_cluster : 1;
+    constexpr std::size_t smem = S::smem_bytes<T>;
+    const dim3 grid(unsigned(round_up(base.grid.row_tiles(), cluster)), unsigned(base.splits));
     if (cudaFuncSetAttribute(forward_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)) !=
         cudaSuccess) {
       cudaGetLastError();
       return status::unsupported_arch;
     }
-    forward_kernel<T><<<grid, forward_shape::threads, smem, stream>>>(prm);
+    launch_clustered(forward_kernel<T>, grid, S::threads, smem, cluster, stream, prm);
     return cudaGetLastError() == cudaSuccess ? status::success : status::cuda_error;
   }
 }
@@ -86,7 +107,7 @@ status launch_dlogits(const dlogit_params<T>& base, std::int64_t rows, std::int6
     prm.base = base;
     prm.rows = rows;
     prm.cols = cols;
-    if (!encode_logit_maps(prm.maps, base.e, base.c)) {
+    if (!encode_logit_maps<tile_ring<T>>(prm.maps, base.e, base.c)) {
       return status::unsupported_arch;
     }
     const unsigned ctas = unsigned(std::min<std::int64_t>(row_tiles * wide_tiles, sms));  // one per SM

@@ -5,6 +5,10 @@
 //
 // A thread owns 2 rows x 64 columns of each tile (wgmma.cuh) and keeps its own statistics for its two rows across the
 // run; the four lanes of a row merge theirs once, at the end.
+//
+// With long runs of class tiles, the CTAs of neighbouring row tiles walk them in clusters of two that share each C
+// stage (the grid's rows are padded to whole clusters; a padding CTA computes but stores nothing), so that the
+// classifier crosses L2 once per 256 rows instead of once per 128.
 #pragma once
 
 #include <cstdint>
@@ -19,12 +23,25 @@
 namespace cce::detail::sm90 {
 
 using forward_shape = logit_tile_shape;
+inline constexpr int forward_cluster = 2;  // CTAs of neighbouring row tiles sharing C stages
+template <class T>
+using forward_ring = tile_ring<T, major::k, major::k, forward_cluster>;
 
 template <class T>
 struct forward_params_sm90 {
   operand_maps maps;
   forward_params<T> base;
+  bool share_classifier = false;  // the grid runs in clusters of forward_cluster CTAs sharing C stages
 };
+
+// Whether the forward of `classes` x `depth` in `splits` vocab splits runs in clusters sharing C stages: when every
+// CTA walks at least 512 k-blocks. A cluster starts only once two SMs of one GPC are free, and its CTAs advance in
+// step; with short runs (small D or V: gpt2, phi3.5) that cost more than the halved classifier traffic saved
+// (H200, docs/performance.md).
+inline bool shares_classifier(std::int64_t classes, std::int64_t depth, std::int64_t splits) {
+  using S = logit_tile_shape;
+  return ceil_div(ceil_div(classes, S::bn), splits) * ceil_div(depth, S::bk) >= 512;
+}
 
 // Sum of exp(z - m) and exp(z - m) z over a thread's 64 logits of one row slot. Masked: only local columns below
 // `limit` (the vocabulary's end) other than `skip` (the target's, kept apart) count. Four independent chains keep the
@@ -61,7 +78,7 @@ __global__ void __launch_bounds__(forward_shape::threads, 1)
   __shared__ std::int32_t targets[S::bm];
   __shared__ float half_max[2][S::consumer_warps][2];  // double-buffered by tile parity
 
-  const tile_ring<T> ring(smem_raw, bars);
+  const forward_ring<T> ring(smem_raw, bars, prm.share_classifier);
 
   const forward_params<T>& p = prm.base;
   const tile::tile_grid& g = p.grid;
@@ -72,12 +89,12 @@ __global__ void __launch_bounds__(forward_shape::threads, 1)
   const std::int64_t ct_end = tile::split_begin(wide_tiles, p.splits, split + 1);
   const int k_blocks = int(ceil_div(p.e.depth, S::bk));
 
-  if (threadIdx.x == 0) bars.init(S::consumer_warps);
+  if (threadIdx.x == 0) bars.init(ring.stage_readers());
   for (int r = threadIdx.x; r < S::bm; r += S::threads) {
     const std::int64_t row = row0 + r;
     targets[r] = row < g.rows ? p.labels.column(p.labels(row)) : -1;
   }
-  __syncthreads();
+  cluster_sync<forward_cluster>();
 
   const int warpgroup = threadIdx.x / 128;
   if (warpgroup == 0) {  // producer
@@ -86,6 +103,7 @@ __global__ void __launch_bounds__(forward_shape::threads, 1)
       ring_position<S::stages> at;
       for (std::int64_t ct = ct_begin; ct < ct_end; ++ct)
         ring.load_tile(at, &prm.maps, int(row0), int(ct * S::bn), k_blocks);
+      ring.drain(at);
     }
     return;
   }
@@ -178,7 +196,7 @@ __global__ void __launch_bounds__(forward_shape::threads, 1)
         float m = half_max[parity][0][lane];
         for (int w = 1; w < S::consumer_warps; ++w) m = fmaxf(m, half_max[parity][w][lane]);
         const std::int64_t filter_tile = 2 * ct + lane;
-        if (filter_tile < g.col_tiles()) p.tile_max[rt * g.col_tiles() + filter_tile] = m;
+        if (filter_tile < g.col_tiles() && rt < g.row_tiles()) p.tile_max[rt * g.col_tiles() + filter_tile] = m;
       }
     }
   }

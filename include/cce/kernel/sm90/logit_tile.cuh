@@ -4,7 +4,9 @@
 // rows of B on wgmma (m64n256k16, fp32 accumulators in registers, wgmma.cuh gives their layout) and hands each stage
 // back as soon as its products are done. Operands are K-major (E, C in the logits; dZ in dE) or MN-major (C and E
 // as right-hand sides, dZ^T); k-blocks a predicate rejects (the gradient filter) are neither loaded nor computed.
-// Kernels differ only in which tiles they visit and in their epilogues.
+// Kernels differ only in which tiles they visit and in their epilogues. When the CTAs of a cluster share their B tiles
+// (cluster.cuh), each copies one part of every B stage and multicasts it to all of them; a stage is then free once the
+// consumers of every CTA of the cluster are done with it.
 #pragma once
 
 #include <cuda.h>
@@ -16,6 +18,7 @@
 #include <cce/epilogue/logit_terms.hpp>
 #include <cce/kernel/portable/operand.cuh>
 #include <cce/kernel/portable/ptx.cuh>
+#include <cce/kernel/sm90/cluster.cuh>
 #include <cce/kernel/sm90/pipeline.cuh>
 #include <cce/kernel/sm90/tma.cuh>
 #include <cce/kernel/sm90/wgmma.cuh>
@@ -53,21 +56,33 @@ struct every_k_block {
   __device__ __forceinline__ bool operator()(int) const { return true; }
 };
 
-template <class T, major MajorA = major::k, major MajorB = major::k>
+template <class T, major MajorA = major::k, major MajorB = major::k, int Cluster = 1>
 class tile_ring {
   using S = logit_tile_shape;
   static constexpr std::uint32_t a_bytes = S::a_bytes<T>, b_bytes = S::b_bytes<T>;
-  static constexpr std::uint32_t mn_box_bytes = 64 * S::bk * sizeof(T);  // one MN-major box: 64 M/N x 64 k
-  static constexpr std::uint32_t k16_bytes_k_major = 16 * sizeof(T);     // a k16 step inside a 128-byte row
-  static constexpr std::uint32_t k16_bytes_mn_major = 16 * 128;          // a k16 step over 16 rows of 128 bytes
+  static constexpr std::uint32_t row_bytes = S::bk * sizeof(T);       // one swizzled 128-byte row
+  static constexpr std::uint32_t mn_box_bytes = 64 * row_bytes;       // one MN-major box: 64 M/N x 64 k
+  static constexpr std::uint32_t k16_bytes_k_major = 16 * sizeof(T);  // a k16 step inside a 128-byte row
+  static constexpr std::uint32_t k16_bytes_mn_major = 16 * 128;       // a k16 step over 16 rows of 128 bytes
+  static_assert(S::bn % (64 * Cluster) == 0, "a CTA's part of a B stage is whole MN-major boxes");
 
  public:
-  // The 128-byte swizzle repeats every 1024 bytes: stage buffers start on that boundary.
-  __device__ tile_ring(unsigned char* smem_raw, stage_barriers<S::stages>& bars)
+  // A B stage is copied in Cluster parts of b_part rows (K-major: the rows of B's TMA box) or M/N elements
+  // (MN-major): one per CTA when the cluster shares it, all by the CTA itself otherwise.
+  static constexpr int b_part = S::bn / Cluster;
+
+  // The 128-byte swizzle repeats every 1024 bytes: stage buffers start on that boundary. `shared`: the grid runs in
+  // clusters of Cluster CTAs that share their B tiles.
+  __device__ tile_ring(unsigned char* smem_raw, stage_barriers<S::stages>& bars, bool shared = Cluster > 1)
       : bars_(bars),
         sa_((ptx::smem_addr(smem_raw) + 1023u) & ~1023u),
         sb_(sa_ + S::stages * a_bytes),
-        smem_(smem_raw + (sa_ - ptx::smem_addr(smem_raw))) {}
+        smem_(smem_raw + (sa_ - ptx::smem_addr(smem_raw))),
+        sharers_(shared ? Cluster : 1),
+        rank_(shared ? cluster_rank<Cluster>() : 0) {}
+
+  // Arrivals that free a stage: every consumer warp of the CTAs sharing it.
+  __device__ __forceinline__ std::uint32_t stage_readers() const { return S::consumer_warps * sharers_; }
 
   // Producer (one thread): the k-blocks `active` accepts of the tile whose A rows start at a0 and B rows at b0.
   template <class Active = every_k_block>
@@ -77,9 +92,25 @@ class tile_ring {
       if (!active(kb)) continue;
       acquire_for_write(bars_, at, a_bytes + b_bytes);
       std::uint64_t* full = &bars_.full[at.stage];
-      load_operand<MajorA, S::bm>(smem_ + at.stage * a_bytes, &maps->a, a0, kb, full);
-      load_operand<MajorB, S::bn>(smem_ + S::stages * a_bytes + at.stage * b_bytes, &maps->b, b0, kb, full);
+      load_operand<MajorA, S::bm, 1>(smem_ + at.stage * a_bytes, &maps->a, a0, kb, full);
+      unsigned char* b_stage = smem_ + S::stages * a_bytes + at.stage * b_bytes;
+      if (sharers_ > 1) {
+        load_operand<MajorB, b_part, Cluster>(b_stage + rank_ * b_part * row_bytes, &maps->b, b0 + rank_ * b_part, kb,
+                                              full);
+      } else {
+#pragma unroll
+        for (int part = 0; part < Cluster; ++part)
+          load_operand<MajorB, b_part, 1>(b_stage + part * b_part * row_bytes, &maps->b, b0 + part * b_part, kb, full);
+      }
       at.advance();
+    }
+  }
+
+  // Producer, after its last load_tile: returns once the consumers of the cluster have released every stage, so that
+  // no peer's arrival targets this CTA after it exits.
+  __device__ __forceinline__ void drain(ring_position<S::stages> at) const {
+    if (sharers_ > 1) {
+      for (int s = 0; s < S::stages; ++s, at.advance()) wait_parity(&bars_.empty[at.stage], at.phase ^ 1u);
     }
   }
 
@@ -101,13 +132,13 @@ class tile_ring {
                                                                     b_descriptor(b_stage, k), previous >= 0 || k > 0);
       commit_group();
       wait_group<1>();  // the previous stage's products are done: hand its buffers back
-      if (previous >= 0) release(bars_, previous);
+      if (previous >= 0) release_stage(previous);
       previous = at.stage;
       at.advance();
     }
     wait_group<0>();
     if (previous >= 0) {
-      release(bars_, previous);
+      release_stage(previous);
     } else {
 #pragma unroll
       for (int i = 0; i < 128; ++i) acc[i] = 0.f;
@@ -120,14 +151,29 @@ class tile_ring {
   __device__ __forceinline__ float* staging_area() const { return reinterpret_cast<float*>(smem_); }
 
  private:
-  template <major Major, int Rows>
+  // Rows rows (K-major) or M/N elements (MN-major) from mn0, for every CTA of a cluster of Multicast.
+  template <major Major, int Rows, int Multicast>
   __device__ __forceinline__ static void load_operand(unsigned char* dst, const CUtensorMap* map, int mn0, int kb,
                                                       std::uint64_t* full) {
+    const auto copy = [&](unsigned char* to, int x, int y) {
+      if constexpr (Multicast == 1)
+        tma_load_2d(to, map, x, y, full);
+      else
+        tma_multicast_2d(to, map, x, y, full, std::uint16_t((1u << Multicast) - 1));
+    };
     if constexpr (Major == major::k) {
-      tma_load_2d(dst, map, kb * S::bk, mn0, full);
+      copy(dst, kb * S::bk, mn0);
     } else {
 #pragma unroll
-      for (int i = 0; i < Rows / 64; ++i) tma_load_2d(dst + i * mn_box_bytes, map, mn0 + 64 * i, kb * S::bk, full);
+      for (int i = 0; i < Rows / 64; ++i) copy(dst + i * mn_box_bytes, mn0 + 64 * i, kb * S::bk);
+    }
+  }
+  // A consumer warp is done with `stage`: in every CTA sharing it, lane r reporting to CTA r.
+  __device__ __forceinline__ void release_stage(int stage) const {
+    if (sharers_ == 1) {
+      release(bars_, stage);
+    } else if (threadIdx.x % 32 < Cluster) {
+      arrive_in_cta(&bars_.empty[stage], int(threadIdx.x % 32));
     }
   }
   // Warpgroup wg's 64 rows of A: rows 64 wg.. of the K-major box, or the wg-th MN-major box.
@@ -147,6 +193,8 @@ class tile_ring {
   stage_barriers<S::stages>& bars_;
   std::uint32_t sa_, sb_;
   unsigned char* smem_;
+  int sharers_;  // CTAs sharing each B stage: Cluster or 1
+  int rank_;
 };
 
 // Encodes the map of an operand for T in `major` (rows x depth, as kernel/portable/operand.cuh describes it) with
@@ -159,11 +207,11 @@ bool encode_operand_map(CUtensorMap& map, const operand<T>& g, std::uint32_t row
                            : encode_sw128(&map, g.ptr, g.extent, g.depth, g.ld, type, sizeof(T), swizzle_depth);
 }
 
-// The maps of the logit product E (rows x depth) C (classes x depth)^T, both K-major.
-template <class T>
+// The maps of the logit product E (rows x depth) C (classes x depth)^T, both K-major, for a ring like Ring.
+template <class Ring, class T>
 bool encode_logit_maps(operand_maps& maps, const operand<T>& e, const operand<T>& c) {
   return encode_operand_map<T, major::k>(maps.a, e, logit_tile_shape::bm) &&
-         encode_operand_map<T, major::k>(maps.b, c, logit_tile_shape::bn);
+         encode_operand_map<T, major::k>(maps.b, c, Ring::b_part);
 }
 
 // 2^x on the special-function unit (relative error ~2^-22); the epilogues fold log2(e) into an FMA.
