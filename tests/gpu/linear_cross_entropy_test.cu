@@ -81,17 +81,17 @@ TEST_CASE("GPU: TMA-addressable problems with every option", "[gpu][hopper]") {
   run_case<__nv_bfloat16, float>(tall, 0, test::gradient_check::relative);
 }
 
-// The Hopper forward's clusters that share classifier stages take long runs of class tiles per CTA: a forward grid
-// of one CTA per SM gives them at a size the float64 reference checks quickly; 9 row tiles pad the grid with a CTA.
+// The Hopper forward's clusters that share classifier stages take long runs of class tiles per CTA (8,317 rows: 65
+// row tiles, so that one CTA pads the grid), checked in float64 on the device.
 TEST_CASE("GPU: forward clusters sharing the classifier", "[gpu][hopper]") {
-  using one_wave = tile::policy<128, 128, 32, 4, 2, 4, 2, 1>;
-  const test::sampled_shape s{1100, 4096, 65536 + 40, "clustered"};
+  using policy = tile::default_policy_t<__nv_bfloat16>;
+  const test::sampled_shape s{8317, 4096, 70000, "clustered"};
   device_info dev;
   REQUIRE(current_device(dev) == status::success);
-  const auto pl = detail::make_plan<__nv_bfloat16>(s.n, s.d, s.v, 0, false, options{}, 128, 128, dev, 0, false, 0,
-                                                    one_wave::forward_ctas_per_sm);
+  const auto pl = detail::make_plan<__nv_bfloat16>(s.n, s.d, s.v, 0, false, options{}, policy::bm, policy::bn, dev, 0,
+                                                    false, 0, policy::forward_ctas_per_sm);
   CHECK(detail::sm90::shares_classifier(s.v, s.d, pl.splits));
-  test::run_sampled_case<one_wave>(s, options{}, 0);
+  test::run_sampled_case<policy>(s, options{}, 0);
 }
 
 TEST_CASE("GPU: every data regime at a size with many tiles", "[gpu][regimes]") {
