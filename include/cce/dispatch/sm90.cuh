@@ -49,7 +49,7 @@ bool available(const problem<T>& p, const plan& pl, const device_info& dev, cons
 // Launches kernel<<<grid, threads, smem, stream>>> in clusters of `cluster` CTAs along x (errors as a launch's).
 template <class... Params, class... Args>
 void launch_clustered(void (*kernel)(Params...), dim3 grid, int threads, std::size_t smem, int cluster,
-                             cudaStream_t stream, const Args&... args) {
+                      cudaStream_t stream, const Args&... args) {
   cudaLaunchAttribute dims{};
   dims.id = cudaLaunchAttributeClusterDimension;
   dims.val.clusterDim.x = unsigned(cluster);

@@ -21,15 +21,11 @@ __device__ __forceinline__ int cluster_rank() {
   }
 }
 
-// Every thread of every CTA of the cluster: what each CTA did before (its barrier set-up) is visible to all after.
-template <int Cluster>
+// Every thread of every CTA of the cluster (a CTA launched without one is a cluster of one): what each CTA did before
+// (its barrier set-up) is visible to all after.
 __device__ __forceinline__ void cluster_sync() {
-  if constexpr (Cluster == 1) {
-    __syncthreads();
-  } else {
-    cuda::ptx::barrier_cluster_arrive(cuda::ptx::sem_release);
-    cuda::ptx::barrier_cluster_wait(cuda::ptx::sem_acquire);
-  }
+  cuda::ptx::barrier_cluster_arrive(cuda::ptx::sem_release);
+  cuda::ptx::barrier_cluster_wait(cuda::ptx::sem_acquire);
 }
 
 // Arrives on the mbarrier at `bar`'s offset in the shared memory of CTA `rank` of the cluster. The release is at CTA

@@ -94,7 +94,7 @@ __global__ void __launch_bounds__(forward_shape::threads, 1)
     const std::int64_t row = row0 + r;
     targets[r] = row < g.rows ? p.labels.column(p.labels(row)) : -1;
   }
-  cluster_sync<forward_cluster>();
+  cluster_sync();
 
   const int warpgroup = threadIdx.x / 128;
   if (warpgroup == 0) {  // producer

@@ -60,10 +60,10 @@ template <class T, major MajorA = major::k, major MajorB = major::k, int Cluster
 class tile_ring {
   using S = logit_tile_shape;
   static constexpr std::uint32_t a_bytes = S::a_bytes<T>, b_bytes = S::b_bytes<T>;
-  static constexpr std::uint32_t row_bytes = S::bk * sizeof(T);       // one swizzled 128-byte row
-  static constexpr std::uint32_t mn_box_bytes = 64 * row_bytes;       // one MN-major box: 64 M/N x 64 k
-  static constexpr std::uint32_t k16_bytes_k_major = 16 * sizeof(T);  // a k16 step inside a 128-byte row
-  static constexpr std::uint32_t k16_bytes_mn_major = 16 * 128;       // a k16 step over 16 rows of 128 bytes
+  static constexpr std::uint32_t row_bytes = S::bk * sizeof(T);        // one swizzled 128-byte row
+  static constexpr std::uint32_t mn_box_bytes = 64 * row_bytes;        // one MN-major box: 64 M/N x 64 k
+  static constexpr std::uint32_t k16_bytes_k_major = 16 * sizeof(T);   // a k16 step inside a 128-byte row
+  static constexpr std::uint32_t k16_bytes_mn_major = 16 * row_bytes;  // a k16 step over 16 rows of 128 bytes
   static_assert(S::bn % (64 * Cluster) == 0, "a CTA's part of a B stage is whole MN-major boxes");
 
  public:
