@@ -119,6 +119,11 @@ class tile_ring {
   template <class Active = every_k_block>
   __device__ __forceinline__ void compute_tile(float (&acc)[128], ring_position<S::stages>& at, int k_blocks, int wg,
                                                const Active& active = {}) const {
+    // Zeros first and every product accumulating: a zero tile without k-blocks then needs no branch after the loop,
+    // which would make the compiler keep both versions of the accumulators, in local memory (2.7 KB of spills in the
+    // forward, most of them in its per-tile path).
+#pragma unroll
+    for (int i = 0; i < 128; ++i) acc[i] = 0.f;
     int previous = -1;
 #pragma unroll 1
     for (int kb = 0; kb < k_blocks; ++kb) {
@@ -129,7 +134,7 @@ class tile_ring {
 #pragma unroll
       for (int k = 0; k < S::bk / 16; ++k)
         mma_m64n256k16<T, MajorA == major::mn, MajorB == major::mn>(acc, a_descriptor(a_stage, wg, k),
-                                                                    b_descriptor(b_stage, k), previous >= 0 || k > 0);
+                                                                    b_descriptor(b_stage, k), true);
       commit_group();
       wait_group<1>();  // the previous stage's products are done: hand its buffers back
       if (previous >= 0) release_stage(previous);
@@ -137,12 +142,7 @@ class tile_ring {
       at.advance();
     }
     wait_group<0>();
-    if (previous >= 0) {
-      release_stage(previous);
-    } else {
-#pragma unroll
-      for (int i = 0; i < 128; ++i) acc[i] = 0.f;
-    }
+    if (previous >= 0) release_stage(previous);
 #pragma unroll
     for (int i = 0; i < 128; ++i) fence_operand(acc[i]);
   }
