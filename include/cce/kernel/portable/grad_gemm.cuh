@@ -111,6 +111,18 @@ struct gradient_run {
   }
 };
 
+// Whether the CTA's product changes nothing: a contribution between the first and the last (the carry is read and
+// written) with no live k-tile leaves the carry as it is. On peaked data most output tiles of the minimal schedule's
+// many small products are such. Every thread of the CTA calls it.
+template <int KTile, class T, class G>
+__device__ __forceinline__ bool adds_nothing(const grad_gemm_params<T, G, KTile>& p,
+                                             const active_k_tiles<KTile>& active) {
+  bool live = false;
+  for (std::int64_t k = std::int64_t(threadIdx.x) * KTile; k < p.k && !live; k += std::int64_t(blockDim.x) * KTile)
+    live = active(k);
+  return !__syncthreads_or(live) && p.acc != nullptr && !p.first && !p.last;
+}
+
 template <class T, class G, class Policy, major MajorA, major MajorB, bool Vectorized>
 __global__ void __launch_bounds__(Policy::threads, Policy::min_blocks)
     grad_gemm_kernel(const __grid_constant__ grad_gemm_params<T, G, Policy::bm> prm) {
@@ -121,6 +133,7 @@ __global__ void __launch_bounds__(Policy::threads, Policy::min_blocks)
 
   active_k_tiles<Policy::bm> active = prm.active;
   active.fixed_tile = blockIdx.x;
+  if (adds_nothing(prm, active)) return;
   typename mainloop::accumulators acc;
   mainloop::clear(acc);
   mainloop::template run<Vectorized>(acc, smem, prm.a, m0, prm.b, n0, 0, prm.k, active);

@@ -132,6 +132,8 @@ __global__ void __launch_bounds__(grad_gemm_shape::threads, 1)
   const auto live = [&](int kb) { return active(std::int64_t(kb) * S::bk); };  // 2 k-blocks per filter tile
   const int k_blocks = int(ceil_div(p.k, std::int64_t(S::bk)));
 
+  if (adds_nothing(p, active)) return;
+
   if (threadIdx.x == 0) bars.init(S::consumer_warps);
   __syncthreads();
   const tile_ring<T, MajorA, major::mn> ring(smem_raw, bars);
