@@ -11,6 +11,7 @@
 #include <cce/detail/targets.hpp>
 #include <cce/dispatch/plan.hpp>
 #include <cce/dispatch/sm90.cuh>
+#include <cce/dispatch/smem_limit.hpp>
 #include <cce/epilogue/logit_terms.hpp>
 #include <cce/filter/predicates.hpp>
 #include <cce/kernel/portable/dlogit.cuh>
@@ -30,16 +31,12 @@ inline status launch_status() { return cudaGetLastError() == cudaSuccess ? statu
     if (const ::cce::status cce_s_ = (expr); cce_s_ != ::cce::status::success) return cce_s_; \
   } while (0)
 
-// Raises the kernel's dynamic shared-memory limit and launches it.
-template <class Kernel, class Params>
-status launch_tile_kernel(Kernel kernel, dim3 grid, int threads, std::size_t smem, cudaStream_t stream,
-                          const Params& prm) {
+// Launches Kernel with `smem` bytes of dynamic shared memory (smem_limit.hpp).
+template <auto Kernel, class Params>
+status launch_tile_kernel(dim3 grid, int threads, std::size_t smem, cudaStream_t stream, const Params& prm) {
   if (grid.x == 0 || grid.y == 0) return status::success;
-  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)) != cudaSuccess) {
-    cudaGetLastError();
-    return status::unsupported_arch;  // no image for this device, or too little shared memory
-  }
-  kernel<<<grid, threads, smem, stream>>>(prm);
+  if (!allow_dynamic_smem<Kernel>(smem)) return status::unsupported_arch;  // no image, or too little shared memory
+  Kernel<<<grid, threads, smem, stream>>>(prm);
   return launch_status();
 }
 
@@ -321,8 +318,8 @@ class portable_path {
     prm.tile_max = pl_.filter ? sv.tile_max : nullptr;
     const dim3 grid(unsigned(pl_.grid.row_tiles()), unsigned(pl_.splits));
     if (hopper_) return sm90::launch_forward(prm, stream);
-    return vec_ ? launch_tile_kernel(forward_kernel<T, Policy, true>, grid, Policy::threads, fwd_smem, stream, prm)
-                : launch_tile_kernel(forward_kernel<T, Policy, false>, grid, Policy::threads, fwd_smem, stream, prm);
+    return vec_ ? launch_tile_kernel<forward_kernel<T, Policy, true>>(grid, Policy::threads, fwd_smem, stream, prm)
+                : launch_tile_kernel<forward_kernel<T, Policy, false>>(grid, Policy::threads, fwd_smem, stream, prm);
   }
 
   // Per-row outputs and saved state from merged statistics, then the loss and the mean's normaliser.
@@ -414,8 +411,8 @@ class portable_path {
     // portable kernel, which decides from the recomputed tile (docs/api.md).
     if (hopper_ && !pl_.sort) return sm90::launch_dlogits(prm, rows, cols, pl_.sm_count, stream);
     const dim3 grid(unsigned(ceil_div(rows, Policy::bm)), unsigned(ceil_div(cols, Policy::bn)));
-    return vec_ ? launch_tile_kernel(dlogit_kernel<T, Policy, true>, grid, Policy::threads, dz_smem, stream, prm)
-                : launch_tile_kernel(dlogit_kernel<T, Policy, false>, grid, Policy::threads, dz_smem, stream, prm);
+    return vec_ ? launch_tile_kernel<dlogit_kernel<T, Policy, true>>(grid, Policy::threads, dz_smem, stream, prm)
+                : launch_tile_kernel<dlogit_kernel<T, Policy, false>>(grid, Policy::threads, dz_smem, stream, prm);
   }
 
   active_k_tiles<Policy::bm> flags(const backward_buffers<T>& bw, bool k_is_vocab) const {
@@ -434,10 +431,10 @@ class portable_path {
     }
     using loop = mainloop_for<T, Policy, MajorA, MajorB>;
     const dim3 grid(unsigned(ceil_div(prm.m, Policy::bm)), unsigned(ceil_div(prm.n, Policy::bn)));
-    return vec_ ? launch_tile_kernel(grad_gemm_kernel<T, G, Policy, MajorA, MajorB, true>, grid, Policy::threads,
-                                     loop::smem_bytes, stream, prm)
-                : launch_tile_kernel(grad_gemm_kernel<T, G, Policy, MajorA, MajorB, false>, grid, Policy::threads,
-                                     loop::smem_bytes, stream, prm);
+    return vec_ ? launch_tile_kernel<grad_gemm_kernel<T, G, Policy, MajorA, MajorB, true>>(
+                      grid, Policy::threads, loop::smem_bytes, stream, prm)
+                : launch_tile_kernel<grad_gemm_kernel<T, G, Policy, MajorA, MajorB, false>>(
+                      grid, Policy::threads, loop::smem_bytes, stream, prm);
   }
 
   // dE[r0 : r0 + rows] (+)= dZ C[slice] (+ scale * q A on the last chunk).

@@ -10,6 +10,7 @@
 #include <type_traits>
 
 #include <cce/dispatch/plan.hpp>
+#include <cce/dispatch/smem_limit.hpp>
 #include <cce/kernel/sm90/dlogit.cuh>
 #include <cce/kernel/sm90/forward.cuh>
 #include <cce/kernel/sm90/grad_gemm.cuh>
@@ -79,11 +80,7 @@ status launch_forward(const forward_params<T>& base, cudaStream_t stream) {
     const int cluster = prm.share_classifier ? forward_cluster : 1;
     constexpr std::size_t smem = S::smem_bytes<T>;
     const dim3 grid(unsigned(round_up(base.grid.row_tiles(), cluster)), unsigned(base.splits));
-    if (cudaFuncSetAttribute(forward_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)) !=
-        cudaSuccess) {
-      cudaGetLastError();
-      return status::unsupported_arch;
-    }
+    if (!allow_dynamic_smem<forward_kernel<T>>(smem)) return status::unsupported_arch;
     launch_clustered(forward_kernel<T>, grid, S::threads, smem, cluster, stream, prm);
     return cudaGetLastError() == cudaSuccess ? status::success : status::cuda_error;
   }
@@ -112,10 +109,7 @@ status launch_dlogits(const dlogit_params<T>& base, std::int64_t rows, std::int6
     }
     const unsigned ctas = unsigned(std::min<std::int64_t>(row_tiles * wide_tiles, sms));  // one per SM
     constexpr std::size_t smem = S::smem_bytes<T>;
-    if (cudaFuncSetAttribute(dlogit_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)) != cudaSuccess) {
-      cudaGetLastError();
-      return status::unsupported_arch;
-    }
+    if (!allow_dynamic_smem<dlogit_kernel<T>>(smem)) return status::unsupported_arch;
     dlogit_kernel<T><<<ctas, S::threads, smem, stream>>>(prm);
     return cudaGetLastError() == cudaSuccess ? status::success : status::cuda_error;
   }
@@ -139,13 +133,9 @@ status launch_grad_gemm(const grad_gemm_params<T, G, KTile>& base, cudaStream_t 
     }
     prm.m_tiles = int(ceil_div(base.m, S::bm));
     prm.n_tiles = int(ceil_div(base.n, S::bn));
-    const auto kernel = grad_gemm_kernel<T, G, MajorA>;
     constexpr std::size_t smem = S::smem_bytes<T>;
-    if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)) != cudaSuccess) {
-      cudaGetLastError();
-      return status::unsupported_arch;
-    }
-    kernel<<<unsigned(prm.m_tiles * prm.n_tiles), S::threads, smem, stream>>>(prm);
+    if (!allow_dynamic_smem<grad_gemm_kernel<T, G, MajorA>>(smem)) return status::unsupported_arch;
+    grad_gemm_kernel<T, G, MajorA><<<unsigned(prm.m_tiles * prm.n_tiles), S::threads, smem, stream>>>(prm);
     return cudaGetLastError() == cudaSuccess ? status::success : status::cuda_error;
   }
 }
