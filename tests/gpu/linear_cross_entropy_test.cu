@@ -134,6 +134,45 @@ TEST_CASE("GPU: every data regime at a size with many tiles", "[gpu][regimes]") 
   }
 }
 
+// Minimal mode's two passes take their own blocks: over a range of budgets the plans carry dE across chunks, carry
+// dC across row blocks, or hold all rows in one dC block; each distinct plan is checked on both kernel paths.
+TEST_CASE("GPU: minimal's passes at many budgets", "[gpu][minimal]") {
+  using policy = tile::default_policy_t<__nv_bfloat16>;
+  test::case_config cfg;
+  cfg.n = 1500;
+  cfg.d = 128;
+  cfg.v = 2000;
+  cfg.bias = true;
+  cfg.data = test::regime::lm_like;
+  cfg.opts.backward_mode = backward_mode::minimal;
+  device_info dev;
+  REQUIRE(current_device(dev) == status::success);
+  int checked[2][2] = {};  // plans checked, by (dE carried, dC carried)
+  detail::pass_shape last_de{}, last_dc{};
+  for (std::size_t budget = std::size_t(256) << 10; budget <= (std::size_t(16) << 20); budget += std::size_t(128) << 10) {
+    const auto pl = detail::make_plan<__nv_bfloat16>(cfg.n, cfg.d, cfg.v, 0, true, cfg.opts, policy::bm, policy::bn,
+                                                      dev, budget, false, 0, policy::forward_ctas_per_sm);
+    if (pl.mode != backward_mode::minimal || pl.workspace_bytes<__nv_bfloat16>() > budget) continue;
+    if (pl.de_pass.rows == last_de.rows && pl.de_pass.cols == last_de.cols && pl.dc_pass.rows == last_dc.rows &&
+        pl.dc_pass.cols == last_dc.cols) {
+      continue;
+    }
+    last_de = pl.de_pass;
+    last_dc = pl.dc_pass;
+    int& kind = checked[pl.chunks(pl.de_pass) > 1][pl.row_blocks(pl.dc_pass) > 1];
+    if (kind == 3) continue;
+    ++kind;
+    INFO("budget " << budget << ": dE pass " << pl.de_pass.rows << " x " << pl.de_pass.cols << ", dC pass "
+                   << pl.dc_pass.rows << " x " << pl.dc_pass.cols);
+    cfg.seed = std::uint64_t(budget);
+    cfg.opts.hopper_kernels = kind % 2 == 1;
+    run_case<__nv_bfloat16, __nv_bfloat16>(cfg, budget, test::gradient_check::relative);
+  }
+  CHECK(checked[1][0] + checked[1][1] > 0);  // dE carried across chunks
+  CHECK(checked[0][1] + checked[1][1] > 0);  // dC carried across row blocks
+  CHECK(checked[0][0] + checked[1][0] > 0);  // all rows in one dC block
+}
+
 // Each model's preset policy with the model's recommended options, on the model's full D and V (checked in float64
 // on the device: the host reference would spend minutes on V x D).
 TEST_CASE("GPU: benchmark shapes at a reduced token count, with their presets", "[gpu][shapes]") {

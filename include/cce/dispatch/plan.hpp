@@ -1,14 +1,16 @@
-// The execution plan of one problem: tile grid, forward split-V factor, backward chunking and the layouts of the
+// The execution plan of one problem: tile grid, forward split-V factor, backward blocking and the layouts of the
 // `saved` and `workspace` buffers. Host-only and shared by the GPU dispatch and the CPU tiled executor, so both
 // run the same blockwise algorithm over the same buffers, and size queries carve exactly what calls use.
 //
-// Backward operating points (docs/api.md):
-//   chunked  one row block (all N rows); vocab chunks of `chunk_cols`. Per chunk: dZ (N x chunk) -> dE += dZ C_chunk
-//            (fp32 accumulator across chunks) and dC_chunk = dZ^T E written once. 4 GEMM-equivalents with the forward.
-//   minimal  row blocks of `row_block` rows. Pass 1, per row block and chunk: dZ -> dE_block += dZ C_chunk.
-//            Pass 2, per chunk and row block: dZ -> dC_chunk += dZ^T E_block. 5 GEMM-equivalents, O(row_block * D +
-//            chunk * D) memory whatever N and V are.
-// Both visit tiles in a fixed order and own every output element in one CTA per launch: no atomics.
+// Backward operating points (docs/api.md). The backward walks dZ blocks of a pass_shape (rows x vocab columns):
+//   chunked  one fused pass of blocks N x chunk. Per chunk: dZ -> dE += dZ C_chunk (fp32 carry across chunks)
+//            and dC_chunk = dZ^T E written once. 4 GEMM-equivalents with the forward.
+//   minimal  two passes, each with its own block shape. Pass 1, per row block and chunk: dZ -> dE_block += dZ
+//            C_chunk. Pass 2, per chunk and row block: dZ -> dC_chunk += dZ^T E_block. 5 GEMM-equivalents, memory
+//            bounded whatever N and V are. The passes run one after the other and share one region of the workspace,
+//            so each may use all of it: pass 1 short row blocks over wide chunks (its carry is rows x D), pass 2
+//            narrow chunks over tall row blocks (its carry is chunk x D, none when a block holds all N rows).
+// Both visit blocks in a fixed order and own every output element in one CTA per launch: no atomics.
 //
 // Vocabulary sorting (options::vocab_sort): the backward first orders the classes by a key (their average logit
 // over the kept rows, docs/api.md), then walks vocab chunks in that order. Each chunk's classifier rows (and bias,
@@ -55,19 +57,33 @@ struct forward_buffers {
   float* lora_p = nullptr;          // N x r: scale * E A^T
 };
 
+// A backward pass's dZ block: `rows` (a multiple of bm, or all N) by `cols` classes (a multiple of bn).
+struct pass_shape {
+  std::int64_t rows = 0, cols = 0;
+};
+
+// The buffers of one backward pass, all in the region the passes share.
+template <class T>
+struct pass_buffers {
+  pass_shape shape{};
+  T* dz = nullptr;                 // rows x cols
+  std::uint8_t* active = nullptr;  // (rows / bm) x (cols / bn): tile computed (not filtered)
+  float* acc = nullptr;            // the pass's fp32 carry: dE (rows x D) over chunks, or dC (cols x D) over row blocks
+  float* comp = nullptr;           // Kahan compensation of acc
+  float* dbias_partial = nullptr;  // row_tiles x cols, the passes that write dBias
+  float* db_acc = nullptr;         // cols x r: dB carried over row blocks, the passes that write dB
+  // Vocabulary sorting only: the chunk's classifier rows, bias, class weights and B rows, in walk order.
+  T* c_sorted = nullptr;        // cols x D
+  T* bias_sorted = nullptr;     // cols
+  float* weights_sorted = nullptr;  // cols
+  T* b_sorted = nullptr;        // cols x r
+};
+
 template <class T>
 struct backward_buffers {
   row_coefficients* coef = nullptr;  // N
-  T* dz = nullptr;                   // row_block x chunk_cols
-  std::uint8_t* active = nullptr;    // (row_block / bm) x (chunk_cols / bn): tile computed (not filtered)
-  float* de_acc = nullptr;           // row_block x D, when a row block spans several chunks
-  float* de_comp = nullptr;          // Kahan compensation of de_acc
-  float* dc_acc = nullptr;           // chunk_cols x D, minimal mode (the same memory as de_acc: pass 2 runs after 1)
-  float* dc_comp = nullptr;
-  float* dbias_partial = nullptr;  // row_tiles x chunk_cols
-  float* lora_p = nullptr;         // N x r
-  float* lora_q = nullptr;         // N x r: draw B
-  float* db_acc = nullptr;         // chunk_cols x r: dB carried over row blocks
+  float* lora_p = nullptr;           // N x r
+  float* lora_q = nullptr;           // N x r: draw B
   // Vocabulary sorting only.
   float* mean_partial = nullptr;      // mean_splits x (D + 1): column sums of kept rows of E, then their count
   float* key_inputs = nullptr;        // D + 1 + r: the mean row e_bar, the kept count, then scale * A e_bar
@@ -75,10 +91,8 @@ struct backward_buffers {
   std::int32_t* sort_values[2] = {};  // V each: class ids; after the sort one of them is `order`
   void* sort_temp = nullptr;          // plan::sort_temp bytes of the device sort's scratch
   std::int32_t* position = nullptr;   // V: class -> sorted position (the inverse of order)
-  T* c_sorted = nullptr;              // chunk_cols x D: the chunk's classifier rows, in walk order
-  T* bias_sorted = nullptr;           // chunk_cols
-  float* weights_sorted = nullptr;    // chunk_cols
-  T* b_sorted = nullptr;              // chunk_cols x r
+  // The passes: chunked runs one fused pass (de and dc are the same buffers), minimal the dE pass, then the dC pass.
+  pass_buffers<T> de, dc;
 };
 
 struct saved_buffers {
@@ -94,8 +108,7 @@ struct plan {
   tile::tile_grid grid{};   // N x V in bm x bn tiles
   std::int64_t splits = 1;  // forward vocab splits
   backward_mode mode = backward_mode::chunked;
-  std::int64_t row_block = 0;   // rows per backward row block (multiple of bm unless it is N)
-  std::int64_t chunk_cols = 0;  // classes per backward chunk (multiple of bn)
+  pass_shape de_pass{}, dc_pass{};  // the backward's blocks: the same fused pass in chunked mode
   bool filter = false;
   bool bias = false;
   bool kahan = false;
@@ -108,9 +121,8 @@ struct plan {
   static constexpr int finalise_threads = 256;
 
   std::int64_t finalise_blocks() const { return ceil_div(n, finalise_threads); }
-  std::int64_t chunks() const { return ceil_div(v, chunk_cols); }
-  std::int64_t row_blocks() const { return ceil_div(n, row_block); }
-  bool needs_de_acc() const { return chunks() > 1; }
+  std::int64_t chunks(const pass_shape& s) const { return ceil_div(v, s.cols); }
+  std::int64_t row_blocks(const pass_shape& s) const { return ceil_div(n, s.rows); }
 
   saved_buffers carve_saved(void* base, std::size_t* bytes = nullptr) const {
     carver c(base);
@@ -139,26 +151,22 @@ struct plan {
   template <class T>
   backward_buffers<T> carve_backward(void* base, std::size_t* bytes = nullptr) const {
     carver c(base);
+    backward_buffers<T> b = carve_backward_rows<T>(c);
+    // The passes run one after the other: each carves the same region from its start.
+    char* region = base ? static_cast<char*>(base) + c.bytes() : nullptr;
+    const bool fused = mode == backward_mode::chunked;
+    std::size_t de_bytes = 0, dc_bytes = 0;
+    b.de = carve_pass<T>(region, de_pass, true, fused, &de_bytes);
+    b.dc = fused ? b.de : carve_pass<T>(region, dc_pass, false, true, &dc_bytes);
+    if (bytes) *bytes = c.bytes() + std::max(de_bytes, dc_bytes);
+    return b;
+  }
+
+  // The backward's buffers outside the passes' region: per row, and the vocabulary sort's.
+  template <class T>
+  backward_buffers<T> carve_backward_rows(carver& c) const {
     backward_buffers<T> b;
-    const std::int64_t block_rows = std::min(row_block, n);
     b.coef = c.take<row_coefficients>(n);
-    b.dz = c.take<T>(block_rows * chunk_cols);
-    b.active = c.take<std::uint8_t>(ceil_div(block_rows, grid.bm) * (chunk_cols / grid.bn));
-    // The dE carry (a row block over its chunks) and the dC carry (a chunk over its row blocks, minimal mode only)
-    // belong to passes that run one after the other: they share one region.
-    const std::int64_t de_carry = needs_de_acc() ? block_rows * d : 0, dc_carry = row_blocks() > 1 ? chunk_cols * d : 0;
-    float* carry = c.take<float>(std::max(de_carry, dc_carry));
-    float* carry_comp = c.take<float>(kahan ? std::max(de_carry, dc_carry) : 0);
-    if (de_carry > 0) {
-      b.de_acc = carry;
-      b.de_comp = carry_comp;
-    }
-    if (dc_carry > 0) {
-      b.dc_acc = carry;
-      b.dc_comp = carry_comp;
-    }
-    b.db_acc = c.take<float>(chunk_cols * rank);
-    b.dbias_partial = c.take<float>(bias ? grid.row_tiles() * chunk_cols : 0);
     b.lora_p = c.take<float>(n * rank);
     b.lora_q = c.take<float>(n * rank);
     if (sort) {
@@ -168,12 +176,34 @@ struct plan {
       for (int i = 0; i < 2; ++i) b.sort_values[i] = c.take<std::int32_t>(v);
       b.sort_temp = c.take<unsigned char>(sort_temp);
       b.position = c.take<std::int32_t>(v);
-      b.c_sorted = c.take<T>(chunk_cols * d);
-      b.bias_sorted = c.take<T>(bias ? chunk_cols : 0);
-      b.weights_sorted = c.take<float>(weights ? chunk_cols : 0);
-      b.b_sorted = c.take<T>(chunk_cols * rank);
     }
-    if (bytes) *bytes = c.bytes();
+    return b;
+  }
+
+  // One pass's buffers: with `de`, the dE carry across chunks; with `dc`, what dC, dBias and dB need.
+  template <class T>
+  pass_buffers<T> carve_pass(void* base, const pass_shape& s, bool de, bool dc, std::size_t* bytes) const {
+    carver c(base);
+    pass_buffers<T> b;
+    b.shape = s;
+    const std::int64_t rows = std::min(s.rows, n);
+    b.dz = c.take<T>(rows * s.cols);
+    b.active = c.take<std::uint8_t>(ceil_div(rows, grid.bm) * (s.cols / grid.bn));
+    // dE is carried across chunks unless one chunk holds every class, dC across row blocks unless one holds all N.
+    const std::int64_t carry = (de && chunks(s) > 1 ? rows * d : 0) + (!de && dc && row_blocks(s) > 1 ? s.cols * d : 0);
+    b.acc = c.take<float>(carry);
+    b.comp = c.take<float>(kahan ? carry : 0);
+    if (dc) {
+      b.db_acc = c.take<float>(s.cols * rank);
+      b.dbias_partial = c.take<float>(bias ? grid.row_tiles() * s.cols : 0);
+    }
+    if (sort) {
+      b.c_sorted = c.take<T>(s.cols * d);
+      b.bias_sorted = c.take<T>(bias ? s.cols : 0);
+      b.weights_sorted = c.take<float>(weights ? s.cols : 0);
+      b.b_sorted = c.take<T>(s.cols * rank);
+    }
+    *bytes = c.bytes();
     return b;
   }
 
@@ -199,6 +229,36 @@ inline std::int64_t filter_tiles(const tile::tile_grid& g, std::int64_t total_cl
 
 // Rows each block of the column mean of E sums (the split count is fixed by N, so the sum order is too).
 inline constexpr std::int64_t mean_rows_per_split = 512;
+
+// Estimated time of one minimal-mode pass, in FLOP-equivalents, for dZ blocks of `rows` x `cols`; `de`: the pass
+// whose product is dE (its output tiles lie along the rows, its carry is dE), else dC. Each launch (dlogits, then
+// the product) costs its whole waves of 128 x 256 tiles (the sm_90a tile; the portable ones are smaller, so what
+// fills the GPU with these fills it with those); each fp32 carry round trip costs its bytes; each launch a fixed
+// ramp-up and tail. The constants are of an H100-class GPU (dense bf16 against HBM bandwidth, launch gaps).
+inline double pass_cost(std::int64_t n, std::int64_t d, std::int64_t v, const pass_shape& s, bool de, int sms) {
+  constexpr std::int64_t tile_m = 128, tile_n = 256;
+  constexpr double flops_per_byte = 300, flops_per_launch = 4e9;
+  const double wave_flops = 2.0 * tile_m * tile_n * sms;  // per unit of depth
+  auto waves = [&](std::int64_t tiles) { return double(ceil_div(tiles, std::int64_t(sms))); };
+  // The blocks along an axis: `len / blk` whole ones and the remainder.
+  auto blocks = [](std::int64_t len, std::int64_t blk, auto&& f) {
+    if (len / blk > 0) f(blk, len / blk);
+    if (len % blk > 0) f(len % blk, std::int64_t(1));
+  };
+  double cost = 0;
+  blocks(n, s.rows, [&](std::int64_t rows, std::int64_t row_count) {
+    blocks(v, s.cols, [&](std::int64_t cols, std::int64_t col_count) {
+      const double launches = double(row_count * col_count);
+      const double dlogit = waves(ceil_div(rows, tile_m) * ceil_div(cols, tile_n)) * wave_flops * double(d);
+      const double product = de ? waves(ceil_div(rows, tile_m) * ceil_div(d, tile_n)) * wave_flops * double(cols)
+                                : waves(ceil_div(cols, tile_m) * ceil_div(d, tile_n)) * wave_flops * double(rows);
+      cost += launches * (dlogit + product + 2 * flops_per_launch);
+    });
+  });
+  const std::int64_t carried = de ? ceil_div(v, s.cols) - 1 : ceil_div(n, s.rows) - 1;  // round trips per element
+  cost += flops_per_byte * 8.0 * double(carried) * double(de ? n : v) * double(d);
+  return cost;
+}
 
 // Plan for a problem: `bm` x `bn` logit tiles, a workspace budget in bytes (0: the default of the mode).
 // `weights`: the problem has class weights; `sort_temp`: bytes of the device sort's scratch for V keys (what the
@@ -247,25 +307,73 @@ plan make_plan(std::int64_t n, std::int64_t d, std::int64_t v, std::int64_t rank
   };
   if (mode != backward_mode::minimal || n <= bm) {
     p.mode = backward_mode::chunked;
-    p.row_block = std::max<std::int64_t>(n, 1);
     for (std::int64_t cols = max_chunk; cols >= bn; cols = cols > 2 * bn ? round_up(cols / 2, bn) : cols - bn) {
-      p.chunk_cols = cols;
+      p.de_pass = p.dc_pass = pass_shape{std::max<std::int64_t>(n, 1), cols};
       if (!fits(p)) continue;
       if (fills_gpu(cols) || n <= bm) return p;
       break;
     }
   }
-  // Minimal: shrink row blocks and chunks together until the fixed-size buffers fit.
+  // Minimal: each pass takes, of the block shapes that fit, the one of least estimated time. The passes share
+  // their region, so each may fill it (what is left of the budget after the per-row buffers). For each
+  // length of the axis the product keeps (rows for dE, classes for dC), the other axis gets the longest block that
+  // fits: all of it if possible, which needs no carry.
   p.mode = backward_mode::minimal;
-  p.row_block = std::min(round_up(n, bm), std::int64_t(4096));
-  p.chunk_cols = std::min(max_chunk, std::int64_t(4096));
-  while (!fits(p) && (p.row_block > bm || p.chunk_cols > bn)) {
-    if (p.row_block >= p.chunk_cols && p.row_block > bm) p.row_block = round_up(p.row_block / 2, bm);
-    else p.chunk_cols = round_up(p.chunk_cols / 2, bn);
-  }
-  if (p.row_block >= n) {  // one row block is the chunked schedule
-    p.row_block = n;
-    p.mode = backward_mode::chunked;
+  p.de_pass = p.dc_pass = pass_shape{bm, bn};
+  if (n == 0 || v == 0 || !fits(p)) return p;
+  carver rows_part;
+  p.carve_backward_rows<T>(rows_part);
+  const std::size_t pass_budget = budget - rows_part.bytes();
+  auto pass_fits = [&](const pass_shape& s, bool de) {
+    std::size_t bytes = 0;
+    p.carve_pass<T>(nullptr, s, de, !de, &bytes);
+    return bytes <= pass_budget;
+  };
+  auto choose = [&](bool de) {
+    const std::int64_t keep_unit = de ? bm : bn, keep_all = de ? n : max_chunk;
+    const std::int64_t other_unit = de ? bn : bm, other_all = de ? max_chunk : n;
+    auto shape = [&](std::int64_t keep, std::int64_t other) {
+      return de ? pass_shape{keep, other} : pass_shape{other, keep};
+    };
+    pass_shape best{bm, bn};
+    double best_cost = -1;
+    auto consider = [&](std::int64_t keep) {
+      pass_shape s = shape(keep, other_all);
+      if (!pass_fits(s, de)) {  // the longest multiple of the unit that fits, by bisection
+        std::int64_t lo = 0, hi = ceil_div(other_all, other_unit);
+        while (hi - lo > 1) {
+          const std::int64_t mid = (lo + hi) / 2;
+          (pass_fits(shape(keep, mid * other_unit), de) ? lo : hi) = mid;
+        }
+        if (lo == 0) return;
+        s = shape(keep, lo * other_unit);
+      }
+      const double cost = pass_cost(n, d, v, s, de, p.sm_count);
+      if (best_cost < 0 || cost < best_cost) {
+        best = s;
+        best_cost = cost;
+      }
+    };
+    constexpr std::int64_t max_candidates = 64;
+    for (std::int64_t keep = keep_unit; keep < keep_all && keep <= max_candidates * keep_unit; keep += keep_unit) {
+      consider(keep);
+    }
+    consider(keep_all);
+    return best;
+  };
+  p.de_pass = choose(true);
+  p.dc_pass = choose(false);
+  // One row block: the fused chunked pass does the same work with one GEMM-equivalent less, if its chunk still
+  // gives dC_chunk a tile per SM.
+  if (p.de_pass.rows >= n) {
+    plan fused = p;
+    fused.mode = backward_mode::chunked;
+    for (std::int64_t cols = p.de_pass.cols; cols >= bn; cols = cols > 2 * bn ? round_up(cols / 2, bn) : cols - bn) {
+      fused.de_pass = fused.dc_pass = pass_shape{n, cols};
+      if (!fits(fused)) continue;
+      if (fills_gpu(cols)) return fused;
+      break;
+    }
   }
   return p;
 }

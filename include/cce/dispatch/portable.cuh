@@ -117,49 +117,51 @@ class portable_path {
     }
     const std::int32_t* order = nullptr;  // sorted position -> class
     if (pl_.sort) CCE_TRY(sort_vocabulary(bw, order, stream));
-    const std::int64_t block_rows = std::min(pl_.row_block, p_.n);
     const std::int64_t ld_de = out.ld_de ? out.ld_de : p_.d, ld_dc = out.ld_dc ? out.ld_dc : p_.d;
-    // The classes of chunk `ch`: the problem's own rows, or (sorted) the chunk's gathered rows.
-    auto chunk = [&](std::int64_t ch, vocab_slice& s) -> status {
-      s.v0 = ch * pl_.chunk_cols;
-      s.cols = std::min(pl_.chunk_cols, p_.v - s.v0);
-      return pl_.sort ? gather(bw, order, s, stream) : status::success;
+    // Chunk `ch` of a pass: the problem's own classes, or (sorted) the chunk's gathered rows.
+    auto chunk = [&](const pass_buffers<T>& pb, std::int64_t ch, vocab_slice& s) -> status {
+      s = own_classes();
+      s.v0 = ch * pb.shape.cols;
+      s.cols = std::min(pb.shape.cols, p_.v - s.v0);
+      return pl_.sort ? gather(pb, order, s, stream) : status::success;
     };
+    vocab_slice s;
     if (pl_.mode == backward_mode::chunked) {
-      for (std::int64_t ch = 0; ch < pl_.chunks(); ++ch) {
-        vocab_slice s = own_classes();
-        CCE_TRY(chunk(ch, s));
-        CCE_TRY(dlogits(sv, bw, s, 0, p_.n, counts, stream));
-        if (p_.has_lora()) CCE_TRY(lora_q_update(bw, s, 0, p_.n, stream));
-        const bool last = ch + 1 == pl_.chunks();
-        if (out.de) CCE_TRY(de_product(bw, s, out.de, ld_de, 0, p_.n, ch == 0, last, stream));
-        if (out.dc) CCE_TRY(dc_product(bw, s, out.dc, ld_dc, 0, p_.n, true, true, stream));
-        if (out.dbias) CCE_TRY(dbias_sum(bw, s, out.dbias, stream));
-        if (out.db) CCE_TRY(db_product(bw, s, out.db, 0, p_.n, true, true, stream));
+      const pass_buffers<T>& pb = bw.de;
+      const std::int64_t chunks = pl_.chunks(pb.shape);
+      for (std::int64_t ch = 0; ch < chunks; ++ch) {
+        CCE_TRY(chunk(pb, ch, s));
+        CCE_TRY(dlogits(sv, bw, pb, s, 0, p_.n, counts, stream));
+        if (p_.has_lora()) CCE_TRY(lora_q_update(bw, pb, s, 0, p_.n, stream));
+        if (out.de) CCE_TRY(de_product(bw, pb, s, out.de, ld_de, 0, p_.n, ch == 0, ch + 1 == chunks, stream));
+        if (out.dc) CCE_TRY(dc_product(pb, s, out.dc, ld_dc, 0, p_.n, true, true, stream));
+        if (out.dbias) CCE_TRY(dbias_sum(pb, s, out.dbias, stream));
+        if (out.db) CCE_TRY(db_product(bw, pb, s, out.db, 0, p_.n, true, true, stream));
       }
     } else {
-      for (std::int64_t r0 = 0; r0 < p_.n; r0 += block_rows) {  // pass 1: dE (and the low-rank q)
-        const std::int64_t rows = std::min(block_rows, p_.n - r0);
-        for (std::int64_t ch = 0; ch < pl_.chunks(); ++ch) {
-          vocab_slice s = own_classes();
-          CCE_TRY(chunk(ch, s));
-          CCE_TRY(dlogits(sv, bw, s, r0, rows, counts, stream));
-          if (p_.has_lora()) CCE_TRY(lora_q_update(bw, s, r0, rows, stream));
-          if (out.de) CCE_TRY(de_product(bw, s, out.de, ld_de, r0, rows, ch == 0, ch + 1 == pl_.chunks(), stream));
+      const pass_buffers<T>& de = bw.de;  // pass 1: dE (and the low-rank q), row blocks outer
+      const std::int64_t de_chunks = pl_.chunks(de.shape);
+      for (std::int64_t r0 = 0; r0 < p_.n; r0 += de.shape.rows) {
+        const std::int64_t rows = std::min(de.shape.rows, p_.n - r0);
+        for (std::int64_t ch = 0; ch < de_chunks; ++ch) {
+          CCE_TRY(chunk(de, ch, s));
+          CCE_TRY(dlogits(sv, bw, de, s, r0, rows, counts, stream));
+          if (p_.has_lora()) CCE_TRY(lora_q_update(bw, de, s, r0, rows, stream));
+          if (out.de) CCE_TRY(de_product(bw, de, s, out.de, ld_de, r0, rows, ch == 0, ch + 1 == de_chunks, stream));
         }
       }
+      const pass_buffers<T>& dc = bw.dc;  // pass 2: dC, dBias, dB (tiles counted in pass 1), chunks outer
       if (out.dc || out.dbias || out.db) {
-        for (std::int64_t ch = 0; ch < pl_.chunks(); ++ch) {  // pass 2: dC, dBias, dB (tiles counted in pass 1)
-          vocab_slice s = own_classes();
-          CCE_TRY(chunk(ch, s));
-          for (std::int64_t r0 = 0; r0 < p_.n; r0 += block_rows) {
-            const std::int64_t rows = std::min(block_rows, p_.n - r0);
+        for (std::int64_t ch = 0; ch < pl_.chunks(dc.shape); ++ch) {
+          CCE_TRY(chunk(dc, ch, s));
+          for (std::int64_t r0 = 0; r0 < p_.n; r0 += dc.shape.rows) {
+            const std::int64_t rows = std::min(dc.shape.rows, p_.n - r0);
             const bool first = r0 == 0, last = r0 + rows == p_.n;
-            CCE_TRY(dlogits(sv, bw, s, r0, rows, nullptr, stream));
-            if (out.dc) CCE_TRY(dc_product(bw, s, out.dc, ld_dc, r0, rows, first, last, stream));
-            if (out.db) CCE_TRY(db_product(bw, s, out.db, r0, rows, first, last, stream));
+            CCE_TRY(dlogits(sv, bw, dc, s, r0, rows, nullptr, stream));
+            if (out.dc) CCE_TRY(dc_product(dc, s, out.dc, ld_dc, r0, rows, first, last, stream));
+            if (out.db) CCE_TRY(db_product(bw, dc, s, out.db, r0, rows, first, last, stream));
           }
-          if (out.dbias) CCE_TRY(dbias_sum(bw, s, out.dbias, stream));
+          if (out.dbias) CCE_TRY(dbias_sum(dc, s, out.dbias, stream));
         }
       }
     }
@@ -269,7 +271,7 @@ class portable_path {
   }
 
   // The sorted walk's chunk s: its classes' rows gathered into the chunk buffers.
-  status gather(const backward_buffers<T>& bw, const std::int32_t* order, vocab_slice& s, cudaStream_t stream) const {
+  status gather(const pass_buffers<T>& pb, const std::int32_t* order, vocab_slice& s, cudaStream_t stream) const {
     gather_params<T> g;
     g.classes = order + s.v0;
     g.cols = s.cols;
@@ -281,18 +283,18 @@ class portable_path {
     g.lora_b = p_.lora.b;
     g.rank = p_.lora.rank;
     g.ldb = p_.b_stride();
-    g.c_out = bw.c_sorted;
-    g.bias_out = p_.bias ? bw.bias_sorted : nullptr;
-    g.weights_out = g.weights ? bw.weights_sorted : nullptr;
-    g.b_out = bw.b_sorted;
+    g.c_out = pb.c_sorted;
+    g.bias_out = p_.bias ? pb.bias_sorted : nullptr;
+    g.weights_out = g.weights ? pb.weights_sorted : nullptr;
+    g.b_out = pb.b_sorted;
     gather_classes_kernel<T><<<unsigned(s.cols), 128, 0, stream>>>(g);
     s.base = s.v0;
-    s.c = bw.c_sorted;
+    s.c = pb.c_sorted;
     s.ldc = p_.d;
     s.rows = s.cols;
     s.bias = g.bias_out;
     s.weights = g.weights_out;
-    s.lora_b = bw.b_sorted;
+    s.lora_b = pb.b_sorted;
     s.ldb = p_.lora.rank;
     s.classes = g.classes;
     return launch_status();
@@ -379,8 +381,9 @@ class portable_path {
   }
 
   // dZ of rows [r0, r0 + rows) and the slice's classes, with the filter's tile flags (counted into `counts`).
-  status dlogits(const saved_buffers& sv, const backward_buffers<T>& bw, const vocab_slice& s, std::int64_t r0,
-                 std::int64_t rows, unsigned long long* counts, cudaStream_t stream) const {
+  status dlogits(const saved_buffers& sv, const backward_buffers<T>& bw, const pass_buffers<T>& pb,
+                 const vocab_slice& s, std::int64_t r0, std::int64_t rows, unsigned long long* counts,
+                 cudaStream_t stream) const {
     const std::int64_t v0 = s.v0, cols = s.cols;
     dlogit_params<T> prm;
     prm.e = {p_.e, p_.e_stride(), p_.n, p_.d};
@@ -402,10 +405,10 @@ class portable_path {
     prm.filter = filter::mass_threshold::make(eps, pl_.grid.bn, filter_tiles(pl_.grid, p_.total_classes()));
     prm.row0 = r0;
     prm.v0 = v0;
-    prm.chunk_cols = pl_.chunk_cols;
-    prm.dz = bw.dz;
-    prm.active = bw.active;
-    prm.dbias_partial = bw.dbias_partial;
+    prm.chunk_cols = pb.shape.cols;
+    prm.dz = pb.dz;
+    prm.active = pb.active;
+    prm.dbias_partial = pb.dbias_partial;  // null in the dE pass
     prm.tile_counts = counts;
     // The sm_90a kernel takes its flags from the forward's maxima before loading; the sorted walk runs the
     // portable kernel, which decides from the recomputed tile (docs/api.md).
@@ -415,10 +418,10 @@ class portable_path {
                 : launch_tile_kernel<dlogit_kernel<T, Policy, false>>(grid, Policy::threads, dz_smem, stream, prm);
   }
 
-  active_k_tiles<Policy::bm> flags(const backward_buffers<T>& bw, bool k_is_vocab) const {
+  static active_k_tiles<Policy::bm> flags(const pass_buffers<T>& pb, bool k_is_vocab) {
     active_k_tiles<Policy::bm> a;  // bm == bn: one flag covers bm rows or bn classes along K
-    a.flags = bw.active;
-    a.chunk_tiles = pl_.chunk_cols / Policy::bn;
+    a.flags = pb.active;
+    a.chunk_tiles = pb.shape.cols / Policy::bn;
     a.k_is_vocab = k_is_vocab;
     return a;
   }
@@ -439,18 +442,19 @@ class portable_path {
 
   // dE[r0 : r0 + rows] (+)= dZ C[slice] (+ scale * q A on the last chunk).
   template <class G>
-  status de_product(const backward_buffers<T>& bw, const vocab_slice& s, G* de, std::int64_t ld, std::int64_t r0,
-                    std::int64_t rows, bool first, bool last, cudaStream_t stream) const {
-    const std::int64_t cols = s.cols;
+  status de_product(const backward_buffers<T>& bw, const pass_buffers<T>& pb, const vocab_slice& s, G* de,
+                    std::int64_t ld, std::int64_t r0, std::int64_t rows, bool first, bool last,
+                    cudaStream_t stream) const {
+    const std::int64_t cols = s.cols, ldz = pb.shape.cols;
     grad_gemm_params<T, G, Policy::bm> prm;
-    prm.a = {bw.dz, pl_.chunk_cols, rows, pl_.chunk_cols};
+    prm.a = {pb.dz, ldz, rows, ldz};
     prm.b = {s.c_rows(), s.ldc, p_.d, cols};
     prm.m = rows;
     prm.n = p_.d;
     prm.k = cols;
-    prm.active = flags(bw, true);
-    prm.acc = pl_.needs_de_acc() ? bw.de_acc : nullptr;
-    prm.comp = pl_.needs_de_acc() ? bw.de_comp : nullptr;
+    prm.active = flags(pb, true);
+    prm.acc = pb.acc;  // null when one chunk holds every class
+    prm.comp = pb.comp;
     prm.first = first;
     prm.last = last;
     prm.accumulate = o_.accumulate;
@@ -468,19 +472,19 @@ class portable_path {
 
   // dC[slice's classes] (+)= dZ^T E[r0 : r0 + rows].
   template <class G>
-  status dc_product(const backward_buffers<T>& bw, const vocab_slice& s, G* dc, std::int64_t ld, std::int64_t r0,
+  status dc_product(const pass_buffers<T>& pb, const vocab_slice& s, G* dc, std::int64_t ld, std::int64_t r0,
                     std::int64_t rows, bool first, bool last, cudaStream_t stream) const {
-    const std::int64_t cols = s.cols;
+    const std::int64_t cols = s.cols, ldz = pb.shape.cols;
     grad_gemm_params<T, G, Policy::bm> prm;
-    prm.a = {bw.dz, pl_.chunk_cols, pl_.chunk_cols, rows};
+    prm.a = {pb.dz, ldz, ldz, rows};
     prm.b = {p_.e + r0 * p_.e_stride(), p_.e_stride(), p_.d, rows};
     prm.m = cols;
     prm.n = p_.d;
     prm.k = rows;
-    prm.active = flags(bw, false);
+    prm.active = flags(pb, false);
     const bool carry = !(first && last);
-    prm.acc = carry ? bw.dc_acc : nullptr;
-    prm.comp = carry ? bw.dc_comp : nullptr;
+    prm.acc = carry ? pb.acc : nullptr;
+    prm.comp = carry ? pb.comp : nullptr;
     prm.first = first;
     prm.last = last;
     prm.accumulate = o_.accumulate;
@@ -491,8 +495,8 @@ class portable_path {
   }
 
   template <class G>
-  status dbias_sum(const backward_buffers<T>& bw, const vocab_slice& s, G* dbias, cudaStream_t stream) const {
-    dbias_kernel<G><<<blocks_for(s.cols, 256), 256, 0, stream>>>(bw.dbias_partial, pl_.grid.row_tiles(), pl_.chunk_cols,
+  status dbias_sum(const pass_buffers<T>& pb, const vocab_slice& s, G* dbias, cudaStream_t stream) const {
+    dbias_kernel<G><<<blocks_for(s.cols, 256), 256, 0, stream>>>(pb.dbias_partial, pl_.grid.row_tiles(), pb.shape.cols,
                                                                  s.cols, o_.accumulate,
                                                                  s.classes ? dbias : dbias + s.v0, s.classes);
     return launch_status();
@@ -500,22 +504,22 @@ class portable_path {
 
   // A thin product whose left operand is the dZ buffer: it skips the tiles the filter left unwritten.
   template <class TB>
-  thin_product<T, TB, float> over_dz(const backward_buffers<T>& bw) const {
+  static thin_product<T, TB, float> over_dz(const pass_buffers<T>& pb) {
     thin_product<T, TB, float> t;
-    t.dz_active = bw.active;
+    t.dz_active = pb.active;
     t.dz_bm = Policy::bm;
     t.dz_bn = Policy::bn;
-    t.dz_chunk_tiles = pl_.chunk_cols / Policy::bn;
-    t.a = bw.dz;
+    t.dz_chunk_tiles = pb.shape.cols / Policy::bn;
+    t.a = pb.dz;
     return t;
   }
 
   // lora_q[r0 : r0 + rows] += dZ B[slice].
-  status lora_q_update(const backward_buffers<T>& bw, const vocab_slice& s, std::int64_t r0, std::int64_t rows,
-                       cudaStream_t stream) const {
+  status lora_q_update(const backward_buffers<T>& bw, const pass_buffers<T>& pb, const vocab_slice& s,
+                       std::int64_t r0, std::int64_t rows, cudaStream_t stream) const {
     const std::int64_t cols = s.cols;
-    thin_product<T, T, float> t = over_dz<T>(bw);
-    t.a_m = pl_.chunk_cols;
+    thin_product<T, T, float> t = over_dz<T>(pb);
+    t.a_m = pb.shape.cols;
     t.a_k = 1;
     t.b = s.b_rows();
     t.b_k = s.ldb;
@@ -532,20 +536,20 @@ class portable_path {
   // dB[v0 : v0 + cols] (+)= dZ^T lora_p[r0 : r0 + rows], carried in fp32 over row blocks and folded into the
   // output after the last one.
   template <class G>
-  status db_product(const backward_buffers<T>& bw, const vocab_slice& s, G* db, std::int64_t r0, std::int64_t rows,
-                    bool first, bool last, cudaStream_t stream) const {
+  status db_product(const backward_buffers<T>& bw, const pass_buffers<T>& pb, const vocab_slice& s, G* db,
+                    std::int64_t r0, std::int64_t rows, bool first, bool last, cudaStream_t stream) const {
     const std::int64_t cols = s.cols;
-    thin_product<T, float, float> t = over_dz<float>(bw);
+    thin_product<T, float, float> t = over_dz<float>(pb);
     t.a_transposed = true;
     t.a_m = 1;
-    t.a_k = pl_.chunk_cols;
+    t.a_k = pb.shape.cols;
     t.b = bw.lora_p + r0 * p_.lora.rank;
     t.b_k = p_.lora.rank;
     t.b_n = 1;
     t.m = cols;
     t.n = p_.lora.rank;
     t.k = rows;
-    t.out = bw.db_acc;
+    t.out = pb.db_acc;
     t.out_m = p_.lora.rank;
     t.add = !first;
     CCE_TRY(launch_thin(t, stream));
@@ -553,7 +557,7 @@ class portable_path {
     const std::int64_t count = cols * p_.lora.rank;
     G* out = s.classes ? db : db + s.v0 * p_.lora.rank;
     fold_kernel<G>
-        <<<blocks_for(count, 256), 256, 0, stream>>>(bw.db_acc, count, o_.accumulate, out, s.classes, p_.lora.rank);
+        <<<blocks_for(count, 256), 256, 0, stream>>>(pb.db_acc, count, o_.accumulate, out, s.classes, p_.lora.rank);
     return launch_status();
   }
 

@@ -141,46 +141,50 @@ class tiled_executor {
     if (counts) counts[0] = counts[1] = 0;
     const std::int32_t* order = pl.sort ? sort_vocabulary(p, pl, bw) : nullptr;
     const std::int64_t ld_de = out.ld_de ? out.ld_de : p.d, ld_dc = out.ld_dc ? out.ld_dc : p.d;
-    const std::int64_t block_rows = std::min(pl.row_block, p.n);
     std::vector<float> gathered;  // the sorted chunk's classifier rows in fp32
-    auto chunk = [&](std::int64_t ch) {
+    auto chunk = [&](const detail::pass_buffers<T>& pb, std::int64_t ch) {
       vocab_slice s = own_classes(p, x);
-      s.v0 = ch * pl.chunk_cols;
-      s.cols = std::min(pl.chunk_cols, p.v - s.v0);
-      if (pl.sort) gather(p, bw, order, s, gathered);
+      s.v0 = ch * pb.shape.cols;
+      s.cols = std::min(pb.shape.cols, p.v - s.v0);
+      if (pl.sort) gather(p, pb, order, s, gathered);
       return s;
     };
 
     if (pl.mode == backward_mode::chunked) {
-      for (std::int64_t ch = 0; ch < pl.chunks(); ++ch) {
-        const vocab_slice s = chunk(ch);
-        compute_dz(p, x, s, pl, sv, bw, 0, p.n, counts);
-        if (p.has_lora()) lora_accumulate_q(p, s, pl, bw, 0, p.n);
-        if (out.de) de_update(p, s, pl, bw, out, ld_de, 0, p.n, ch == 0, ch + 1 == pl.chunks());
-        if (out.dc) dc_update(p, x, s, pl, bw, out, ld_dc, 0, p.n, true, true);
-        if (out.dbias) dbias_update(s, pl, bw, out);
-        if (out.db) db_update(p, s, pl, bw, out, 0, p.n, true, true);
+      const detail::pass_buffers<T>& pb = bw.de;
+      const std::int64_t chunks = pl.chunks(pb.shape);
+      for (std::int64_t ch = 0; ch < chunks; ++ch) {
+        const vocab_slice s = chunk(pb, ch);
+        compute_dz(p, x, s, pl, sv, bw, pb, 0, p.n, counts);
+        if (p.has_lora()) lora_accumulate_q(p, s, pl, bw, pb, 0, p.n);
+        if (out.de) de_update(p, s, pl, bw, pb, out, ld_de, 0, p.n, ch == 0, ch + 1 == chunks);
+        if (out.dc) dc_update(p, x, s, pl, pb, out, ld_dc, 0, p.n, true, true);
+        if (out.dbias) dbias_update(s, pl, pb, out);
+        if (out.db) db_update(p, s, pl, bw, pb, out, 0, p.n, true, true);
       }
     } else {
-      for (std::int64_t r0 = 0; r0 < p.n; r0 += block_rows) {  // pass 1: dE
-        const std::int64_t rows = std::min(block_rows, p.n - r0);
-        for (std::int64_t ch = 0; ch < pl.chunks(); ++ch) {
-          const vocab_slice s = chunk(ch);
-          compute_dz(p, x, s, pl, sv, bw, r0, rows, counts);
-          if (p.has_lora()) lora_accumulate_q(p, s, pl, bw, r0, rows);
-          if (out.de) de_update(p, s, pl, bw, out, ld_de, r0, rows, ch == 0, ch + 1 == pl.chunks());
+      const detail::pass_buffers<T>& de = bw.de;  // pass 1: dE
+      const std::int64_t de_chunks = pl.chunks(de.shape);
+      for (std::int64_t r0 = 0; r0 < p.n; r0 += de.shape.rows) {
+        const std::int64_t rows = std::min(de.shape.rows, p.n - r0);
+        for (std::int64_t ch = 0; ch < de_chunks; ++ch) {
+          const vocab_slice s = chunk(de, ch);
+          compute_dz(p, x, s, pl, sv, bw, de, r0, rows, counts);
+          if (p.has_lora()) lora_accumulate_q(p, s, pl, bw, de, r0, rows);
+          if (out.de) de_update(p, s, pl, bw, de, out, ld_de, r0, rows, ch == 0, ch + 1 == de_chunks);
         }
       }
-      for (std::int64_t ch = 0; ch < pl.chunks(); ++ch) {  // pass 2: dC, dBias, dB (tiles counted in pass 1)
-        const vocab_slice s = chunk(ch);
-        for (std::int64_t r0 = 0; r0 < p.n; r0 += block_rows) {
-          const std::int64_t rows = std::min(block_rows, p.n - r0);
+      const detail::pass_buffers<T>& dc = bw.dc;  // pass 2: dC, dBias, dB (tiles counted in pass 1)
+      for (std::int64_t ch = 0; ch < pl.chunks(dc.shape); ++ch) {
+        const vocab_slice s = chunk(dc, ch);
+        for (std::int64_t r0 = 0; r0 < p.n; r0 += dc.shape.rows) {
+          const std::int64_t rows = std::min(dc.shape.rows, p.n - r0);
           const bool first = r0 == 0, last = r0 + rows == p.n;
-          compute_dz(p, x, s, pl, sv, bw, r0, rows, nullptr);
-          if (out.dc) dc_update(p, x, s, pl, bw, out, ld_dc, r0, rows, first, last);
-          if (out.db) db_update(p, s, pl, bw, out, r0, rows, first, last);
+          compute_dz(p, x, s, pl, sv, bw, dc, r0, rows, nullptr);
+          if (out.dc) dc_update(p, x, s, pl, dc, out, ld_dc, r0, rows, first, last);
+          if (out.db) db_update(p, s, pl, bw, dc, out, r0, rows, first, last);
         }
-        if (out.dbias) dbias_update(s, pl, bw, out);
+        if (out.dbias) dbias_update(s, pl, dc, out);
       }
     }
     if (out.da) da_update(p, bw, out);
@@ -399,7 +403,7 @@ class tiled_executor {
   }
 
   // The sorted walk's chunk s: its classes' rows gathered into the chunk buffers (and C's in fp32 into `dense`).
-  void gather(const problem<T>& p, const detail::backward_buffers<T>& bw, const std::int32_t* order, vocab_slice& s,
+  void gather(const problem<T>& p, const detail::pass_buffers<T>& pb, const std::int32_t* order, vocab_slice& s,
               std::vector<float>& dense) const {
     const std::int64_t d = p.d, rank = p.lora.rank;
     const float* weights = s.weights;
@@ -407,18 +411,18 @@ class tiled_executor {
     for (std::int64_t j = 0; j < s.cols; ++j) {
       const std::int64_t cls = order[s.v0 + j];
       for (std::int64_t k = 0; k < d; ++k) {
-        bw.c_sorted[j * d + k] = p.c[cls * p.c_stride() + k];
-        dense[std::size_t(j * d + k)] = load(bw.c_sorted, j * d + k);
+        pb.c_sorted[j * d + k] = p.c[cls * p.c_stride() + k];
+        dense[std::size_t(j * d + k)] = load(pb.c_sorted, j * d + k);
       }
-      for (std::int64_t k = 0; k < rank; ++k) bw.b_sorted[j * rank + k] = p.lora.b[cls * p.b_stride() + k];
-      if (p.bias) bw.bias_sorted[j] = p.bias[cls];
-      if (weights) bw.weights_sorted[j] = weights[cls];
+      for (std::int64_t k = 0; k < rank; ++k) pb.b_sorted[j * rank + k] = p.lora.b[cls * p.b_stride() + k];
+      if (p.bias) pb.bias_sorted[j] = p.bias[cls];
+      if (weights) pb.weights_sorted[j] = weights[cls];
     }
     s.base = s.v0;
     s.c = dense.data();
-    s.bias = p.bias ? bw.bias_sorted : nullptr;
-    s.weights = weights ? bw.weights_sorted : nullptr;
-    s.lora_b = bw.b_sorted;
+    s.bias = p.bias ? pb.bias_sorted : nullptr;
+    s.weights = weights ? pb.weights_sorted : nullptr;
+    s.lora_b = pb.b_sorted;
     s.ldb = rank;
     s.classes = order + s.v0;
   }
@@ -503,18 +507,18 @@ class tiled_executor {
   // dZ for rows [r0, r0 + rows) and the slice's classes: draw in T, dbias partials per row tile; the tiles
   // computed and skipped are added to `counts` when given.
   void compute_dz(const problem<T>& p, const dense_inputs& x, const vocab_slice& s, const detail::plan& pl,
-                  const detail::saved_buffers& sv, const detail::backward_buffers<T>& bw, std::int64_t r0,
-                  std::int64_t rows, std::int64_t* counts) const {
+                  const detail::saved_buffers& sv, const detail::backward_buffers<T>& bw,
+                  const detail::pass_buffers<T>& pb, std::int64_t r0, std::int64_t rows, std::int64_t* counts) const {
     const std::int64_t v0 = s.v0, cols = s.cols;
     const tile::tile_grid& g = pl.grid;
     const logit_transform tf = transform();
     std::vector<float> z(std::size_t(g.bm * g.bn));
-    const std::int64_t chunk_tiles = pl.chunk_cols / g.bn;
+    const std::int64_t ldz = pb.shape.cols, chunk_tiles = ldz / g.bn;
     for (std::int64_t rt = r0 / g.bm; rt < detail::ceil_div(r0 + rows, g.bm); ++rt) {
       for (std::int64_t ct = v0 / g.bn; ct < detail::ceil_div(v0 + cols, g.bn); ++ct) {
         bool computed = false;
         const bool active = tile_active(p, x, s, pl, sv, bw, rt, ct, z, computed);
-        bw.active[(rt - r0 / g.bm) * chunk_tiles + (ct - v0 / g.bn)] = active;
+        pb.active[(rt - r0 / g.bm) * chunk_tiles + (ct - v0 / g.bn)] = active;
         if (counts) ++counts[active ? 0 : 1];
         std::vector<float> col_sum(std::size_t(g.bn), 0.f);
         if (active) {
@@ -527,28 +531,28 @@ class tiled_executor {
               const float zz = z[std::size_t(r * g.bn + c)];
               const float prob = detail::exp_f(zz - rc.lse);
               const float draw = rc.dz(prob, col == rc.target, s.weight(col)) * tf.derivative_from_logit(zz);
-              bw.dz[(row - r0) * pl.chunk_cols + (col - v0)] = detail::from_float<T>(draw);
+              pb.dz[(row - r0) * ldz + (col - v0)] = detail::from_float<T>(draw);
               col_sum[std::size_t(c)] += draw;
             }
           }
         }
-        if (bw.dbias_partial) {
+        if (pb.dbias_partial) {  // the passes that write dBias
           for (std::int64_t c = 0; c < g.cols_in(ct); ++c) {
-            bw.dbias_partial[rt * pl.chunk_cols + (g.col_begin(ct) - v0) + c] = col_sum[std::size_t(c)];
+            pb.dbias_partial[rt * ldz + (g.col_begin(ct) - v0) + c] = col_sum[std::size_t(c)];
           }
         }
       }
     }
   }
 
-  bool dz_active(const detail::plan& pl, const detail::backward_buffers<T>& bw, std::int64_t r0, std::int64_t row,
+  bool dz_active(const detail::plan& pl, const detail::pass_buffers<T>& pb, std::int64_t r0, std::int64_t row,
                  std::int64_t v0, std::int64_t col) const {
-    const std::int64_t chunk_tiles = pl.chunk_cols / pl.grid.bn;
-    return bw.active[(row / pl.grid.bm - r0 / pl.grid.bm) * chunk_tiles + (col - v0) / pl.grid.bn] != 0;
+    const std::int64_t chunk_tiles = pb.shape.cols / pl.grid.bn;
+    return pb.active[(row / pl.grid.bm - r0 / pl.grid.bm) * chunk_tiles + (col - v0) / pl.grid.bn] != 0;
   }
-  float dz_at(const detail::plan& pl, const detail::backward_buffers<T>& bw, std::int64_t r0, std::int64_t row,
+  float dz_at(const detail::plan& pl, const detail::pass_buffers<T>& pb, std::int64_t r0, std::int64_t row,
               std::int64_t v0, std::int64_t col) const {
-    return dz_active(pl, bw, r0, row, v0, col) ? load(bw.dz, (row - r0) * pl.chunk_cols + (col - v0)) : 0.f;
+    return dz_active(pl, pb, r0, row, v0, col) ? load(pb.dz, (row - r0) * pb.shape.cols + (col - v0)) : 0.f;
   }
 
   // acc (fp32, optionally compensated) += x; on the last contribution, out = (accumulate ? out : 0) + acc.
@@ -573,14 +577,14 @@ class tiled_executor {
   // dE[rows] (+)= dZ C_chunk (+ scale * lora_q A on the last chunk).
   template <class G>
   void de_update(const problem<T>& p, const vocab_slice& s, const detail::plan& pl,
-                 const detail::backward_buffers<T>& bw, const gradients<G>& out, std::int64_t ld, std::int64_t r0,
-                 std::int64_t rows, bool first, bool last) const {
+                 const detail::backward_buffers<T>& bw, const detail::pass_buffers<T>& pb, const gradients<G>& out,
+                 std::int64_t ld, std::int64_t r0, std::int64_t rows, bool first, bool last) const {
     const std::int64_t v0 = s.v0, cols = s.cols;
     std::vector<float> acc(std::size_t(p.d));
     for (std::int64_t row = r0; row < r0 + rows; ++row) {
       std::fill(acc.begin(), acc.end(), 0.f);
       for (std::int64_t col = v0; col < v0 + cols; ++col) {
-        const float dz = dz_at(pl, bw, r0, row, v0, col);
+        const float dz = dz_at(pl, pb, r0, row, v0, col);
         const float* cr = s.c_row(col, p.d);
         for (std::int64_t d = 0; d < p.d; ++d) acc[std::size_t(d)] += dz * cr[d];
       }
@@ -591,7 +595,7 @@ class tiled_executor {
           for (std::int64_t k = 0; k < p.lora.rank; ++k) l += bw.lora_q[row * p.lora.rank + k] * load(p.lora.a, k * p.a_stride() + d);
           a += p.lora.scale * l;
         }
-        accumulate_out(a, pl.needs_de_acc() ? bw.de_acc : nullptr, bw.de_comp, (row - r0) * p.d + d, out.de,
+        accumulate_out(a, pb.acc, pb.comp, (row - r0) * p.d + d, out.de,
                        row * ld + d, first, last);
       }
     }
@@ -600,19 +604,19 @@ class tiled_executor {
   // dC of the slice's classes (+)= dZ^T E[rows].
   template <class G>
   void dc_update(const problem<T>& p, const dense_inputs& x, const vocab_slice& s, const detail::plan& pl,
-                 const detail::backward_buffers<T>& bw, const gradients<G>& out, std::int64_t ld, std::int64_t r0,
+                 const detail::pass_buffers<T>& pb, const gradients<G>& out, std::int64_t ld, std::int64_t r0,
                  std::int64_t rows, bool first, bool last) const {
     const std::int64_t v0 = s.v0, cols = s.cols;
     std::vector<float> acc(std::size_t(p.d));
     for (std::int64_t col = v0; col < v0 + cols; ++col) {
       std::fill(acc.begin(), acc.end(), 0.f);
       for (std::int64_t row = r0; row < r0 + rows; ++row) {
-        const float dz = dz_at(pl, bw, r0, row, v0, col);
+        const float dz = dz_at(pl, pb, r0, row, v0, col);
         const float* er = &x.e[std::size_t(row * p.d)];
         for (std::int64_t d = 0; d < p.d; ++d) acc[std::size_t(d)] += dz * er[d];
       }
       for (std::int64_t d = 0; d < p.d; ++d) {
-        accumulate_out(acc[std::size_t(d)], bw.dc_acc, bw.dc_comp, (col - v0) * p.d + d, out.dc,
+        accumulate_out(acc[std::size_t(d)], first && last ? nullptr : pb.acc, pb.comp, (col - v0) * p.d + d, out.dc,
                        s.class_of(col) * ld + d, first, last);
       }
     }
@@ -620,11 +624,11 @@ class tiled_executor {
 
   // dBias_chunk = sum over all row tiles of the dZ kernel's column partials, in row-tile order.
   template <class G>
-  void dbias_update(const vocab_slice& s, const detail::plan& pl, const detail::backward_buffers<T>& bw,
+  void dbias_update(const vocab_slice& s, const detail::plan& pl, const detail::pass_buffers<T>& pb,
                     const gradients<G>& out) const {
     for (std::int64_t c = 0; c < s.cols; ++c) {
       float sum = 0.f;
-      for (std::int64_t rt = 0; rt < pl.grid.row_tiles(); ++rt) sum += bw.dbias_partial[rt * pl.chunk_cols + c];
+      for (std::int64_t rt = 0; rt < pl.grid.row_tiles(); ++rt) sum += pb.dbias_partial[rt * pb.shape.cols + c];
       const std::int64_t o = s.class_of(s.v0 + c);
       out.dbias[o] = store_as<G>((opt_.accumulate ? load_g(out.dbias, o) : 0.f) + sum);
     }
@@ -632,13 +636,14 @@ class tiled_executor {
 
   // lora_q[rows] += dZ B_chunk.
   void lora_accumulate_q(const problem<T>& p, const vocab_slice& s, const detail::plan& pl,
-                         const detail::backward_buffers<T>& bw, std::int64_t r0, std::int64_t rows) const {
+                         const detail::backward_buffers<T>& bw, const detail::pass_buffers<T>& pb, std::int64_t r0,
+                         std::int64_t rows) const {
     const std::int64_t v0 = s.v0, cols = s.cols;
     for (std::int64_t row = r0; row < r0 + rows; ++row)
       for (std::int64_t k = 0; k < p.lora.rank; ++k) {
         float acc = 0.f;
         for (std::int64_t col = v0; col < v0 + cols; ++col)
-          acc += dz_at(pl, bw, r0, row, v0, col) * load(s.lora_b, (col - s.base) * s.ldb + k);
+          acc += dz_at(pl, pb, r0, row, v0, col) * load(s.lora_b, (col - s.base) * s.ldb + k);
         bw.lora_q[row * p.lora.rank + k] += acc;
       }
   }
@@ -646,15 +651,15 @@ class tiled_executor {
   // dB_chunk (+)= dZ^T lora_p[rows].
   template <class G>
   void db_update(const problem<T>& p, const vocab_slice& s, const detail::plan& pl,
-                 const detail::backward_buffers<T>& bw, const gradients<G>& out, std::int64_t r0, std::int64_t rows,
-                 bool first, bool last) const {
+                 const detail::backward_buffers<T>& bw, const detail::pass_buffers<T>& pb, const gradients<G>& out,
+                 std::int64_t r0, std::int64_t rows, bool first, bool last) const {
     const std::int64_t v0 = s.v0, cols = s.cols;
     for (std::int64_t col = v0; col < v0 + cols; ++col)
       for (std::int64_t k = 0; k < p.lora.rank; ++k) {
         float acc = 0.f;
         for (std::int64_t row = r0; row < r0 + rows; ++row)
-          acc += dz_at(pl, bw, r0, row, v0, col) * bw.lora_p[row * p.lora.rank + k];
-        accumulate_out(acc, bw.db_acc, nullptr, (col - v0) * p.lora.rank + k, out.db, s.class_of(col) * p.lora.rank + k,
+          acc += dz_at(pl, pb, r0, row, v0, col) * bw.lora_p[row * p.lora.rank + k];
+        accumulate_out(acc, pb.db_acc, nullptr, (col - v0) * p.lora.rank + k, out.db, s.class_of(col) * p.lora.rank + k,
                        first, last);
       }
   }
