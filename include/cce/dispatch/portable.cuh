@@ -412,7 +412,10 @@ class portable_path {
     prm.tile_counts = counts;
     // The sm_90a kernel takes its flags from the forward's maxima before loading; the sorted walk runs the
     // portable kernel, which decides from the recomputed tile (docs/api.md).
-    if (hopper_ && !pl_.sort) return sm90::launch_dlogits(prm, rows, cols, pl_.sm_count, stream);
+    if (hopper_ && !pl_.sort) {
+      const status st = sm90::launch_dlogits(prm, rows, cols, pl_.sm_count, stream);
+      if (st != status::unsupported_arch) return st;
+    }
     const dim3 grid(unsigned(ceil_div(rows, Policy::bm)), unsigned(ceil_div(cols, Policy::bn)));
     return vec_ ? launch_tile_kernel<dlogit_kernel<T, Policy, true>>(grid, Policy::threads, dz_smem, stream, prm)
                 : launch_tile_kernel<dlogit_kernel<T, Policy, false>>(grid, Policy::threads, dz_smem, stream, prm);

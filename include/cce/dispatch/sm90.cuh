@@ -94,10 +94,11 @@ status launch_dlogits(const dlogit_params<T>& base, std::int64_t rows, std::int6
     return status::unsupported_arch;
   } else {
     using S = logit_tile_shape;
-    const std::int64_t row_tiles = ceil_div(rows, S::bm);
-    const std::int64_t filter_tiles = ceil_div(cols, S::filter_bn), wide_tiles = ceil_div(cols, S::bn);
-    if (row_tiles == 0 || filter_tiles == 0) return status::success;
-    active_tiles_kernel<T><<<dim3(unsigned(row_tiles), unsigned(filter_tiles)), 128, 0, stream>>>(base);
+    const std::int64_t row_tiles = ceil_div(rows, S::bm), wide_tiles = ceil_div(cols, S::bn);
+    if (row_tiles == 0 || wide_tiles == 0) return status::success;
+    const std::int64_t tiles = row_tiles * wide_tiles, ctas = std::min<std::int64_t>(tiles, sms);  // one per SM
+    if (ceil_div(tiles, ctas) > dlogit_tiles_per_cta) return status::unsupported_arch;
+    active_tiles_kernel<T><<<dim3(unsigned(row_tiles), unsigned(wide_tiles)), 128, 0, stream>>>(base);
     if (cudaGetLastError() != cudaSuccess) return status::cuda_error;
 
     dlogit_params_sm90<T> prm;
@@ -107,10 +108,9 @@ status launch_dlogits(const dlogit_params<T>& base, std::int64_t rows, std::int6
     if (!encode_logit_maps<tile_ring<T>>(prm.maps, base.e, base.c)) {
       return status::unsupported_arch;
     }
-    const unsigned ctas = unsigned(std::min<std::int64_t>(row_tiles * wide_tiles, sms));  // one per SM
     constexpr std::size_t smem = S::smem_bytes<T>;
     if (!allow_dynamic_smem<dlogit_kernel<T>>(smem)) return status::unsupported_arch;
-    dlogit_kernel<T><<<ctas, S::threads, smem, stream>>>(prm);
+    dlogit_kernel<T><<<unsigned(ctas), S::threads, smem, stream>>>(prm);
     return cudaGetLastError() == cudaSuccess ? status::success : status::cuda_error;
   }
 }

@@ -1,12 +1,14 @@
 // Hopper backward step 1 (sm_90a): the contract of the portable dlogit kernel (kernel/portable/dlogit.cuh) on the
 // logit-tile engine of logit_tile.cuh. The gradient filter's flags come first, from a small kernel, so that the
-// producer never loads a skipped tile; persistent CTAs then take the (128-row, 256-class) tiles in turn, recompute
-// the logits and store draw = dz * dz/draw in T into the chunk buffer, with the bias gradient's column sums.
+// producer never loads a skipped tile; persistent CTAs then share the live (128-row, 256-class) tiles evenly,
+// recompute the logits and store draw = dz * dz/draw in T into the chunk buffer, with the bias gradient's column sums.
 // A 256-class tile spans two 128-class filter tiles: it is computed when either is active, and only the active
 // halves are stored (the gradient GEMMs read only those).
 #pragma once
 
 #include <cstdint>
+
+#include <cub/block/block_scan.cuh>
 
 #include <cce/detail/element_type.hpp>
 #include <cce/kernel/portable/dlogit.cuh>
@@ -22,15 +24,26 @@ struct dlogit_params_sm90 {
   std::int64_t cols = 0;  // classes of this chunk
 };
 
-// One CTA per 128 x 128 filter tile of the (row block, chunk): its flag, as the portable kernel decides it.
+// Tiles a dlogit CTA can take (dispatch/sm90.cuh falls back to the portable kernel past it).
+inline constexpr int dlogit_tiles_per_cta = 2048;
+
+// One CTA per 128 x 256 tile of the (row block, chunk): the flags of its two 128 x 128 filter tiles, as the portable
+// kernel decides them. Inactive halves get their bias column sums (zero) here, as the dlogit kernel visits only
+// tiles with an active half.
 template <class T>
 __global__ void __launch_bounds__(128) active_tiles_kernel(const __grid_constant__ dlogit_params<T> prm) {
   const tile::tile_grid& g = prm.grid;
-  const std::int64_t rt = prm.row0 / g.bm + blockIdx.x, ct = prm.v0 / g.bn + blockIdx.y;
-  const bool active = tile_is_active<128>(prm.coef, g, rt, ct, prm.tile_max, prm.filter);
-  if (threadIdx.x == 0) {
-    prm.active[blockIdx.x * (prm.chunk_cols / g.bn) + blockIdx.y] = active;
-    if (prm.tile_counts) atomicAdd(prm.tile_counts + (active ? 0 : 1), 1ull);
+  const std::int64_t filter_tiles = prm.chunk_cols / g.bn;
+  for (int h = 0; h < 2; ++h) {
+    const std::int64_t ft = 2 * std::int64_t(blockIdx.y) + h;  // filter tile in the chunk
+    if (ft >= filter_tiles || prm.v0 + ft * g.bn >= g.cols) break;  // past the chunk or the vocabulary
+    const std::int64_t rt = prm.row0 / g.bm + blockIdx.x, ct = prm.v0 / g.bn + ft;
+    const bool active = tile_is_active<128>(prm.coef, g, rt, ct, prm.tile_max, prm.filter);
+    if (!active && prm.dbias_partial) prm.dbias_partial[rt * prm.chunk_cols + ft * g.bn + threadIdx.x] = 0.f;
+    if (threadIdx.x == 0) {
+      prm.active[blockIdx.x * filter_tiles + ft] = active;
+      if (prm.tile_counts) atomicAdd(prm.tile_counts + (active ? 0 : 1), 1ull);
+    }
   }
 }
 
@@ -42,8 +55,31 @@ struct dlogit_row {
   int target = -1;  // offset of the target among the slot's columns, -1 when it is not there
 };
 
-// Persistent: the grid's CTAs (at most one per SM) take the (row tile, 256-class tile) pairs of the row block and
-// chunk in turn, column-major, so that the CTAs running at once share a few classifier tiles in L2.
+// This CTA's share of the live tiles among `tiles` (live(t) says which): their ranks r with r % gridDim.x ==
+// blockIdx.x, in rank order, into `mine`; returns how many. Every thread ranks a contiguous run, a block scan joins them.
+template <int Threads, class Live>
+__device__ int rank_live_tiles(std::int32_t* mine, std::int64_t tiles, const Live& live) {
+  using scan = cub::BlockScan<int, Threads>;
+  __shared__ typename scan::TempStorage scan_storage;
+  const std::int64_t run = ceil_div(tiles, std::int64_t(Threads));
+  const std::int64_t begin = threadIdx.x * run, end = begin + run < tiles ? begin + run : tiles;
+  int count = 0;
+  for (std::int64_t t = begin; t < end; ++t) count += live(t) ? 1 : 0;
+  int rank = 0, total = 0;
+  scan(scan_storage).ExclusiveSum(count, rank, total);
+  for (std::int64_t t = begin; t < end; ++t) {
+    if (!live(t)) continue;
+    if (rank % int(gridDim.x) == int(blockIdx.x)) mine[rank / int(gridDim.x)] = std::int32_t(t);
+    ++rank;
+  }
+  __syncthreads();
+  return total > int(blockIdx.x) ? (total - int(blockIdx.x) + int(gridDim.x) - 1) / int(gridDim.x) : 0;
+}
+
+// Persistent: the grid's CTAs (at most one per SM) rank the live (row tile, 256-class tile) pairs column-major and
+// take every gridDim.x-th from their own index, so that the CTAs running at once share a few classifier tiles in L2
+// and each gets its share of live tiles whatever their pattern (taking every gridDim.x-th tile and skipping the dead
+// ones left each CTA a random count of live ones, and a launch lasts as long as its busiest CTA).
 template <class T>
 __global__ void __launch_bounds__(logit_tile_shape::threads, 1)
     dlogit_kernel(const __grid_constant__ dlogit_params_sm90<T> prm) {
@@ -58,13 +94,16 @@ __global__ void __launch_bounds__(logit_tile_shape::threads, 1)
   const tile::tile_grid& g = p.grid;
   const std::int64_t chunk_tiles = p.chunk_cols / S::filter_bn;
   const std::int64_t filter_tiles = ceil_div(prm.cols, S::filter_bn);
-  const std::int64_t wide_tiles = ceil_div(prm.cols, S::bn);
-  const std::int64_t row_tiles = ceil_div(prm.rows, S::bm), tiles = row_tiles * wide_tiles;
+  const std::int64_t row_tiles = ceil_div(prm.rows, S::bm);
   // Whether half h (a 128-class filter tile) of wide tile wt of row tile rl (in the block) is computed.
   auto half_active = [&](std::int64_t rl, std::int64_t wt, int h) {
     const std::int64_t ft = 2 * wt + h;
     return ft < filter_tiles && p.active[rl * chunk_tiles + ft] != 0;
   };
+  __shared__ std::int32_t my_tiles[dlogit_tiles_per_cta];
+  const int tiles = rank_live_tiles<S::threads>(my_tiles, row_tiles * ceil_div(prm.cols, S::bn), [&](std::int64_t t) {
+    return half_active(t % row_tiles, t / row_tiles, 0) || half_active(t % row_tiles, t / row_tiles, 1);
+  });
   const int k_blocks = int(ceil_div(p.e.depth, S::bk));
 
   if (threadIdx.x == 0) bars.init(S::consumer_warps);
@@ -75,10 +114,9 @@ __global__ void __launch_bounds__(logit_tile_shape::threads, 1)
     shrink_registers<S::producer_registers>();
     if (threadIdx.x == 0) {
       ring_position<S::stages> at;
-      for (std::int64_t t = blockIdx.x; t < tiles; t += gridDim.x) {
-        const std::int64_t rl = t % row_tiles, wt = t / row_tiles;
-        if (half_active(rl, wt, 0) || half_active(rl, wt, 1))
-          ring.load_tile(at, &prm.maps, int(p.row0 + rl * S::bm), int(p.v0 + wt * S::bn), k_blocks);
+      for (int i = 0; i < tiles; ++i) {
+        const std::int64_t t = my_tiles[i], rl = t % row_tiles, wt = t / row_tiles;
+        ring.load_tile(at, &prm.maps, int(p.row0 + rl * S::bm), int(p.v0 + wt * S::bn), k_blocks);
       }
     }
     return;
@@ -93,17 +131,14 @@ __global__ void __launch_bounds__(logit_tile_shape::threads, 1)
 
   float acc[128];
   ring_position<S::stages> at;
-  for (std::int64_t t = blockIdx.x; t < tiles; t += gridDim.x) {
-    const std::int64_t rl = t % row_tiles, wt = t / row_tiles;
-    const bool active[2] = {half_active(rl, wt, 0), half_active(rl, wt, 1)};
-    if (!active[0] && !active[1] && !bias_sums) continue;  // nothing to compute or store
+  for (int i = 0; i < tiles; ++i) {
+    const std::int64_t t = my_tiles[i], rl = t % row_tiles, wt = t / row_tiles;
+    const bool active[2] = {half_active(rl, wt, 0), half_active(rl, wt, 1)};  // at least one
     const std::int64_t row0 = p.row0 + rl * S::bm, col0 = p.v0 + wt * S::bn;
     const std::int64_t col_thread = col0 + lane_col;
-    if (active[0] || active[1]) {
-      ring.compute_tile(acc, at, k_blocks, cw / 4);
-      if (p.terms.has_raw_terms()) add_raw_terms(acc, p.terms, row0 + local_row, col_thread, g);
-      transform_logits(acc, p.terms.transform);
-    }
+    ring.compute_tile(acc, at, k_blocks, cw / 4);
+    if (p.terms.has_raw_terms()) add_raw_terms(acc, p.terms, row0 + local_row, col_thread, g);
+    transform_logits(acc, p.terms.transform);
 
     dlogit_row slot[2];
     T* out[2] = {nullptr, nullptr};  // null past the block's rows: nothing is stored there
