@@ -1063,7 +1063,7 @@ TEST_CASE("grouped_order: every output tile exactly once, groups of rows sweepin
     INFO(m_tiles << " x " << n_tiles << " tiles");
     std::vector<int> seen(std::size_t(m_tiles * n_tiles), 0);
     for (int block = 0; block < m_tiles * n_tiles; ++block) {
-      const tile::grouped_order<8> t(block, m_tiles, n_tiles);
+      const tile::grouped_order t(block, m_tiles, n_tiles, 8);
       REQUIRE(t.m >= 0);
       REQUIRE(t.m < m_tiles);
       REQUIRE(t.n >= 0);

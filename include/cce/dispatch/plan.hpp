@@ -73,10 +73,10 @@ struct pass_buffers {
   float* dbias_partial = nullptr;  // row_tiles x cols, the passes that write dBias
   float* db_acc = nullptr;         // cols x r: dB carried over row blocks, the passes that write dB
   // Vocabulary sorting only: the chunk's classifier rows, bias, class weights and B rows, in walk order.
-  T* c_sorted = nullptr;        // cols x D
-  T* bias_sorted = nullptr;     // cols
+  T* c_sorted = nullptr;            // cols x D
+  T* bias_sorted = nullptr;         // cols
   float* weights_sorted = nullptr;  // cols
-  T* b_sorted = nullptr;        // cols x r
+  T* b_sorted = nullptr;            // cols x r
 };
 
 template <class T>

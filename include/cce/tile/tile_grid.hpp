@@ -34,16 +34,15 @@ CCE_HOST_DEVICE std::int64_t split_begin(std::int64_t total, std::int64_t parts,
   return (total / parts) * k + (k < total % parts ? k : total % parts);
 }
 
-// Tile (m, n) of block `block` when blocks sweep `m_tiles` x `n_tiles` output tiles in groups of `Group` row tiles:
+// Tile (m, n) of block `block` when blocks sweep `m_tiles` x `n_tiles` output tiles in groups of `group` row tiles:
 // a group's blocks cover every column tile of its rows before the next group starts, so the rows' operand tiles are
 // read from L2 by all the group's column tiles. A bijection of [0, m_tiles n_tiles) onto the tiles.
-template <int Group>
 struct grouped_order {
   int m = 0, n = 0;
-  CCE_HOST_DEVICE grouped_order(int block, int m_tiles, int n_tiles) {
-    const int per_group = Group * n_tiles;
-    const int first_m = (block / per_group) * Group;
-    const int group_m = m_tiles - first_m < Group ? m_tiles - first_m : Group;
+  CCE_HOST_DEVICE grouped_order(int block, int m_tiles, int n_tiles, int group) {
+    const int per_group = group * n_tiles;
+    const int first_m = (block / per_group) * group;
+    const int group_m = m_tiles - first_m < group ? m_tiles - first_m : group;
     const int in_group = block % per_group;
     m = first_m + in_group % group_m;
     n = in_group / group_m;

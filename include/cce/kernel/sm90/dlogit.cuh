@@ -13,6 +13,7 @@
 #include <cce/detail/element_type.hpp>
 #include <cce/kernel/portable/dlogit.cuh>
 #include <cce/kernel/sm90/logit_tile.cuh>
+#include <cce/tile/tile_grid.hpp>
 
 namespace cce::detail::sm90 {
 
@@ -55,31 +56,50 @@ struct dlogit_row {
   int target = -1;  // offset of the target among the slot's columns, -1 when it is not there
 };
 
+// The order in which a (row block, chunk)'s tiles are ranked: tile::grouped_order over groups of
+// logit_tile_shape::l2_row_group row tiles, column-major within a group. 32-bit: a launch has at most
+// dlogit_tiles_per_cta tiles per CTA.
+struct tile_order {
+  int row_tiles = 0, wide_tiles = 0, group = 0;
+
+  __device__ tile_order(std::int64_t rows, std::int64_t cols, std::int64_t depth, int elem_bytes)
+      : row_tiles(int(ceil_div(rows, std::int64_t(logit_tile_shape::bm)))),
+        wide_tiles(int(ceil_div(cols, std::int64_t(logit_tile_shape::bn)))),
+        group(logit_tile_shape::l2_row_group(depth, elem_bytes)) {}
+  __device__ int tiles() const { return row_tiles * wide_tiles; }
+  // Tile t of the order as (row tile, wide tile) in the block.
+  __device__ void at(int t, std::int64_t& rl, std::int64_t& wt) const {
+    const tile::grouped_order pos(t, row_tiles, wide_tiles, group < row_tiles ? group : row_tiles);
+    rl = pos.m;
+    wt = pos.n;
+  }
+};
+
 // This CTA's share of the live tiles among `tiles` (live(t) says which): their ranks r with r % gridDim.x ==
 // blockIdx.x, in rank order, into `mine`; returns how many. Every thread ranks a contiguous run, a block scan joins them.
 template <int Threads, class Live>
-__device__ int rank_live_tiles(std::int32_t* mine, std::int64_t tiles, const Live& live) {
+__device__ int rank_live_tiles(std::int32_t* mine, int tiles, const Live& live) {
   using scan = cub::BlockScan<int, Threads>;
   __shared__ typename scan::TempStorage scan_storage;
-  const std::int64_t run = ceil_div(tiles, std::int64_t(Threads));
-  const std::int64_t begin = threadIdx.x * run, end = begin + run < tiles ? begin + run : tiles;
+  const int run = (tiles + Threads - 1) / Threads;
+  const int begin = int(threadIdx.x) * run, end = begin + run < tiles ? begin + run : tiles;
   int count = 0;
-  for (std::int64_t t = begin; t < end; ++t) count += live(t) ? 1 : 0;
+  for (int t = begin; t < end; ++t) count += live(t) ? 1 : 0;
   int rank = 0, total = 0;
   scan(scan_storage).ExclusiveSum(count, rank, total);
-  for (std::int64_t t = begin; t < end; ++t) {
+  for (int t = begin; t < end; ++t) {
     if (!live(t)) continue;
-    if (rank % int(gridDim.x) == int(blockIdx.x)) mine[rank / int(gridDim.x)] = std::int32_t(t);
+    if (rank % int(gridDim.x) == int(blockIdx.x)) mine[rank / int(gridDim.x)] = t;
     ++rank;
   }
   __syncthreads();
   return total > int(blockIdx.x) ? (total - int(blockIdx.x) + int(gridDim.x) - 1) / int(gridDim.x) : 0;
 }
 
-// Persistent: the grid's CTAs (at most one per SM) rank the live (row tile, 256-class tile) pairs column-major and
-// take every gridDim.x-th from their own index, so that the CTAs running at once share a few classifier tiles in L2
-// and each gets its share of live tiles whatever their pattern (taking every gridDim.x-th tile and skipping the dead
-// ones left each CTA a random count of live ones, and a launch lasts as long as its busiest CTA).
+// Persistent: the grid's CTAs (at most one per SM) rank the live (row tile, 256-class tile) pairs in tile_order and
+// take every gridDim.x-th from their own index, so that the CTAs running at once share their operands in L2 and each
+// gets its share of live tiles whatever their pattern (taking every gridDim.x-th tile and skipping the dead ones left
+// each CTA a random count of live ones, and a launch lasts as long as its busiest CTA).
 template <class T>
 __global__ void __launch_bounds__(logit_tile_shape::threads, 1)
     dlogit_kernel(const __grid_constant__ dlogit_params_sm90<T> prm) {
@@ -94,15 +114,17 @@ __global__ void __launch_bounds__(logit_tile_shape::threads, 1)
   const tile::tile_grid& g = p.grid;
   const std::int64_t chunk_tiles = p.chunk_cols / S::filter_bn;
   const std::int64_t filter_tiles = ceil_div(prm.cols, S::filter_bn);
-  const std::int64_t row_tiles = ceil_div(prm.rows, S::bm);
+  const tile_order order(prm.rows, prm.cols, p.e.depth, int(sizeof(T)));
   // Whether half h (a 128-class filter tile) of wide tile wt of row tile rl (in the block) is computed.
   auto half_active = [&](std::int64_t rl, std::int64_t wt, int h) {
     const std::int64_t ft = 2 * wt + h;
     return ft < filter_tiles && p.active[rl * chunk_tiles + ft] != 0;
   };
   __shared__ std::int32_t my_tiles[dlogit_tiles_per_cta];
-  const int tiles = rank_live_tiles<S::threads>(my_tiles, row_tiles * ceil_div(prm.cols, S::bn), [&](std::int64_t t) {
-    return half_active(t % row_tiles, t / row_tiles, 0) || half_active(t % row_tiles, t / row_tiles, 1);
+  const int tiles = rank_live_tiles<S::threads>(my_tiles, order.tiles(), [&](int t) {
+    std::int64_t rl, wt;
+    order.at(t, rl, wt);
+    return half_active(rl, wt, 0) || half_active(rl, wt, 1);
   });
   const int k_blocks = int(ceil_div(p.e.depth, S::bk));
 
@@ -115,7 +137,8 @@ __global__ void __launch_bounds__(logit_tile_shape::threads, 1)
     if (threadIdx.x == 0) {
       ring_position<S::stages> at;
       for (int i = 0; i < tiles; ++i) {
-        const std::int64_t t = my_tiles[i], rl = t % row_tiles, wt = t / row_tiles;
+        std::int64_t rl, wt;
+        order.at(my_tiles[i], rl, wt);
         ring.load_tile(at, &prm.maps, int(p.row0 + rl * S::bm), int(p.v0 + wt * S::bn), k_blocks);
       }
     }
@@ -132,7 +155,8 @@ __global__ void __launch_bounds__(logit_tile_shape::threads, 1)
   float acc[128];
   ring_position<S::stages> at;
   for (int i = 0; i < tiles; ++i) {
-    const std::int64_t t = my_tiles[i], rl = t % row_tiles, wt = t / row_tiles;
+    std::int64_t rl, wt;
+    order.at(my_tiles[i], rl, wt);
     const bool active[2] = {half_active(rl, wt, 0), half_active(rl, wt, 1)};  // at least one
     const std::int64_t row0 = p.row0 + rl * S::bm, col0 = p.v0 + wt * S::bn;
     const std::int64_t col_thread = col0 + lane_col;

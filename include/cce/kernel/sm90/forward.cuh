@@ -82,7 +82,14 @@ __global__ void __launch_bounds__(forward_shape::threads, 1)
 
   const forward_params<T>& p = prm.base;
   const tile::tile_grid& g = p.grid;
-  const std::int64_t rt = blockIdx.x, split = blockIdx.y;
+  // This CTA's (row tile, split): clusters are taken in launch order through tile::grouped_order over groups of
+  // l2_row_group row tiles (in whole clusters), so that the CTAs running at once share their E and C tiles in L2.
+  // The CTAs of a cluster keep one split and neighbouring row tiles.
+  const int cluster = prm.share_classifier ? forward_cluster : 1, clusters_x = int(gridDim.x) / cluster;
+  const int group = S::l2_row_group(p.e.depth, int(sizeof(T))) / cluster;
+  const tile::grouped_order pos(int(blockIdx.y) * clusters_x + int(blockIdx.x) / cluster, clusters_x, int(gridDim.y),
+                                group < 1 ? 1 : group < clusters_x ? group : clusters_x);
+  const std::int64_t rt = std::int64_t(pos.m) * cluster + blockIdx.x % cluster, split = pos.n;
   const std::int64_t row0 = rt * S::bm;
   const std::int64_t wide_tiles = ceil_div(g.cols, S::bn);
   const std::int64_t ct_begin = tile::split_begin(wide_tiles, p.splits, split);

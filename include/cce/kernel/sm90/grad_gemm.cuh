@@ -126,7 +126,7 @@ __global__ void __launch_bounds__(grad_gemm_shape::threads, 1)
   __shared__ stage_barriers<S::stages> bars;
 
   const auto& p = prm.base;
-  const tile::grouped_order<8> pos(int(blockIdx.x), prm.m_tiles, prm.n_tiles);
+  const tile::grouped_order pos(int(blockIdx.x), prm.m_tiles, prm.n_tiles, 8);
   active_k_tiles<S::filter_bn> active = p.active;
   active.fixed_tile = pos.m;
   const auto live = [&](int kb) { return active(std::int64_t(kb) * S::bk); };  // 2 k-blocks per filter tile
