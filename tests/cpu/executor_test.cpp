@@ -67,10 +67,8 @@ TEST_CASE("tiled executor: minimal's passes take their own blocks, with or witho
   const auto h = test::make_problem<float>(cfg);
   const host::tiled_executor<float> ex(cfg.opts, 16, 16, device_info{80, 4});
   const problem<float> p = h.view();
-  options chunked_opts = cfg.opts;
-  chunked_opts.backward_mode = backward_mode::chunked;
-  test::case_config chunked_cfg = cfg;
-  chunked_cfg.opts = chunked_opts;
+  test::case_config chunked_cfg = cfg;  // the same data
+  chunked_cfg.opts.backward_mode = backward_mode::chunked;
   const auto chunked = run_executor<float, float>(test::make_problem<float>(chunked_cfg), 0, true);
   // Every budget from the smallest plan to one that holds everything: each distinct pair of pass shapes once.
   int de_carried = 0, dc_carried = 0, dc_whole = 0, different = 0, plans = 0;
@@ -78,17 +76,14 @@ TEST_CASE("tiled executor: minimal's passes take their own blocks, with or witho
   for (std::size_t budget = 1; budget < (std::size_t(256) << 10); budget += 1024) {
     const detail::plan pl = ex.plan_for(p, ex.workspace_bytes(p, budget));
     if (pl.mode != backward_mode::minimal) continue;
-    if (pl.de_pass.rows == last_de.rows && pl.de_pass.cols == last_de.cols && pl.dc_pass.rows == last_dc.rows &&
-        pl.dc_pass.cols == last_dc.cols) {
-      continue;
-    }
+    if (pl.de_pass == last_de && pl.dc_pass == last_dc) continue;
     last_de = pl.de_pass;
     last_dc = pl.dc_pass;
     ++plans;
     de_carried += pl.chunks(pl.de_pass) > 1;
     dc_carried += pl.row_blocks(pl.dc_pass) > 1;
     dc_whole += pl.row_blocks(pl.dc_pass) == 1;
-    different += pl.de_pass.rows != pl.dc_pass.rows || pl.de_pass.cols != pl.dc_pass.cols;
+    different += !(pl.de_pass == pl.dc_pass);
     INFO("dE pass " << pl.de_pass.rows << " x " << pl.de_pass.cols << ", dC pass " << pl.dc_pass.rows << " x "
                     << pl.dc_pass.cols);
     const auto minimal = run_executor<float, float>(h, budget, true);

@@ -153,10 +153,7 @@ TEST_CASE("GPU: minimal's passes at many budgets", "[gpu][minimal]") {
     const auto pl = detail::make_plan<__nv_bfloat16>(cfg.n, cfg.d, cfg.v, 0, true, cfg.opts, policy::bm, policy::bn,
                                                       dev, budget, false, 0, policy::forward_ctas_per_sm);
     if (pl.mode != backward_mode::minimal || pl.workspace_bytes<__nv_bfloat16>() > budget) continue;
-    if (pl.de_pass.rows == last_de.rows && pl.de_pass.cols == last_de.cols && pl.dc_pass.rows == last_dc.rows &&
-        pl.dc_pass.cols == last_dc.cols) {
-      continue;
-    }
+    if (pl.de_pass == last_de && pl.dc_pass == last_dc) continue;
     last_de = pl.de_pass;
     last_dc = pl.dc_pass;
     int& kind = checked[pl.chunks(pl.de_pass) > 1][pl.row_blocks(pl.dc_pass) > 1];

@@ -60,6 +60,8 @@ struct forward_buffers {
 // A backward pass's dZ block: `rows` (a multiple of bm, or all N) by `cols` classes (a multiple of bn).
 struct pass_shape {
   std::int64_t rows = 0, cols = 0;
+
+  bool operator==(const pass_shape& o) const { return rows == o.rows && cols == o.cols; }
 };
 
 // The buffers of one backward pass, all in the region the passes share.
