@@ -15,6 +15,8 @@
 #include <cce/epilogue/logit_terms.hpp>
 #include <cce/epilogue/row_loss.hpp>
 #include <cce/filter/predicates.hpp>
+#include <cce/kernel/portable/fast_math.cuh>
+#include <cce/kernel/portable/fragment_logits.cuh>
 #include <cce/kernel/portable/mainloop.cuh>
 #include <cce/kernel/portable/warp_reduce.cuh>
 #include <cce/tile/tile_grid.hpp>
@@ -114,6 +116,22 @@ __device__ __forceinline__ float block_max(float x) {
   return x;
 }
 
+// Stores a thread's draw values of one row slot at their tile columns: column pairs as one 32-bit store where the
+// layout holds adjacent pairs (the tensor-core fragments), one by one otherwise.
+template <class T, class Layout>
+__device__ __forceinline__ void store_row(T* out, const Layout& f, const float (&draw)[Layout::cols]) {
+  if constexpr (Layout::paired_cols && sizeof(T) == 2) {
+#pragma unroll
+    for (int c = 0; c < Layout::cols; c += 2) {
+      const T pair[2] = {from_float<T>(draw[c]), from_float<T>(draw[c + 1])};
+      *reinterpret_cast<std::uint32_t*>(out + f.col(c)) = *reinterpret_cast<const std::uint32_t*>(pair);
+    }
+  } else {
+#pragma unroll
+    for (int c = 0; c < Layout::cols; ++c) out[f.col(c)] = from_float<T>(draw[c]);
+  }
+}
+
 template <class T, class Policy, bool Vectorized>
 __global__ void __launch_bounds__(Policy::threads, Policy::min_blocks) dlogit_kernel(const __grid_constant__ dlogit_params<T> prm) {
   using mainloop = mainloop_for<T, Policy, major::k, major::k>;
@@ -169,29 +187,32 @@ __global__ void __launch_bounds__(Policy::threads, Policy::min_blocks) dlogit_ke
     mainloop::template run<Vectorized>(acc, smem, prm.e, row0, prm.c, col0 - prm.col_base, 0, prm.e.depth);
   }
 
+  const int limit = int(g.cols - col0 < Policy::bn ? g.cols - col0 : Policy::bn);  // local columns in range
+  fragment_logits(acc, f, prm.terms, row0, col0, g.rows, limit, prm.col_base);
+  const logit_derivative derivative(prm.terms.transform);
+  const float* weights = prm.class_weights ? prm.class_weights + (col0 - prm.col_base) : nullptr;
   float col_sum[layout::cols];
 #pragma unroll
   for (int c = 0; c < layout::cols; ++c) col_sum[c] = 0.f;
 #pragma unroll
   for (int s = 0; s < layout::row_slots; ++s) {
     const std::int64_t row = row0 + f.row(s);
-    const bool row_ok = row < g.rows;
-    const row_coefficients rc = row_ok ? prm.coef[row] : row_coefficients{};
-    T* out = prm.dz + (row - prm.row0) * prm.chunk_cols + (col0 - prm.v0);
+    if (row >= g.rows) continue;
+    const row_coefficients rc = prm.coef[row];
+    const std::int64_t to_target = rc.target - col0;
+    const int target = to_target >= 0 && to_target < Policy::bn ? int(to_target) : -1;  // local column
+    float draw[layout::cols];
 #pragma unroll
     for (int c = 0; c < layout::cols; ++c) {
-      const std::int64_t col = col0 + f.col(c);
-      float draw = 0.f;
-      if (row_ok && col < g.cols && rc.kept) {
-        const float z = prm.terms(layout::at(acc, s, c), row, col - prm.col_base);
-        const float p = exp_f(z - rc.lse);
-        const float w = prm.class_weights ? prm.class_weights[col - prm.col_base] : 1.f;
-        draw = rc.dz(p, col == rc.target, w) * prm.terms.transform.derivative_from_logit(z);
-      }
-      // Columns past V inside the tile are written as 0: the GEMMs read whole tiles.
-      if (row_ok) out[f.col(c)] = from_float<T>(draw);
-      col_sum[c] += draw;
+      const float z = layout::at(acc, s, c);
+      const float p = exp2_approx((z - rc.lse) * log2e);  // exactly 1 at z = lse
+      const float w = weights && f.col(c) < limit ? weights[f.col(c)] : 1.f;
+      const float d = rc.dz(p, f.col(c) == target, w) * derivative(z);
+      draw[c] = rc.kept && f.col(c) < limit ? d : 0.f;  // columns past V inside the tile are 0: the GEMMs read whole tiles
+      col_sum[c] += draw[c];
     }
+    T* out = prm.dz + (row - prm.row0) * prm.chunk_cols + (col0 - prm.v0);
+    store_row(out, f, draw);
   }
 
   if (dbias) {

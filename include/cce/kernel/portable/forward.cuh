@@ -1,6 +1,7 @@
 // Forward kernel: one CTA per (row tile, vocab split). For each vocab tile of its split it computes the logit
 // tile on the mainloop, then folds it into per-row online-softmax partials in registers, picks up the target
 // logit and records the tile's max logit for the backward's gradient filter. Logits never leave the chip.
+// Only the vocabulary's last tile and a row's target tile take the masked path of the epilogue.
 #pragma once
 
 #include <cstdint>
@@ -8,6 +9,8 @@
 #include <cce/detail/targets.hpp>
 #include <cce/epilogue/logit_terms.hpp>
 #include <cce/epilogue/row_partial.hpp>
+#include <cce/kernel/portable/fast_math.cuh>
+#include <cce/kernel/portable/fragment_logits.cuh>
 #include <cce/kernel/portable/mainloop.cuh>
 #include <cce/kernel/portable/warp_reduce.cuh>
 #include <cce/tile/tile_grid.hpp>
@@ -30,12 +33,35 @@ struct forward_params {
   float* tile_max = nullptr;        // row_tiles x col_tiles, or null
 };
 
+// Sum of exp(z - m) and exp(z - m) z over a thread's logits of row slot s, whose max is m. Masked: only local
+// columns below `limit` other than `skip` (the target's, kept apart: row_output.hpp) count.
+template <class Layout, bool Masked, class Acc>
+__device__ __forceinline__ softmax_stats slot_softmax(Acc& acc, const Layout& f, int s, float m, int skip = -1,
+                                                      int limit = 0) {
+  softmax_stats st;
+  if (m == -inf_f()) return st;
+  st.max = m;
+  float sum[2] = {0.f, 0.f}, sum_z[2] = {0.f, 0.f};  // two chains keep the adds pipelined
+#pragma unroll
+  for (int c = 0; c < Layout::cols; ++c) {
+    if (Masked && (f.col(c) == skip || f.col(c) >= limit)) continue;
+    const float z = Layout::at(acc, s, c);
+    const float w = exp2_approx((z - m) * log2e);
+    sum[c % 2] += w;
+    sum_z[c % 2] = fmaf(w, z, sum_z[c % 2]);
+  }
+  st.sum_exp = sum[0] + sum[1];
+  st.sum_exp_z = sum_z[0] + sum_z[1];
+  return st;
+}
+
 template <class T, class Policy, bool Vectorized>
 __global__ void __launch_bounds__(Policy::threads, Policy::min_blocks) forward_kernel(const __grid_constant__ forward_params<T> prm) {
   using mainloop = mainloop_for<T, Policy, major::k, major::k>;
   using layout = typename mainloop::fragment_layout;
   extern __shared__ __align__(16) unsigned char smem[];
   __shared__ float warp_max[Policy::warps];
+  __shared__ std::int32_t targets[Policy::bm];
 
   const tile::tile_grid& g = prm.grid;
   const std::int64_t rt = blockIdx.x, split = blockIdx.y;
@@ -44,72 +70,78 @@ __global__ void __launch_bounds__(Policy::threads, Policy::min_blocks) forward_k
   const std::int64_t ct_end = tile::split_begin(g.col_tiles(), prm.splits, split + 1);
   const layout f;
 
-  // Targets of the tile's rows, read once. The running row statistics live in shared memory, one entry per
-  // (row, warp column), each read and written only by the lane that owns the row slot after each tile's
-  // butterfly (slot s belongs to lane s % row_lanes of its group): no barrier, and no registers held across the
-  // mainloop.
-  __shared__ std::int32_t targets[Policy::bm];
-  __shared__ row_partial running[Policy::bm * layout::row_groups];
+  __shared__ row_partial extras[Policy::bm * layout::row_groups];  // see below
   for (int r = threadIdx.x; r < Policy::bm; r += Policy::threads) {
     const std::int64_t row = row0 + r;
     targets[r] = row < g.rows ? prm.labels.column(prm.labels(row)) : -1;
   }
-#pragma unroll
-  for (int s = 0; s < layout::row_slots; ++s) {
-    if (f.row_lane() == s % layout::row_lanes) running[f.row(s) * layout::row_groups + f.row_group()] = row_partial{};
-  }
+  for (int i = threadIdx.x; i < Policy::bm * layout::row_groups; i += Policy::threads) extras[i] = row_partial{};
+  __syncthreads();
 
+  // Each thread keeps the softmax statistics of its row slots over the CTA's run of vocab tiles in registers; the
+  // lanes and warps sharing a row merge theirs once, at the end. Label smoothing's weighted sums and the argmax,
+  // when asked for, are merged over the lanes of a row after each tile and kept in shared memory, one entry per
+  // (row, row group): registers held across the mainloop cost it spills.
+  softmax_stats part[layout::row_slots];
   for (std::int64_t ct = ct_begin; ct < ct_end; ++ct) {
     const std::int64_t col0 = g.col_begin(ct);
     typename mainloop::accumulators acc;
     mainloop::clear(acc);
     mainloop::template run<Vectorized>(acc, smem, prm.e, row0, prm.c, col0, 0, prm.e.depth);
 
+    const int limit = int(g.cols - col0 < Policy::bn ? g.cols - col0 : Policy::bn);  // local columns in range
+    const bool ragged = limit < Policy::bn;
+    fragment_logits(acc, f, prm.terms, row0, col0, g.rows, limit);
+
     float tmax = -inf_f();
 #pragma unroll
     for (int s = 0; s < layout::row_slots; ++s) {
       const std::int64_t row = row0 + f.row(s);
-      row_partial tile;
-      if (row < g.rows) {
-        // Two passes over the slot's columns: the max first, so each logit costs one exp. The logits overwrite
-        // their accumulators.
-        float slot_max = -inf_f();
+      if (row >= g.rows) continue;
+      float m = -inf_f();
+#pragma unroll
+      for (int c = 0; c < layout::cols; ++c) {
+        if (ragged && f.col(c) >= limit) layout::at(acc, s, c) = -inf_f();
+        m = fmaxf(m, layout::at(acc, s, c));
+      }
+      tmax = fmaxf(tmax, m);
+      const std::int64_t target = targets[f.row(s)];
+      const bool has_target = target >= col0 && target < col0 + Policy::bn;
+      softmax_stats tile;
+      if (!has_target && !ragged) {
+        tile = slot_softmax<layout, false>(acc, f, s, m);
+      } else {  // the last vocab tile, or the target's
+        const int skip = has_target ? int(target - col0) : -1;
+        tile = slot_softmax<layout, true>(acc, f, s, m, skip, limit);
+#pragma unroll
+        for (int c = 0; c < layout::cols; ++c)
+          if (f.col(c) == skip) prm.target_logit[row] = layout::at(acc, s, c);
+      }
+      part[s] = softmax_merge(part[s], tile);
+    }
+    if (prm.smoothing || prm.argmax) {
+#pragma unroll
+      for (int s = 0; s < layout::row_slots; ++s) {
+        const std::int64_t row = row0 + f.row(s);
+        row_partial x;
 #pragma unroll
         for (int c = 0; c < layout::cols; ++c) {
+          if (row >= g.rows || f.col(c) >= limit) continue;
           const std::int64_t col = col0 + f.col(c);
-          float& z = layout::at(acc, s, c);
-          z = col < g.cols ? prm.terms(z, row, col) : -inf_f();
-          slot_max = max_f(slot_max, z);
-        }
-        const std::int32_t target = targets[f.row(s)];
-        tile.softmax.max = slot_max;
-#pragma unroll
-        for (int c = 0; c < layout::cols; ++c) {
-          const std::int64_t col = col0 + f.col(c);
-          if (col >= g.cols) continue;
           const float z = layout::at(acc, s, c);
-          if (col != target) {  // the target's logit is kept apart (row_output.hpp)
-            const float w = exp_f(z - slot_max);
-            tile.softmax.sum_exp += w;
-            tile.softmax.sum_exp_z += w * z;
+          if (prm.smoothing) x.weighted_logit_sum += (prm.class_weights ? prm.class_weights[col] : 1.f) * z;
+          if (prm.argmax && argmax_better(z, std::int32_t(col), x.argmax_value, x.argmax_index)) {
+            x.argmax_value = z;
+            x.argmax_index = std::int32_t(col);
           }
-          if (prm.smoothing) tile.weighted_logit_sum += (prm.class_weights ? prm.class_weights[col] : 1.f) * z;
-          if (prm.argmax && argmax_better(z, std::int32_t(col), tile.argmax_value, tile.argmax_index)) {
-            tile.argmax_value = z;
-            tile.argmax_index = std::int32_t(col);
-          }
-          if (col == target) prm.target_logit[row] = z;
         }
-        tmax = max_f(tmax, slot_max);
-      }
-      // Lanes sharing the row combine the tile's partial; the owner folds it into the running statistics.
 #pragma unroll
-      for (int i = 0; i < layout::row_shuffle_count; ++i) {
-        tile = merge(tile, shuffle_xor(tile, layout::row_shuffle_first << i, prm.smoothing, prm.argmax));
-      }
-      if (f.row_lane() == s % layout::row_lanes) {
-        row_partial& r = running[f.row(s) * layout::row_groups + f.row_group()];
-        r = merge(r, tile);
+        for (int i = 0; i < layout::row_shuffle_count; ++i)
+          x = merge(x, shuffle_xor(x, layout::row_shuffle_first << i, prm.smoothing, prm.argmax));
+        if (f.row_lane() == 0) {
+          row_partial& e = extras[f.row(s) * layout::row_groups + f.row_group()];
+          e = merge(e, x);
+        }
       }
     }
 
@@ -119,20 +151,31 @@ __global__ void __launch_bounds__(Policy::threads, Policy::min_blocks) forward_k
       __syncthreads();
       if (threadIdx.x == 0) {
         float m = warp_max[0];
-        for (int w = 1; w < Policy::warps; ++w) m = max_f(m, warp_max[w]);
+        for (int w = 1; w < Policy::warps; ++w) m = fmaxf(m, warp_max[w]);
         prm.tile_max[rt * g.col_tiles() + ct] = m;
       }
       // The next write of warp_max follows the next mainloop's barriers.
     }
   }
 
-  // Combine the partials of the warps that share a row, in a fixed order, and store them.
+  // The lanes sharing a row merge their softmax statistics in a fixed butterfly; each row group's leader lane
+  // parks them beside its extras, and the row groups merge in order.
+#pragma unroll
+  for (int s = 0; s < layout::row_slots; ++s) {
+    softmax_stats q = part[s];
+#pragma unroll
+    for (int i = 0; i < layout::row_shuffle_count; ++i) {
+      const int mask = layout::row_shuffle_first << i;
+      q = softmax_merge(q, {shuffle_xor(q.max, mask), shuffle_xor(q.sum_exp, mask), shuffle_xor(q.sum_exp_z, mask)});
+    }
+    if (f.row_lane() == 0) extras[f.row(s) * layout::row_groups + f.row_group()].softmax = q;
+  }
   __syncthreads();
   for (int r = threadIdx.x; r < Policy::bm; r += Policy::threads) {
     const std::int64_t row = row0 + r;
     if (row >= g.rows) continue;
-    row_partial p = running[r * layout::row_groups];
-    for (int k = 1; k < layout::row_groups; ++k) p = merge(p, running[r * layout::row_groups + k]);
+    row_partial p = extras[r * layout::row_groups];
+    for (int k = 1; k < layout::row_groups; ++k) p = merge(p, extras[r * layout::row_groups + k]);
     prm.partials[row * prm.splits + split] = p;
   }
 }

@@ -26,25 +26,25 @@ struct always_active {
 template <int Stages, class LoadStage, class ComputeStage, class Active>
 __device__ __forceinline__ void run_pipeline(std::int64_t k_begin, std::int64_t k_end, int bk, LoadStage&& load,
                                              ComputeStage&& compute, const Active& active) {
-  const std::int64_t k_tiles = (k_end - k_begin + bk - 1) / bk;
-  auto next = [&](std::int64_t t) {
-    while (t < k_tiles && !active(k_begin + t * bk)) ++t;
+  const int k_tiles = int((k_end - k_begin + bk - 1) / bk);  // K ranges of one product are below 2^31
+  auto next = [&](int t) {
+    while (t < k_tiles && !active(k_begin + std::int64_t(t) * bk)) ++t;
     return t;
   };
-  std::int64_t t_load = next(0);
+  int t_load = next(0);
   for (int s = 0; s < Stages - 1; ++s) {
     if (t_load < k_tiles) {
-      load(s, k_begin + t_load * bk);
+      load(s, k_begin + std::int64_t(t_load) * bk);
       t_load = next(t_load + 1);
     }
     ptx::cp_async_commit();
   }
   int read = 0, write = Stages - 1;
-  for (std::int64_t t = next(0); t < k_tiles; t = next(t + 1)) {
+  for (int t = next(0); t < k_tiles; t = next(t + 1)) {
     ptx::cp_async_wait<Stages - 2>();
     __syncthreads();  // the stage computed last iteration is free to be overwritten
     if (t_load < k_tiles) {
-      load(write, k_begin + t_load * bk);
+      load(write, k_begin + std::int64_t(t_load) * bk);
       t_load = next(t_load + 1);
     }
     ptx::cp_async_commit();
@@ -74,6 +74,7 @@ struct mma_mainloop {
   struct fragment_layout {
     static constexpr int row_slots = mi * 2;
     static constexpr int cols = nj * 2;
+    static constexpr bool paired_cols = true;  // columns 2i and 2i + 1 are adjacent
     // Lanes sharing a row differ in the lane bits first << i, i < count; the leader lane then holds the warp's
     // partial, and `row_groups` warps hold partials of the same row.
     static constexpr int row_shuffle_first = 1, row_shuffle_count = 2;
@@ -195,6 +196,7 @@ struct simt_mainloop {
   struct fragment_layout {
     static constexpr int row_slots = tm;
     static constexpr int cols = tn;
+    static constexpr bool paired_cols = false;
     static constexpr int row_shuffle_first = 1, row_shuffle_count = 4;
     static constexpr int row_lanes = 1 << row_shuffle_count;
     static constexpr int row_groups = 1;

@@ -69,9 +69,12 @@ struct smem_tile {
   }
 };
 
-// The vectorized loader with its per-thread state precomputed: the tile positions a thread copies are the same
-// every stage, so their global pointers, shared addresses and extent checks are formed once and each stage
-// only adds its K offset (the index arithmetic otherwise rivals the tensor-core work).
+// The vectorized loader with its per-thread state reduced to a few registers. The vectors a thread copies sit at
+// strided positions s0 + j * step (j < per_thread) and one contiguous position c, the same every stage: one global
+// pointer and one shared address locate the first, the rest are constant offsets (the row step times the operand's
+// leading dimension, read from the kernel parameters), and two counts of what remains in range replace the bounds
+// checks. Register pressure matters here: precomputed per-vector pointers spill under two CTAs per SM, and the
+// rematerialised 64-bit index arithmetic then rivals the tensor-core work.
 template <class T, major Major, int Extent, int Depth, int Threads>
 struct vector_loader {
   using tile = smem_tile<T, Major, Extent, Depth>;
@@ -79,39 +82,42 @@ struct vector_loader {
   static constexpr int contiguous = Major == major::k ? Depth : Extent;
   static constexpr int strided = Major == major::k ? Extent : Depth;
   static constexpr int per_row = contiguous / vec;
-  static constexpr int vectors = strided * per_row;
-  static constexpr int per_thread = vectors / Threads;
-  static_assert(contiguous % vec == 0 && vectors % Threads == 0, "whole vectors, evenly spread over the threads");
+  static constexpr int step = Threads / per_row;  // strided positions between a thread's vectors
+  static constexpr int per_thread = strided / step;
+  static_assert(contiguous % vec == 0 && Threads % per_row == 0 && strided % step == 0,
+                "whole vectors, evenly spread over the threads");
 
-  const T* src[per_thread];
-  std::uint32_t dst[per_thread];
-  int k_of[per_thread];
-  bool mn_ok[per_thread];
-  const T* base;
-  std::int64_t k_step;  // elements per unit of K in global memory
-  std::int64_t depth;
+  const operand<T>& g;
+  const T* src;       // the first vector at K = 0
+  std::uint32_t dst;  // its shared address in stage 0
+  // Strided positions in range from the first vector on (k-major: rows; mn-major: K rows, none when the vector's
+  // columns are out of range), and for k-major the K left after the vector's column.
+  std::int64_t strided_left, k_left;
 
-  __device__ __forceinline__ vector_loader(const operand<T>& g, std::int64_t mn0, T* stage0)
-      : base(g.ptr), k_step(Major == major::k ? 1 : g.ld), depth(g.depth) {
-#pragma unroll
-    for (int j = 0; j < per_thread; ++j) {
-      const int idx = threadIdx.x + j * Threads;
-      const int s = idx / per_row, c = (idx % per_row) * vec;
-      const int mn = Major == major::k ? s : c;
-      const int k = Major == major::k ? c : s;
-      mn_ok[j] = Major == major::k ? mn0 + mn < g.extent : mn0 + mn + vec <= g.extent;
-      src[j] = mn_ok[j] ? g.template at<Major>(mn0 + mn, k) : g.ptr;
-      dst[j] = ptx::smem_addr(tile::at(stage0, mn, k));
-      k_of[j] = k;
+  __device__ __forceinline__ vector_loader(const operand<T>& op, std::int64_t mn0, T* stage0) : g(op) {
+    const int s0 = int(threadIdx.x) / per_row, c = (int(threadIdx.x) % per_row) * vec;
+    if constexpr (Major == major::k) {
+      strided_left = op.extent - (mn0 + s0);
+      k_left = op.depth - c;
+      src = op.ptr + (mn0 + s0) * op.ld + c;
+    } else {
+      strided_left = mn0 + c + vec <= op.extent ? op.depth - s0 : 0;
+      k_left = 0;
+      src = op.ptr + std::int64_t(s0) * op.ld + mn0 + c;
     }
+    dst = ptx::smem_addr(tile::at(stage0, Major == major::k ? s0 : c, Major == major::k ? c : s0));
   }
 
   // Copies the tile at K offset k0 into the stage `stage_bytes` past stage 0.
   __device__ __forceinline__ void load(std::uint32_t stage_bytes, std::int64_t k0) const {
+    constexpr std::uint32_t dst_step = step * tile::ld * sizeof(T);
+    const T* base = src + (Major == major::k ? k0 : k0 * g.ld);
+    const bool k_ok = Major == major::mn || k0 + vec <= k_left;
+    const std::int64_t first = Major == major::k ? 0 : k0;  // strided position of vector 0
 #pragma unroll
     for (int j = 0; j < per_thread; ++j) {
-      const bool valid = mn_ok[j] && (Major == major::k ? k0 + k_of[j] + vec <= depth : k0 + k_of[j] < depth);
-      ptx::cp_async_16(dst[j] + stage_bytes, valid ? src[j] + k0 * k_step : base, valid);
+      const bool valid = k_ok && first + j * step < strided_left;
+      ptx::cp_async_16(dst + stage_bytes + j * dst_step, base + j * step * g.ld, valid);  // invalid: reads nothing
     }
   }
 };

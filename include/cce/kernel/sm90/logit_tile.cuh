@@ -16,6 +16,7 @@
 #include <type_traits>
 
 #include <cce/epilogue/logit_terms.hpp>
+#include <cce/kernel/portable/fast_math.cuh>
 #include <cce/kernel/portable/operand.cuh>
 #include <cce/kernel/portable/ptx.cuh>
 #include <cce/kernel/sm90/cluster.cuh>
@@ -224,24 +225,12 @@ bool encode_logit_maps(operand_maps& maps, const operand<T>& e, const operand<T>
          encode_operand_map<T, major::k>(maps.b, c, Ring::b_part);
 }
 
-// 2^x on the special-function unit (relative error ~2^-22); the epilogues fold log2(e) into an FMA.
-__device__ __forceinline__ float exp2_approx(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
-
-// z = softcap(raw) / T over a whole accumulator tile, in straight-line code: tanh(y) = sign(y) (1 - e) / (1 + e)
-// with e = 2^(-2 log2(e) |y|) from one ex2 and one approximate division per logit (absolute error ~1e-7, against
-// ~1 ulp for tanhf at many times the instructions, which also overflow the instruction cache once unrolled).
+// z = softcap(raw) / T over a whole accumulator tile, in straight-line code (fast_math.cuh).
 __device__ __forceinline__ void transform_logits(float (&acc)[128], const logit_transform& t) {
   if (t.softcap > 0.f) {
-    const float scale = t.softcap * t.inv_temperature, k = -2.f * log2e / t.softcap;
+    const softcap_approx cap(t);
 #pragma unroll
-    for (int i = 0; i < 128; ++i) {
-      const float e = exp2_approx(k * fabsf(acc[i]));
-      acc[i] = copysignf(scale * __fdividef(1.f - e, 1.f + e), acc[i]);
-    }
+    for (int i = 0; i < 128; ++i) acc[i] = cap(acc[i]);
   } else if (t.inv_temperature != 1.f) {
 #pragma unroll
     for (int i = 0; i < 128; ++i) acc[i] *= t.inv_temperature;
@@ -264,22 +253,6 @@ __device__ __forceinline__ void add_raw_terms(float (&acc)[128], const logit_ter
           acc[4 * j + 2 * r + e] = terms.raw(acc[4 * j + 2 * r + e], row + 8 * r, col + 8 * j + e);
   }
 }
-
-// dz/draw from z (logit_transform::derivative_from_logit) without a branch: (1 - c z^2) / T with c = 0 without
-// softcap, and exactly 0 where the softcap saturates (|z| = k / T, as transform_logits produces it), so that an
-// infinite input meets a zero gradient as it does in the reference.
-struct logit_derivative {
-  float c = 0.f, inv_temperature = 1.f, saturated = detail::inf_f();
-  __device__ explicit logit_derivative(const logit_transform& t) : inv_temperature(t.inv_temperature) {
-    if (t.softcap > 0.f) {
-      saturated = t.softcap * t.inv_temperature;
-      c = 1.f / (saturated * saturated);
-    }
-  }
-  __device__ __forceinline__ float operator()(float z) const {
-    return fabsf(z) >= saturated ? 0.f : fmaf(-c * z, z, 1.f) * inv_temperature;
-  }
-};
 
 // Consumer warpgroups only: a barrier that leaves the producer out.
 __device__ __forceinline__ void consumer_barrier() {
