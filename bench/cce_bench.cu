@@ -84,13 +84,14 @@ void bm_gemm(benchmark::State& st, shape s, int regime) {
   st.counters["tflops"] = 2.0 * double(s.n) * double(s.d) * double(s.v) / (ms * 1e9);
 }
 
-enum class method { fw, fw_portable, fw_bw_minimal, fw_bw_chunked, loss_and_grad, fw_bw_exact };
+// The -portable methods pin the portable (sm_80) kernels, which are the fast path of pre-Hopper GPUs.
+enum class method { fw, fw_portable, fw_bw_minimal, fw_bw_chunked, fw_bw_chunked_portable, loss_and_grad, fw_bw_exact };
 
 void bm_cce(benchmark::State& st, shape s, int regime, method m) {
   inputs<>& in = get_inputs(s, regime);
   cce::options o = m == method::fw_bw_exact ? cce::options::exact() : cce::options{};
   o.softcap = s.softcap;
-  o.hopper_kernels = m != method::fw_portable;
+  o.hopper_kernels = m != method::fw_portable && m != method::fw_bw_chunked_portable;
   o.backward_mode = m == method::fw_bw_minimal || m == method::fw_bw_exact ? cce::backward_mode::minimal
                                                                            : cce::backward_mode::chunked;
   // The mode's extra-memory budget (shared by the saved state and the workspace).
@@ -144,6 +145,7 @@ int main(int argc, char** argv) {
                                                     {"fw-portable", method::fw_portable},
                                                     {"fw-bw-minimal", method::fw_bw_minimal},
                                                     {"fw-bw-chunked", method::fw_bw_chunked},
+                                                    {"fw-bw-chunked-portable", method::fw_bw_chunked_portable},
                                                     {"loss-and-grad", method::loss_and_grad},
                                                     {"fw-bw-exact", method::fw_bw_exact}};
   for (const shape& s : kShapes) {

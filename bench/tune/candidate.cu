@@ -3,8 +3,9 @@
 // nvcc splits option values at commas) on one shape of benchmark data, next to a cuBLAS GEMM of the same
 // N x D x V in the same process.
 //
-//   candidate N D V SOFTCAP REGIME ITERATIONS     (REGIME: 0 peaked, 1 lm-like, 2 uniform)
+//   candidate N D V SOFTCAP REGIME ITERATIONS [portable]     (REGIME: 0 peaked, 1 lm-like, 2 uniform)
 //
+// `portable` pins the portable (sm_80) kernels, on any GPU.
 // Prints one JSON object: the medians in milliseconds of the GEMM, the forward and the forward + `chunked` backward,
 // and the workspace of each. Element type: CCE_TUNE_TYPE (default __nv_bfloat16).
 #include <cublas_v2.h>
@@ -13,6 +14,7 @@
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
+#include <string>
 #include <vector>
 
 #include <cce/cce.cuh>
@@ -77,8 +79,9 @@ void check(cce::status s) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc != 7) {
-    std::fprintf(stderr, "usage: %s N D V SOFTCAP REGIME ITERATIONS\n", argv[0]);
+  const bool portable = argc == 8 && std::string(argv[7]) == "portable";
+  if (argc != 7 && !portable) {
+    std::fprintf(stderr, "usage: %s N D V SOFTCAP REGIME ITERATIONS [portable]\n", argv[0]);
     return 2;
   }
   const shape s{"tune", std::atoll(argv[1]), std::atoll(argv[2]), std::atoll(argv[3]), float(std::atof(argv[4]))};
@@ -99,6 +102,7 @@ int main(int argc, char** argv) {
   cce::options o;
   o.softcap = s.softcap;
   o.backward_mode = cce::backward_mode::chunked;
+  o.hopper_kernels = !portable;
   cce::linear_cross_entropy<T, policy> op{o};
   cce::problem<T> p;
   p.n = s.n;
