@@ -208,7 +208,7 @@ __global__ void __launch_bounds__(Policy::threads, Policy::min_blocks) dlogit_ke
       const float p = exp2_approx((z - rc.lse) * log2e);  // exactly 1 at z = lse
       const float w = weights && f.col(c) < limit ? weights[f.col(c)] : 1.f;
       const float d = rc.dz(p, f.col(c) == target, w) * derivative(z);
-      draw[c] = rc.kept && f.col(c) < limit ? d : 0.f;  // columns past V inside the tile are 0: the GEMMs read whole tiles
+      draw[c] = rc.kept && f.col(c) < limit ? d : 0.f;  // past V inside the tile: 0 (the GEMMs read whole tiles)
       col_sum[c] += draw[c];
     }
     T* out = prm.dz + (row - prm.row0) * prm.chunk_cols + (col0 - prm.v0);

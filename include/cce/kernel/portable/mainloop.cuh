@@ -121,37 +121,38 @@ struct mma_mainloop {
     const int lane = threadIdx.x % 32;
     constexpr std::uint32_t a_stage = tile_a::elems * sizeof(T), b_stage = tile_b::elems * sizeof(T);
 
-    // Lane-dependent shared addresses of the ldmatrix reads in stage 0; the rest of each address is a constant.
+    // Lane-dependent offsets of the ldmatrix reads within a stage; fragment i (m) or jj (n) and k step kk move
+    // them by whole groups of eight rows and by chunks disjoint from the lane's (smem_tile::shifted).
     const int wm = f.warp_m * Policy::warp_m, wn = f.warp_n * Policy::warp_n;
-    const std::uint32_t a_lane = ptx::smem_addr(
-        MajorA == major::k ? tile_a::at(sa, wm + lane % 16, (lane / 16) * 8)
-                           : tile_a::at(sa, wm + ((lane / 8) % 2) * 8, lane % 8 + (lane / 16) * 8));
-    const std::uint32_t b_lane = ptx::smem_addr(
-        MajorB == major::k ? tile_b::at(sb, wn + lane % 8 + (lane / 16) * 8, ((lane / 8) % 2) * 8)
-                           : tile_b::at(sb, wn + (lane / 16) * 8, lane % 8 + ((lane / 8) % 2) * 8));
-    // Byte offsets of fragment i (m) or jj (n) and of the k step kk, in each major.
-    auto a_offset = [](int i, int kk) {
-      return std::uint32_t((MajorA == major::k ? i * 16 * tile_a::ld + kk : kk * tile_a::ld + i * 16) * sizeof(T));
+    const std::uint32_t a_lane =
+        MajorA == major::k ? tile_a::offset(wm + lane % 16, (lane / 16) * 8)
+                           : tile_a::offset(lane % 8 + (lane / 16) * 8, wm + ((lane / 8) % 2) * 8);
+    const std::uint32_t b_lane =
+        MajorB == major::k ? tile_b::offset(wn + lane % 8 + (lane / 16) * 8, ((lane / 8) % 2) * 8)
+                           : tile_b::offset(lane % 8 + ((lane / 8) % 2) * 8, wn + (lane / 16) * 8);
+    const std::uint32_t a_base = ptx::smem_addr(sa), b_base = ptx::smem_addr(sb);
+    auto a_offset = [](std::uint32_t lane_addr, int i, int kk) {
+      return MajorA == major::k ? tile_a::shifted(lane_addr, i * 16, kk) : tile_a::shifted(lane_addr, kk, i * 16);
     };
-    auto b_offset = [](int jj, int kk) {
-      return std::uint32_t((MajorB == major::k ? jj * 16 * tile_b::ld + kk : kk * tile_b::ld + jj * 16) * sizeof(T));
+    auto b_offset = [](std::uint32_t lane_addr, int jj, int kk) {
+      return MajorB == major::k ? tile_b::shifted(lane_addr, jj * 16, kk) : tile_b::shifted(lane_addr, kk, jj * 16);
     };
 
     auto compute = [&](int stage) {
-      const std::uint32_t ta = a_lane + stage * a_stage, tb = b_lane + stage * b_stage;
+      const std::uint32_t ta = a_base + stage * a_stage, tb = b_base + stage * b_stage;
 #pragma unroll
       for (int kk = 0; kk < Policy::bk; kk += 16) {
         std::uint32_t af[mi][4];
 #pragma unroll
         for (int i = 0; i < mi; ++i) {
-          if constexpr (MajorA == major::k) ptx::ldmatrix_x4(af[i], ta + a_offset(i, kk));
-          else ptx::ldmatrix_x4_trans(af[i], ta + a_offset(i, kk));
+          if constexpr (MajorA == major::k) ptx::ldmatrix_x4(af[i], ta + a_offset(a_lane, i, kk));
+          else ptx::ldmatrix_x4_trans(af[i], ta + a_offset(a_lane, i, kk));
         }
 #pragma unroll
         for (int jj = 0; jj < nj / 2; ++jj) {
           std::uint32_t bf[4];
-          if constexpr (MajorB == major::k) ptx::ldmatrix_x4(bf, tb + b_offset(jj, kk));
-          else ptx::ldmatrix_x4_trans(bf, tb + b_offset(jj, kk));
+          if constexpr (MajorB == major::k) ptx::ldmatrix_x4(bf, tb + b_offset(b_lane, jj, kk));
+          else ptx::ldmatrix_x4_trans(bf, tb + b_offset(b_lane, jj, kk));
 #pragma unroll
           for (int i = 0; i < mi; ++i) {
             ptx::mma_m16n8k16<T>::run(acc.c[i][2 * jj], af[i], bf[0], bf[1]);

@@ -3,7 +3,7 @@
 // An operand is a matrix of `extent` rows (the M or N side of the product) by `depth` (the K side). It is
 // `k_major` when K is contiguous in memory (E and C in the logit product) and `mn_major` when the M/N index is
 // (C and E as the right-hand side of dE = dZ C and dC = dZ^T E). Shared-memory tiles keep the global contiguous
-// axis contiguous and pad each row by one 16-byte vector, which makes the ldmatrix row reads conflict-free.
+// axis contiguous and lay rows out so that the ldmatrix row reads are free of bank conflicts (smem_tile).
 #pragma once
 
 #include <cstdint>
@@ -29,20 +29,42 @@ struct operand {
 
 template <class T, major Major, int Extent, int Depth>
 struct smem_tile {
-  static constexpr int vec = 16 / int(sizeof(T));
-  static constexpr int ld = (Major == major::k ? Depth : Extent) + vec;
-  static constexpr int elems = (Major == major::k ? Extent : Depth) * ld;
+  static constexpr int vec = 16 / int(sizeof(T));  // elements per 16-byte chunk
+  static constexpr int contiguous = Major == major::k ? Depth : Extent;
+  static constexpr int strided = Major == major::k ? Extent : Depth;
+  static constexpr int chunks = contiguous / vec;  // per row
+  // 16-bit tiles (the ldmatrix operands) keep rows unpadded and permute each row's 16-byte chunks by an XOR with
+  // the row's position in its group of eight, so that the eight rows one ldmatrix (or one phase of cp.async
+  // stores) touches fall into eight different bank groups. Other tiles pad each row by one chunk.
+  static constexpr bool swizzled = sizeof(T) == 2 && chunks >= 2 && (chunks & (chunks - 1)) == 0;
+  static constexpr int ld = swizzled ? contiguous : contiguous + vec;
+  static constexpr int elems = strided * ld;
+  static constexpr int row_bytes = ld * int(sizeof(T));
+  static constexpr int rows_per_line = row_bytes >= 128 ? 1 : 128 / row_bytes;  // rows sharing a 128-byte line
+  static constexpr int swizzle_mask = (chunks < 8 ? chunks : 8) - 1;
 
+  // The chunk permutation of row s; periodic in s with period 8.
+  __device__ __forceinline__ static constexpr int swizzle(int s) {
+    return swizzled ? (s / rows_per_line) & swizzle_mask : 0;
+  }
+  // Byte offset of element (s, c) of the row-major (strided x contiguous) view.
+  __device__ __forceinline__ static constexpr std::uint32_t offset(int s, int c) {
+    return std::uint32_t(s * row_bytes + (((c / vec) ^ swizzle(s)) * vec + c % vec) * int(sizeof(T)));
+  }
+  // offset(s + ds, c + dc) from lane_offset = offset(s, c), for ds a multiple of 8 and dc a multiple of vec whose
+  // chunk count shares no bit with c's (then the XOR of the permutation distributes over the chunk sum).
+  __device__ __forceinline__ static constexpr std::uint32_t shifted(std::uint32_t lane_offset, int ds, int dc) {
+    return (swizzled ? lane_offset ^ std::uint32_t((dc / vec) * 16) : lane_offset + dc * int(sizeof(T))) +
+           std::uint32_t(ds * row_bytes);
+  }
   __device__ __forceinline__ static T* at(T* base, int mn, int k) {
-    return Major == major::k ? base + mn * ld + k : base + k * ld + mn;
+    return base + offset(Major == major::k ? mn : k, Major == major::k ? k : mn) / sizeof(T);
   }
 
   // Stages the (Extent x Depth) block at (mn0, k0). Vectorized: 16-byte cp.async, needs 16-byte aligned rows and
   // a contiguous axis that is a multiple of the vector; otherwise element by element. Out-of-range reads as 0.
   template <int Threads, bool Vectorized>
   __device__ __forceinline__ static void load(T* tile, const operand<T>& g, std::int64_t mn0, std::int64_t k0) {
-    constexpr int contiguous = Major == major::k ? Depth : Extent;
-    constexpr int strided = Major == major::k ? Extent : Depth;
     if constexpr (Vectorized) {
       constexpr int vectors = strided * (contiguous / vec);
       static_assert(contiguous % vec == 0, "tile rows are whole vectors");
@@ -86,6 +108,7 @@ struct vector_loader {
   static constexpr int per_thread = strided / step;
   static_assert(contiguous % vec == 0 && Threads % per_row == 0 && strided % step == 0,
                 "whole vectors, evenly spread over the threads");
+  static_assert(!tile::swizzled || step % 8 == 0, "a thread's vectors share one chunk permutation");
 
   const operand<T>& g;
   const T* src;       // the first vector at K = 0
