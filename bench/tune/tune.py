@@ -28,8 +28,8 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 TYPES = {"bf16": "__nv_bfloat16", "f16": "__half"}
 # (bm, bn, bk, stages, warps_m, warps_n, min_blocks): 128 x 128 tiles keep the sm_90a kernels' filter grid.
-DEFAULT_TILE = (128, 128, 32, 4, 4, 2, 2)
-TILES = [DEFAULT_TILE, (128, 128, 64, 3, 2, 4, 1), (128, 128, 64, 4, 2, 4, 1), (128, 128, 32, 4, 2, 4, 2),
+DEFAULT_TILE = (128, 128, 64, 3, 4, 2, 2)
+TILES = [DEFAULT_TILE, (128, 128, 32, 4, 4, 2, 2), (128, 128, 64, 4, 4, 2, 1), (128, 128, 32, 4, 2, 4, 2),
          (128, 128, 32, 3, 2, 4, 2)]
 DEFAULT_SPLIT = 16
 SPLITS = [4, 8, DEFAULT_SPLIT, 32]

@@ -1,8 +1,8 @@
 // Preset for llama3: D = 4096, V = 128256, bf16. Measured by bench/tune/tune.py on NVIDIA H100 80GB HBM3, 2026-11-25,
 // N = 8192 tokens of lm-like data, forward + chunked backward: 112.08 ms; no candidate beat the default by more than 1%;
 // next best cce::tile::policy<128, 128, 32, 4, 4, 2, 2, 16>: 111.34 ms.
-// Warps 4 x 2 (was 2 x 4) since 2026-12-01, as in the default policy: the portable kernels' faster layout
-// (docs/performance.md); the sm_90a kernels do not depend on it.
+// Since 2026-12-01 the tile is 64 deep in 3 stages with 4 x 2 warps, as in the default policy: the portable
+// kernels' faster form (docs/performance.md); the sm_90a kernels depend only on the 128 x 128 tile and the split.
 #pragma once
 
 #include <cce/options.hpp>
@@ -10,7 +10,7 @@
 
 namespace cce::presets {
 
-using llama3 = cce::tile::policy<128, 128, 32, 4, 4, 2, 2, 16>;
+using llama3 = cce::tile::policy<128, 128, 64, 3, 4, 2, 2, 16>;
 
 // The options llama3 is trained with (the defaults).
 inline options llama3_options() {
