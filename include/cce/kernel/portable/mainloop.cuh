@@ -65,6 +65,11 @@ struct mma_mainloop {
   static constexpr int nj = Policy::warp_n / 8;   // n8 fragments per warp
   static_assert(nj % 2 == 0, "B fragments are loaded in n16 pairs");
   static constexpr std::size_t smem_bytes = std::size_t(Policy::stages) * (tile_a::elems + tile_b::elems) * sizeof(T);
+  // smem_tile::shifted moves an mn-major lane offset by fragment chunks 2i (2jj) that must not share bits with the
+  // warp's first chunk, a multiple of 2 mi (nj): powers of two keep them apart.
+  static constexpr bool pow2(int x) { return (x & (x - 1)) == 0; }
+  static_assert((MajorA == major::k || pow2(mi)) && (MajorB == major::k || pow2(nj / 2)),
+                "mn-major operands need a power-of-two number of fragments per warp");
 
   struct accumulators {
     float c[mi][nj][4];
