@@ -28,6 +28,44 @@ struct active_k_tiles {
     const std::int64_t kt = k / KTile;
     return flags[k_is_vocab ? fixed_tile * chunk_tiles + kt : kt * chunk_tiles + fixed_tile] != 0;
   }
+
+  // The mainloop's walk over live tiles of Bk elements (Bk divides KTile; K starts at a multiple of KTile). Each
+  // warp reads 32 flags at a time into a ballot, so that the next live tile is a bit scan, not a dependent load
+  // and a branch per tile. Every lane of the warp calls next() with the same t. Two registers of state: the
+  // mainloop runs at the register cap.
+  template <int Bk>
+  struct cursor {
+    static_assert(KTile % Bk == 0, "a flag covers whole K tiles");
+    static constexpr int per_flag = KTile / Bk;
+    const active_k_tiles& tiles;
+    std::int64_t k_begin;
+    int k_tiles;
+    int base = -32;  // first flag of the window, relative to k_begin
+    unsigned mask = 0;
+
+    __device__ __forceinline__ int next(int t) {
+      while (t < k_tiles) {
+        const int f = t / per_flag;
+        if (f < base || f >= base + 32) {
+          base = f;
+          const int lane = int(threadIdx.x % 32), flags_in_range = (k_tiles + per_flag - 1) / per_flag;
+          mask = __ballot_sync(0xffffffffu,
+                               base + lane < flags_in_range && tiles(k_begin + std::int64_t(base + lane) * KTile));
+        }
+        const unsigned bits = mask >> (f - base);
+        if (bits != 0) {
+          const int live = (f + __ffs(int(bits)) - 1) * per_flag;
+          return live > t ? live : t;
+        }
+        t = (base + 32) * per_flag;
+      }
+      return k_tiles;
+    }
+  };
+  template <int Bk>
+  __device__ __forceinline__ cursor<Bk> walk(std::int64_t k_begin, int k_tiles) const {
+    return {*this, k_begin, k_tiles};
+  }
 };
 
 template <class T, class G, int KTile>

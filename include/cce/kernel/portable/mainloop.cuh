@@ -16,41 +16,61 @@
 
 namespace cce::detail {
 
+// Every K tile is live. An Active type walks its live K tiles of Bk elements through a cursor: next(t) is the first
+// live tile at or after t, or the tile count.
 struct always_active {
   __device__ __forceinline__ bool operator()(std::int64_t) const { return true; }
+
+  struct cursor {
+    __device__ __forceinline__ int next(int t) const { return t; }
+  };
+  template <int Bk>
+  __device__ __forceinline__ cursor walk(std::int64_t, int) const {
+    return {};
+  }
 };
 
-// Multi-stage cp.async pipeline over the active K tiles: `stages - 1` tiles are in flight while one is computed.
+// Multi-stage cp.async pipeline over the live K tiles: `stages - 1` tiles are in flight while one is computed.
 // Each iteration commits exactly one (possibly empty) group, so waiting for all but `stages - 2` groups leaves the
-// tile about to be computed resident.
-template <int Stages, class LoadStage, class ComputeStage, class Active>
-__device__ __forceinline__ void run_pipeline(std::int64_t k_begin, std::int64_t k_end, int bk, LoadStage&& load,
+// tile about to be computed resident. Only the loads look for live tiles; the computations replay their choices
+// `stages - 1` iterations later from a queue in registers (with every tile live, a count does).
+template <int Stages, int Bk, class LoadStage, class ComputeStage, class Active>
+__device__ __forceinline__ void run_pipeline(std::int64_t k_begin, std::int64_t k_end, LoadStage&& load,
                                              ComputeStage&& compute, const Active& active) {
-  const int k_tiles = int((k_end - k_begin + bk - 1) / bk);  // K ranges of one product are below 2^31
-  auto next = [&](int t) {
-    while (t < k_tiles && !active(k_begin + std::int64_t(t) * bk)) ++t;
+  const int k_tiles = int((k_end - k_begin + Bk - 1) / Bk);  // K ranges of one product are below 2^31
+  auto live = active.template walk<Bk>(k_begin, k_tiles);
+  int t_load = live.next(0);
+  auto issue = [&](int stage) {  // loads the next live tile into `stage`, returns it (k_tiles: none)
+    const int t = t_load;
+    if (t < k_tiles) {
+      load(stage, k_begin + std::int64_t(t) * Bk);
+      t_load = live.next(t + 1);
+    }
+    ptx::cp_async_commit();
     return t;
   };
-  int t_load = next(0);
-  for (int s = 0; s < Stages - 1; ++s) {
-    if (t_load < k_tiles) {
-      load(s, k_begin + std::int64_t(t_load) * bk);
-      t_load = next(t_load + 1);
-    }
-    ptx::cp_async_commit();
-  }
+  int queued[Stages - 1];  // the tile in each loaded stage, oldest first
+#pragma unroll
+  for (int s = 0; s < Stages - 1; ++s) queued[s] = issue(s);
   int read = 0, write = Stages - 1;
-  for (int t = next(0); t < k_tiles; t = next(t + 1)) {
+  auto step = [&] {
     ptx::cp_async_wait<Stages - 2>();
     __syncthreads();  // the stage computed last iteration is free to be overwritten
-    if (t_load < k_tiles) {
-      load(write, k_begin + std::int64_t(t_load) * bk);
-      t_load = next(t_load + 1);
-    }
-    ptx::cp_async_commit();
+    const int loaded = issue(write);
     compute(read);
     read = read + 1 == Stages ? 0 : read + 1;
     write = write + 1 == Stages ? 0 : write + 1;
+    return loaded;
+  };
+  if constexpr (std::is_same_v<Active, always_active>) {
+    for (int t = 0; t < k_tiles; ++t) step();
+  } else {
+    while (queued[0] < k_tiles) {
+      const int loaded = step();
+#pragma unroll
+      for (int s = 0; s + 1 < Stages - 1; ++s) queued[s] = queued[s + 1];
+      queued[Stages - 2] = loaded;
+    }
   }
   ptx::cp_async_wait<0>();
   __syncthreads();  // shared memory may be reused by the epilogue
@@ -173,13 +193,13 @@ struct mma_mainloop {
         la.load(stage * a_stage, k0);
         lb.load(stage * b_stage, k0);
       };
-      run_pipeline<Policy::stages>(k_begin, k_end, Policy::bk, load, compute, active);
+      run_pipeline<Policy::stages, Policy::bk>(k_begin, k_end, load, compute, active);
     } else {
       auto load = [&](int stage, std::int64_t k0) {
         tile_a::template load<Policy::threads, false>(sa + stage * tile_a::elems, a, m0, k0);
         tile_b::template load<Policy::threads, false>(sb + stage * tile_b::elems, b, n0, k0);
       };
-      run_pipeline<Policy::stages>(k_begin, k_end, Policy::bk, load, compute, active);
+      run_pipeline<Policy::stages, Policy::bk>(k_begin, k_end, load, compute, active);
     }
   }
 };
@@ -254,7 +274,7 @@ struct simt_mainloop {
           for (int j = 0; j < tn; ++j) acc.c[i][j] = fmaf(av[i], bv[j], acc.c[i][j]);
       }
     };
-    run_pipeline<Policy::stages>(k_begin, k_end, Policy::bk, load, compute, active);
+    run_pipeline<Policy::stages, Policy::bk>(k_begin, k_end, load, compute, active);
   }
 };
 
