@@ -19,8 +19,6 @@ namespace cce::detail {
 // Every K tile is live. An Active type walks its live K tiles of Bk elements through a cursor: next(t) is the first
 // live tile at or after t, or the tile count.
 struct always_active {
-  __device__ __forceinline__ bool operator()(std::int64_t) const { return true; }
-
   struct cursor {
     __device__ __forceinline__ int next(int t) const { return t; }
   };
