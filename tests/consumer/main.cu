@@ -1,11 +1,13 @@
-// Compiled by nvcc: the same headers in a CUDA translation unit, with a kernel that uses them on the device.
+// Compiled by nvcc: the same headers in a CUDA translation unit, with a kernel that uses them on the device. It and
+// second_unit.cu include all of cce: the program links only if every kernel and function the headers define may be
+// defined in several translation units of one program.
 #include <cuda_runtime.h>
 
-#include <cce/options.hpp>
-#include <cce/problem.hpp>
-#include <cce/status.hpp>
+#include <cce/cce.cuh>
 
 #include <cstdio>
+
+const char* second_unit_status();
 
 __global__ void read_options(cce::options opts, float* out) { *out = opts.temperature; }
 
@@ -16,7 +18,7 @@ int main() {
   int devices = 0;  // no device is fine: this only checks that the program builds and links
   if (cudaGetDeviceCount(&devices) != cudaSuccess) devices = 0;
 
-  std::printf("consumer_cuda: %s, N=%lld, %d device(s)\n", cce::to_string(cce::status::success),
+  std::printf("consumer_cuda: %s, N=%lld, %d device(s)\n", second_unit_status(),
               static_cast<long long>(p.n), devices);
   return 0;
 }

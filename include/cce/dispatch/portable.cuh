@@ -75,7 +75,7 @@ class portable_path {
     prm.n = p_.n;
     prm.labels = labels();
     prm.stats = static_cast<unsigned char*>(stats);
-    shard_stats_kernel<<<std::max(blocks_for(p_.n, 256), 1u), 256, 0, stream>>>(prm);
+    shard_stats_kernel<><<<std::max(blocks_for(p_.n, 256), 1u), 256, 0, stream>>>(prm);
     return launch_status();
   }
 
@@ -104,7 +104,7 @@ class portable_path {
       cp.z_loss = o_.z_loss;
       cp.inv_classes = 1.f / float(p_.total_classes());
       cp.coef = bw.coef;
-      coefficients_kernel<<<blocks_for(p_.n, 256), 256, 0, stream>>>(cp);
+      coefficients_kernel<><<<blocks_for(p_.n, 256), 256, 0, stream>>>(cp);
       CCE_TRY(launch_status());
     }
     if (p_.has_lora()) {
@@ -218,7 +218,7 @@ class portable_path {
       column_sum_kernel<T>
           <<<grid, 128, 0, stream>>>(p_.e, p_.e_stride(), p_.n, d, bw.coef, pl_.mean_splits, bw.mean_partial);
       CCE_TRY(launch_status());
-      column_mean_kernel<<<blocks_for(d + 1, 128), 128, 0, stream>>>(bw.mean_partial, d, pl_.mean_splits, e_bar);
+      column_mean_kernel<><<<blocks_for(d + 1, 128), 128, 0, stream>>>(bw.mean_partial, d, pl_.mean_splits, e_bar);
       CCE_TRY(launch_status());
     } else if (cudaMemsetAsync(e_bar, 0, sizeof(float) * (d + 1), stream) != cudaSuccess) {
       return status::cuda_error;
@@ -263,10 +263,10 @@ class portable_path {
       return status::cuda_error;
     }
     order = values.Current();
-    invert_order_kernel<<<blocks_for(v, 256), 256, 0, stream>>>(order, v, bw.position);
+    invert_order_kernel<><<<blocks_for(v, 256), 256, 0, stream>>>(order, v, bw.position);
     CCE_TRY(launch_status());
     if (p_.n == 0) return status::success;
-    sorted_targets_kernel<<<blocks_for(p_.n, 256), 256, 0, stream>>>(bw.coef, p_.n, bw.position);
+    sorted_targets_kernel<><<<blocks_for(p_.n, 256), 256, 0, stream>>>(bw.coef, p_.n, bw.position);
     return launch_status();
   }
 

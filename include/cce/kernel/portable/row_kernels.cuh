@@ -1,6 +1,8 @@
 // The small kernels around the tile kernels: the forward finaliser and loss reduction, the class-weight total,
 // the backward's per-row coefficients, the bias-gradient reduction and the low-rank head's thin products.
 // Reductions use CUB block primitives over a fixed partition, so results are bitwise repeatable.
+// Kernels with no parameter of their own are templates of nothing (`template <class = void>`): a header's
+// non-template kernel is defined in every translation unit that includes it, and two such units would not link.
 #pragma once
 
 #include <cub/block/block_reduce.cuh>
@@ -100,6 +102,7 @@ struct shard_stats_params {
   unsigned char* stats = nullptr;
 };
 
+template <class = void>
 __global__ void shard_stats_kernel(const __grid_constant__ shard_stats_params prm) {
   const std::int64_t row = std::int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (row == 0) {
@@ -147,6 +150,7 @@ struct coefficient_params {
   row_coefficients* coef = nullptr;
 };
 
+template <class = void>
 __global__ void coefficients_kernel(const __grid_constant__ coefficient_params prm) {
   const std::int64_t row = std::int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (row >= prm.n) return;

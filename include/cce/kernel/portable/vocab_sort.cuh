@@ -5,6 +5,7 @@
 //   key_v = c_v . e_bar + b_v + B_v . (scale * A e_bar),   e_bar = mean of the kept rows of E,
 // which is linear in E, so it costs a column mean of E and a GEMV over C, never a GEMM. Every sum runs in a fixed
 // order and the sort (CUB's radix sort) is stable, so the order is the same on every run.
+// The kernels are templates even where they have no parameter of their own (row_kernels.cuh says why).
 #pragma once
 
 #include <cub/device/device_radix_sort.cuh>
@@ -34,6 +35,7 @@ __global__ void column_sum_kernel(const T* e, std::int64_t lde, std::int64_t n, 
 }
 
 // e_bar (D values) and the kept count: the splits' sums in order. No kept row gives e_bar = 0.
+template <class = void>
 __global__ void column_mean_kernel(const float* partial, std::int64_t d, std::int64_t splits, float* out) {
   const std::int64_t col = std::int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (col > d) return;
@@ -77,12 +79,14 @@ __global__ void sort_key_kernel(const __grid_constant__ sort_key_params<T> prm) 
 }
 
 // position[order[i]] = i.
+template <class = void>
 __global__ void invert_order_kernel(const std::int32_t* order, std::int64_t v, std::int32_t* position) {
   const std::int64_t i = std::int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i < v) position[order[i]] = std::int32_t(i);
 }
 
 // Each row's target column becomes its sorted position (the target may land in any chunk).
+template <class = void>
 __global__ void sorted_targets_kernel(row_coefficients* coef, std::int64_t n, const std::int32_t* position) {
   const std::int64_t row = std::int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (row < n && coef[row].target >= 0) coef[row].target = position[coef[row].target];
