@@ -16,6 +16,7 @@
 #include <cce/cce.cuh>
 #include "case_check.hpp"
 #include "device_problem.hpp"
+#include "launch.hpp"
 
 namespace cce::test {
 
@@ -117,14 +118,14 @@ class device_case {
   }
 
   status forward(cudaStream_t s = nullptr) const {
-    return op_.forward(dp_.p, outputs(), saved_->ptr, saved_bytes_, ws_->ptr, ws_bytes_, s);
+    return test::forward(op_, dp_.p, outputs(), saved_->ptr, saved_bytes_, ws_->ptr, ws_bytes_, s);
   }
   status backward(cudaStream_t s = nullptr) const {
-    return op_.backward(dp_.p, loss_gradient{grad_.ptr}, grads(), saved_->ptr, saved_bytes_, ws_->ptr, ws_bytes_, s);
+    return test::backward(op_, dp_.p, loss_gradient{grad_.ptr}, grads(), saved_->ptr, saved_bytes_, ws_->ptr, ws_bytes_, s);
   }
   // Forward and backward with upstream gradient 1 in one call.
   status loss_and_grad(cudaStream_t s = nullptr) const {
-    return op_.loss_and_grad(dp_.p, outputs(), grads(), saved_->ptr, saved_bytes_, ws_->ptr, ws_bytes_, s);
+    return test::loss_and_grad(op_, dp_.p, outputs(), grads(), saved_->ptr, saved_bytes_, ws_->ptr, ws_bytes_, s);
   }
 
   // Waits for the device and copies every output back.

@@ -9,6 +9,7 @@
 
 #include <cce/cce.cuh>
 #include <cce/host/tiled_executor.hpp>
+#include "common/launch.hpp"
 
 namespace {
 
@@ -111,20 +112,20 @@ TEST_CASE("the functor rejects bad arguments before touching the device", "[api]
   const linear_cross_entropy<bf16> op{};
   forward_outputs out;  // no loss pointer
   problem<bf16> p = f.p;
-  CHECK(op.forward(p, out, nullptr, 0, nullptr, 0) == status::null_pointer);
+  CHECK(test::forward(op, p, out, nullptr, 0, nullptr, 0) == status::null_pointer);
   p.d = 0;
   float loss = 0.f;
   out.loss = &loss;
-  CHECK(op.forward(p, out, nullptr, 0, nullptr, 0) == status::invalid_size);
+  CHECK(test::forward(op, p, out, nullptr, 0, nullptr, 0) == status::invalid_size);
   gradients<bf16> g;
   g.dbias = f.bias.data();  // a bias gradient without a bias
-  CHECK(op.backward(f.p, {}, g, nullptr, 0, nullptr, 0) == status::invalid_option);
+  CHECK(test::backward(op, f.p, {}, g, nullptr, 0, nullptr, 0) == status::invalid_option);
   g = {};
   g.da = f.bias.data();  // a LoRA gradient without a LoRA head
-  CHECK(op.backward(f.p, {}, g, nullptr, 0, nullptr, 0) == status::invalid_option);
+  CHECK(test::backward(op, f.p, {}, g, nullptr, 0, nullptr, 0) == status::invalid_option);
   g = {};
   g.ld_de = 8;
-  CHECK(op.backward(f.p, {}, g, nullptr, 0, nullptr, 0) == status::invalid_stride);
+  CHECK(test::backward(op, f.p, {}, g, nullptr, 0, nullptr, 0) == status::invalid_stride);
   CHECK(op.can_implement(f.p, device_info{75, 40}) == status::unsupported_arch);
   CHECK(op.can_implement(f.p, device_info{90, 132}) == status::success);
 }

@@ -4,6 +4,7 @@
 #include <catch2/catch.hpp>
 
 #include <random>
+#include <vector>
 
 #include <cce/presets/gemma2.hpp>
 #include <cce/presets/gpt2.hpp>
@@ -97,22 +98,13 @@ TEST_CASE("GPU: forward clusters sharing the classifier", "[gpu][hopper]") {
 // The sm_90a kernels hold 128 fp32 accumulators per consumer thread: a change that makes the compiler spill them (as a
 // branch around the mainloop once did, costing the forward 5 to 13 %) fails here rather than in a benchmark.
 TEST_CASE("GPU: the sm_90a kernels keep their state in registers", "[gpu][hopper]") {
-  device_info dev;
-  REQUIRE(current_device(dev) == status::success);
-  if (dev.arch != 90 || !detail::sm90::has_sm90a_image(detail::sm90::forward_kernel<__nv_bfloat16>)) {
+  const std::vector<std::size_t> local = test::sm90_local_bytes();
+  if (local.empty()) {
     WARN("no sm_90a device and image: nothing to check");
     return;
   }
-  const auto local_bytes = [](auto kernel) {
-    cudaFuncAttributes attr{};
-    REQUIRE(cudaFuncGetAttributes(&attr, kernel) == cudaSuccess);
-    return attr.localSizeBytes;
-  };
-  using bf16 = __nv_bfloat16;
-  CHECK(local_bytes(detail::sm90::forward_kernel<bf16>) == 0);
-  CHECK(local_bytes(detail::sm90::dlogit_kernel<bf16>) == 0);
-  CHECK(local_bytes(detail::sm90::grad_gemm_kernel<bf16, bf16, detail::major::k>) == 0);
-  CHECK(local_bytes(detail::sm90::grad_gemm_kernel<bf16, float, detail::major::mn>) == 0);
+  REQUIRE(local.size() == 4);  // forward, dlogit, dE product, dC product
+  for (std::size_t bytes : local) CHECK(bytes == 0);
 }
 
 TEST_CASE("GPU: every data regime at a size with many tiles", "[gpu][regimes]") {

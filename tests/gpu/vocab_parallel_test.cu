@@ -15,6 +15,7 @@
 #include <cce/cce.cuh>
 #include "../common/case_check.hpp"
 #include "../common/device_problem.hpp"
+#include "../common/launch.hpp"
 #include "../common/vocab_shards.hpp"
 
 namespace {
@@ -70,11 +71,11 @@ test::case_results run_whole(const test::host_problem<T>& h, std::size_t budget)
   const std::size_t saved_bytes = op.saved_bytes(dp.p), ws_bytes = op.workspace_bytes(dp.p, dev, budget);
   device_vector<unsigned char> saved(saved_bytes), ws(ws_bytes);
   device_outputs o(std::size_t(cfg.n), cfg.opts.reduction == reduction::none);
-  REQUIRE(op.forward(dp.p, o.out, saved.ptr, saved_bytes, ws.ptr, ws_bytes) == status::success);
+  REQUIRE(test::forward(op, dp.p, o.out, saved.ptr, saved_bytes, ws.ptr, ws_bytes) == status::success);
   device_vector<float> grad(test::make_grad_loss(cfg));
   device_gradients g(cfg);
   gradients<float> grads{g.de.ptr, g.dc.ptr, g.dbias.ptr, g.da.ptr, g.db.ptr};
-  REQUIRE(op.backward(dp.p, loss_gradient{grad.ptr}, grads, saved.ptr, saved_bytes, ws.ptr, ws_bytes) ==
+  REQUIRE(test::backward(op, dp.p, loss_gradient{grad.ptr}, grads, saved.ptr, saved_bytes, ws.ptr, ws_bytes) ==
           status::success);
   test::case_results r;
   o.download(r);
@@ -118,7 +119,7 @@ sharded_results run_sharded(const test::host_problem<T>& h, const std::vector<st
   std::vector<std::int64_t> gathered_offsets;
   for (std::size_t slot = 0; slot < gather.size(); ++slot) {  // each rank writes its slot, as an in-place all-gather
     const std::size_t r = std::size_t(gather[slot]);
-    REQUIRE(op.shard_forward(shard[r], gathered.ptr + slot * stats_bytes, stats_bytes, saved[r].ptr, saved_bytes[r],
+    REQUIRE(test::shard_forward(op, shard[r], gathered.ptr + slot * stats_bytes, stats_bytes, saved[r].ptr, saved_bytes[r],
                              ws[r].ptr, ws_bytes[r]) == status::success);
     gathered_offsets.push_back(offsets[r]);
   }
@@ -132,7 +133,7 @@ sharded_results run_sharded(const test::host_problem<T>& h, const std::vector<st
     const std::size_t k = std::size_t(r);
     const problem<T>& p = shard[k];
     device_outputs o(std::size_t(cfg.n), cfg.opts.reduction == reduction::none);
-    REQUIRE(op.combine(p, all, o.out, saved[k].ptr, saved_bytes[k], ws[k].ptr, ws_bytes[k]) == status::success);
+    REQUIRE(test::combine(op, p, all, o.out, saved[k].ptr, saved_bytes[k], ws[k].ptr, ws_bytes[k]) == status::success);
     test::case_results rr;
     o.download(rr);
     res.per_rank.push_back(rr);
@@ -145,7 +146,7 @@ sharded_results run_sharded(const test::host_problem<T>& h, const std::vector<st
     grads.dbias = cfg.bias ? g.dbias.ptr + p.shard.offset : nullptr;
     grads.da = cfg.rank ? da.ptr : nullptr;
     grads.db = cfg.rank ? g.db.ptr + p.shard.offset * cfg.rank : nullptr;
-    REQUIRE(op.backward(p, loss_gradient{grad.ptr}, grads, saved[k].ptr, saved_bytes[k], ws[k].ptr, ws_bytes[k]) ==
+    REQUIRE(test::backward(op, p, loss_gradient{grad.ptr}, grads, saved[k].ptr, saved_bytes[k], ws[k].ptr, ws_bytes[k]) ==
             status::success);
     const std::vector<float> de_h = de.download(), da_h = da.download();
     for (std::size_t i = 0; i < de_h.size(); ++i) de_sum[i] += de_h[i];
