@@ -71,6 +71,15 @@ CCE_TEST_GRADIENTS(element)
 #undef CCE_TEST_GRADIENTS
 
 #if defined(CCE_TEST_BF16)
+cudaFuncAttributes portable_forward_attributes() {
+  cudaFuncAttributes attr{};
+  if (cudaFuncGetAttributes(&attr, detail::forward_kernel<element, tile::default_policy_t<element>, true>) !=
+      cudaSuccess) {
+    cudaGetLastError();
+  }
+  return attr;
+}
+
 std::vector<std::size_t> sm90_local_bytes() {
   using bf16 = __nv_bfloat16;
   device_info dev;

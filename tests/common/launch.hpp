@@ -37,6 +37,9 @@ status combine(const linear_cross_entropy<T, Tile>& op, const problem<T>& p, con
                const forward_outputs& out, void* saved, std::size_t saved_size, void* workspace,
                std::size_t workspace_size, cudaStream_t stream = nullptr);
 
+// Attributes of the bf16 portable forward kernel (default policy, vectorized loads) on the current device.
+cudaFuncAttributes portable_forward_attributes();
+
 // Local-memory bytes of the bf16 sm_90a kernels (forward, dlogit, the dE and dC products); empty when this build has
 // no sm_90a image of them or the device is not compute capability 9.0.
 std::vector<std::size_t> sm90_local_bytes();

@@ -31,11 +31,12 @@ inline status launch_status() { return cudaGetLastError() == cudaSuccess ? statu
     if (const ::cce::status cce_s_ = (expr); cce_s_ != ::cce::status::success) return cce_s_; \
   } while (0)
 
-// Launches Kernel with `smem` bytes of dynamic shared memory (smem_limit.hpp).
+// Launches Kernel with `smem` bytes of dynamic shared memory; `most` is the largest it ever takes (smem_limit.hpp).
 template <auto Kernel, class Params>
-status launch_tile_kernel(dim3 grid, int threads, std::size_t smem, cudaStream_t stream, const Params& prm) {
+status launch_tile_kernel(dim3 grid, int threads, std::size_t smem, cudaStream_t stream, const Params& prm,
+                          std::size_t most = 0) {
   if (grid.x == 0 || grid.y == 0) return status::success;
-  if (!allow_dynamic_smem<Kernel>(smem)) return status::unsupported_arch;  // no image, or too little shared memory
+  if (!allow_dynamic_smem<Kernel>(smem, most)) return status::unsupported_arch;  // no image, or too little memory
   Kernel<<<grid, threads, smem, stream>>>(prm);
   return launch_status();
 }
@@ -46,7 +47,6 @@ template <class T, class Policy>
 class portable_path {
   static_assert(Policy::bm == Policy::bn, "filter flags are shared by the dE (rows) and dC (classes) products");
   using fwd_loop = mainloop_for<T, Policy, major::k, major::k>;
-  static constexpr std::size_t fwd_smem = fwd_loop::smem_bytes;
   static constexpr std::size_t dz_smem =
       std::max(fwd_loop::smem_bytes, std::size_t(Policy::bn) * fwd_loop::fragment_layout::col_groups * sizeof(float));
 
@@ -320,8 +320,10 @@ class portable_path {
     prm.tile_max = pl_.filter ? sv.tile_max : nullptr;
     const dim3 grid(unsigned(pl_.grid.row_tiles()), unsigned(pl_.splits));
     if (hopper_) return sm90::launch_forward(prm, stream);
-    return vec_ ? launch_tile_kernel<forward_kernel<T, Policy, true>>(grid, Policy::threads, fwd_smem, stream, prm)
-                : launch_tile_kernel<forward_kernel<T, Policy, false>>(grid, Policy::threads, fwd_smem, stream, prm);
+    const std::size_t smem = forward_smem_bytes<T, Policy>(prm.smoothing || prm.argmax);
+    const std::size_t most = forward_smem_bytes<T, Policy>(true);
+    return vec_ ? launch_tile_kernel<forward_kernel<T, Policy, true>>(grid, Policy::threads, smem, stream, prm, most)
+                : launch_tile_kernel<forward_kernel<T, Policy, false>>(grid, Policy::threads, smem, stream, prm, most);
   }
 
   // Per-row outputs and saved state from merged statistics, then the loss and the mean's normaliser.

@@ -11,24 +11,32 @@
 
 namespace cce::detail {
 
-// Whether Kernel may take `smem` bytes of dynamic shared memory (always the same for one kernel) on the current
-// device; false when the device cannot give them or has no image of the kernel (the error is cleared).
+// Whether Kernel may take `smem` bytes of dynamic shared memory on the current device; false when the device cannot
+// give them or has no image of the kernel (the error is cleared). The limit is raised once per device: to `most`, the
+// largest request the kernel ever makes, where the device has that much, else to `smem` (a kernel whose requests
+// differ has at most two sizes, so every caller on one device raises to the same one).
 template <auto Kernel>
-bool allow_dynamic_smem(std::size_t smem) {
-  static std::atomic<std::uint64_t> raised{0};  // a bit per device ordinal below 64
+bool allow_dynamic_smem(std::size_t smem, std::size_t most = 0) {
+  static std::atomic<std::uint32_t> granted[64];  // bytes raised to per device ordinal below 64 (static: zeroed)
   int device = 0;
   if (cudaGetDevice(&device) != cudaSuccess) {
     cudaGetLastError();
     return false;
   }
-  const std::uint64_t bit = device < 64 ? std::uint64_t(1) << device : 0;  // higher ordinals ask every time
-  if ((raised.load(std::memory_order_acquire) & bit) != 0) return true;
-  if (cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)) != cudaSuccess) {
+  std::atomic<std::uint32_t>* known = device >= 0 && device < 64 ? &granted[device] : nullptr;  // else ask every time
+  if (known != nullptr && known->load(std::memory_order_acquire) >= smem) return true;
+  for (const std::size_t bytes : {most > smem ? most : smem, smem}) {
+    if (cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)) == cudaSuccess) {
+      if (known != nullptr) {
+        std::uint32_t now = known->load(std::memory_order_relaxed);
+        while (now < bytes && !known->compare_exchange_weak(now, std::uint32_t(bytes), std::memory_order_release)) {
+        }
+      }
+      return true;
+    }
     cudaGetLastError();
-    return false;
   }
-  raised.fetch_or(bit, std::memory_order_release);
-  return true;
+  return false;
 }
 
 }  // namespace cce::detail

@@ -4,6 +4,7 @@
 // Only the vocabulary's last tile and a row's target tile take the masked path of the epilogue.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 
 #include <cce/detail/targets.hpp>
@@ -55,6 +56,16 @@ __device__ __forceinline__ softmax_stats slot_softmax(Acc& acc, const Layout& f,
   return st;
 }
 
+// Dynamic shared memory of forward_kernel: the mainloop's stages, then, with label smoothing or the argmax, their
+// per-row partials kept across vocab tiles. Without those the final merge of the statistics reuses the stages, so the
+// default 16-bit policy's 96 KiB fit the 99 KiB of an sm_86 / sm_89 CTA.
+template <class T, class Policy>
+constexpr std::size_t forward_smem_bytes(bool extras) {
+  using mainloop = mainloop_for<T, Policy, major::k, major::k>;
+  return mainloop::smem_bytes +
+         (extras ? std::size_t(Policy::bm) * mainloop::fragment_layout::row_groups * sizeof(row_partial) : 0);
+}
+
 template <class T, class Policy, bool Vectorized>
 __global__ void __launch_bounds__(Policy::threads, Policy::min_blocks) forward_kernel(const __grid_constant__ forward_params<T> prm) {
   using mainloop = mainloop_for<T, Policy, major::k, major::k>;
@@ -70,12 +81,15 @@ __global__ void __launch_bounds__(Policy::threads, Policy::min_blocks) forward_k
   const std::int64_t ct_end = tile::split_begin(g.col_tiles(), prm.splits, split + 1);
   const layout f;
 
-  __shared__ row_partial extras[Policy::bm * layout::row_groups];  // see below
+  // One row_partial per (row, row group): see below. Past the stages when kept across tiles, else in them.
+  const bool keep_extras = prm.smoothing || prm.argmax;
+  row_partial* extras = reinterpret_cast<row_partial*>(smem + (keep_extras ? mainloop::smem_bytes : 0));
   for (int r = threadIdx.x; r < Policy::bm; r += Policy::threads) {
     const std::int64_t row = row0 + r;
     targets[r] = row < g.rows ? prm.labels.column(prm.labels(row)) : -1;
   }
-  for (int i = threadIdx.x; i < Policy::bm * layout::row_groups; i += Policy::threads) extras[i] = row_partial{};
+  if (keep_extras)
+    for (int i = threadIdx.x; i < Policy::bm * layout::row_groups; i += Policy::threads) extras[i] = row_partial{};
   __syncthreads();
 
   // Each thread keeps the softmax statistics of its row slots over the CTA's run of vocab tiles in registers; the
@@ -159,7 +173,7 @@ __global__ void __launch_bounds__(Policy::threads, Policy::min_blocks) forward_k
   }
 
   // The lanes sharing a row merge their softmax statistics in a fixed butterfly; each row group's leader lane
-  // parks them beside its extras, and the row groups merge in order.
+  // parks them beside its extras, and the row groups merge in order. The last mainloop left the stages free.
 #pragma unroll
   for (int s = 0; s < layout::row_slots; ++s) {
     softmax_stats q = part[s];
@@ -168,7 +182,11 @@ __global__ void __launch_bounds__(Policy::threads, Policy::min_blocks) forward_k
       const int mask = layout::row_shuffle_first << i;
       q = softmax_merge(q, {shuffle_xor(q.max, mask), shuffle_xor(q.sum_exp, mask), shuffle_xor(q.sum_exp_z, mask)});
     }
-    if (f.row_lane() == 0) extras[f.row(s) * layout::row_groups + f.row_group()].softmax = q;
+    if (f.row_lane() == 0) {
+      row_partial& e = extras[f.row(s) * layout::row_groups + f.row_group()];
+      if (!keep_extras) e = row_partial{};
+      e.softmax = q;
+    }
   }
   __syncthreads();
   for (int r = threadIdx.x; r < Policy::bm; r += Policy::threads) {
