@@ -146,6 +146,12 @@ __global__ void __launch_bounds__(Policy::threads, Policy::min_blocks) dlogit_ke
   float* dbias = prm.dbias_partial ? prm.dbias_partial + rt * prm.chunk_cols + (col0 - prm.v0) : nullptr;
   const layout f;
   typename mainloop::accumulators acc;
+  const int limit = int(g.cols - col0 < Policy::bn ? g.cols - col0 : Policy::bn);  // local columns in range
+  auto compute_logits = [&] {
+    mainloop::clear(acc);
+    mainloop::template run<Vectorized>(acc, smem, prm.e, row0, prm.c, col0 - prm.col_base, 0, prm.e.depth);
+    fragment_logits(acc, f, prm.terms, row0, col0, g.rows, limit, prm.col_base);
+  };
   bool active, computed = false;
   if (!prm.filter_in_tile) {
     active = tile_is_active<Policy::threads>(prm.coef, g, rt, ct, prm.tile_max, prm.filter);
@@ -154,8 +160,7 @@ __global__ void __launch_bounds__(Policy::threads, Policy::min_blocks) dlogit_ke
     const tile_rows t = tile_row_summary<Policy::threads>(prm.coef, g, rt, ct);
     active = t.kept;
     if (t.kept && !t.target) {
-      mainloop::clear(acc);
-      mainloop::template run<Vectorized>(acc, smem, prm.e, row0, prm.c, col0 - prm.col_base, 0, prm.e.depth);
+      compute_logits();
       computed = true;
       float m = -inf_f();
 #pragma unroll
@@ -163,10 +168,8 @@ __global__ void __launch_bounds__(Policy::threads, Policy::min_blocks) dlogit_ke
         const std::int64_t row = row0 + f.row(s);
         if (row >= g.rows || !prm.coef[row].kept) continue;
 #pragma unroll
-        for (int c = 0; c < layout::cols; ++c) {
-          const std::int64_t col = col0 + f.col(c);
-          if (col < g.cols) m = max_f(m, prm.terms(layout::at(acc, s, c), row, col - prm.col_base));
-        }
+        for (int c = 0; c < layout::cols; ++c)
+          if (f.col(c) < limit) m = max_f(m, layout::at(acc, s, c));
       }
       // NaN in either operand makes the comparison false: the tile is kept.
       active = !prm.filter.skip(block_max<Policy::threads>(m) - t.min_floor);
@@ -182,13 +185,7 @@ __global__ void __launch_bounds__(Policy::threads, Policy::min_blocks) dlogit_ke
     return;
   }
 
-  if (!computed) {
-    mainloop::clear(acc);
-    mainloop::template run<Vectorized>(acc, smem, prm.e, row0, prm.c, col0 - prm.col_base, 0, prm.e.depth);
-  }
-
-  const int limit = int(g.cols - col0 < Policy::bn ? g.cols - col0 : Policy::bn);  // local columns in range
-  fragment_logits(acc, f, prm.terms, row0, col0, g.rows, limit, prm.col_base);
+  if (!computed) compute_logits();
   const logit_derivative derivative(prm.terms.transform);
   const float* weights = prm.class_weights ? prm.class_weights + (col0 - prm.col_base) : nullptr;
   float col_sum[layout::cols];
