@@ -101,9 +101,9 @@ template <class T, major Major, int Extent, int Depth, int Threads>
 struct vector_loader {
   using tile = smem_tile<T, Major, Extent, Depth>;
   static constexpr int vec = tile::vec;
-  static constexpr int contiguous = Major == major::k ? Depth : Extent;
-  static constexpr int strided = Major == major::k ? Extent : Depth;
-  static constexpr int per_row = contiguous / vec;
+  static constexpr int contiguous = tile::contiguous;
+  static constexpr int strided = tile::strided;
+  static constexpr int per_row = tile::chunks;
   static constexpr int step = Threads / per_row;  // strided positions between a thread's vectors
   static constexpr int per_thread = strided / step;
   static_assert(contiguous % vec == 0 && Threads % per_row == 0 && strided % step == 0,
