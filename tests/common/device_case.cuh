@@ -78,7 +78,7 @@ class device_case {
     out.lse = lse_.ptr;
     out.entropy = entropy_.ptr;
     out.target_logprob = logprob_.ptr;
-    out.correct = correct_.ptr;
+    out.correct = cfg_.accuracy ? correct_.ptr : nullptr;
     out.error = error_.ptr;
     return out;
   }
@@ -136,7 +136,7 @@ class device_case {
     r.lse = lse_.download();
     r.entropy = entropy_.download();
     r.target_logprob = logprob_.download();
-    r.correct = correct_.download();
+    if (cfg_.accuracy) r.correct = correct_.download();
     r.error = error_.download()[0];
     if (with_backward) {
       r.de = to_float_vector(de_.download());

@@ -36,13 +36,13 @@ case_results run_executor(const host_problem<T>& h, const problem<T>& p, std::si
   r.lse.assign(std::size_t(cfg.n), -7.f);
   r.entropy.assign(std::size_t(cfg.n), -7.f);
   r.target_logprob.assign(std::size_t(cfg.n), -7.f);
-  r.correct.assign(std::size_t(cfg.n), 7);
+  if (cfg.accuracy) r.correct.assign(std::size_t(cfg.n), 7);
   forward_outputs out;
   out.loss = r.loss.data();
   out.lse = r.lse.data();
   out.entropy = r.entropy.data();
   out.target_logprob = r.target_logprob.data();
-  out.correct = r.correct.data();
+  out.correct = cfg.accuracy ? r.correct.data() : nullptr;
   out.error = &r.error;
   REQUIRE(ex.forward(p, out, saved.get(), saved_bytes, ws.get(), ws_bytes) == status::success);
   if (!with_backward) return r;

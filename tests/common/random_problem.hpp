@@ -39,6 +39,7 @@ struct case_config {
   std::int64_t seq_len = 0;  // with options.shift
   regime data = regime::lm_like;
   std::uint64_t seed = 1;
+  bool accuracy = true;  // ask for the `correct` output (the forward then tracks each row's argmax)
   options opts{};
   int index = -1;  // position in a randomized loop: CCE_CASE=<index> reruns that case alone
 
@@ -52,7 +53,7 @@ struct case_config {
       << " smoothing=" << opts.label_smoothing << " z_loss=" << opts.z_loss << " filter=" << int(opts.filter)
       << " kahan=" << (opts.accum == accumulation::kahan) << " shift=" << opts.shift
       << " ignore_index=" << opts.ignore_index << " accumulate=" << opts.accumulate
-      << " hopper_kernels=" << opts.hopper_kernels << " vocab_sort=" << opts.vocab_sort;
+      << " hopper_kernels=" << opts.hopper_kernels << " vocab_sort=" << opts.vocab_sort << " accuracy=" << accuracy;
     return s.str();
   }
 };
@@ -192,6 +193,7 @@ inline case_config random_config(std::mt19937_64& rng, std::int64_t max_n, std::
     c.seq_len = seq;
   }
   o.accumulate = coin(0.15);
+  c.accuracy = coin(0.7);
   return c;
 }
 
