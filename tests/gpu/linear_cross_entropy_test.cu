@@ -3,6 +3,8 @@
 // count, bitwise determinism and the device-side target check.
 #include <catch2/catch.hpp>
 
+#include <algorithm>
+#include <cmath>
 #include <random>
 #include <vector>
 
@@ -93,6 +95,50 @@ TEST_CASE("GPU: forward clusters sharing the classifier", "[gpu][hopper]") {
                                                     false, 0, policy::forward_ctas_per_sm);
   CHECK(detail::sm90::shares_classifier(s.v, s.d, pl.splits));
   test::run_sampled_case<policy>(s, options{}, 0);
+}
+
+namespace {
+
+template <bool Series>
+__global__ void softcap_kernel(const float* raw, int count, logit_transform t, float* out) {
+  const int i = int(blockIdx.x * blockDim.x + threadIdx.x);
+  if (i < count) out[i] = detail::softcap_approx<Series>(t)(raw[i]);
+}
+
+}  // namespace
+
+// The kernels' softcap against tanh in float64 at raw logits from 1e-8 to 2e3, held to u(fp32) = 1e-6 as the tests'
+// tolerances are (docs/testing.md): the fast form (16-bit inputs) in absolute terms, in units of k / T; the form
+// with the series near 0 (fp32 inputs) relative to the value. Without the series the cancellation in 1 - 2^(-2|y|)
+// cost an fp32 problem with V = 1 a relative error of 5e-4 in its lse.
+TEST_CASE("GPU: the kernels' softcap is tanh within fp32's unit roundoff", "[gpu][softcap]") {
+  std::vector<float> raw{0.f};
+  for (double m = 1e-8; m < 2e3; m *= 1.07) {
+    raw.push_back(float(m));
+    raw.push_back(float(-m));
+  }
+  for (bool series : {false, true}) {
+    for (float cap : {30.f, 5.f}) {
+      for (float inv_t : {1.f, 1.f / 0.7f}) {
+        const logit_transform t{cap, inv_t};
+        test::device_vector<float> in(raw), out(raw.size());
+        const unsigned blocks = unsigned((raw.size() + 255) / 256);
+        if (series) softcap_kernel<true><<<blocks, 256>>>(in.ptr, int(raw.size()), t, out.ptr);
+        else softcap_kernel<false><<<blocks, 256>>>(in.ptr, int(raw.size()), t, out.ptr);
+        REQUIRE_CUDA(cudaGetLastError());
+        const std::vector<float> got = out.download();
+        double worst = 0.0;
+        for (std::size_t i = 0; i < raw.size(); ++i) {
+          const double want = double(cap) * std::tanh(double(raw[i]) / double(cap)) * double(inv_t);
+          const double scale = series ? std::abs(want) : double(cap) * double(inv_t);
+          if (want != 0.0) worst = std::max(worst, std::abs(double(got[i]) - want) / scale);
+          else CHECK(got[i] == 0.f);
+        }
+        INFO("series " << series << ", softcap " << cap << ", 1/T " << inv_t);
+        CHECK(worst <= 1e-6);
+      }
+    }
+  }
 }
 
 // The sm_90a kernels hold 128 fp32 accumulators per consumer thread: a change that makes the compiler spill them (as a

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include <cce/epilogue/logit_terms.hpp>
 #include <cce/kernel/portable/fast_math.cuh>
@@ -25,7 +26,7 @@ __device__ __forceinline__ void fragment_logits(Acc& acc, const Layout& f, const
           Layout::at(acc, s, c) = terms.raw(Layout::at(acc, s, c), row0 + f.row(s), col0 + f.col(c) - terms_col0);
   }
   if (terms.transform.softcap > 0.f) {
-    const softcap_approx cap(terms.transform);
+    const softcap_approx<std::is_same_v<T, float>> cap(terms.transform);
 #pragma unroll
     for (int s = 0; s < Layout::row_slots; ++s)
 #pragma unroll

@@ -228,7 +228,7 @@ bool encode_logit_maps(operand_maps& maps, const operand<T>& e, const operand<T>
 // z = softcap(raw) / T over a whole accumulator tile, in straight-line code (fast_math.cuh).
 __device__ __forceinline__ void transform_logits(float (&acc)[128], const logit_transform& t) {
   if (t.softcap > 0.f) {
-    const softcap_approx cap(t);
+    const softcap_approx<> cap(t);  // 16-bit inputs
 #pragma unroll
     for (int i = 0; i < 128; ++i) acc[i] = cap(acc[i]);
   } else if (t.inv_temperature != 1.f) {
