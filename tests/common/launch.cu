@@ -49,21 +49,20 @@ using element = float;
 #endif
 
 using op_type = linear_cross_entropy<element>;
-using stream_type = cudaStream_t;
 
 template status forward(const op_type&, const problem<element>&, const forward_outputs&, void*, std::size_t, void*,
-                        std::size_t, stream_type);
+                        std::size_t, cudaStream_t);
 template status shard_forward(const op_type&, const problem<element>&, void*, std::size_t, void*, std::size_t, void*,
-                              std::size_t, stream_type);
+                              std::size_t, cudaStream_t);
 template status combine(const op_type&, const problem<element>&, const gathered_stats&, const forward_outputs&, void*,
-                        std::size_t, void*, std::size_t, stream_type);
+                        std::size_t, void*, std::size_t, cudaStream_t);
 
 // Gradients in the element type and in float (one and the same for float).
-#define CCE_TEST_GRADIENTS(G)                                                                                        \
-  template status backward(const op_type&, const problem<element>&, loss_gradient, const gradients<G>&, const void*, \
-                           std::size_t, void*, std::size_t, stream_type);                                            \
-  template status loss_and_grad(const op_type&, const problem<element>&, const forward_outputs&,                     \
-                                const gradients<G>&, void*, std::size_t, void*, std::size_t, stream_type);
+#define CCE_TEST_GRADIENTS(G)                                                                                         \
+  template status backward(const op_type&, const problem<element>&, loss_gradient, const gradients<G>&, const void*,  \
+                           std::size_t, void*, std::size_t, cudaStream_t);                                            \
+  template status loss_and_grad(const op_type&, const problem<element>&, const forward_outputs&, const gradients<G>&, \
+                                void*, std::size_t, void*, std::size_t, cudaStream_t);
 CCE_TEST_GRADIENTS(float)
 #if !defined(CCE_TEST_FLOAT)
 CCE_TEST_GRADIENTS(element)
