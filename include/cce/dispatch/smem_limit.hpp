@@ -25,7 +25,9 @@ bool allow_dynamic_smem(std::size_t smem, std::size_t most = 0) {
   }
   std::atomic<std::uint32_t>* known = device >= 0 && device < 64 ? &granted[device] : nullptr;  // else ask every time
   if (known != nullptr && known->load(std::memory_order_acquire) >= smem) return true;
-  for (const std::size_t bytes : {most > smem ? most : smem, smem}) {
+  const std::size_t sizes[2] = {most, smem};
+  for (int i = most > smem ? 0 : 1; i < 2; ++i) {
+    const std::size_t bytes = sizes[i];
     if (cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)) == cudaSuccess) {
       if (known != nullptr) {
         std::uint32_t now = known->load(std::memory_order_relaxed);
