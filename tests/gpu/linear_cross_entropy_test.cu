@@ -153,16 +153,16 @@ TEST_CASE("GPU: the sm_90a kernels keep their state in registers", "[gpu][hopper
   for (std::size_t bytes : local) CHECK(bytes == 0);
 }
 
-// The default 16-bit policy's forward takes 96 KiB of stages and, only for label smoothing or the argmax, 6 KiB of
-// per-row partials beside them: without those it fits the 99 KiB per CTA of sm_86 and sm_89.
-TEST_CASE("GPU: the portable forward fits an sm_86 / sm_89 CTA unless it keeps per-row partials", "[gpu][smem]") {
+// The default 16-bit policy's forward takes 96 KiB of stages and, only for label smoothing or the argmax, 1.5 KiB of
+// per-row state beside them: it fits the 99 KiB per CTA of sm_86 and sm_89 either way.
+TEST_CASE("GPU: the portable forward fits an sm_86 / sm_89 CTA", "[gpu][smem]") {
   using bf16 = __nv_bfloat16;
   using policy = tile::default_policy_t<bf16>;
   const cudaFuncAttributes attr = test::portable_forward_attributes();
   REQUIRE(attr.maxThreadsPerBlock > 0);  // the build has an image of the kernel for this device
   constexpr std::size_t per_cta = 99 * 1024;
   CHECK(attr.sharedSizeBytes + detail::forward_smem_bytes<bf16, policy>(false) <= per_cta);
-  CHECK(attr.sharedSizeBytes + detail::forward_smem_bytes<bf16, policy>(true) > per_cta);
+  CHECK(attr.sharedSizeBytes + detail::forward_smem_bytes<bf16, policy>(true) <= per_cta);
 }
 
 TEST_CASE("GPU: every data regime at a size with many tiles", "[gpu][regimes]") {

@@ -27,8 +27,8 @@ struct forward_params {
   target_reader labels;
   tile::tile_grid grid;
   std::int64_t splits = 1;
-  bool smoothing = false;  // accumulate sum_v w_v z_v
-  bool argmax = false;     // track the argmax (accuracy output)
+  bool smoothing = false;           // accumulate sum_v w_v z_v
+  bool argmax = false;              // track the argmax (accuracy output)
   row_partial* partials = nullptr;  // N x splits
   float* target_logit = nullptr;    // N
   float* tile_max = nullptr;        // row_tiles x col_tiles, or null
@@ -56,18 +56,45 @@ __device__ __forceinline__ softmax_stats slot_softmax(Acc& acc, const Layout& f,
   return st;
 }
 
-// Dynamic shared memory of forward_kernel: the mainloop's stages, then, with label smoothing or the argmax, their
-// per-row partials kept across vocab tiles. Without those the final merge of the statistics reuses the stages, so the
-// default 16-bit policy's 96 KiB fit the 99 KiB of an sm_86 / sm_89 CTA.
+// What the forward keeps per row across its vocab tiles besides the softmax statistics (those stay in registers):
+// label smoothing's weighted logit sum and the argmax, when asked for.
+struct kept_row {
+  float weighted_logit_sum = 0.f;
+  float argmax_value = -inf_f();
+  std::int32_t argmax_index = -1;
+
+  __device__ row_partial with(const softmax_stats& s) const {
+    row_partial p;
+    p.softmax = s;
+    p.weighted_logit_sum = weighted_logit_sum;
+    p.argmax_value = argmax_value;
+    p.argmax_index = argmax_index;
+    return p;
+  }
+  __device__ void fold(const row_partial& x) {  // as merge(with(...), x) does
+    weighted_logit_sum += x.weighted_logit_sum;
+    if (!argmax_better(argmax_value, argmax_index, x.argmax_value, x.argmax_index)) {
+      argmax_value = x.argmax_value;
+      argmax_index = x.argmax_index;
+    }
+  }
+};
+
+// Dynamic shared memory of forward_kernel: the mainloop's stages, then, with label smoothing or the argmax, a
+// kept_row per row (1.5 KiB at 128 rows). The row groups' partials meet in the drained stages. The default
+// 16-bit policy's 96 KiB of stages then fit the 99 KiB of an sm_86 / sm_89 CTA with or without them.
 template <class T, class Policy>
 constexpr std::size_t forward_smem_bytes(bool extras) {
   using mainloop = mainloop_for<T, Policy, major::k, major::k>;
-  return mainloop::smem_bytes +
-         (extras ? std::size_t(Policy::bm) * mainloop::fragment_layout::row_groups * sizeof(row_partial) : 0);
+  static_assert(
+      mainloop::smem_bytes >= std::size_t(Policy::bm) * mainloop::fragment_layout::row_groups * sizeof(row_partial),
+      "the row groups' partials pass through the stages");
+  return mainloop::smem_bytes + (extras ? std::size_t(Policy::bm) * sizeof(kept_row) : 0);
 }
 
 template <class T, class Policy, bool Vectorized>
-__global__ void __launch_bounds__(Policy::threads, Policy::min_blocks) forward_kernel(const __grid_constant__ forward_params<T> prm) {
+__global__ void __launch_bounds__(Policy::threads, Policy::min_blocks)
+    forward_kernel(const __grid_constant__ forward_params<T> prm) {
   using mainloop = mainloop_for<T, Policy, major::k, major::k>;
   using layout = typename mainloop::fragment_layout;
   extern __shared__ __align__(16) unsigned char smem[];
@@ -81,21 +108,20 @@ __global__ void __launch_bounds__(Policy::threads, Policy::min_blocks) forward_k
   const std::int64_t ct_end = tile::split_begin(g.col_tiles(), prm.splits, split + 1);
   const layout f;
 
-  // One row_partial per (row, row group): see below. Past the stages when kept across tiles, else in them.
   const bool keep_extras = prm.smoothing || prm.argmax;
-  row_partial* extras = reinterpret_cast<row_partial*>(smem + (keep_extras ? mainloop::smem_bytes : 0));
+  kept_row* kept = reinterpret_cast<kept_row*>(smem + mainloop::smem_bytes);  // with keep_extras only
   for (int r = threadIdx.x; r < Policy::bm; r += Policy::threads) {
     const std::int64_t row = row0 + r;
     targets[r] = row < g.rows ? prm.labels.column(prm.labels(row)) : -1;
   }
   if (keep_extras)
-    for (int i = threadIdx.x; i < Policy::bm * layout::row_groups; i += Policy::threads) extras[i] = row_partial{};
+    for (int r = threadIdx.x; r < Policy::bm; r += Policy::threads) kept[r] = kept_row{};
   __syncthreads();
 
   // Each thread keeps the softmax statistics of its row slots over the CTA's run of vocab tiles in registers; the
   // lanes and warps sharing a row merge theirs once, at the end. Label smoothing's weighted sums and the argmax,
-  // when asked for, are merged over the lanes of a row after each tile and kept in shared memory, one entry per
-  // (row, row group): registers held across the mainloop cost it spills.
+  // when asked for, are merged over the lanes of a row after each tile, passed through the drained stages and
+  // folded into the row's kept_row in row-group order: registers held across the mainloop cost it spills.
   softmax_stats part[layout::row_slots];
   for (std::int64_t ct = ct_begin; ct < ct_end; ++ct) {
     const std::int64_t col0 = g.col_begin(ct);
@@ -133,7 +159,8 @@ __global__ void __launch_bounds__(Policy::threads, Policy::min_blocks) forward_k
       }
       part[s] = softmax_merge(part[s], tile);
     }
-    if (prm.smoothing || prm.argmax) {
+    if (keep_extras) {
+      row_partial* scratch = reinterpret_cast<row_partial*>(smem);  // bm x row_groups in the drained stages
 #pragma unroll
       for (int s = 0; s < layout::row_slots; ++s) {
         const std::int64_t row = row0 + f.row(s);
@@ -152,11 +179,12 @@ __global__ void __launch_bounds__(Policy::threads, Policy::min_blocks) forward_k
 #pragma unroll
         for (int i = 0; i < layout::row_shuffle_count; ++i)
           x = merge(x, shuffle_xor(x, layout::row_shuffle_first << i, prm.smoothing, prm.argmax));
-        if (f.row_lane() == 0) {
-          row_partial& e = extras[f.row(s) * layout::row_groups + f.row_group()];
-          e = merge(e, x);
-        }
+        if (f.row_lane() == 0) scratch[f.row(s) * layout::row_groups + f.row_group()] = x;
       }
+      __syncthreads();
+      for (int r = threadIdx.x; r < Policy::bm; r += Policy::threads)
+        for (int k = 0; k < layout::row_groups; ++k) kept[r].fold(scratch[r * layout::row_groups + k]);
+      __syncthreads();  // the next mainloop refills the stages
     }
 
     if (prm.tile_max) {
@@ -173,7 +201,8 @@ __global__ void __launch_bounds__(Policy::threads, Policy::min_blocks) forward_k
   }
 
   // The lanes sharing a row merge their softmax statistics in a fixed butterfly; each row group's leader lane
-  // parks them beside its extras, and the row groups merge in order. The last mainloop left the stages free.
+  // parks them in the stages (the last mainloop drained them), and the row groups merge in order with the kept row.
+  softmax_stats* parked = reinterpret_cast<softmax_stats*>(smem);  // bm x row_groups
 #pragma unroll
   for (int s = 0; s < layout::row_slots; ++s) {
     softmax_stats q = part[s];
@@ -182,19 +211,15 @@ __global__ void __launch_bounds__(Policy::threads, Policy::min_blocks) forward_k
       const int mask = layout::row_shuffle_first << i;
       q = softmax_merge(q, {shuffle_xor(q.max, mask), shuffle_xor(q.sum_exp, mask), shuffle_xor(q.sum_exp_z, mask)});
     }
-    if (f.row_lane() == 0) {
-      row_partial& e = extras[f.row(s) * layout::row_groups + f.row_group()];
-      if (!keep_extras) e = row_partial{};
-      e.softmax = q;
-    }
+    if (f.row_lane() == 0) parked[f.row(s) * layout::row_groups + f.row_group()] = q;
   }
   __syncthreads();
   for (int r = threadIdx.x; r < Policy::bm; r += Policy::threads) {
     const std::int64_t row = row0 + r;
     if (row >= g.rows) continue;
-    row_partial p = extras[r * layout::row_groups];
-    for (int k = 1; k < layout::row_groups; ++k) p = merge(p, extras[r * layout::row_groups + k]);
-    prm.partials[row * prm.splits + split] = p;
+    softmax_stats q = parked[r * layout::row_groups];
+    for (int k = 1; k < layout::row_groups; ++k) q = softmax_merge(q, parked[r * layout::row_groups + k]);
+    prm.partials[row * prm.splits + split] = keep_extras ? kept[r].with(q) : kept_row{}.with(q);
   }
 }
 
