@@ -21,13 +21,14 @@ __device__ __forceinline__ float rcp_approx(float x) {
   return y;
 }
 
-// z = softcap(raw) / T with a softcap k > 0, in straight-line code. With s = k / T and e = 2^(-2 log2(e) |raw| / k),
-// tanh|y| = 2 / (1 + e) - 1, so z = sign(raw) (2 s / (1 + e) - s): one ex2, one rcp and one FFMA per logit (the
-// small-D forward is bound by its epilogue's instruction issue: 1.5 % faster than (1 - e) / (1 + e) on gpt2,
-// docs/performance.md). Its error is absolute, below 4e-7 s in z (the ex2 and rcp approximations, one rounding):
-// the relative error grows as ~1e-7 / |y| near 0, far inside what 16-bit inputs carry. With Series (fp32 inputs, whose
-// path promises fp32 accuracy), tanh|y| = (1 - e) / (1 + e), and the odd Taylor polynomial to y^9 takes over below
-// |y| = 1/4 (truncation below 1e-8): relative error below u(fp32) everywhere, for ~8 more FP32 operations.
+// z = softcap(raw) / T with a softcap k > 0, in straight-line code. With y = raw / k, s = k / T and
+// e = 2^(-2 log2(e) |y|), tanh|y| = 2 / (1 + e) - 1, so z = sign(raw) (2 s / (1 + e) - s): one ex2, one rcp and one
+// FFMA per logit (two instructions fewer than (1 - e) / (1 + e) s, whose count bounds a small-D forward's epilogue:
+// gpt2 1.4 % faster, docs/performance.md). Its error is absolute, below 4e-7 s in z (the ex2 and rcp
+// approximations, one rounding): the relative error grows as ~1e-7 / |y| near 0, far inside what 16-bit inputs carry.
+// With Series (fp32 inputs, whose path promises fp32 accuracy), tanh|y| = (1 - e) / (1 + e), and the odd Taylor
+// polynomial to y^9 takes over below |y| = 1/4 (truncation below 1e-8): relative error below u(fp32) everywhere,
+// for ~8 more FP32 operations.
 template <bool Series = false>
 struct softcap_approx {
   float scale, k, inv_cap;
