@@ -57,9 +57,10 @@ class linear_cross_entropy {
     return plan(p, dev, budget).template workspace_bytes<T>();
   }
 
-  // The backward operating point a workspace of `budget` bytes gives.
+  // The backward operating point a workspace of `budget` bytes gives: loss_and_grad when that call keeps logits.
   backward_mode mode(const problem<T>& p, const device_info& dev, std::size_t budget) const {
-    return plan(p, dev, budget).mode;
+    const detail::plan pl = plan(p, dev, budget);
+    return keeps_logits(p, pl, dev) ? backward_mode::loss_and_grad : pl.mode;
   }
 
   [[nodiscard]] status forward(const problem<T>& p, const forward_outputs& out, void* saved, std::size_t saved_size,
@@ -139,13 +140,31 @@ class linear_cross_entropy {
                          pl.template carve_backward<T>(workspace), stream);
   }
 
-  // Forward, then the gradients of the loss itself (upstream gradient 1), in one call.
+  // Forward, then the gradients of the loss itself (upstream gradient 1), in one call. With
+  // options::backward_mode = loss_and_grad on the sm_90a path it keeps the logits of row blocks instead of
+  // recomputing them (three GEMM-equivalents, docs/api.md).
   template <class G>
   [[nodiscard]] status loss_and_grad(const problem<T>& p, const forward_outputs& out, const gradients<G>& grads,
                                      void* saved, std::size_t saved_size, void* workspace,
                                      std::size_t workspace_size, cudaStream_t stream = nullptr) const {
-    CCE_TRY(forward(p, out, saved, saved_size, workspace, workspace_size, stream));
-    return backward(p, loss_gradient{}, grads, saved, saved_size, workspace, workspace_size, stream);
+    static_assert(std::is_same_v<G, T> || std::is_same_v<G, float>, "gradients are T or float");
+    CCE_TRY(detail::validate_problem(p, opts_));
+    device_info dev;
+    CCE_TRY(current_device(dev));
+    CCE_TRY(can_implement(p, dev));
+    const detail::plan pl = plan(p, dev, workspace_size);
+    if (!keeps_logits(p, pl, dev)) {
+      CCE_TRY(forward(p, out, saved, saved_size, workspace, workspace_size, stream));
+      return backward(p, loss_gradient{}, grads, saved, saved_size, workspace, workspace_size, stream);
+    }
+    if (out.loss == nullptr && (opts_.reduction != reduction::none || p.n > 0)) return status::null_pointer;
+    CCE_TRY(detail::validate_gradients(p, grads));
+    std::size_t need = 0;
+    pl.template carve_kept<T>(nullptr, &need);
+    CCE_TRY(detail::validate_buffer(saved, saved_size, pl.saved_bytes()));
+    CCE_TRY(detail::validate_buffer(workspace, workspace_size, need));
+    const detail::portable_path<T, Tile> path(p, opts_, pl, detail::vectorizable(p), true);
+    return path.loss_and_grad(out, grads, pl.carve_saved(saved), pl.template carve_kept<T>(workspace), stream);
   }
 
  private:
@@ -161,6 +180,11 @@ class linear_cross_entropy {
     pl.template carve_forward<T>(nullptr, &need);
     CCE_TRY(detail::validate_buffer(saved, saved_size, pl.saved_bytes()));
     return detail::validate_buffer(workspace, workspace_size, need);
+  }
+
+  // Whether loss_and_grad keeps logit blocks: planned, and the sm_90a forward (which writes them) takes the problem.
+  bool keeps_logits(const problem<T>& p, const detail::plan& pl, const device_info& dev) const {
+    return pl.kept_rows > 0 && p.v == p.total_classes() && detail::sm90::available(p, pl, dev, opts_);
   }
 
   detail::plan plan(const problem<T>& p, const device_info& dev, std::size_t budget) const {

@@ -26,8 +26,10 @@ struct target_reader {
   std::int64_t seq_len = 0;
   std::int64_t first_class = 0;  // the shard's classes [first_class, first_class + columns)
   std::int64_t columns = 0;
+  std::int64_t first_row = 0;    // a row block's reader: its row 0 is the problem's row first_row
 
   CCE_HOST_DEVICE row_label operator()(std::int64_t row) const {
+    row += first_row;
     std::int64_t index = row;
     if (shift > 0) {
       if (row % seq_len + shift >= seq_len) return {-1, row_label::ignored};

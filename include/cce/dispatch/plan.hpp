@@ -10,7 +10,11 @@
 //            bounded whatever N and V are. The passes run one after the other and share one region of the workspace,
 //            so each may use all of it: pass 1 short row blocks over wide chunks (its carry is rows x D), pass 2
 //            narrow chunks over tall row blocks (its carry is chunk x D, none when a block holds all N rows).
-// Both visit blocks in a fixed order and own every output element in one CTA per launch: no atomics.
+//   kept     loss_and_grad only (the sm_90a forward writes the logit tiles): row blocks of N, each over every class.
+//            Per block: forward storing the logits (fp16, relative to a per-(row, 256-class tile) reference) into the
+//            dZ block, the rows' statistics, dZ in place, dE_block = dZ C and dC += dZ^T E_block. 3
+//            GEMM-equivalents; dC is added to the output once per row block (no N x V or V x D carry).
+// All visit blocks in a fixed order and own every output element in one CTA per launch: no atomics.
 //
 // Vocabulary sorting (options::vocab_sort): the backward first orders the classes by a key (their average logit
 // over the kept rows, docs/api.md), then walks vocab chunks in that order. Each chunk's classifier rows (and bias,
@@ -97,6 +101,16 @@ struct backward_buffers {
   pass_buffers<T> de, dc;
 };
 
+// The buffers of the logit-keeping loss_and_grad (plan::kept_rows rows per block), live together: the forward's
+// for one row block, the backward's per-row ones for all N, and one dZ block that first holds the kept logits.
+template <class T>
+struct kept_buffers {
+  forward_buffers<T> fw;   // partials of one block (kept_rows x splits); target_logit, block_sums, lora_p of all N
+  backward_buffers<T> bw;  // coef, lora_q of all N (lora_p is fw's); bw.de is the block's pass (dz: kept_rows x V)
+  float* logit_ref = nullptr;  // kept_rows x ceil(V / 256): the reference each 256-class tile's stored logits are
+                               // relative to
+};
+
 struct saved_buffers {
   float* lse = nullptr;                 // N
   float* weight_sum = nullptr;          // 1: sum of w_y over kept rows (the mean's normaliser)
@@ -110,6 +124,11 @@ struct plan {
   tile::tile_grid grid{};   // N x V in bm x bn tiles
   std::int64_t splits = 1;  // forward vocab splits
   backward_mode mode = backward_mode::chunked;
+  // loss_and_grad keeping the logits of row blocks of kept_rows (a multiple of finalise_threads, or all N), whose
+  // forward runs in kept_splits vocab splits; 0: not planned (the call runs forward, then backward).
+  std::int64_t kept_rows = 0, kept_splits = 1;
+  static constexpr int kept_ref_cols = 256;      // classes per stored reference (the sm_90a forward's tile)
+  static constexpr std::int64_t kept_min_rows = 512;
   pass_shape de_pass{}, dc_pass{};  // the backward's blocks: the same fused pass in chunked mode
   bool filter = false;
   bool bias = false;
@@ -209,6 +228,30 @@ struct plan {
     return b;
   }
 
+  template <class T>
+  kept_buffers<T> carve_kept(void* base, std::size_t* bytes = nullptr) const {
+    carver c(base);
+    kept_buffers<T> k;
+    const std::int64_t rows = std::min(kept_rows, n), cols = round_up(v, std::int64_t(grid.bn));
+    k.fw.partials = c.take<row_partial>(rows * kept_splits);
+    k.fw.target_logit = c.take<float>(n);
+    k.fw.block_sums = c.take<float>(2 * finalise_blocks());
+    k.fw.lora_p = c.take<float>(n * rank);
+    k.bw.coef = c.take<row_coefficients>(n);
+    k.bw.lora_p = k.fw.lora_p;
+    k.bw.lora_q = c.take<float>(n * rank);
+    k.logit_ref = c.take<float>(rows * ceil_div(v, std::int64_t(kept_ref_cols)));
+    pass_buffers<T>& pb = k.bw.de;
+    pb.shape = {rows, cols};
+    pb.dz = c.take<T>(rows * cols);
+    pb.active = c.take<std::uint8_t>(ceil_div(rows, grid.bm) * (cols / grid.bn));
+    pb.db_acc = c.take<float>(cols * rank);
+    pb.dbias_partial = c.take<float>(bias ? ceil_div(rows, grid.bm) * cols : 0);
+    k.bw.dc = pb;
+    if (bytes) *bytes = c.bytes();
+    return k;
+  }
+
   std::size_t saved_bytes() const {
     std::size_t b = 0;
     carve_saved(nullptr, &b);
@@ -219,6 +262,11 @@ struct plan {
     std::size_t f = 0, b = 0;
     carve_forward<T>(nullptr, &f);
     carve_backward<T>(nullptr, &b);
+    if (kept_rows > 0) {
+      std::size_t k = 0;
+      carve_kept<T>(nullptr, &k);
+      b = std::max(b, k);
+    }
     return std::max(f, b);  // forward and backward reuse the same workspace
   }
 };
@@ -262,14 +310,23 @@ inline double pass_cost(std::int64_t n, std::int64_t d, std::int64_t v, const pa
   return cost;
 }
 
-// Plan for a problem: `bm` x `bn` logit tiles, a workspace budget in bytes (0: the default of the mode).
-// `weights`: the problem has class weights; `sort_temp`: bytes of the device sort's scratch for V keys (what the
-// GPU path's sort asks for; 0 on the host), used with options::vocab_sort; `forward_ctas_per_sm`: the forward
-// grid's target (tile::policy::forward_ctas_per_sm).
+// Forward: split the vocabulary until the grid holds about `ctas_per_sm` CTAs per SM, so that the last partial wave
+// costs little (with two resident CTAs per SM and 1.2 waves, half the second wave's time is idle). N = 0 has no row
+// tile: one split, and no division by zero.
+inline std::int64_t forward_splits(std::int64_t row_tiles, std::int64_t col_tiles, int sm_count, int ctas_per_sm) {
+  const std::int64_t target_ctas = std::int64_t(std::max(ctas_per_sm, 1)) * std::max(sm_count, 1);
+  return std::clamp<std::int64_t>(ceil_div(target_ctas, std::max<std::int64_t>(row_tiles, 1)), 1, col_tiles);
+}
+
+// The default budgets of the operating points (docs/api.md).
+inline constexpr std::size_t minimal_budget = std::size_t(64) << 20, chunked_budget = std::size_t(256) << 20,
+                             loss_and_grad_budget = std::size_t(1) << 30;
+
+// The chunked or minimal plan of make_plan (below), before loss_and_grad's logit blocks.
 template <class T>
-plan make_plan(std::int64_t n, std::int64_t d, std::int64_t v, std::int64_t rank, bool bias, const options& opt, int bm,
-               int bn, const device_info& dev, std::size_t budget, bool weights = false, std::size_t sort_temp = 0,
-               int forward_ctas_per_sm = 16) {
+plan plan_operating_point(std::int64_t n, std::int64_t d, std::int64_t v, std::int64_t rank, bool bias,
+                          const options& opt, int bm, int bn, const device_info& dev, std::size_t budget, bool weights,
+                          std::size_t sort_temp, int forward_ctas_per_sm) {
   plan p;
   p.n = n;
   p.d = d;
@@ -286,14 +343,8 @@ plan make_plan(std::int64_t n, std::int64_t d, std::int64_t v, std::int64_t rank
   p.elem_bytes = sizeof(T);
   p.sm_count = std::max(dev.sm_count, 1);
 
-  // Forward: split the vocabulary until the grid holds about `forward_ctas_per_sm` CTAs per SM, so that the last
-  // partial wave costs little (with two resident CTAs per SM and 1.2 waves, half the second wave's time is idle).
-  const std::int64_t target_ctas = std::int64_t(std::max(forward_ctas_per_sm, 1)) * std::max(dev.sm_count, 1);
-  // (N = 0 has no row tile: one split, and no division by zero.)
-  p.splits = std::clamp<std::int64_t>(ceil_div(target_ctas, std::max<std::int64_t>(p.grid.row_tiles(), 1)), 1,
-                                      p.grid.col_tiles());
+  p.splits = forward_splits(p.grid.row_tiles(), p.grid.col_tiles(), p.sm_count, forward_ctas_per_sm);
 
-  const std::size_t minimal_budget = std::size_t(64) << 20, chunked_budget = std::size_t(256) << 20;
   backward_mode mode = opt.backward_mode;
   if (mode == backward_mode::loss_and_grad) mode = backward_mode::chunked;
   if (budget == 0) budget = mode == backward_mode::minimal ? minimal_budget : chunked_budget;
@@ -377,6 +428,62 @@ plan make_plan(std::int64_t n, std::int64_t d, std::int64_t v, std::int64_t rank
       break;
     }
   }
+  return p;
+}
+
+// loss_and_grad keeping logit blocks (plan::kept_rows): all N rows in one block if its buffers fit the budget, else
+// the fewest blocks that fit, of equal multiples of the finaliser's blocks (whose loss sums then land in their own
+// slots). Only where the sm_90a forward can write the logits (16-bit inputs on compute capability 9.0; the call
+// checks the rest), without vocabulary sorting (its walk recomputes tiles in sorted order), and with blocks of at
+// least kept_min_rows: shorter ones would run each product on a fraction of the GPU. With Kahan sums there is one
+// block or none, since dC is added to the output once per block.
+template <class T>
+void plan_kept_logits(plan& p, const options& opt, const device_info& dev, std::size_t budget,
+                      int forward_ctas_per_sm) {
+  if (opt.backward_mode != backward_mode::loss_and_grad || !opt.hopper_kernels || dev.arch != 90 ||
+      sizeof(T) != 2 || opt.vocab_sort || p.n == 0 || p.v == 0) {
+    return;
+  }
+  auto with_rows = [&](std::int64_t rows) {
+    plan k = p;
+    k.kept_rows = rows;
+    k.kept_splits = forward_splits(ceil_div(rows, std::int64_t(p.grid.bm)), p.grid.col_tiles(), p.sm_count,
+                                   forward_ctas_per_sm);
+    return k;
+  };
+  auto fits = [&](std::int64_t rows) {
+    std::size_t bytes = 0;
+    with_rows(rows).template carve_kept<T>(nullptr, &bytes);
+    return bytes <= budget;
+  };
+  std::int64_t rows = p.n;
+  if (!fits(rows)) {
+    constexpr std::int64_t unit = plan::finalise_threads;
+    std::int64_t lo = 0, hi = ceil_div(p.n, unit);  // fits(lo * unit) or lo = 0; !fits(hi * unit)
+    while (hi - lo > 1) {
+      const std::int64_t mid = (lo + hi) / 2;
+      (fits(mid * unit) ? lo : hi) = mid;
+    }
+    if (lo == 0 || p.kahan) return;
+    // As many blocks, evened out. Planning again from the size this gives finds the same count, so the same rows.
+    rows = round_up(ceil_div(p.n, ceil_div(p.n, lo * unit)), unit);
+    if (rows < plan::kept_min_rows) return;
+  }
+  p = with_rows(rows);
+}
+
+// Plan for a problem: `bm` x `bn` logit tiles, a workspace budget in bytes (0: the default of the mode).
+// `weights`: the problem has class weights; `sort_temp`: bytes of the device sort's scratch for V keys (what the
+// GPU path's sort asks for; 0 on the host), used with options::vocab_sort; `forward_ctas_per_sm`: the forward
+// grid's target (tile::policy::forward_ctas_per_sm).
+template <class T>
+plan make_plan(std::int64_t n, std::int64_t d, std::int64_t v, std::int64_t rank, bool bias, const options& opt, int bm,
+               int bn, const device_info& dev, std::size_t budget, bool weights = false, std::size_t sort_temp = 0,
+               int forward_ctas_per_sm = 16) {
+  if (budget == 0 && opt.backward_mode == backward_mode::loss_and_grad) budget = loss_and_grad_budget;
+  plan p = plan_operating_point<T>(n, d, v, rank, bias, opt, bm, bn, dev, budget, weights, sort_temp,
+                                   forward_ctas_per_sm);
+  plan_kept_logits<T>(p, opt, dev, budget, forward_ctas_per_sm);
   return p;
 }
 

@@ -19,6 +19,7 @@
 #include <cce/kernel/portable/grad_gemm.cuh>
 #include <cce/kernel/portable/row_kernels.cuh>
 #include <cce/kernel/portable/vocab_sort.cuh>
+#include <cce/kernel/sm90/kept_dlogit.cuh>
 #include <cce/problem.hpp>
 #include <cce/status.hpp>
 
@@ -88,33 +89,9 @@ class portable_path {
   template <class G>
   status backward(loss_gradient grad, const gradients<G>& out, const saved_buffers& sv,
                   const backward_buffers<T>& bw, cudaStream_t stream) const {
-    if (p_.n > 0) {
-      coefficient_params cp;
-      cp.n = p_.n;
-      cp.labels = labels();
-      cp.grad = grad.grad;
-      cp.per_row_grad = o_.reduction == reduction::none;
-      cp.mean = o_.reduction == reduction::mean;
-      cp.weight_sum = sv.weight_sum;
-      cp.lse = sv.lse;
-      cp.class_weights = p_.class_weights;
-      cp.class_weight_total = sv.class_weight_total;
-      cp.lse_others = sv.lse_others;
-      cp.smoothing = o_.label_smoothing;
-      cp.z_loss = o_.z_loss;
-      cp.inv_classes = 1.f / float(p_.total_classes());
-      cp.coef = bw.coef;
-      coefficients_kernel<><<<blocks_for(p_.n, 256), 256, 0, stream>>>(cp);
-      CCE_TRY(launch_status());
-    }
-    if (p_.has_lora()) {
-      if (p_.n > 0) CCE_TRY(lora_project(bw.lora_p, stream));
-      if (cudaMemsetAsync(bw.lora_q, 0, sizeof(float) * p_.n * p_.lora.rank, stream) != cudaSuccess) return status::cuda_error;
-    }
+    if (p_.n > 0) CCE_TRY(coefficients(grad, sv, bw.coef, 0, p_.n, stream));
     auto* counts = reinterpret_cast<unsigned long long*>(out.filter_tiles);
-    if (counts && cudaMemsetAsync(counts, 0, 2 * sizeof(unsigned long long), stream) != cudaSuccess) {
-      return status::cuda_error;
-    }
+    CCE_TRY(start_backward(bw, counts, stream));
     const std::int32_t* order = nullptr;  // sorted position -> class
     if (pl_.sort) CCE_TRY(sort_vocabulary(bw, order, stream));
     const std::int64_t ld_de = out.ld_de ? out.ld_de : p_.d, ld_dc = out.ld_dc ? out.ld_dc : p_.d;
@@ -133,8 +110,7 @@ class portable_path {
         CCE_TRY(chunk(pb, ch, s));
         CCE_TRY(dlogits(sv, bw, pb, s, 0, p_.n, counts, stream));
         if (p_.has_lora()) CCE_TRY(lora_q_update(bw, pb, s, 0, p_.n, stream));
-        if (out.de) CCE_TRY(de_product(bw, pb, s, out.de, ld_de, 0, p_.n, ch == 0, ch + 1 == chunks, stream));
-        if (out.dc) CCE_TRY(dc_product(pb, s, out.dc, ld_dc, 0, p_.n, true, true, stream));
+        CCE_TRY(products(bw, pb, s, out, 0, p_.n, ch == 0, ch + 1 == chunks, false, stream));
         if (out.dbias) CCE_TRY(dbias_sum(pb, s, out.dbias, stream));
         if (out.db) CCE_TRY(db_product(bw, pb, s, out.db, 0, p_.n, true, true, stream));
       }
@@ -169,6 +145,54 @@ class portable_path {
     return status::success;
   }
 
+  // loss_and_grad keeping the logits of row blocks (plan.hpp, `kept`; the sm_90a forward must be available): per
+  // block, the forward writes its logit tiles into the dZ block, the block's rows are finalised, the tiles become
+  // dZ in place, and the products follow. dC, dBias are added to the output from the second block on; dB is carried
+  // in fp32 as in the other modes.
+  template <class G>
+  status loss_and_grad(const forward_outputs& out, const gradients<G>& grads, const saved_buffers& sv,
+                       const kept_buffers<T>& kb, cudaStream_t stream) const {
+    const backward_buffers<T>& bw = kb.bw;
+    const pass_buffers<T>& pb = bw.de;
+    class_weight_total_kernel<256><<<1, 256, 0, stream>>>(p_.class_weights, p_.total_classes(), sv.class_weight_total);
+    CCE_TRY(launch_status());
+    if (p_.n > 0) {  // the mean's normaliser, which every block's gradient needs
+      row_weight_kernel<plan::finalise_threads><<<unsigned(pl_.finalise_blocks()), plan::finalise_threads, 0, stream>>>(
+          p_.n, labels(), p_.class_weights, kb.fw.block_sums);
+      CCE_TRY(launch_status());
+    }
+    CCE_TRY(loss_total(out, sv, kb.fw.block_sums, stream));
+    auto* counts = reinterpret_cast<unsigned long long*>(grads.filter_tiles);
+    CCE_TRY(start_backward(bw, counts, stream));
+    vocab_slice s = own_classes();
+    s.cols = p_.v;
+    const std::int64_t blocks = ceil_div(p_.n, pl_.kept_rows);
+    for (std::int64_t b = 0; b < blocks; ++b) {
+      const std::int64_t r0 = b * pl_.kept_rows, rows = std::min(pl_.kept_rows, p_.n - r0);
+      const bool first = b == 0, last = b + 1 == blocks;
+      CCE_TRY(kept_forward(sv, kb, r0, rows, out.correct != nullptr, stream));
+      split_rows block;
+      block.partials = kb.fw.partials;
+      block.splits = pl_.kept_splits;
+      block.target_logit = kb.fw.target_logit + r0;
+      CCE_TRY(finalise_rows(block, out, sv, kb.fw.block_sums, r0, rows, stream));
+      CCE_TRY(coefficients(loss_gradient{}, sv, bw.coef, r0, rows, stream));
+      CCE_TRY(kept_dlogits(sv, kb, r0, rows, counts, stream));
+      if (p_.has_lora()) CCE_TRY(lora_q_update(bw, pb, s, r0, rows, stream));
+      CCE_TRY(products(bw, pb, s, grads, r0, rows, true, true, !first, stream));
+      if (grads.dbias) {
+        dbias_kernel<G><<<blocks_for(p_.v, 256), 256, 0, stream>>>(pb.dbias_partial, ceil_div(rows, Policy::bm),
+                                                                    pb.shape.cols, p_.v, o_.accumulate || !first,
+                                                                    grads.dbias);
+        CCE_TRY(launch_status());
+      }
+      if (grads.db) CCE_TRY(db_product(bw, pb, s, grads.db, r0, rows, first, last, stream));
+    }
+    CCE_TRY(loss_total(out, sv, kb.fw.block_sums, stream));
+    if (grads.da) CCE_TRY(da_product(bw, grads.da, stream));
+    return status::success;
+  }
+
  private:
   const problem<T>& p_;
   const options& o_;
@@ -176,7 +200,26 @@ class portable_path {
   bool vec_;
   bool hopper_;
 
-  target_reader labels() const { return make_target_reader(p_, o_); }
+  // What a backward starts from: the low-rank head's lora_p = scale * E A^T and a zero q, zero filter counts.
+  status start_backward(const backward_buffers<T>& bw, unsigned long long* counts, cudaStream_t stream) const {
+    if (p_.has_lora()) {
+      if (p_.n > 0) CCE_TRY(lora_project(bw.lora_p, stream));
+      if (cudaMemsetAsync(bw.lora_q, 0, sizeof(float) * p_.n * p_.lora.rank, stream) != cudaSuccess) {
+        return status::cuda_error;
+      }
+    }
+    if (counts && cudaMemsetAsync(counts, 0, 2 * sizeof(unsigned long long), stream) != cudaSuccess) {
+      return status::cuda_error;
+    }
+    return status::success;
+  }
+
+  // The rows' labels; a row block's from its first row r0.
+  target_reader labels(std::int64_t r0 = 0) const {
+    target_reader r = make_target_reader(p_, o_);
+    r.first_row = r0;
+    return r;
+  }
 
   // Where the kernels read a vocab chunk's classes [v0, v0 + cols) of the walk from, and where its class gradients
   // go. c, bias, weights and lora_b hold column `base` in their row 0: the problem's own arrays (base 0) or, in the
@@ -332,28 +375,138 @@ class portable_path {
                   const forward_buffers<T>& fw, cudaStream_t stream) const {
     class_weight_total_kernel<256><<<1, 256, 0, stream>>>(p_.class_weights, p_.total_classes(), sv.class_weight_total);
     CCE_TRY(launch_status());
-    if (p_.n > 0) {
-      finalise_params<Rows> fin;
-      fin.rows = rows;
-      fin.n = p_.n;
-      fin.class_weights = p_.class_weights;
-      fin.class_weight_total = sv.class_weight_total;
-      fin.labels = labels();
-      fin.smoothing = o_.label_smoothing;
-      fin.z_loss = o_.z_loss;
-      fin.inv_classes = 1.f / float(p_.total_classes());
-      fin.reduction = o_.reduction;
-      fin.lse_saved = sv.lse;
-      fin.lse_others_saved = sv.lse_others;
-      fin.out = out;
-      fin.block_sums = fw.block_sums;
-      finalise_kernel<plan::finalise_threads, Rows>
-          <<<unsigned(pl_.finalise_blocks()), plan::finalise_threads, 0, stream>>>(fin);
-      CCE_TRY(launch_status());
-    }
-    loss_total_kernel<256><<<1, 256, 0, stream>>>(fw.block_sums, pl_.finalise_blocks(), o_.reduction, out.loss,
+    if (p_.n > 0) CCE_TRY(finalise_rows(rows, out, sv, fw.block_sums, 0, p_.n, stream));
+    return loss_total(out, sv, fw.block_sums, stream);
+  }
+
+  // Rows [r0, r0 + count) of the finaliser, whose row i is `rows`' row i; r0 is a multiple of its blocks.
+  template <class Rows>
+  status finalise_rows(const Rows& rows, const forward_outputs& out, const saved_buffers& sv, float* block_sums,
+                       std::int64_t r0, std::int64_t count, cudaStream_t stream) const {
+    finalise_params<Rows> fin;
+    fin.rows = rows;
+    fin.n = count;
+    fin.class_weights = p_.class_weights;
+    fin.class_weight_total = sv.class_weight_total;
+    fin.labels = labels(r0);
+    fin.smoothing = o_.label_smoothing;
+    fin.z_loss = o_.z_loss;
+    fin.inv_classes = 1.f / float(p_.total_classes());
+    fin.reduction = o_.reduction;
+    fin.lse_saved = sv.lse + r0;
+    fin.lse_others_saved = sv.lse_others + r0;
+    fin.out = out;
+    const auto from_r0 = [&](auto* ptr) { return ptr ? ptr + r0 : ptr; };
+    fin.out.lse = from_r0(out.lse);
+    fin.out.entropy = from_r0(out.entropy);
+    fin.out.target_logprob = from_r0(out.target_logprob);
+    fin.out.correct = from_r0(out.correct);
+    if (o_.reduction == reduction::none) fin.out.loss = from_r0(out.loss);
+    fin.block_sums = block_sums + 2 * (r0 / plan::finalise_threads);
+    finalise_kernel<plan::finalise_threads, Rows>
+        <<<unsigned(ceil_div(count, plan::finalise_threads)), plan::finalise_threads, 0, stream>>>(fin);
+    return launch_status();
+  }
+
+  // The loss (sum or mean) and the mean's normaliser from the finaliser's block sums.
+  status loss_total(const forward_outputs& out, const saved_buffers& sv, const float* block_sums,
+                    cudaStream_t stream) const {
+    loss_total_kernel<256><<<1, 256, 0, stream>>>(block_sums, pl_.finalise_blocks(), o_.reduction, out.loss,
                                                   sv.weight_sum);
     return launch_status();
+  }
+
+  // The backward's per-row coefficients of rows [r0, r0 + count).
+  status coefficients(loss_gradient grad, const saved_buffers& sv, row_coefficients* coef, std::int64_t r0,
+                      std::int64_t count, cudaStream_t stream) const {
+    coefficient_params cp;
+    cp.n = count;
+    cp.labels = labels(r0);
+    cp.per_row_grad = o_.reduction == reduction::none;
+    cp.grad = grad.grad && cp.per_row_grad ? grad.grad + r0 : grad.grad;
+    cp.mean = o_.reduction == reduction::mean;
+    cp.weight_sum = sv.weight_sum;
+    cp.lse = sv.lse + r0;
+    cp.class_weights = p_.class_weights;
+    cp.class_weight_total = sv.class_weight_total;
+    cp.lse_others = sv.lse_others + r0;
+    cp.smoothing = o_.label_smoothing;
+    cp.z_loss = o_.z_loss;
+    cp.inv_classes = 1.f / float(p_.total_classes());
+    cp.coef = coef + r0;
+    coefficients_kernel<><<<blocks_for(count, 256), 256, 0, stream>>>(cp);
+    return launch_status();
+  }
+
+  // The logit-keeping forward of rows [r0, r0 + rows): partials of the block, its logits into the dZ block.
+  status kept_forward(const saved_buffers& sv, const kept_buffers<T>& kb, std::int64_t r0, std::int64_t rows,
+                      bool argmax, cudaStream_t stream) const {
+    forward_params<T> prm;
+    prm.e = {p_.e + r0 * p_.e_stride(), p_.e_stride(), rows, p_.d};
+    prm.c = {p_.c, p_.c_stride(), p_.v, p_.d};
+    prm.terms = terms(kb.fw.lora_p + r0 * p_.lora.rank);
+    prm.class_weights = shard_class_weights();
+    prm.labels = labels(r0);
+    prm.grid = tile::tile_grid{rows, p_.v, pl_.grid.bm, pl_.grid.bn};
+    prm.splits = pl_.kept_splits;
+    prm.smoothing = o_.label_smoothing != 0.f;
+    prm.argmax = argmax;
+    prm.partials = kb.fw.partials;
+    prm.target_logit = kb.fw.target_logit + r0;
+    prm.tile_max = pl_.filter ? block_tile_max(sv, r0) : nullptr;
+    const pass_buffers<T>& pb = kb.bw.de;
+    const sm90::kept_logits kept{reinterpret_cast<__half*>(pb.dz), pb.shape.cols, kb.logit_ref, kept_ref_ld()};
+    return sm90::launch_forward(prm, stream, &kept);
+  }
+
+  // The kept logits of rows [r0, r0 + rows) into dZ, in place: the filter's flags (counted into `counts`), then
+  // the live tiles with their bias column sums.
+  status kept_dlogits(const saved_buffers& sv, const kept_buffers<T>& kb, std::int64_t r0, std::int64_t rows,
+                      unsigned long long* counts, cudaStream_t stream) const {
+    if constexpr (sizeof(T) != 2) {
+      return status::unsupported_arch;  // plan_kept_logits plans 16-bit inputs only
+    } else {
+      const pass_buffers<T>& pb = kb.bw.de;
+      const tile::tile_grid grid{rows, p_.v, pl_.grid.bm, pl_.grid.bn};
+      dlogit_params<T> flags;
+      flags.coef = kb.bw.coef + r0;
+      flags.grid = grid;
+      flags.tile_max = filters() ? block_tile_max(sv, r0) : nullptr;
+      flags.filter = filter_predicate();
+      flags.tile_counts = counts;
+      flags.chunk_cols = pb.shape.cols;
+      flags.active = pb.active;
+      flags.dbias_partial = pb.dbias_partial;
+      const unsigned row_tiles = unsigned(grid.row_tiles());
+      sm90::active_tiles_kernel<T><<<dim3(row_tiles, unsigned(ceil_div(pb.shape.cols, std::int64_t(2 * grid.bn)))),
+                                     128, 0, stream>>>(flags);
+      CCE_TRY(launch_status());
+      sm90::kept_dlogit_params<T> prm;
+      prm.dz = pb.dz;
+      prm.ld = pb.shape.cols;
+      prm.ref = kb.logit_ref;
+      prm.ref_ld = kept_ref_ld();
+      prm.coef = flags.coef;
+      prm.class_weights = shard_class_weights();
+      prm.transform = terms(nullptr).transform;
+      prm.grid = grid;
+      prm.active = pb.active;
+      prm.dbias_partial = pb.dbias_partial;
+      sm90::kept_dlogit_kernel<T><<<dim3(row_tiles, unsigned(grid.col_tiles())), sm90::kept_dlogit_threads, 0,
+                                    stream>>>(prm);
+      return launch_status();
+    }
+  }
+  std::int64_t kept_ref_ld() const { return ceil_div(p_.v, std::int64_t(plan::kept_ref_cols)); }
+  float* block_tile_max(const saved_buffers& sv, std::int64_t r0) const {
+    return sv.tile_max + (r0 / pl_.grid.bm) * pl_.grid.col_tiles();
+  }
+
+  // Whether the backward filters: smoothing spreads gradient over every class, so no tile is negligible then.
+  bool filters() const { return pl_.filter && o_.label_smoothing == 0.f; }
+  filter::mass_threshold filter_predicate() const {
+    const float eps = o_.filter == filter_mode::threshold ? o_.filter_eps : filter::auto_eps<T>();
+    return filter::mass_threshold::make(eps, pl_.grid.bn, filter_tiles(pl_.grid, p_.total_classes()));
   }
   logit_terms<T> terms(const float* lora_p) const { return make_logit_terms(p_, o_, lora_p); }
 
@@ -398,13 +551,10 @@ class portable_path {
     prm.col_base = s.base;
     prm.coef = bw.coef;
     prm.grid = pl_.grid;
-    // Smoothing spreads gradient over every class: no tile is negligible then. The sorted walk's tiles are not
-    // the forward's: their max logit is taken from the recomputed tile.
-    const bool filter = pl_.filter && o_.label_smoothing == 0.f;
-    prm.tile_max = filter && !pl_.sort ? sv.tile_max : nullptr;
-    prm.filter_in_tile = filter && pl_.sort;
-    const float eps = o_.filter == filter_mode::threshold ? o_.filter_eps : filter::auto_eps<T>();
-    prm.filter = filter::mass_threshold::make(eps, pl_.grid.bn, filter_tiles(pl_.grid, p_.total_classes()));
+    // The sorted walk's tiles are not the forward's: their max logit is taken from the recomputed tile.
+    prm.tile_max = filters() && !pl_.sort ? sv.tile_max : nullptr;
+    prm.filter_in_tile = filters() && pl_.sort;
+    prm.filter = filter_predicate();
     prm.row0 = r0;
     prm.v0 = v0;
     prm.chunk_cols = pb.shape.cols;
@@ -445,13 +595,22 @@ class portable_path {
                       grid, Policy::threads, loop::smem_bytes, stream, prm);
   }
 
+  template <class G>
+  using product_params = grad_gemm_params<T, G, Policy::bm>;
+
   // dE[r0 : r0 + rows] (+)= dZ C[slice] (+ scale * q A on the last chunk).
   template <class G>
   status de_product(const backward_buffers<T>& bw, const pass_buffers<T>& pb, const vocab_slice& s, G* de,
                     std::int64_t ld, std::int64_t r0, std::int64_t rows, bool first, bool last,
                     cudaStream_t stream) const {
+    product_params<G> prm = de_params(bw, pb, s, de, ld, r0, rows, first, last);
+    return gemm<G, major::k, major::mn>(prm, stream);
+  }
+  template <class G>
+  product_params<G> de_params(const backward_buffers<T>& bw, const pass_buffers<T>& pb, const vocab_slice& s, G* de,
+                              std::int64_t ld, std::int64_t r0, std::int64_t rows, bool first, bool last) const {
     const std::int64_t cols = s.cols, ldz = pb.shape.cols;
-    grad_gemm_params<T, G, Policy::bm> prm;
+    product_params<G> prm;
     prm.a = {pb.dz, ldz, rows, ldz};
     prm.b = {s.c_rows(), s.ldc, p_.d, cols};
     prm.m = rows;
@@ -472,15 +631,21 @@ class portable_path {
       prm.lda = p_.a_stride();
       prm.lora_scale = p_.lora.scale;
     }
-    return gemm<G, major::k, major::mn>(prm, stream);
+    return prm;
   }
 
-  // dC[slice's classes] (+)= dZ^T E[r0 : r0 + rows].
+  // dC[slice's classes] (+)= dZ^T E[r0 : r0 + rows]; `onto_output`: added to dC whatever options::accumulate says.
   template <class G>
   status dc_product(const pass_buffers<T>& pb, const vocab_slice& s, G* dc, std::int64_t ld, std::int64_t r0,
-                    std::int64_t rows, bool first, bool last, cudaStream_t stream) const {
+                    std::int64_t rows, bool first, bool last, cudaStream_t stream, bool onto_output = false) const {
+    product_params<G> prm = dc_params(pb, s, dc, ld, r0, rows, first, last, onto_output);
+    return gemm<G, major::mn, major::mn>(prm, stream);
+  }
+  template <class G>
+  product_params<G> dc_params(const pass_buffers<T>& pb, const vocab_slice& s, G* dc, std::int64_t ld,
+                              std::int64_t r0, std::int64_t rows, bool first, bool last, bool onto_output) const {
     const std::int64_t cols = s.cols, ldz = pb.shape.cols;
-    grad_gemm_params<T, G, Policy::bm> prm;
+    product_params<G> prm;
     prm.a = {pb.dz, ldz, ldz, rows};
     prm.b = {p_.e + r0 * p_.e_stride(), p_.e_stride(), p_.d, rows};
     prm.m = cols;
@@ -492,11 +657,30 @@ class portable_path {
     prm.comp = carry ? pb.comp : nullptr;
     prm.first = first;
     prm.last = last;
-    prm.accumulate = o_.accumulate;
+    prm.accumulate = o_.accumulate || onto_output;
     prm.out = s.classes ? dc : dc + s.v0 * ld;
     prm.out_rows = s.classes;
     prm.ld_out = ld;
-    return gemm<G, major::mn, major::mn>(prm, stream);
+    return prm;
+  }
+
+  // dE[r0 : r0 + rows] (de_first, de_last as de_product's first, last) and dC (all of it from this block; added to
+  // the output with `dc_onto_output`) of one dZ block, those `out` asks for: both in one launch on the sm_90a path
+  // (grad_gemm_pair_kernel), else one after the other.
+  template <class G>
+  status products(const backward_buffers<T>& bw, const pass_buffers<T>& pb, const vocab_slice& s,
+                  const gradients<G>& out, std::int64_t r0, std::int64_t rows, bool de_first, bool de_last,
+                  bool dc_onto_output, cudaStream_t stream) const {
+    const std::int64_t ld_de = out.ld_de ? out.ld_de : p_.d, ld_dc = out.ld_dc ? out.ld_dc : p_.d;
+    if (out.de && out.dc && hopper_) {
+      const status st =
+          sm90::launch_grad_gemm_pair(de_params(bw, pb, s, out.de, ld_de, r0, rows, de_first, de_last),
+                                      dc_params(pb, s, out.dc, ld_dc, r0, rows, true, true, dc_onto_output), stream);
+      if (st != status::unsupported_arch) return st;
+    }
+    if (out.de) CCE_TRY(de_product(bw, pb, s, out.de, ld_de, r0, rows, de_first, de_last, stream));
+    if (out.dc) CCE_TRY(dc_product(pb, s, out.dc, ld_dc, r0, rows, true, true, stream, dc_onto_output));
+    return status::success;
   }
 
   template <class G>

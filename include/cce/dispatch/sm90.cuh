@@ -43,7 +43,7 @@ bool available(const problem<T>& p, const plan& pl, const device_info& dev, cons
     return o.hopper_kernels && dev.arch == 90 && pl.grid.bm == forward_shape::bm &&
            pl.grid.bn == forward_shape::filter_bn && p.n < coordinate_limit && p.v < coordinate_limit &&
            p.d < coordinate_limit && tma_addressable(p.e, p.e_stride(), sizeof(T)) &&
-           tma_addressable(p.c, p.c_stride(), sizeof(T)) && has_sm90a_image(forward_kernel<T>);
+           tma_addressable(p.c, p.c_stride(), sizeof(T)) && has_sm90a_image(forward_kernel<T, false>);
   }
 }
 
@@ -65,24 +65,30 @@ void launch_clustered(void (*kernel)(Params...), dim3 grid, int threads, std::si
   cudaLaunchKernelEx(&config, kernel, args...);
 }
 
+// The forward; with `kept`, the variant that also writes the logit tiles there (loss_and_grad, plan.hpp).
 template <class T>
-status launch_forward(const forward_params<T>& base, cudaStream_t stream) {
+status launch_forward(const forward_params<T>& base, cudaStream_t stream, const kept_logits* kept = nullptr) {
   if constexpr (!tensor_core_type<T>) {
     return status::unsupported_arch;
   } else {
     forward_params_sm90<T> prm;
     prm.base = base;
+    if (kept) prm.kept = *kept;
     if (!encode_logit_maps<forward_ring<T>>(prm.maps, base.e, base.c)) {
       return status::unsupported_arch;
     }
     using S = forward_shape;
     prm.share_classifier = shares_classifier(base.grid.cols, base.e.depth, base.splits);
     const int cluster = prm.share_classifier ? forward_cluster : 1;
-    constexpr std::size_t smem = S::smem_bytes<T>;
     const dim3 grid(unsigned(round_up(base.grid.row_tiles(), cluster)), unsigned(base.splits));
-    if (!allow_dynamic_smem<forward_kernel<T>>(smem)) return status::unsupported_arch;
-    launch_clustered(forward_kernel<T>, grid, S::threads, smem, cluster, stream, prm);
-    return cudaGetLastError() == cudaSuccess ? status::success : status::cuda_error;
+    const auto launch = [&](auto kernel_constant) {
+      constexpr auto kernel = decltype(kernel_constant)::value;
+      if (!allow_dynamic_smem<kernel>(S::smem_bytes<T>)) return status::unsupported_arch;
+      launch_clustered(kernel, grid, S::threads, S::smem_bytes<T>, cluster, stream, prm);
+      return cudaGetLastError() == cudaSuccess ? status::success : status::cuda_error;
+    };
+    return kept ? launch(std::integral_constant<decltype(&forward_kernel<T, true>), &forward_kernel<T, true>>{})
+                : launch(std::integral_constant<decltype(&forward_kernel<T, false>), &forward_kernel<T, false>>{});
   }
 }
 
@@ -115,6 +121,19 @@ status launch_dlogits(const dlogit_params<T>& base, std::int64_t rows, std::int6
   }
 }
 
+// The kernel parameters of a gradient product: its operand maps and tile counts; false when TMA cannot address an
+// operand.
+template <major MajorA, class T, class G, int KTile>
+bool encode_grad_gemm(grad_gemm_params_sm90<T, G>& prm, const grad_gemm_params<T, G, KTile>& base) {
+  using S = grad_gemm_shape;
+  prm.base = base;
+  prm.m_tiles = int(ceil_div(base.m, S::bm));
+  prm.n_tiles = int(ceil_div(base.n, S::bn));
+  return tma_addressable(base.a.ptr, base.a.ld, sizeof(T)) && tma_addressable(base.b.ptr, base.b.ld, sizeof(T)) &&
+         encode_operand_map<T, MajorA>(prm.maps.a, base.a, S::bm) &&
+         encode_operand_map<T, major::mn>(prm.maps.b, base.b, S::bn);
+}
+
 // A gradient product (dE or dC) of the backward on wgmma; unsupported_arch when TMA cannot address an operand (the
 // caller then runs the portable kernel).
 template <class T, class G, int KTile, major MajorA, major MajorB>
@@ -125,17 +144,32 @@ status launch_grad_gemm(const grad_gemm_params<T, G, KTile>& base, cudaStream_t 
   } else {
     if (base.m == 0 || base.n == 0) return status::success;
     grad_gemm_params_sm90<T, G> prm;
-    prm.base = base;
-    if (!tma_addressable(base.a.ptr, base.a.ld, sizeof(T)) || !tma_addressable(base.b.ptr, base.b.ld, sizeof(T)) ||
-        !encode_operand_map<T, MajorA>(prm.maps.a, base.a, S::bm) ||
-        !encode_operand_map<T, major::mn>(prm.maps.b, base.b, S::bn)) {
+    constexpr std::size_t smem = S::smem_bytes<T>;
+    if (!encode_grad_gemm<MajorA>(prm, base) || !allow_dynamic_smem<grad_gemm_kernel<T, G, MajorA>>(smem)) {
       return status::unsupported_arch;
     }
-    prm.m_tiles = int(ceil_div(base.m, S::bm));
-    prm.n_tiles = int(ceil_div(base.n, S::bn));
-    constexpr std::size_t smem = S::smem_bytes<T>;
-    if (!allow_dynamic_smem<grad_gemm_kernel<T, G, MajorA>>(smem)) return status::unsupported_arch;
     grad_gemm_kernel<T, G, MajorA><<<unsigned(prm.m_tiles * prm.n_tiles), S::threads, smem, stream>>>(prm);
+    return cudaGetLastError() == cudaSuccess ? status::success : status::cuda_error;
+  }
+}
+
+// dE and dC of one dZ block in one launch (grad_gemm_pair_kernel); unsupported_arch as launch_grad_gemm.
+template <class T, class G, int KTile>
+status launch_grad_gemm_pair(const grad_gemm_params<T, G, KTile>& de, const grad_gemm_params<T, G, KTile>& dc,
+                             cudaStream_t stream) {
+  using S = grad_gemm_shape;
+  if constexpr (!tensor_core_type<T> || KTile != S::filter_bn) {
+    return status::unsupported_arch;
+  } else {
+    grad_gemm_pair_params_sm90<T, G> prm;
+    constexpr std::size_t smem = S::smem_bytes<T>;
+    if (!encode_grad_gemm<major::k>(prm.de, de) || !encode_grad_gemm<major::mn>(prm.dc, dc) ||
+        !allow_dynamic_smem<grad_gemm_pair_kernel<T, G>>(smem)) {
+      return status::unsupported_arch;
+    }
+    const int tiles = prm.de.m_tiles * prm.de.n_tiles + prm.dc.m_tiles * prm.dc.n_tiles;
+    if (tiles == 0) return status::success;
+    grad_gemm_pair_kernel<T, G><<<unsigned(tiles), S::threads, smem, stream>>>(prm);
     return cudaGetLastError() == cudaSuccess ? status::success : status::cuda_error;
   }
 }

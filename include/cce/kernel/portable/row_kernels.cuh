@@ -116,6 +116,28 @@ __global__ void shard_stats_kernel(const __grid_constant__ shard_stats_params pr
       make_shard_row_stats(p, target_logit, prm.labels.first_class);
 }
 
+// The finaliser's weight sums (block_sums' odd slots, its loss slots zeroed) from the targets alone, over the same
+// blocks in the same order, so that the normaliser loss_total_kernel makes of them is the one the finaliser's give:
+// loss_and_grad's row blocks need it for their gradients before the last block's statistics exist.
+template <int Threads>
+__global__ void __launch_bounds__(Threads)
+    row_weight_kernel(std::int64_t n, const __grid_constant__ target_reader labels, const float* class_weights,
+                      float* block_sums) {
+  using reduce = cub::BlockReduce<pair_sum, Threads>;
+  __shared__ typename reduce::TempStorage tmp;
+  const std::int64_t row = std::int64_t(blockIdx.x) * Threads + threadIdx.x;
+  pair_sum mine{0.f, 0.f};
+  if (row < n) {
+    const row_label lab = labels(row);
+    if (lab.kind == row_label::kept) mine.weight = class_weights ? class_weights[lab.target] : 1.f;
+  }
+  const pair_sum total = reduce(tmp).Reduce(mine, pair_plus{});
+  if (threadIdx.x == 0) {
+    block_sums[2 * blockIdx.x] = 0.f;
+    block_sums[2 * blockIdx.x + 1] = total.weight;
+  }
+}
+
 // Sum of the finaliser's block sums: the loss (sum or mean) and the mean's normaliser.
 template <int Threads>
 __global__ void __launch_bounds__(Threads) loss_total_kernel(const float* block_sums, std::int64_t blocks,

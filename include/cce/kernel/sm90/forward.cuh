@@ -27,11 +27,24 @@ inline constexpr int forward_cluster = 2;  // CTAs of neighbouring row tiles sha
 template <class T>
 using forward_ring = tile_ring<T, major::k, major::k, forward_cluster>;
 
+// Where loss_and_grad's logit-keeping forward (dispatch/plan.hpp) writes each tile: per row, z - ref in fp16 at
+// logits[row * ld + col], with ref the row's max over the 256-class tile at ref[row * ref_ld + tile]. fp16 holds
+// d = z - ref to 2^-11 of |d|, so p = exp(z - lse) formed from it is off by |d| 2^-11 relatively: less than the bf16
+// rounding of the dZ it becomes (2^-9) wherever p is within e^-4 of the tile's largest, and more only on values that
+// weigh less in every sum.
+struct kept_logits {
+  __half* logits = nullptr;
+  std::int64_t ld = 0;  // a multiple of 2
+  float* ref = nullptr;
+  std::int64_t ref_ld = 0;
+};
+
 template <class T>
 struct forward_params_sm90 {
   operand_maps maps;
   forward_params<T> base;
   bool share_classifier = false;  // the grid runs in clusters of forward_cluster CTAs sharing C stages
+  kept_logits kept{};             // KeepLogits kernels only
 };
 
 // Whether the forward of `classes` x `depth` in `splits` vocab splits runs in clusters sharing C stages: when every
@@ -67,7 +80,7 @@ __device__ __forceinline__ softmax_stats tile_softmax(const float (&acc)[128], f
   return s;
 }
 
-template <class T>
+template <class T, bool KeepLogits = false>
 __global__ void __launch_bounds__(forward_shape::threads, 1)
     forward_kernel(const __grid_constant__ forward_params_sm90<T> prm) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -154,7 +167,20 @@ __global__ void __launch_bounds__(forward_shape::threads, 1)
         half[0] = fmaxf(half[0], hm[0]);
         half[1] = fmaxf(half[1], hm[1]);
       }
-      const float m = fmaxf(hm[0], hm[1]);
+      float m = fmaxf(hm[0], hm[1]);
+      if constexpr (KeepLogits) {  // the row's max over the tile (the four lanes of a row agree on it), then z - m
+        m = fmaxf(m, shuffle_xor(m, 1));
+        m = fmaxf(m, shuffle_xor(m, 2));
+        if (row < g.rows) {
+          const kept_logits& k = prm.kept;
+          auto* out = reinterpret_cast<__half2*>(k.logits + row * k.ld + col_thread);
+#pragma unroll
+          for (int j = 0; j < 32; ++j)
+            if (!ragged || col_thread + 8 * j < k.ld)
+              out[4 * j] = __floats2half2_rn(acc[4 * j + 2 * r] - m, acc[4 * j + 2 * r + 1] - m);
+          if (lane % 4 == 0) k.ref[row * k.ref_ld + ct] = m;
+        }
+      }
       const std::int32_t target = targets[lr];
       const bool has_target = target >= col0 && target < col0 + S::bn;
       const int skip = has_target ? int(target - col_thread) : -1;

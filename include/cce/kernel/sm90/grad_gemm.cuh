@@ -116,9 +116,45 @@ __device__ __forceinline__ void store_runs(const grad_gemm_params<T, G, KTile>& 
   }
 }
 
+// Output tile `tile` (in launch order) of the product `prm`, by the whole CTA.
+// A thread's runs of 4 columns of a 16-bit output, rows first, first + row_step, ... of the tile, added to the
+// output's old values (vector_runs() holds and there is no fp32 carry): all the old values are loaded first.
+template <class G>
+struct direct_runs {
+  static constexpr int row_step = logit_tile_shape::consumer_warps * 32 / 64, count = logit_tile_shape::bm / row_step;
+  using packed = uint2;  // 4 values of G (used for 16-bit G only)
+  packed old[count];
+
+  template <class T, int KTile>
+  __device__ __forceinline__ void load(const grad_gemm_params<T, G, KTile>& p, int first, int rows, std::int64_t row0,
+                                       std::int64_t col0) {
+#pragma unroll
+    for (int i = 0; i < count; ++i)
+      if (first + i * row_step < rows)
+        old[i] = *reinterpret_cast<const packed*>(gradient_run<4, G>::output(p, row0 + first + i * row_step, col0));
+  }
+
+  template <class T, int KTile>
+  __device__ __forceinline__ void store(const grad_gemm_params<T, G, KTile>& p, const float* staged, int first,
+                                        int rows, std::int64_t row0, std::int64_t col0) const {
+#pragma unroll
+    for (int i = 0; i < count; ++i) {
+      const int r = first + i * row_step;
+      if (r >= rows) break;
+      const float4 v = *reinterpret_cast<const float4*>(staged + r * staging_ld);
+      const float x[4] = {v.x, v.y, v.z, v.w};
+      packed out;
+      const G* h = reinterpret_cast<const G*>(&old[i]);
+      G* o = reinterpret_cast<G*>(&out);
+#pragma unroll
+      for (int q = 0; q < 4; ++q) o[q] = from_float<G>(to_float(h[q]) + x[q]);
+      *reinterpret_cast<packed*>(gradient_run<4, G>::output(p, row0 + r, col0)) = out;
+    }
+  }
+};
+
 template <class T, class G, major MajorA>
-__global__ void __launch_bounds__(grad_gemm_shape::threads, 1)
-    grad_gemm_kernel(const __grid_constant__ grad_gemm_params_sm90<T, G> prm) {
+__device__ __forceinline__ void grad_gemm_tile(const grad_gemm_params_sm90<T, G>& prm, int tile) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using S = grad_gemm_shape;
   // Only the sm_90a image has this body (and static shared memory: the host checks for it, dispatch/sm90.cuh).
@@ -126,7 +162,7 @@ __global__ void __launch_bounds__(grad_gemm_shape::threads, 1)
   __shared__ stage_barriers<S::stages> bars;
 
   const auto& p = prm.base;
-  const tile::grouped_order pos(int(blockIdx.x), prm.m_tiles, prm.n_tiles, 8);
+  const tile::grouped_order pos(tile, prm.m_tiles, prm.n_tiles, 8);
   active_k_tiles<S::filter_bn> active = p.active;
   active.fixed_tile = pos.m;
   const auto live = [&](int kb) { return active(std::int64_t(kb) * S::bk); };  // 2 k-blocks per filter tile
@@ -156,6 +192,19 @@ __global__ void __launch_bounds__(grad_gemm_shape::threads, 1)
 
   // The epilogue goes through shared memory (the ring's buffers, free once both warpgroups are done with them), so
   // that it runs as a short loop of coalesced 4-column runs rather than 128 scattered elements per thread.
+  // 256 threads: 64 runs of 4 columns per row, 4 rows per pass.
+  const int t = threadIdx.x - 128, col = 4 * (t % 64);
+  const std::int64_t row0 = std::int64_t(pos.m) * S::bm, col0 = std::int64_t(pos.n) * S::bn + col;
+  const int rows = int(p.m - row0 < S::bm ? p.m - row0 : S::bm);
+  // Adding to the output without an fp32 carry (dC of a row block after the first; options::accumulate): a thread's
+  // 32 old output runs are loaded before the tile is staged, all in flight at once behind the staging, rather than
+  // in batches after it.
+  // (16-bit outputs: 64 registers beside the accumulators.)
+  const bool preload = sizeof(G) == 2 && col0 < p.n && p.accumulate && p.acc == nullptr && vector_runs(p);
+  direct_runs<G> old;
+  if constexpr (sizeof(G) == 2)
+    if (preload) old.load(p, t / 64, rows, row0, col0);
+
   consumer_barrier();
   float* staged = ring.staging_area();
   const int wrow = (cw / 4) * 64 + (cw % 4) * 16 + lane / 4, wcol = 2 * (lane % 4);
@@ -167,17 +216,42 @@ __global__ void __launch_bounds__(grad_gemm_shape::threads, 1)
           make_float2(acc[4 * j + 2 * r], acc[4 * j + 2 * r + 1]);
   consumer_barrier();
 
-  // 256 threads: 64 runs of 4 columns per row, 4 rows per pass, the loads of `batch` passes ahead of their stores.
-  const int t = threadIdx.x - 128, col = 4 * (t % 64);
-  const std::int64_t row0 = std::int64_t(pos.m) * S::bm, col0 = std::int64_t(pos.n) * S::bn + col;
   if (col0 >= p.n) return;
-  const int rows = int(p.m - row0 < S::bm ? p.m - row0 : S::bm);
   const float* from = staged + col;
-  if (vector_runs(p))
+  if constexpr (sizeof(G) == 2)
+    if (preload) {
+      old.store(p, from, t / 64, rows, row0, col0);
+      return;
+    }
+  if (vector_runs(p))  // the loads of `batch` passes ahead of their stores
     store_runs<vector_run<G>>(p, from, t / 64, rows, row0, col0);
   else
     store_runs<gradient_run<4, G>>(p, from, t / 64, rows, row0, col0);
 #endif
+}
+
+template <class T, class G, major MajorA>
+__global__ void __launch_bounds__(grad_gemm_shape::threads, 1)
+    grad_gemm_kernel(const __grid_constant__ grad_gemm_params_sm90<T, G> prm) {
+  grad_gemm_tile<T, G, MajorA>(prm, int(blockIdx.x));
+}
+
+// dE = dZ C and dC = dZ^T E of one dZ block in one launch: the dE tiles first (each runs the whole vocabulary deep),
+// then the dC tiles, which fill the SMs the last wave of dE tiles leaves idle. Separate launches would idle them:
+// a row block of 2,048 rows at D = 2,304 has 144 dE tiles, 1.09 waves on 132 SMs.
+template <class T, class G>
+struct grad_gemm_pair_params_sm90 {
+  grad_gemm_params_sm90<T, G> de, dc;
+};
+
+template <class T, class G>
+__global__ void __launch_bounds__(grad_gemm_shape::threads, 1)
+    grad_gemm_pair_kernel(const __grid_constant__ grad_gemm_pair_params_sm90<T, G> prm) {
+  const int de_tiles = prm.de.m_tiles * prm.de.n_tiles;
+  if (int(blockIdx.x) < de_tiles)
+    grad_gemm_tile<T, G, major::k>(prm.de, int(blockIdx.x));
+  else
+    grad_gemm_tile<T, G, major::mn>(prm.dc, int(blockIdx.x) - de_tiles);
 }
 
 }  // namespace cce::detail::sm90

@@ -1,0 +1,96 @@
+// loss_and_grad's backward step 1 when the forward kept the logits (dispatch/plan.hpp, `kept`): each logit the
+// logit-keeping forward stored (fp16, relative to its tile row's max: forward.cuh) becomes draw = dz * dz/draw in T,
+// in place. The contract of the dlogit kernels (kernel/portable/dlogit.cuh) without their products: the filter's
+// tile flags come first, from sm90/dlogit.cuh's active_tiles_kernel (which also zeroes the bias sums of skipped
+// tiles), so that this kernel reads only live tiles and starts loading at once; it writes their bias gradient's
+// column sums per row tile. Plain CUDA, memory-bound: one CTA per 128 x 128 filter tile, each thread 8 adjacent
+// classes (16 bytes) of 8 rows.
+#pragma once
+
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+#include <cce/detail/element_type.hpp>
+#include <cce/dispatch/plan.hpp>
+#include <cce/epilogue/logit_transform.hpp>
+#include <cce/kernel/portable/dlogit.cuh>
+#include <cce/kernel/portable/fast_math.cuh>
+#include <cce/tile/tile_grid.hpp>
+
+namespace cce::detail::sm90 {
+
+template <class T>
+struct kept_dlogit_params {
+  T* dz = nullptr;                         // rows x ld: holds the kept logits (fp16) on entry
+  std::int64_t ld = 0;                     // a multiple of the tile width
+  const float* ref = nullptr;              // rows x ref_ld: what each 256-class tile's values are relative to
+  std::int64_t ref_ld = 0;
+  const row_coefficients* coef = nullptr;  // the block's rows
+  const float* class_weights = nullptr;    // of the problem's classes
+  logit_transform transform{};
+  tile::tile_grid grid;                    // the block: rows x V in 128 x 128 tiles
+  const std::uint8_t* active = nullptr;    // (rows / 128) x (ld / 128): the filter's flags
+  float* dbias_partial = nullptr;          // row_tiles x ld, or null
+};
+
+inline constexpr int kept_dlogit_threads = 256;
+
+template <class T>
+__global__ void __launch_bounds__(kept_dlogit_threads, 3) kept_dlogit_kernel(const __grid_constant__ kept_dlogit_params<T> prm) {
+  static_assert(sizeof(T) == sizeof(__half), "draw overwrites the fp16 logit it comes from");
+  constexpr int tile = 128, vec = 8, lanes_per_row = tile / vec, rows_per_step = kept_dlogit_threads / lanes_per_row;
+  const tile::tile_grid& g = prm.grid;
+  const std::int64_t rt = blockIdx.x, ct = blockIdx.y;
+  if (!prm.active[rt * (prm.ld / tile) + ct]) return;
+
+  const int lane_row = threadIdx.x / lanes_per_row, lane_col = vec * (threadIdx.x % lanes_per_row);
+  const std::int64_t col0 = ct * tile + lane_col;
+  const logit_derivative derivative(prm.transform);
+  float col_sum[vec] = {};
+  // Every row's 16 bytes are loaded before any is converted: eight loads in flight per thread.
+  constexpr int steps = tile / rows_per_step;
+  const std::int64_t row0 = rt * tile + lane_row;
+  uint4 in[steps] = {};
+#pragma unroll
+  for (int i = 0; i < steps; ++i) {
+    const std::int64_t row = row0 + rows_per_step * i;
+    if (row < g.rows) in[i] = *reinterpret_cast<const uint4*>(prm.dz + row * prm.ld + col0);
+  }
+#pragma unroll
+  for (int i = 0; i < steps; ++i) {
+    const std::int64_t row = row0 + rows_per_step * i;
+    if (row >= g.rows) break;
+    const row_coefficients rc = prm.coef[row];
+    const float ref = prm.ref[row * prm.ref_ld + col0 / plan::kept_ref_cols];
+    const auto* logit = reinterpret_cast<const __half*>(&in[i]);
+    uint4 out;
+    auto* draw = reinterpret_cast<T*>(&out);
+#pragma unroll
+    for (int e = 0; e < vec; ++e) {
+      const float z = ref + __half2float(logit[e]);
+      const float p = exp2_approx((z - rc.lse) * log2e);
+      const float w = prm.class_weights && col0 + e < g.cols ? prm.class_weights[col0 + e] : 1.f;  // L1 hits
+      const float d = rc.dz(p, col0 + e == rc.target, w) * derivative(z);
+      const float kept = rc.kept && col0 + e < g.cols ? d : 0.f;  // past V inside the tile: 0 (the GEMMs read it)
+      col_sum[e] += kept;
+      draw[e] = from_float<T>(kept);
+    }
+    *reinterpret_cast<uint4*>(prm.dz + row * prm.ld + col0) = out;
+  }
+
+  if (prm.dbias_partial) {  // column sums of the row groups, in a fixed order
+    float* dbias = prm.dbias_partial + rt * prm.ld + ct * tile;
+    __shared__ float staged[rows_per_step][tile];
+#pragma unroll
+    for (int e = 0; e < vec; ++e) staged[lane_row][lane_col + e] = col_sum[e];
+    __syncthreads();
+    for (int c = threadIdx.x; c < tile; c += kept_dlogit_threads) {
+      float s = 0.f;
+      for (int r = 0; r < rows_per_step; ++r) s += staged[r][c];
+      dbias[c] = s;
+    }
+  }
+}
+
+}  // namespace cce::detail::sm90
