@@ -40,6 +40,10 @@ struct case_config {
   regime data = regime::lm_like;
   std::uint64_t seed = 1;
   bool accuracy = true;  // ask for the `correct` output (the forward then tracks each row's argmax)
+  bool unit_grad = false;  // the upstream gradient is 1 (loss_and_grad's)
+  // Times the schedule adds to dC and dBias in T beyond the output's own rounding (loss_and_grad's row blocks
+  // after the first): each rounds within u of a partial sum, itself within the gradient's scale.
+  std::int64_t extra_class_roundings = 0;
   options opts{};
   int index = -1;  // position in a randomized loop: CCE_CASE=<index> reruns that case alone
 

@@ -180,6 +180,50 @@ TEST_CASE("operating points respect their budgets at every benchmark shape", "[a
   }
 }
 
+// loss_and_grad's logit blocks (plan_kept_logits): within the budget at every benchmark shape, as few as fit and
+// evened out, planned again from the size returned; none where the sm_90a forward cannot write them or the blocks
+// would be short.
+TEST_CASE("loss_and_grad plans logit blocks within its budget", "[api][plan]") {
+  using policy = tile::default_policy_t<bf16>;
+  options o;
+  o.backward_mode = backward_mode::loss_and_grad;
+  const device_info h100{90, 132}, a100{80, 108};
+  const std::size_t gib = std::size_t(1) << 30;
+  auto plan_for = [&](std::int64_t n, std::int64_t d, std::int64_t v, const options& opt, const device_info& dev,
+                      std::size_t budget) {
+    return detail::make_plan<bf16>(n, d, v, 0, false, opt, policy::bm, policy::bn, dev, budget, false, 0,
+                                   policy::forward_ctas_per_sm);
+  };
+  struct shape {
+    std::int64_t d, v, rows;  // N = 8,192: the rows of each block at 1 GiB
+  };
+  const shape shapes[] = {{2304, 256000, 2048}, {4096, 128256, 4096}, {5120, 131072, 2816},
+                          {3072, 32064, 8192},  {3584, 152064, 2816}, {768, 50304, 8192}};
+  for (const shape& s : shapes) {
+    INFO("d=" << s.d << " v=" << s.v);
+    const detail::plan pl = plan_for(8192, s.d, s.v, o, h100, 0);
+    CHECK(pl.kept_rows == s.rows);
+    const std::size_t bytes = pl.workspace_bytes<bf16>();
+    CHECK(bytes <= gib);
+    const detail::plan again = plan_for(8192, s.d, s.v, o, h100, bytes);
+    CHECK(again.kept_rows == pl.kept_rows);
+    CHECK(again.workspace_bytes<bf16>() == bytes);
+  }
+  // Blocks of 1,024 rows need 271 MB with their forward's partials: at 256 MiB, 11 blocks of 768.
+  CHECK(plan_for(8192, 4096, 128256, o, h100, std::size_t(256) << 20).kept_rows == 768);
+  CHECK(plan_for(8192, 4096, 128256, o, h100, std::size_t(150) << 20).kept_rows == 512);
+  CHECK(plan_for(8192, 4096, 128256, o, h100, std::size_t(100) << 20).kept_rows == 0);  // blocks under 512 rows
+  CHECK(plan_for(8192, 4096, 128256, o, a100, 0).kept_rows == 0);
+  options sorted = o, kahan = o, chunked;
+  sorted.vocab_sort = true;
+  kahan.accum = accumulation::kahan;
+  CHECK(plan_for(8192, 4096, 128256, sorted, h100, 0).kept_rows == 0);
+  CHECK(plan_for(8192, 4096, 128256, kahan, h100, 0).kept_rows == 0);  // several blocks
+  CHECK(plan_for(8192, 768, 50304, kahan, h100, 0).kept_rows == 8192);  // one
+  CHECK(plan_for(8192, 4096, 128256, chunked, h100, 0).kept_rows == 0);
+  CHECK(detail::make_plan<float>(8192, 4096, 32000, 0, false, o, 128, 128, h100, 0).kept_rows == 0);
+}
+
 TEST_CASE("every input of the reliability list is checked on the host", "[api][bad-input]") {
   fixture f;
   auto with = [&](auto change) {

@@ -84,6 +84,74 @@ TEST_CASE("GPU: TMA-addressable problems with every option", "[gpu][hopper]") {
   run_case<__nv_bfloat16, float>(tall, 0, test::gradient_check::relative);
 }
 
+namespace {
+
+// loss_and_grad with options::backward_mode = loss_and_grad on a TMA-addressable problem: on sm_90a it keeps the
+// logits of row blocks (plan_kept_logits), whose count the budget sets; elsewhere it runs forward and backward.
+template <class T, class G>
+void run_loss_and_grad_case(test::case_config cfg, std::int64_t block_rows) {
+  cfg.d = (cfg.d + 7) / 8 * 8;
+  cfg.e_pad = cfg.e_pad ? 8 : 0;
+  cfg.c_pad = cfg.c_pad ? 16 : 0;
+  cfg.unit_grad = true;
+  cfg.opts.backward_mode = backward_mode::loss_and_grad;
+  cfg.opts.vocab_sort = false;
+  if (block_rows < cfg.n) cfg.opts.accum = accumulation::fp32;  // Kahan sums plan one block or none
+  const auto h = test::make_problem<T>(cfg);
+  device_info dev;
+  REQUIRE(current_device(dev) == status::success);
+  const linear_cross_entropy<T> op{cfg.opts};
+  const problem<T> p = h.view();
+  using policy = tile::default_policy_t<T>;
+  auto pl = detail::make_plan<T>(p.n, p.d, p.v, p.lora.rank, cfg.bias, cfg.opts, policy::bm, policy::bn, dev, 0,
+                                 cfg.class_weights, 0, policy::forward_ctas_per_sm);
+  std::size_t budget = 0;  // the default (1 GiB) holds one block of these sizes
+  if (pl.kept_rows > 0 && block_rows < cfg.n) {  // the budget of blocks of block_rows, which the plan evens out
+    pl.kept_rows = block_rows;
+    pl.template carve_kept<T>(nullptr, &budget);
+    pl = detail::make_plan<T>(p.n, p.d, p.v, p.lora.rank, cfg.bias, cfg.opts, policy::bm, policy::bn, dev, budget,
+                              cfg.class_weights, 0, policy::forward_ctas_per_sm);
+    CHECK(pl.kept_rows < cfg.n);
+  }
+  const bool kept = pl.kept_rows > 0 && detail::sm90::available(p, pl, dev, cfg.opts);
+  const std::int64_t blocks = kept ? (cfg.n + pl.kept_rows - 1) / pl.kept_rows : 1;
+  cfg.extra_class_roundings = kept ? blocks - 1 : 0;
+  test::host_problem<T> hk = h;
+  hk.cfg = cfg;
+  const test::device_case<T, G> dc(hk, budget);
+  INFO(cfg.describe() << " | row blocks " << blocks << (kept ? " (logits kept)" : ""));
+  CHECK((dc.op().mode(dc.device_view(), dev, dc.workspace_bytes()) == backward_mode::loss_and_grad) == kept);
+  dc.reset();
+  REQUIRE(dc.loss_and_grad() == status::success);
+  test::check_case<T, G>(hk, dc.results(), true, test::gradient_check::bound);
+}
+
+}  // namespace
+
+// Every option through the logit-keeping loss_and_grad: one row block, and (N past 1,024 rows, a budget for blocks of
+// 1,024) two or three with a ragged last one, where dC and dBias are added to the output block by block.
+TEST_CASE("GPU: loss_and_grad keeping the logits of row blocks", "[gpu][kept]") {
+  std::mt19937_64 rng(77);
+  for (int i = 0; i < 36; ++i) {
+    test::case_config cfg = test::random_config(rng, 600, 200, 3000);
+    cfg.index = i;
+    if (!test::case_selected(i)) continue;
+    std::int64_t block_rows = cfg.n;
+    if (i % 3 == 2) {  // two or three blocks of 1,024 rows
+      cfg.n = 1024 + 1 + std::int64_t(rng() % 1800);
+      if (cfg.seq_len) cfg.n = cfg.n / cfg.seq_len * cfg.seq_len;
+      cfg.v = std::min<std::int64_t>(cfg.v, 1500);
+      block_rows = 1024;
+    }
+    switch (i % 4) {
+      case 0: run_loss_and_grad_case<__nv_bfloat16, __nv_bfloat16>(cfg, block_rows); break;
+      case 1: run_loss_and_grad_case<__nv_bfloat16, float>(cfg, block_rows); break;
+      case 2: run_loss_and_grad_case<__half, __half>(cfg, block_rows); break;
+      default: run_loss_and_grad_case<__nv_bfloat16, __nv_bfloat16>(cfg, block_rows); break;
+    }
+  }
+}
+
 // The Hopper forward's clusters that share classifier stages take long runs of class tiles per CTA (8,317 rows: 65
 // row tiles, so that one CTA pads the grid), checked in float64 on the device.
 TEST_CASE("GPU: forward clusters sharing the classifier", "[gpu][hopper]") {
