@@ -124,9 +124,11 @@ struct plan {
   tile::tile_grid grid{};   // N x V in bm x bn tiles
   std::int64_t splits = 1;  // forward vocab splits
   backward_mode mode = backward_mode::chunked;
-  // loss_and_grad keeping the logits of row blocks of kept_rows (a multiple of finalise_threads, or all N), whose
-  // forward runs in kept_splits vocab splits; 0: not planned (the call runs forward, then backward).
-  std::int64_t kept_rows = 0, kept_splits = 1;
+  // loss_and_grad keeping the logits of row blocks of kept_rows (a multiple of finalise_threads, or all N); 0: not
+  // planned (the call runs forward, then backward). A block's forward takes the whole problem's `splits`: the
+  // blocks together launch the CTAs one forward would (splitting each block for its own grid made gemma2's 2 %
+  // slower, and gave the finaliser four times the partials to merge).
+  std::int64_t kept_rows = 0;
   static constexpr int kept_ref_cols = 256;      // classes per stored reference (the sm_90a forward's tile)
   static constexpr std::int64_t kept_min_rows = 512;
   pass_shape de_pass{}, dc_pass{};  // the backward's blocks: the same fused pass in chunked mode
@@ -233,7 +235,7 @@ struct plan {
     carver c(base);
     kept_buffers<T> k;
     const std::int64_t rows = std::min(kept_rows, n), cols = round_up(v, std::int64_t(grid.bn));
-    k.fw.partials = c.take<row_partial>(rows * kept_splits);
+    k.fw.partials = c.take<row_partial>(rows * splits);
     k.fw.target_logit = c.take<float>(n);
     k.fw.block_sums = c.take<float>(2 * finalise_blocks());
     k.fw.lora_p = c.take<float>(n * rank);
@@ -310,14 +312,6 @@ inline double pass_cost(std::int64_t n, std::int64_t d, std::int64_t v, const pa
   return cost;
 }
 
-// Forward: split the vocabulary until the grid holds about `ctas_per_sm` CTAs per SM, so that the last partial wave
-// costs little (with two resident CTAs per SM and 1.2 waves, half the second wave's time is idle). N = 0 has no row
-// tile: one split, and no division by zero.
-inline std::int64_t forward_splits(std::int64_t row_tiles, std::int64_t col_tiles, int sm_count, int ctas_per_sm) {
-  const std::int64_t target_ctas = std::int64_t(std::max(ctas_per_sm, 1)) * std::max(sm_count, 1);
-  return std::clamp<std::int64_t>(ceil_div(target_ctas, std::max<std::int64_t>(row_tiles, 1)), 1, col_tiles);
-}
-
 // The default budgets of the operating points (docs/api.md).
 inline constexpr std::size_t minimal_budget = std::size_t(64) << 20, chunked_budget = std::size_t(256) << 20,
                              loss_and_grad_budget = std::size_t(1) << 30;
@@ -343,7 +337,12 @@ plan plan_operating_point(std::int64_t n, std::int64_t d, std::int64_t v, std::i
   p.elem_bytes = sizeof(T);
   p.sm_count = std::max(dev.sm_count, 1);
 
-  p.splits = forward_splits(p.grid.row_tiles(), p.grid.col_tiles(), p.sm_count, forward_ctas_per_sm);
+  // Forward: split the vocabulary until the grid holds about `forward_ctas_per_sm` CTAs per SM, so that the last
+  // partial wave costs little (with two resident CTAs per SM and 1.2 waves, half the second wave's time is idle).
+  const std::int64_t target_ctas = std::int64_t(std::max(forward_ctas_per_sm, 1)) * std::max(dev.sm_count, 1);
+  // (N = 0 has no row tile: one split, and no division by zero.)
+  p.splits = std::clamp<std::int64_t>(ceil_div(target_ctas, std::max<std::int64_t>(p.grid.row_tiles(), 1)), 1,
+                                      p.grid.col_tiles());
 
   backward_mode mode = opt.backward_mode;
   if (mode == backward_mode::loss_and_grad) mode = backward_mode::chunked;
@@ -438,8 +437,7 @@ plan plan_operating_point(std::int64_t n, std::int64_t d, std::int64_t v, std::i
 // least kept_min_rows: shorter ones would run each product on a fraction of the GPU. With Kahan sums there is one
 // block or none, since dC is added to the output once per block.
 template <class T>
-void plan_kept_logits(plan& p, const options& opt, const device_info& dev, std::size_t budget,
-                      int forward_ctas_per_sm) {
+void plan_kept_logits(plan& p, const options& opt, const device_info& dev, std::size_t budget) {
   if (opt.backward_mode != backward_mode::loss_and_grad || !opt.hopper_kernels || dev.arch != 90 ||
       sizeof(T) != 2 || opt.vocab_sort || p.n == 0 || p.v == 0) {
     return;
@@ -447,8 +445,6 @@ void plan_kept_logits(plan& p, const options& opt, const device_info& dev, std::
   auto with_rows = [&](std::int64_t rows) {
     plan k = p;
     k.kept_rows = rows;
-    k.kept_splits = forward_splits(ceil_div(rows, std::int64_t(p.grid.bm)), p.grid.col_tiles(), p.sm_count,
-                                   forward_ctas_per_sm);
     return k;
   };
   auto fits = [&](std::int64_t rows) {
@@ -483,7 +479,7 @@ plan make_plan(std::int64_t n, std::int64_t d, std::int64_t v, std::int64_t rank
   if (budget == 0 && opt.backward_mode == backward_mode::loss_and_grad) budget = loss_and_grad_budget;
   plan p = plan_operating_point<T>(n, d, v, rank, bias, opt, bm, bn, dev, budget, weights, sort_temp,
                                    forward_ctas_per_sm);
-  plan_kept_logits<T>(p, opt, dev, budget, forward_ctas_per_sm);
+  plan_kept_logits<T>(p, opt, dev, budget);
   return p;
 }
 

@@ -173,7 +173,7 @@ class portable_path {
       CCE_TRY(kept_forward(sv, kb, r0, rows, out.correct != nullptr, stream));
       split_rows block;
       block.partials = kb.fw.partials;
-      block.splits = pl_.kept_splits;
+      block.splits = pl_.splits;
       block.target_logit = kb.fw.target_logit + r0;
       CCE_TRY(finalise_rows(block, out, sv, kb.fw.block_sums, r0, rows, stream));
       CCE_TRY(coefficients(loss_gradient{}, sv, bw.coef, r0, rows, stream));
@@ -448,7 +448,7 @@ class portable_path {
     prm.class_weights = shard_class_weights();
     prm.labels = labels(r0);
     prm.grid = tile::tile_grid{rows, p_.v, pl_.grid.bm, pl_.grid.bn};
-    prm.splits = pl_.kept_splits;
+    prm.splits = pl_.splits;
     prm.smoothing = o_.label_smoothing != 0.f;
     prm.argmax = argmax;
     prm.partials = kb.fw.partials;

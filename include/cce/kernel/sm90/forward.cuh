@@ -34,7 +34,7 @@ using forward_ring = tile_ring<T, major::k, major::k, forward_cluster>;
 // weigh less in every sum.
 struct kept_logits {
   __half* logits = nullptr;
-  std::int64_t ld = 0;  // a multiple of 2
+  std::int64_t ld = 0;  // a multiple of 4
   float* ref = nullptr;
   std::int64_t ref_ld = 0;
 };
@@ -171,15 +171,25 @@ __global__ void __launch_bounds__(forward_shape::threads, 1)
       if constexpr (KeepLogits) {  // the row's max over the tile (the four lanes of a row agree on it), then z - m
         m = fmaxf(m, shuffle_xor(m, 1));
         m = fmaxf(m, shuffle_xor(m, 2));
-        if (row < g.rows) {
-          const kept_logits& k = prm.kept;
-          auto* out = reinterpret_cast<__half2*>(k.logits + row * k.ld + col_thread);
+        // Lanes l and l ^ 1 trade one column pair of every two 8-column groups, so that each stores 4 adjacent
+        // values (8 bytes; a warp's store then fills whole 32-byte sectors): the even lane keeps group 2b, the odd
+        // lane group 2b + 1.
+        const kept_logits& k = prm.kept;
+        const bool odd = lane % 2 == 1;
+        const std::int64_t col_pair = col0 + 4 * ((lane % 4) / 2);
+        auto pair = [&](int j) {
+          const __half2 h = __floats2half2_rn(acc[4 * j + 2 * r] - m, acc[4 * j + 2 * r + 1] - m);
+          return *reinterpret_cast<const std::uint32_t*>(&h);
+        };
 #pragma unroll
-          for (int j = 0; j < 32; ++j)
-            if (!ragged || col_thread + 8 * j < k.ld)
-              out[4 * j] = __floats2half2_rn(acc[4 * j + 2 * r] - m, acc[4 * j + 2 * r + 1] - m);
-          if (lane % 4 == 0) k.ref[row * k.ref_ld + ct] = m;
+        for (int b = 0; b < 16; ++b) {
+          const std::uint32_t even_group = pair(2 * b), odd_group = pair(2 * b + 1);
+          const std::uint32_t other = __shfl_xor_sync(0xffffffffu, odd ? even_group : odd_group, 1);
+          const uint2 four = odd ? make_uint2(other, odd_group) : make_uint2(even_group, other);
+          const std::int64_t col = col_pair + 8 * (2 * b + (odd ? 1 : 0));
+          if (row < g.rows && (!ragged || col < k.ld)) *reinterpret_cast<uint2*>(k.logits + row * k.ld + col) = four;
         }
+        if (row < g.rows && lane % 4 == 0) k.ref[row * k.ref_ld + ct] = m;
       }
       const std::int32_t target = targets[lr];
       const bool has_target = target >= col0 && target < col0 + S::bn;

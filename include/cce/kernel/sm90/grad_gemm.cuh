@@ -116,7 +116,6 @@ __device__ __forceinline__ void store_runs(const grad_gemm_params<T, G, KTile>& 
   }
 }
 
-// Output tile `tile` (in launch order) of the product `prm`, by the whole CTA.
 // A thread's runs of 4 columns of a 16-bit output, rows first, first + row_step, ... of the tile, added to the
 // output's old values (vector_runs() holds and there is no fp32 carry): all the old values are loaded first.
 template <class G>
@@ -153,6 +152,7 @@ struct direct_runs {
   }
 };
 
+// Output tile `tile` (in launch order) of the product `prm`, by the whole CTA.
 template <class T, class G, major MajorA>
 __device__ __forceinline__ void grad_gemm_tile(const grad_gemm_params_sm90<T, G>& prm, int tile) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -191,16 +191,15 @@ __device__ __forceinline__ void grad_gemm_tile(const grad_gemm_params_sm90<T, G>
   ring.compute_tile(acc, at, k_blocks, cw / 4, live);
 
   // The epilogue goes through shared memory (the ring's buffers, free once both warpgroups are done with them), so
-  // that it runs as a short loop of coalesced 4-column runs rather than 128 scattered elements per thread.
-  // 256 threads: 64 runs of 4 columns per row, 4 rows per pass.
+  // that it runs as a short loop of coalesced 4-column runs rather than 128 scattered elements per thread: 256
+  // threads, 64 runs of 4 columns per row, 4 rows per pass.
   const int t = threadIdx.x - 128, col = 4 * (t % 64);
   const std::int64_t row0 = std::int64_t(pos.m) * S::bm, col0 = std::int64_t(pos.n) * S::bn + col;
   const int rows = int(p.m - row0 < S::bm ? p.m - row0 : S::bm);
-  // Adding to the output without an fp32 carry (dC of a row block after the first; options::accumulate): a thread's
-  // 32 old output runs are loaded before the tile is staged, all in flight at once behind the staging, rather than
-  // in batches after it.
-  // (16-bit outputs: 64 registers beside the accumulators.)
-  const bool preload = sizeof(G) == 2 && col0 < p.n && p.accumulate && p.acc == nullptr && vector_runs(p);
+  // Adding to a 16-bit output without an fp32 carry (dC of a row block after the first; options::accumulate): a
+  // thread's 32 old runs (64 registers beside the accumulators) are loaded before the tile is staged, all in flight
+  // at once behind the staging, rather than in batches after it.
+  const bool preload = col0 < p.n && p.accumulate && p.acc == nullptr && vector_runs(p);
   direct_runs<G> old;
   if constexpr (sizeof(G) == 2)
     if (preload) old.load(p, t / 64, rows, row0, col0);
