@@ -36,8 +36,11 @@ struct kept_dlogit_params {
 
 inline constexpr int kept_dlogit_threads = 256;
 
+// Three CTAs per SM (80 registers): more loads in flight than two of 108 registers gave (0.97 against 1.09 ms for a
+// gemma2 block).
 template <class T>
-__global__ void __launch_bounds__(kept_dlogit_threads, 3) kept_dlogit_kernel(const __grid_constant__ kept_dlogit_params<T> prm) {
+__global__ void __launch_bounds__(kept_dlogit_threads, 3)
+    kept_dlogit_kernel(const __grid_constant__ kept_dlogit_params<T> prm) {
   static_assert(sizeof(T) == sizeof(__half), "draw overwrites the fp16 logit it comes from");
   constexpr int tile = 128, vec = 8, lanes_per_row = tile / vec, rows_per_step = kept_dlogit_threads / lanes_per_row;
   const tile::tile_grid& g = prm.grid;
