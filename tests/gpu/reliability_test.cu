@@ -222,17 +222,31 @@ TEST_CASE("GPU: two problems on two streams at once equal the serial runs bitwis
 }
 
 TEST_CASE("GPU: forward + backward and loss_and_grad captured in a CUDA graph, replayed 100 times", "[gpu][graph]") {
-  test::case_config cfg = medium_case(33);
-  cfg.rank = 4;
-  cfg.class_weights = true;
   for (std::size_t budget : budgets) {
-    for (bool fused : {false, true}) {
-      INFO((fused ? "loss_and_grad" : "forward + backward") << " budget=" << budget);
+    // forward + backward; loss_and_grad; loss_and_grad with backward_mode::loss_and_grad, which keeps the logits on
+    // the sm_90a path (at the default budget; the smallest one gives no logit block and runs forward + backward)
+    for (int call = 0; call < 3; ++call) {
+      const bool fused = call > 0;
+      test::case_config cfg = medium_case(33);
+      cfg.rank = 4;
+      cfg.class_weights = true;
+      if (call == 2) {
+        cfg.opts.backward_mode = backward_mode::loss_and_grad;
+        cfg.unit_grad = true;
+      }
+      INFO((call == 2 ? "loss_and_grad keeping logits" : fused ? "loss_and_grad" : "forward + backward")
+           << " budget=" << budget);
       const auto h = test::make_problem<bf16>(cfg);
       const device_case<bf16, bf16> c(h, budget);
+      if (call == 2 && budget == 0) {  // the logits are kept wherever the sm_90a forward runs
+        device_info dev;
+        REQUIRE(current_device(dev) == status::success);
+        const bool sm90a = dev.arch == 90 && detail::sm90::has_sm90a_image(detail::sm90::forward_kernel<bf16, false>);
+        CHECK((c.op().mode(c.device_view(), dev, c.workspace_bytes()) == backward_mode::loss_and_grad) == sm90a);
+      }
       stream_pair s;
       const auto eager = run_on(c, s.a, fused);
-      if (!fused) test::check_case<bf16, bf16>(h, eager, true, test::gradient_check::relative);
+      if (call != 1) test::check_case<bf16, bf16>(h, eager, true, test::gradient_check::relative);
 
       // Global capture mode: a host synchronisation or an allocation inside the calls fails the capture.
       cudaGraph_t graph = nullptr;
