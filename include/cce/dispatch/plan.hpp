@@ -249,7 +249,6 @@ struct plan {
     pb.active = c.take<std::uint8_t>(ceil_div(rows, grid.bm) * (cols / grid.bn));
     pb.db_acc = c.take<float>(cols * rank);
     pb.dbias_partial = c.take<float>(bias ? ceil_div(rows, grid.bm) * cols : 0);
-    k.bw.dc = pb;
     if (bytes) *bytes = c.bytes();
     return k;
   }

@@ -154,8 +154,7 @@ class portable_path {
                        const kept_buffers<T>& kb, cudaStream_t stream) const {
     const backward_buffers<T>& bw = kb.bw;
     const pass_buffers<T>& pb = bw.de;
-    class_weight_total_kernel<256><<<1, 256, 0, stream>>>(p_.class_weights, p_.total_classes(), sv.class_weight_total);
-    CCE_TRY(launch_status());
+    CCE_TRY(class_weight_total(sv, stream));
     if (p_.n > 0) {  // the mean's normaliser, which every block's gradient needs
       row_weight_kernel<plan::finalise_threads><<<unsigned(pl_.finalise_blocks()), plan::finalise_threads, 0, stream>>>(
           p_.n, labels(), p_.class_weights, kb.fw.block_sums);
@@ -369,12 +368,17 @@ class portable_path {
                 : launch_tile_kernel<forward_kernel<T, Policy, false>>(grid, Policy::threads, smem, stream, prm, most);
   }
 
+  // W = sum of the class weights (V without them) into the saved state, for label smoothing's share.
+  status class_weight_total(const saved_buffers& sv, cudaStream_t stream) const {
+    class_weight_total_kernel<256><<<1, 256, 0, stream>>>(p_.class_weights, p_.total_classes(), sv.class_weight_total);
+    return launch_status();
+  }
+
   // Per-row outputs and saved state from merged statistics, then the loss and the mean's normaliser.
   template <class Rows>
   status finalise(const Rows& rows, const forward_outputs& out, const saved_buffers& sv,
                   const forward_buffers<T>& fw, cudaStream_t stream) const {
-    class_weight_total_kernel<256><<<1, 256, 0, stream>>>(p_.class_weights, p_.total_classes(), sv.class_weight_total);
-    CCE_TRY(launch_status());
+    CCE_TRY(class_weight_total(sv, stream));
     if (p_.n > 0) CCE_TRY(finalise_rows(rows, out, sv, fw.block_sums, 0, p_.n, stream));
     return loss_total(out, sv, fw.block_sums, stream);
   }

@@ -14,7 +14,6 @@
 #include <cce/detail/element_type.hpp>
 #include <cce/dispatch/plan.hpp>
 #include <cce/epilogue/logit_transform.hpp>
-#include <cce/kernel/portable/dlogit.cuh>
 #include <cce/kernel/portable/fast_math.cuh>
 #include <cce/tile/tile_grid.hpp>
 
