@@ -1,5 +1,6 @@
 """torch.library registration of the compiled operators: shapes for tracing (register_fake) and the gradient
-(register_autograd), so that torch.compile sees cce::forward and cce::backward as opaque operators."""
+(register_autograd), so that torch.compile sees cce::forward, cce::backward and cce::loss_and_grad as opaque
+operators."""
 
 from typing import NamedTuple, Optional
 
@@ -15,7 +16,7 @@ FOPT = ("softcap", "temperature", "label_smoothing", "z_loss", "filter_eps", "lo
 # Values of the enumerations in include/cce/options.hpp.
 REDUCTION = {"none": 0, "sum": 1, "mean": 2}
 FILTER_NONE, FILTER_AUTO, FILTER_THRESHOLD = 0, 1, 2
-MODE = {"auto": 0, "minimal": 1, "chunked": 2}
+MODE = {"auto": 0, "minimal": 1, "chunked": 2, "loss_and_grad": 3}
 # Bits of the forward's `outputs` argument.
 WANT_LSE, WANT_ENTROPY, WANT_LOGPROB, WANT_CORRECT = 1, 2, 4, 8
 
@@ -71,6 +72,13 @@ def _backward_fake(grad_loss, e, c, targets, bias, weight, lora_a, lora_b, saved
     return tuple(c.new_empty(s if need else (0,)) for s, need in zip(shapes, needs))
 
 
+@torch.library.register_fake("cce::loss_and_grad")
+def _loss_and_grad_fake(e, c, targets, bias, weight, lora_a, lora_b, iopt, fopt, needs):
+    n = e.shape[0]
+    loss = e.new_empty((n,) if iopt[IOPT.index("reduction")] == REDUCTION["none"] else (), dtype=torch.float32)
+    return (loss, *_backward_fake(None, e, c, targets, bias, weight, lora_a, lora_b, None, iopt, fopt, needs))
+
+
 def _setup_context(ctx, inputs, output):
     e, c, targets, bias, weight, lora_a, lora_b, iopt, fopt, _, _ = inputs
     _, lse, entropy, logprob, correct, saved = output
@@ -107,3 +115,7 @@ def forward(args: OpArgs, outputs: int):
 def backward(args: OpArgs, grad_loss, saved, needs):
     return torch.ops.cce.backward(grad_loss, args.e, args.c, args.targets, args.bias, args.weight, args.lora_a,
                                   args.lora_b, saved, args.iopt, args.fopt, needs)
+
+
+def loss_and_grad(args: OpArgs, needs):
+    return torch.ops.cce.loss_and_grad(*args, needs)

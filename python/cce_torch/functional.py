@@ -27,19 +27,21 @@ def _filter(filter_eps):
     return _ops.FILTER_THRESHOLD, float(filter_eps)
 
 
-def _workspace(workspace):
-    """'chunked' (the default 256 MiB plan), 'minimal' (64 MiB), or a budget in bytes that picks the widest plan."""
+def _workspace(workspace, one_call=False):
+    """'chunked' (the default 256 MiB plan), 'minimal' (64 MiB), or a budget in bytes that picks the widest plan.
+    For one call of loss_and_grad also 'loss_and_grad' (1 GiB), and a byte count is that mode's budget."""
+    names = ("chunked", "minimal", "loss_and_grad") if one_call else ("chunked", "minimal")
     if isinstance(workspace, str):
-        if workspace not in ("chunked", "minimal"):
-            raise ValueError(f"workspace is 'chunked', 'minimal' or a byte count, not {workspace!r}")
+        if workspace not in names:
+            raise ValueError(f"workspace is one of {names} or a byte count, not {workspace!r}")
         return _ops.MODE[workspace], 0
     if int(workspace) <= 0:
         raise ValueError("a workspace budget is a positive byte count")
-    return _ops.MODE["auto"], int(workspace)
+    return _ops.MODE["loss_and_grad" if one_call else "auto"], int(workspace)
 
 
 def _prepare(e, c, targets, bias, ignore_index, softcap, reduction, shift, filter_eps, accum, label_smoothing, z_loss,
-             weight, temperature, lora, deterministic, workspace):
+             weight, temperature, lora, deterministic, workspace, one_call=False):
     if e.dim() < 1 or c.dim() != 2 or e.shape[-1] != c.shape[1]:
         raise ValueError(f"e is (..., D) and c is (V, D): got {tuple(e.shape)} and {tuple(c.shape)}")
     if e.shape[:-1] != targets.shape:
@@ -53,7 +55,7 @@ def _prepare(e, c, targets, bias, ignore_index, softcap, reduction, shift, filte
         raise ValueError("shift needs targets with a sequence dimension")
     seq_len = targets.shape[-1] if k else 0
     filter_mode, eps = _filter(filter_eps)
-    mode, budget = _workspace(workspace)
+    mode, budget = _workspace(workspace, one_call)
     lora_a = lora_b = None
     lora_scale = 1.0
     if lora is not None:
@@ -127,15 +129,17 @@ def linear_cross_entropy(
 
 def loss_and_grad(e, c, targets, bias=None, ignore_index=-100, softcap=None, reduction="mean", shift=False,
                   filter_eps="auto", accum="fp32", *, label_smoothing=0.0, z_loss=0.0, weight=None, temperature=1.0,
-                  lora=None, deterministic=False, workspace="chunked"):
+                  lora=None, deterministic=False, workspace="loss_and_grad"):
     """The loss and its gradients (upstream gradient 1) in one call, outside autograd: returns (loss, de, dc,
-    dbias, da, db) with None for what the call has no input for. Arguments as linear_cross_entropy."""
+    dbias, da, db) with None for what the call has no input for. Arguments as linear_cross_entropy, but the
+    workspace defaults to 'loss_and_grad': up to 1 GiB (a byte count sets another budget), in which the Hopper
+    kernels keep the logits of row blocks instead of computing them twice (docs/api.md); 'chunked' and 'minimal'
+    run the forward and backward of those modes."""
     args = _prepare(e, c, targets, bias, ignore_index, softcap, reduction, shift, filter_eps, accum, label_smoothing,
-                    z_loss, weight, temperature, lora, deterministic, workspace)
+                    z_loss, weight, temperature, lora, deterministic, workspace, one_call=True)
+    needs = [True, True, bias is not None, lora is not None, lora is not None]
     with torch.no_grad():
-        loss, *_, saved = _ops.forward(args, 0)
-        needs = [True, True, bias is not None, lora is not None, lora is not None]
-        grads = _ops.backward(args, loss.new_empty((0,)), saved, needs)
+        loss, *grads = _ops.loss_and_grad(args, needs)
     if reduction == "none":
         loss = _per_row(loss, targets.shape, int(shift))
     de, dc, dbias, da, db = (g if need else None for g, need in zip(grads, needs))

@@ -1,4 +1,4 @@
-// The PyTorch operators cce::forward and cce::backward over one cce executor: the CUDA functor
+// The PyTorch operators cce::forward, cce::backward and cce::loss_and_grad over one cce executor: the CUDA functor
 // (ops_cuda.cu) or the CPU tiled executor (ops.cpp). Tensors are checked and turned into a cce::problem here;
 // every buffer the library needs (saved state, workspace, outputs, gradients) is a tensor on the inputs' device,
 // so CUDA memory comes from the caching allocator.
@@ -137,6 +137,8 @@ struct bound_problem {
 // (loss, lse, entropy, logprob, correct, saved) and (dE, dC, dBias, dA, dB).
 using forward_result = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 using backward_result = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+// (loss, dE, dC, dBias, dA, dB)
+using loss_and_grad_result = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 inline at::Tensor device_bytes(std::int64_t n, const at::Tensor& like) {
   return at::empty({n}, like.options().dtype(at::kByte));
@@ -154,10 +156,20 @@ inline at::Tensor aligned_scratch(const at::Tensor& t) {
   return raw.narrow(0, std::int64_t((256 - address % 256) % 256), t.numel()).copy_(t);
 }
 
+// The loss of a call without rows (the library is not called): the sum is 0, the mean 0 / 0 as F.cross_entropy.
+inline void loss_without_rows(at::Tensor& loss, const cce::options& o) {
+  if (o.reduction != cce::reduction::none) loss.fill_(o.reduction == cce::reduction::sum ? 0. : NAN);
+}
+
+// Scratch of `bytes` on the device of `like`, as the library asks for it.
+inline at::Tensor workspace_for(std::size_t bytes, const at::Tensor& like) {
+  return aligned_scratch(device_bytes(std::int64_t(bytes), like));
+}
+
 // Exec provides, for element type T:  saved_bytes(p), workspace_bytes(p, budget), forward(p, out, saved, ws),
-// backward(p, grad, gradients, saved, ws). The forward asks for budget 1, the smallest plan: its buffers and
-// results do not depend on the backward's operating point, so it runs with the least scratch. The backward's
-// budget (0: the default of the pinned mode) selects that operating point.
+// backward(p, grad, gradients, saved, ws) and loss_and_grad(p, out, gradients, saved, ws). The forward asks for
+// budget 1, the smallest plan: its buffers and results do not depend on the backward's operating point, so it runs
+// with the least scratch. The backward's budget (0: the default of the pinned mode) selects that operating point.
 template <class T, class Exec>
 forward_result forward_op(const Exec& ex, const bound_problem<T>& bp, const cce::options& o, std::int64_t outputs,
                           std::int64_t saved_bytes) {
@@ -177,7 +189,7 @@ forward_result forward_op(const Exec& ex, const bound_problem<T>& bp, const cce:
   at::Tensor saved = device_bytes(saved_bytes, like).zero_();
   at::Tensor saved_call = aligned_scratch(saved);
   const std::size_t ws_bytes = ex.workspace_bytes(p, 1);
-  at::Tensor ws = aligned_scratch(device_bytes(std::int64_t(ws_bytes), like));
+  at::Tensor ws = workspace_for(ws_bytes, like);
   cce::forward_outputs out;
   out.loss = ptr<float>(loss);
   out.lse = ptr<float>(lse);
@@ -185,50 +197,90 @@ forward_result forward_op(const Exec& ex, const bound_problem<T>& bp, const cce:
   out.target_logprob = ptr<float>(logprob);
   out.correct = ptr<std::uint8_t>(correct);
   if (p.n == 0 && o.reduction != cce::reduction::none)
-    loss.fill_(o.reduction == cce::reduction::sum ? 0. : NAN);
+    loss_without_rows(loss, o);
   else
     check(ex.forward(p, out, ptr<void>(saved_call), std::size_t(saved_bytes), ptr<void>(ws), ws_bytes), "forward");
   if (!saved_call.is_same(saved)) saved.copy_(saved_call);
   return {loss, lse, entropy, logprob, correct, saved};
 }
 
+// The gradient tensors a call writes (empty where not needed, so null in the library's gradients) and the
+// library's view of them.
+template <class T>
+struct gradient_tensors {
+  at::Tensor de, dc, dbias, da, db;
+  cce::gradients<T> out;
+
+  gradient_tensors(const bound_problem<T>& bp, const std::array<bool, grad_count>& needs) {
+    const cce::problem<T>& p = bp.p;
+    const auto opts = bp.c.options();
+    auto grad = [&](int slot, at::IntArrayRef shape) {
+      return needs[slot] ? at::empty(shape, opts) : at::empty({0}, opts);
+    };
+    de = grad(grad_e, {p.n, p.d});
+    dc = grad(grad_c, {p.v, p.d});
+    dbias = grad(grad_bias, {bp.bias.defined() ? p.v : 0});
+    da = grad(grad_a, {p.lora.rank, p.d});
+    db = grad(grad_b, {p.v, p.lora.rank});
+    out.de = ptr<T>(de);
+    out.dc = ptr<T>(dc);
+    out.dbias = ptr<T>(dbias);  // empty tensors (not asked for, or no such input) are null pointers
+    out.da = ptr<T>(da);
+    out.db = ptr<T>(db);
+  }
+
+  // Without rows, every class gradient is zero (the library is not called).
+  void zero_class_gradients() {
+    for (at::Tensor* t : {&dc, &dbias, &da, &db}) t->zero_();
+  }
+  backward_result tuple() const { return {de, dc, dbias, da, db}; }
+};
+
 template <class T, class Exec>
 backward_result backward_op(const Exec& ex, const bound_problem<T>& bp, const cce::options& o, std::size_t budget,
                             const at::Tensor& grad_loss, const at::Tensor& saved,
                             const std::array<bool, grad_count>& needs) {
   const cce::problem<T>& p = bp.p;
-  const auto opts = bp.c.options();
-  auto grad = [&](int slot, at::IntArrayRef shape) {
-    return needs[slot] ? at::empty(shape, opts) : at::empty({0}, opts);
-  };
-  at::Tensor de = grad(grad_e, {p.n, p.d}), dc = grad(grad_c, {p.v, p.d});
-  at::Tensor dbias = grad(grad_bias, {bp.bias.defined() ? p.v : 0});
-  at::Tensor da = grad(grad_a, {p.lora.rank, p.d}), db = grad(grad_b, {p.v, p.lora.rank});
+  gradient_tensors<T> grads(bp, needs);
   at::Tensor g;
   if (grad_loss.numel()) {
     const std::int64_t expect = o.reduction == cce::reduction::none ? p.n : 1;
     TORCH_CHECK_VALUE(grad_loss.numel() == expect, "cce: the loss gradient has ", expect, " values");
     g = grad_loss.to(at::kFloat).contiguous();
   }
-  cce::gradients<T> out;
-  out.de = ptr<T>(de);
-  out.dc = ptr<T>(dc);
-  out.dbias = ptr<T>(dbias);  // empty tensors (not asked for, or no such input) are null pointers
-  out.da = ptr<T>(da);
-  out.db = ptr<T>(db);
   const std::size_t ws_bytes = ex.workspace_bytes(p, budget);
-  at::Tensor ws = aligned_scratch(device_bytes(std::int64_t(ws_bytes), bp.c));
+  at::Tensor ws = workspace_for(ws_bytes, bp.c);
   if (p.n == 0) {
-    if (needs[grad_c]) dc.zero_();
-    if (needs[grad_bias]) dbias.zero_();
-    if (needs[grad_a]) da.zero_();
-    if (needs[grad_b]) db.zero_();
+    grads.zero_class_gradients();
   } else {
-    check(ex.backward(p, cce::loss_gradient{ptr<const float>(g)}, out, ptr<const void>(aligned_scratch(saved)),
+    check(ex.backward(p, cce::loss_gradient{ptr<const float>(g)}, grads.out, ptr<const void>(aligned_scratch(saved)),
                       std::size_t(saved.numel()), ptr<void>(ws), ws_bytes),
           "backward");
   }
-  return {de, dc, dbias, da, db};
+  return grads.tuple();
+}
+
+// The loss and its gradients (upstream gradient 1) in one call: the library's loss_and_grad, whose workspace of
+// `budget` bytes (0: the mode's default) may keep the logits of row blocks. The saved state is scratch here.
+template <class T, class Exec>
+loss_and_grad_result loss_and_grad_op(const Exec& ex, const bound_problem<T>& bp, const cce::options& o,
+                                      std::size_t budget, const std::array<bool, grad_count>& needs) {
+  const cce::problem<T>& p = bp.p;
+  const auto f32 = bp.c.options().dtype(at::kFloat);
+  at::Tensor loss = o.reduction == cce::reduction::none ? at::empty({p.n}, f32) : at::empty({}, f32);
+  gradient_tensors<T> grads(bp, needs);
+  if (p.n == 0) {
+    loss_without_rows(loss, o);
+    grads.zero_class_gradients();
+  } else {
+    const std::size_t saved_bytes = ex.saved_bytes(p), ws_bytes = ex.workspace_bytes(p, budget);
+    at::Tensor saved = workspace_for(saved_bytes, bp.c), ws = workspace_for(ws_bytes, bp.c);
+    cce::forward_outputs out;
+    out.loss = ptr<float>(loss);
+    check(ex.loss_and_grad(p, out, grads.out, ptr<void>(saved), saved_bytes, ptr<void>(ws), ws_bytes),
+          "loss_and_grad");
+  }
+  return std::tuple_cat(std::make_tuple(loss), grads.tuple());
 }
 
 template <class T>
@@ -280,6 +332,20 @@ backward_result backward(const at::Tensor& grad_loss, const at::Tensor& e, const
   });
 }
 
+template <template <class> class Exec>
+loss_and_grad_result loss_and_grad(const at::Tensor& e, const at::Tensor& c, const at::Tensor& targets,
+                                   const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& weight,
+                                   const std::optional<at::Tensor>& a, const std::optional<at::Tensor>& b,
+                                   at::IntArrayRef io, at::ArrayRef<double> fo, std::array<bool, grad_count> needs) {
+  const cce::options o = make_options(io, fo);
+  TORCH_CHECK_VALUE(io[iopt::budget] >= 0, "cce: the workspace budget is a byte count >= 0");
+  return dispatch_type(e.scalar_type(), [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    const bound_problem<T> bp(e, c, targets, bias, weight, a, b, io, fo);
+    return loss_and_grad_op(Exec<T>(o), bp, o, std::size_t(io[iopt::budget]), needs);
+  });
+}
+
 constexpr const char* forward_schema =
     "forward(Tensor e, Tensor c, Tensor targets, Tensor? bias, Tensor? weight, Tensor? lora_a, Tensor? lora_b, "
     "int[] iopt, float[] fopt, int outputs, int saved_bytes) -> "
@@ -288,5 +354,9 @@ constexpr const char* backward_schema =
     "backward(Tensor grad_loss, Tensor e, Tensor c, Tensor targets, Tensor? bias, Tensor? weight, "
     "Tensor? lora_a, Tensor? lora_b, Tensor saved, int[] iopt, float[] fopt, bool[5] needs) -> "
     "(Tensor de, Tensor dc, Tensor dbias, Tensor da, Tensor db)";
+constexpr const char* loss_and_grad_schema =
+    "loss_and_grad(Tensor e, Tensor c, Tensor targets, Tensor? bias, Tensor? weight, Tensor? lora_a, "
+    "Tensor? lora_b, int[] iopt, float[] fopt, bool[5] needs) -> "
+    "(Tensor loss, Tensor de, Tensor dc, Tensor dbias, Tensor da, Tensor db)";
 
 }  // namespace cce_torch

@@ -30,6 +30,12 @@ struct cpu_exec {
                        std::size_t saved_size, void* ws, std::size_t ws_size) const {
     return ex.backward(p, g, out, saved, saved_size, ws, ws_size);
   }
+  // The executor has no kept logits: the forward, then the backward with upstream gradient 1.
+  cce::status loss_and_grad(const cce::problem<T>& p, const cce::forward_outputs& out, const cce::gradients<T>& grads,
+                            void* saved, std::size_t saved_size, void* ws, std::size_t ws_size) const {
+    const cce::status s = forward(p, out, saved, saved_size, ws, ws_size);
+    return s != cce::status::success ? s : backward(p, cce::loss_gradient{}, grads, saved, saved_size, ws, ws_size);
+  }
 };
 
 // The logit tile (rows, classes) of the default policy: the saved state holds one float per tile.
@@ -45,12 +51,14 @@ std::vector<std::int64_t> tile_shape(at::ScalarType s) {
 TORCH_LIBRARY(cce, m) {
   m.def(forward_schema);
   m.def(backward_schema);
+  m.def(loss_and_grad_schema);
   m.def("tile_shape(ScalarType dtype) -> int[]", &tile_shape);
 }
 
 TORCH_LIBRARY_IMPL(cce, CPU, m) {
   m.impl("forward", &forward<cpu_exec>);
   m.impl("backward", &backward<cpu_exec>);
+  m.impl("loss_and_grad", &loss_and_grad<cpu_exec>);
 }
 
 }  // namespace cce_torch

@@ -32,6 +32,10 @@ struct cuda_exec {
                        std::size_t saved_size, void* ws, std::size_t ws_size) const {
     return op.backward(p, g, out, saved, saved_size, ws, ws_size, stream);
   }
+  cce::status loss_and_grad(const cce::problem<T>& p, const cce::forward_outputs& out, const cce::gradients<T>& grads,
+                            void* saved, std::size_t saved_size, void* ws, std::size_t ws_size) const {
+    return op.loss_and_grad(p, out, grads, saved, saved_size, ws, ws_size, stream);
+  }
 };
 
 forward_result forward_cuda(const at::Tensor& e, const at::Tensor& c, const at::Tensor& targets,
@@ -51,11 +55,21 @@ backward_result backward_cuda(const at::Tensor& grad_loss, const at::Tensor& e, 
   return backward<cuda_exec>(grad_loss, e, c, targets, bias, weight, a, b, saved, io, fo, needs);
 }
 
+loss_and_grad_result loss_and_grad_cuda(const at::Tensor& e, const at::Tensor& c, const at::Tensor& targets,
+                                        const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& weight,
+                                        const std::optional<at::Tensor>& a, const std::optional<at::Tensor>& b,
+                                        at::IntArrayRef io, at::ArrayRef<double> fo,
+                                        std::array<bool, grad_count> needs) {
+  const c10::cuda::CUDAGuard guard(c.device());
+  return loss_and_grad<cuda_exec>(e, c, targets, bias, weight, a, b, io, fo, needs);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(cce, CUDA, m) {
   m.impl("forward", &forward_cuda);
   m.impl("backward", &backward_cuda);
+  m.impl("loss_and_grad", &loss_and_grad_cuda);
 }
 
 }  // namespace cce_torch
