@@ -111,7 +111,7 @@ class portable_path {
         CCE_TRY(dlogits(sv, bw, pb, s, 0, p_.n, counts, stream));
         if (p_.has_lora()) CCE_TRY(lora_q_update(bw, pb, s, 0, p_.n, stream));
         CCE_TRY(products(bw, pb, s, out, 0, p_.n, ch == 0, ch + 1 == chunks, false, stream));
-        if (out.dbias) CCE_TRY(dbias_sum(pb, s, out.dbias, stream));
+        if (out.dbias) CCE_TRY(dbias_sum(pb, s, p_.n, false, out.dbias, stream));
         if (out.db) CCE_TRY(db_product(bw, pb, s, out.db, 0, p_.n, true, true, stream));
       }
     } else {
@@ -137,7 +137,7 @@ class portable_path {
             if (out.dc) CCE_TRY(dc_product(dc, s, out.dc, ld_dc, r0, rows, first, last, stream));
             if (out.db) CCE_TRY(db_product(bw, dc, s, out.db, r0, rows, first, last, stream));
           }
-          if (out.dbias) CCE_TRY(dbias_sum(dc, s, out.dbias, stream));
+          if (out.dbias) CCE_TRY(dbias_sum(dc, s, p_.n, false, out.dbias, stream));
         }
       }
     }
@@ -179,12 +179,7 @@ class portable_path {
       CCE_TRY(kept_dlogits(sv, kb, r0, rows, counts, stream));
       if (p_.has_lora()) CCE_TRY(lora_q_update(bw, pb, s, r0, rows, stream));
       CCE_TRY(products(bw, pb, s, grads, r0, rows, true, true, !first, stream));
-      if (grads.dbias) {
-        dbias_kernel<G><<<blocks_for(p_.v, 256), 256, 0, stream>>>(pb.dbias_partial, ceil_div(rows, Policy::bm),
-                                                                    pb.shape.cols, p_.v, o_.accumulate || !first,
-                                                                    grads.dbias);
-        CCE_TRY(launch_status());
-      }
+      if (grads.dbias) CCE_TRY(dbias_sum(pb, s, rows, !first, grads.dbias, stream));
       if (grads.db) CCE_TRY(db_product(bw, pb, s, grads.db, r0, rows, first, last, stream));
     }
     CCE_TRY(loss_total(out, sv, kb.fw.block_sums, stream));
@@ -687,10 +682,13 @@ class portable_path {
     return status::success;
   }
 
+  // dBias of the slice's classes from the column sums of the `rows` rows' tiles in the pass buffer; added to the
+  // output when the call accumulates or `onto_output` (loss_and_grad's blocks after the first).
   template <class G>
-  status dbias_sum(const pass_buffers<T>& pb, const vocab_slice& s, G* dbias, cudaStream_t stream) const {
-    dbias_kernel<G><<<blocks_for(s.cols, 256), 256, 0, stream>>>(pb.dbias_partial, pl_.grid.row_tiles(), pb.shape.cols,
-                                                                 s.cols, o_.accumulate,
+  status dbias_sum(const pass_buffers<T>& pb, const vocab_slice& s, std::int64_t rows, bool onto_output, G* dbias,
+                   cudaStream_t stream) const {
+    dbias_kernel<G><<<blocks_for(s.cols, 256), 256, 0, stream>>>(pb.dbias_partial, ceil_div(rows, Policy::bm),
+                                                                 pb.shape.cols, s.cols, o_.accumulate || onto_output,
                                                                  s.classes ? dbias : dbias + s.v0, s.classes);
     return launch_status();
   }
