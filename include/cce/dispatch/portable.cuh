@@ -357,7 +357,16 @@ class portable_path {
     prm.tile_max = pl_.filter ? sv.tile_max : nullptr;
     const dim3 grid(unsigned(pl_.grid.row_tiles()), unsigned(pl_.splits));
     if (hopper_) return sm90::launch_forward(prm, stream);
-    const std::size_t smem = forward_smem_bytes<T, Policy>(prm.smoothing || prm.argmax);
+    const bool extras = prm.smoothing || prm.argmax;
+    if constexpr (has_wide_tiles<T, Policy>) {
+      using wide = wide_policy<Policy>;
+      if (vec_) {  // where the device gives a CTA the wide tile's shared memory
+        const status st = launch_tile_kernel<forward_kernel<T, wide, true, 2>>(
+            grid, wide::threads, forward_smem_bytes<T, wide>(extras), stream, prm, forward_smem_bytes<T, wide>(true));
+        if (st != status::unsupported_arch) return st;
+      }
+    }
+    const std::size_t smem = forward_smem_bytes<T, Policy>(extras);
     const std::size_t most = forward_smem_bytes<T, Policy>(true);
     return vec_ ? launch_tile_kernel<forward_kernel<T, Policy, true>>(grid, Policy::threads, smem, stream, prm, most)
                 : launch_tile_kernel<forward_kernel<T, Policy, false>>(grid, Policy::threads, smem, stream, prm, most);

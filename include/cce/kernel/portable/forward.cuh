@@ -2,6 +2,8 @@
 // tile on the mainloop, then folds it into per-row online-softmax partials in registers, picks up the target
 // logit and records the tile's max logit for the backward's gradient filter. Logits never leave the chip.
 // Only the vocabulary's last tile and a row's target tile take the masked path of the epilogue.
+//
+// A CTA's vocab tile may span several of the filter's tiles (the grid's): wide_policy (mainloop.cuh).
 #pragma once
 
 #include <cstddef>
@@ -92,21 +94,26 @@ constexpr std::size_t forward_smem_bytes(bool extras) {
   return mainloop::smem_bytes + (extras ? std::size_t(Policy::bm) * sizeof(kept_row) : 0);
 }
 
-template <class T, class Policy, bool Vectorized>
+// Spans: the filter's tiles (the grid's bn) per vocab tile of Policy; a thread's columns lie in one of them.
+template <class T, class Policy, bool Vectorized, int Spans = 1>
 __global__ void __launch_bounds__(Policy::threads, Policy::min_blocks)
     forward_kernel(const __grid_constant__ forward_params<T> prm) {
   using mainloop = mainloop_for<T, Policy, major::k, major::k>;
   using layout = typename mainloop::fragment_layout;
+  static_assert(Spans == 1 || (Policy::bn / Spans) % Policy::warp_n == 0, "a warp's columns lie in one filter tile");
   extern __shared__ __align__(16) unsigned char smem[];
   __shared__ float warp_max[Policy::warps];
+  __shared__ std::int32_t warp_span[Policy::warps];
   __shared__ std::int32_t targets[Policy::bm];
 
-  const tile::tile_grid& g = prm.grid;
+  const tile::tile_grid& g = prm.grid;  // g.bn * Spans == Policy::bn
   const std::int64_t rt = blockIdx.x, split = blockIdx.y;
   const std::int64_t row0 = g.row_begin(rt);
-  const std::int64_t ct_begin = tile::split_begin(g.col_tiles(), prm.splits, split);
-  const std::int64_t ct_end = tile::split_begin(g.col_tiles(), prm.splits, split + 1);
+  const std::int64_t cta_tiles = ceil_div(g.cols, std::int64_t(Policy::bn));
+  const std::int64_t ct_begin = tile::split_begin(cta_tiles, prm.splits, split);
+  const std::int64_t ct_end = tile::split_begin(cta_tiles, prm.splits, split + 1);
   const layout f;
+  const int span = Spans == 1 ? 0 : f.col(0) / (Policy::bn / Spans);
 
   const bool keep_extras = prm.smoothing || prm.argmax;
   kept_row* kept = reinterpret_cast<kept_row*>(smem + mainloop::smem_bytes);  // with keep_extras only
@@ -124,7 +131,7 @@ __global__ void __launch_bounds__(Policy::threads, Policy::min_blocks)
   // folded into the row's kept_row in row-group order: registers held across the mainloop cost it spills.
   softmax_stats part[layout::row_slots];
   for (std::int64_t ct = ct_begin; ct < ct_end; ++ct) {
-    const std::int64_t col0 = g.col_begin(ct);
+    const std::int64_t col0 = ct * Policy::bn;
     typename mainloop::accumulators acc;
     mainloop::clear(acc);
     mainloop::template run<Vectorized>(acc, smem, prm.e, row0, prm.c, col0, 0, prm.e.depth);
@@ -189,12 +196,17 @@ __global__ void __launch_bounds__(Policy::threads, Policy::min_blocks)
 
     if (prm.tile_max) {
       tmax = warp_max_all(tmax);
-      if (threadIdx.x % 32 == 0) warp_max[threadIdx.x / 32] = tmax;
+      if (threadIdx.x % 32 == 0) {
+        warp_max[threadIdx.x / 32] = tmax;
+        warp_span[threadIdx.x / 32] = span;
+      }
       __syncthreads();
-      if (threadIdx.x == 0) {
-        float m = warp_max[0];
-        for (int w = 1; w < Policy::warps; ++w) m = fmaxf(m, warp_max[w]);
-        prm.tile_max[rt * g.col_tiles() + ct] = m;
+      const std::int64_t filter_tile = ct * Spans + threadIdx.x;
+      if (threadIdx.x < Spans && filter_tile < g.col_tiles()) {
+        float m = -inf_f();
+        for (int w = 0; w < Policy::warps; ++w)
+          if (warp_span[w] == int(threadIdx.x)) m = fmaxf(m, warp_max[w]);
+        prm.tile_max[rt * g.col_tiles() + filter_tile] = m;
       }
       // The next write of warp_max follows the next mainloop's barriers.
     }

@@ -13,6 +13,7 @@
 
 #include <cce/kernel/portable/operand.cuh>
 #include <cce/kernel/portable/ptx.cuh>
+#include <cce/tile/policy.hpp>
 
 namespace cce::detail {
 
@@ -74,6 +75,67 @@ __device__ __forceinline__ void run_pipeline(std::int64_t k_begin, std::int64_t 
   __syncthreads();  // shared memory may be reused by the epilogue
 }
 
+// The same pipeline with the computation's shared-memory reads one k step ahead of its MMAs, across stages too:
+// fragments(buf, stage, kk) reads k step kk of `stage` into register set `buf`, products(buf) multiplies a set.
+// The barrier that frees a stage sits before the stage's last k step, whose fragments are already read, so the next
+// stage's first fragments load under that step's MMAs and no MMA waits on a read issued just before it. Needs two
+// fragment sets in registers (one CTA per SM) and an even number of k steps per stage (the set alternates).
+template <int Stages, int Bk, class LoadStage, class Fragments, class Products, class Active>
+__device__ __forceinline__ void run_prefetch_pipeline(std::int64_t k_begin, std::int64_t k_end, LoadStage&& load,
+                                                      Fragments&& fragments, Products&& products,
+                                                      const Active& active) {
+  constexpr int k_steps = Bk / 16;
+  static_assert(k_steps % 2 == 0, "the fragment set of a stage's first k step is the same every stage");
+  static_assert(Stages >= 3, "a stage is refilled while the next is computed and the one after is in flight");
+  const int k_tiles = int((k_end - k_begin + Bk - 1) / Bk);
+  auto live = active.template walk<Bk>(k_begin, k_tiles);
+  int t_load = live.next(0);
+  auto issue = [&](int stage) {  // loads the next live tile into `stage`, returns it (k_tiles: none)
+    const int t = t_load;
+    if (t < k_tiles) {
+      load(stage, k_begin + std::int64_t(t) * Bk);
+      t_load = live.next(t + 1);
+    }
+    ptx::cp_async_commit();
+    return t;
+  };
+  int queued[Stages - 1];
+#pragma unroll
+  for (int s = 0; s < Stages - 1; ++s) queued[s] = issue(s);
+  ptx::cp_async_wait<Stages - 2>();
+  __syncthreads();
+  int read = 0, write = Stages - 1;
+  if (queued[0] < k_tiles) fragments(0, read, 0);
+  auto tile = [&] {  // computes the stage `read`; returns the tile its refill loads
+    int loaded = k_tiles;
+#pragma unroll
+    for (int kk = 0; kk < k_steps; ++kk) {
+      if (kk == k_steps - 1) {  // the stage's reads are issued: free it, and have the next one resident
+        ptx::cp_async_wait<Stages - 2>();
+        __syncthreads();
+        read = read + 1 == Stages ? 0 : read + 1;
+        write = write + 1 == Stages ? 0 : write + 1;
+      }
+      fragments((kk + 1) % 2, read, (kk + 1) % k_steps);  // past the last tile: a stale stage, never used
+      if (kk == 0) loaded = issue(write);
+      products(kk % 2);
+    }
+    return loaded;
+  };
+  if constexpr (std::is_same_v<Active, always_active>) {
+    for (int t = 0; t < k_tiles; ++t) tile();
+  } else {
+    while (queued[0] < k_tiles) {
+      const int loaded = tile();
+#pragma unroll
+      for (int s = 0; s + 1 < Stages - 1; ++s) queued[s] = queued[s + 1];
+      queued[Stages - 2] = loaded;
+    }
+  }
+  ptx::cp_async_wait<0>();
+  __syncthreads();
+}
+
 template <class T, class Policy, major MajorA, major MajorB>
 struct mma_mainloop {
   static_assert(std::is_same_v<T, __nv_bfloat16> || std::is_same_v<T, __half>, "tensor-core path is 16-bit");
@@ -88,6 +150,9 @@ struct mma_mainloop {
   static constexpr bool pow2(int x) { return (x & (x - 1)) == 0; }
   static_assert((MajorA == major::k || pow2(mi)) && (MajorB == major::k || pow2(nj / 2)),
                 "mn-major operands need a power-of-two number of fragments per warp");
+  // At one CTA per SM the registers hold two fragment sets: run_prefetch_pipeline. Under a two-CTA register cap
+  // the second set spills, and the compiler's own hoisting within a k step does better.
+  static constexpr bool prefetch_fragments = Policy::min_blocks == 1 && Policy::bk % 32 == 0 && Policy::stages >= 3;
 
   struct accumulators {
     float c[mi][nj][4];
@@ -161,43 +226,69 @@ struct mma_mainloop {
       return MajorB == major::k ? tile_b::shifted(lane_addr, jj * 16, kk) : tile_b::shifted(lane_addr, kk, jj * 16);
     };
 
-    auto compute = [&](int stage) {
-      const std::uint32_t ta = a_base + stage * a_stage, tb = b_base + stage * b_stage;
+    auto read_a = [&](std::uint32_t (&r)[4], std::uint32_t ta, int i, int kk) {
+      if constexpr (MajorA == major::k) ptx::ldmatrix_x4(r, ta + a_offset(a_lane, i, kk));
+      else ptx::ldmatrix_x4_trans(r, ta + a_offset(a_lane, i, kk));
+    };
+    auto read_b = [&](std::uint32_t (&r)[4], std::uint32_t tb, int jj, int kk) {
+      if constexpr (MajorB == major::k) ptx::ldmatrix_x4(r, tb + b_offset(b_lane, jj, kk));
+      else ptx::ldmatrix_x4_trans(r, tb + b_offset(b_lane, jj, kk));
+    };
+    auto pipeline = [&](auto&& load) {
+      if constexpr (prefetch_fragments) {
+        std::uint32_t af[2][mi][4], bf[2][nj / 2][4];
+        auto fragments = [&](int buf, int stage, int kk) {
+          const std::uint32_t ta = a_base + stage * a_stage, tb = b_base + stage * b_stage;
 #pragma unroll
-      for (int kk = 0; kk < Policy::bk; kk += 16) {
-        std::uint32_t af[mi][4];
+          for (int i = 0; i < mi; ++i) read_a(af[buf][i], ta, i, kk * 16);
 #pragma unroll
-        for (int i = 0; i < mi; ++i) {
-          if constexpr (MajorA == major::k) ptx::ldmatrix_x4(af[i], ta + a_offset(a_lane, i, kk));
-          else ptx::ldmatrix_x4_trans(af[i], ta + a_offset(a_lane, i, kk));
-        }
+          for (int jj = 0; jj < nj / 2; ++jj) read_b(bf[buf][jj], tb, jj, kk * 16);
+        };
+        auto products = [&](int buf) {
 #pragma unroll
-        for (int jj = 0; jj < nj / 2; ++jj) {
-          std::uint32_t bf[4];
-          if constexpr (MajorB == major::k) ptx::ldmatrix_x4(bf, tb + b_offset(b_lane, jj, kk));
-          else ptx::ldmatrix_x4_trans(bf, tb + b_offset(b_lane, jj, kk));
+          for (int jj = 0; jj < nj / 2; ++jj)
 #pragma unroll
-          for (int i = 0; i < mi; ++i) {
-            ptx::mma_m16n8k16<T>::run(acc.c[i][2 * jj], af[i], bf[0], bf[1]);
-            ptx::mma_m16n8k16<T>::run(acc.c[i][2 * jj + 1], af[i], bf[2], bf[3]);
+            for (int i = 0; i < mi; ++i) {
+              ptx::mma_m16n8k16<T>::run(acc.c[i][2 * jj], af[buf][i], bf[buf][jj][0], bf[buf][jj][1]);
+              ptx::mma_m16n8k16<T>::run(acc.c[i][2 * jj + 1], af[buf][i], bf[buf][jj][2], bf[buf][jj][3]);
+            }
+        };
+        run_prefetch_pipeline<Policy::stages, Policy::bk>(k_begin, k_end, load, fragments, products, active);
+      } else {
+        auto compute = [&](int stage) {
+          const std::uint32_t ta = a_base + stage * a_stage, tb = b_base + stage * b_stage;
+#pragma unroll
+          for (int kk = 0; kk < Policy::bk; kk += 16) {
+            std::uint32_t af[mi][4];
+#pragma unroll
+            for (int i = 0; i < mi; ++i) read_a(af[i], ta, i, kk);
+#pragma unroll
+            for (int jj = 0; jj < nj / 2; ++jj) {
+              std::uint32_t bf[4];
+              read_b(bf, tb, jj, kk);
+#pragma unroll
+              for (int i = 0; i < mi; ++i) {
+                ptx::mma_m16n8k16<T>::run(acc.c[i][2 * jj], af[i], bf[0], bf[1]);
+                ptx::mma_m16n8k16<T>::run(acc.c[i][2 * jj + 1], af[i], bf[2], bf[3]);
+              }
+            }
           }
-        }
+        };
+        run_pipeline<Policy::stages, Policy::bk>(k_begin, k_end, load, compute, active);
       }
     };
     if constexpr (Vectorized) {
       const vector_loader<T, MajorA, Policy::bm, Policy::bk, Policy::threads> la(a, m0, sa);
       const vector_loader<T, MajorB, Policy::bn, Policy::bk, Policy::threads> lb(b, n0, sb);
-      auto load = [&](int stage, std::int64_t k0) {
+      pipeline([&](int stage, std::int64_t k0) {
         la.load(stage * a_stage, k0);
         lb.load(stage * b_stage, k0);
-      };
-      run_pipeline<Policy::stages, Policy::bk>(k_begin, k_end, load, compute, active);
+      });
     } else {
-      auto load = [&](int stage, std::int64_t k0) {
+      pipeline([&](int stage, std::int64_t k0) {
         tile_a::template load<Policy::threads, false>(sa + stage * tile_a::elems, a, m0, k0);
         tile_b::template load<Policy::threads, false>(sb + stage * tile_b::elems, b, n0, k0);
-      };
-      run_pipeline<Policy::stages, Policy::bk>(k_begin, k_end, load, compute, active);
+      });
     }
   }
 };
@@ -275,6 +366,21 @@ struct simt_mainloop {
     run_pipeline<Policy::stages, Policy::bk>(k_begin, k_end, load, compute, active);
   }
 };
+
+// A policy's tile twice as wide, with warp tiles twice as tall, at one CTA per SM: the forward runs on it where a
+// CTA may take its shared memory (144 KiB of stages at the default policy: sm_80 and sm_90, not sm_86 / sm_89). Its
+// registers hold two fragment sets (prefetch_fragments), and a 64 x 64 warp tile reads half the shared memory per
+// MMA that a 32 x 64 one does (docs/performance.md; the gradient products measured slower on it). Building with
+// CCE_PORTABLE_WIDE_TILES=0 keeps the policy's own tile everywhere (one forward image fewer).
+template <class Policy>
+using wide_policy = tile::policy<Policy::bm, 2 * Policy::bn, Policy::bk, 3, Policy::warps_m / 2, Policy::warps_n * 2, 1,
+                                 Policy::forward_ctas_per_sm>;
+#ifndef CCE_PORTABLE_WIDE_TILES
+#define CCE_PORTABLE_WIDE_TILES 1
+#endif
+template <class T, class Policy>
+inline constexpr bool has_wide_tiles = CCE_PORTABLE_WIDE_TILES && sizeof(T) == 2 && Policy::warps_m % 2 == 0 &&
+                                       2 * Policy::warp_m <= 64 && Policy::warp_n <= 64 && Policy::bk % 32 == 0;
 
 // The mainloop for an element type: tensor cores for 16-bit types, exact FMA for fp32.
 template <class T, class Policy, major MajorA, major MajorB>
