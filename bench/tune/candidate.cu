@@ -20,6 +20,7 @@
 #include <cce/cce.cuh>
 
 #include "../bench_data.cuh"
+#include "median_ms.cuh"
 
 #ifndef CCE_TUNE_TYPE
 #define CCE_TUNE_TYPE __nv_bfloat16
@@ -45,29 +46,6 @@ using policy = cce::tile::policy<param(0), param(1), param(2), param(3), param(4
 #else
 using policy = cce::tile::default_policy_t<T>;
 #endif
-
-// Median of `iterations` CUDA-event timings of `body`, after one warm-up call.
-template <class Body>
-double median_ms(int iterations, Body&& body) {
-  cudaEvent_t a, b;
-  CHECK_CUDA(cudaEventCreate(&a));
-  CHECK_CUDA(cudaEventCreate(&b));
-  body();
-  std::vector<float> times;
-  for (int i = 0; i < iterations; ++i) {
-    CHECK_CUDA(cudaEventRecord(a));
-    body();
-    CHECK_CUDA(cudaEventRecord(b));
-    CHECK_CUDA(cudaEventSynchronize(b));
-    float ms = 0.f;
-    CHECK_CUDA(cudaEventElapsedTime(&ms, a, b));
-    times.push_back(ms);
-  }
-  CHECK_CUDA(cudaEventDestroy(a));
-  CHECK_CUDA(cudaEventDestroy(b));
-  std::sort(times.begin(), times.end());
-  return times[times.size() / 2];
-}
 
 void check(cce::status s) {
   if (s != cce::status::success) {

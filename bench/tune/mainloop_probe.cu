@@ -23,6 +23,7 @@
 #include <cce/tile/default_policy.hpp>
 
 #include "../bench_data.cuh"
+#include "median_ms.cuh"
 
 namespace {
 
@@ -89,27 +90,6 @@ candidate make(const char* name) {
             kernel<<<dim3(unsigned(row_tiles), unsigned(splits)), Policy::threads, smem>>>(e, c, col_tiles, splits,
                                                                                            sink);
           }};
-}
-
-template <class Body>
-double median_ms(int iterations, Body&& body) {
-  cudaEvent_t a, b;
-  CHECK_CUDA(cudaEventCreate(&a));
-  CHECK_CUDA(cudaEventCreate(&b));
-  body();
-  std::vector<float> times;
-  for (int i = 0; i < iterations; ++i) {
-    CHECK_CUDA(cudaEventRecord(a));
-    body();
-    CHECK_CUDA(cudaEventRecord(b));
-    CHECK_CUDA(cudaEventSynchronize(b));
-    float ms = 0.f;
-    CHECK_CUDA(cudaEventElapsedTime(&ms, a, b));
-    times.push_back(ms);
-  }
-  CHECK_CUDA(cudaGetLastError());
-  std::sort(times.begin(), times.end());
-  return times[times.size() / 2];
 }
 
 using cce::tile::policy;
