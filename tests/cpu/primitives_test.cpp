@@ -1075,6 +1075,33 @@ TEST_CASE("grouped_order: every output tile exactly once, groups of rows sweepin
   }
 }
 
+TEST_CASE("l2_grouped_order: groups of rows whose tiles fill about 16 MiB, every tile once", "[primitives][tile]") {
+  constexpr std::int64_t mib = std::int64_t(1) << 20;
+  CHECK(tile::l2_row_group(mib) == 16);                      // llama3's E tile: 128 rows x 4,096 x bf16
+  CHECK(tile::l2_row_group(128 * 2304 * 2) == 28);           // gemma2's
+  CHECK(tile::l2_row_group(64 * mib) == 1);                  // a tile larger than the budget: one row tile
+  CHECK(tile::l2_row_group(0) == tile::l2_row_group(1));     // degenerate depth
+  CHECK(tile::l2_row_group(1) == std::int64_t(1) << 24);
+  const std::int64_t bytes[] = {1, mib, 5 * mib, 64 * mib};
+  for (const std::int64_t b : bytes) {
+    for (const auto& [m_tiles, n_tiles] : {std::pair<int, int>{1, 1}, {64, 33}, {63, 16}, {17, 5}, {3, 200}}) {
+      INFO(b << " bytes per row tile, " << m_tiles << " x " << n_tiles << " tiles");
+      const int group = std::min(tile::l2_row_group(b), m_tiles);
+      std::vector<int> seen(std::size_t(m_tiles * n_tiles), 0);
+      for (int block = 0; block < m_tiles * n_tiles; ++block) {
+        const tile::grouped_order t = tile::l2_grouped_order(block, m_tiles, n_tiles, b);
+        REQUIRE(t.m >= 0);
+        REQUIRE(t.m < m_tiles);
+        REQUIRE(t.n >= 0);
+        REQUIRE(t.n < n_tiles);
+        ++seen[std::size_t(t.m * n_tiles + t.n)];
+        CHECK(t.m / group == block / (group * n_tiles));
+      }
+      CHECK(std::count(seen.begin(), seen.end(), 1) == m_tiles * n_tiles);
+    }
+  }
+}
+
 TEST_CASE("tile::policy: derived constants", "[primitives][tile]") {
   using p = tile::policy<128, 256, 32, 3, 2, 4>;
   static_assert(p::bm == 128 && p::bn == 256 && p::bk == 32 && p::stages == 3, "shape");

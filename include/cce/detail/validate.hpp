@@ -61,12 +61,19 @@ status validate_problem(const problem<T>& p, const options& o) {
   return status::success;
 }
 
-// The 16-byte vector path: every row of E and C starts on a 16-byte boundary and D is whole vectors.
+// The 16-byte vector path addresses a tile's vectors by 32-bit byte offsets from the tile's origin (operand.cuh):
+// leading dimensions up to max_vector_ld elements keep tiles of up to max_vector_tile_rows rows within 4 GiB.
+constexpr int max_vector_tile_rows = 512;
+template <class T>
+constexpr std::int64_t max_vector_ld = (std::int64_t(1) << 32) / (max_vector_tile_rows * std::int64_t(sizeof(T))) - 1;
+
+// The 16-byte vector path: every row of E and C starts on a 16-byte boundary, D is whole vectors and the strides
+// fit the loader's offsets.
 template <class T>
 bool vectorizable(const problem<T>& p) {
   constexpr std::int64_t vec = 16 / sizeof(T);
   return aligned_to(p.e, 16) && aligned_to(p.c, 16) && p.d % vec == 0 && p.e_stride() % vec == 0 &&
-         p.c_stride() % vec == 0;
+         p.c_stride() % vec == 0 && p.e_stride() <= max_vector_ld<T> && p.c_stride() <= max_vector_ld<T>;
 }
 
 inline status validate_buffer(const void* p, std::size_t have, std::size_t need) {

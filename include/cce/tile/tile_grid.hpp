@@ -34,6 +34,15 @@ CCE_HOST_DEVICE std::int64_t split_begin(std::int64_t total, std::int64_t parts,
   return (total / parts) * k + (k < total % parts ? k : total % parts);
 }
 
+// Row tiles whose row-operand tiles (`tile_bytes` each) the CTAs running at once should share: as many as fit in
+// about 16 MiB, a third of an H100's or H200's L2, which leaves room for the column-operand tiles they share. Visiting
+// tiles in groups of these rows (grouped_order) makes the row operand cross DRAM about once; sweeping all rows of a
+// tall problem per column instead streams it again for every few columns.
+CCE_HOST_DEVICE int l2_row_group(std::int64_t tile_bytes) {
+  const std::int64_t fit = (std::int64_t(16) << 20) / (tile_bytes > 0 ? tile_bytes : 1);
+  return int(fit < 1 ? 1 : fit > (std::int64_t(1) << 30) ? (std::int64_t(1) << 30) : fit);
+}
+
 // Tile (m, n) of block `block` when blocks sweep `m_tiles` x `n_tiles` output tiles in groups of `group` row tiles:
 // a group's blocks cover every column tile of its rows before the next group starts, so the rows' operand tiles are
 // read from L2 by all the group's column tiles. A bijection of [0, m_tiles n_tiles) onto the tiles.
@@ -48,5 +57,11 @@ struct grouped_order {
     n = in_group / group_m;
   }
 };
+
+// grouped_order in groups of l2_row_group rows for row-operand tiles of `row_tile_bytes`.
+CCE_HOST_DEVICE grouped_order l2_grouped_order(int block, int m_tiles, int n_tiles, std::int64_t row_tile_bytes) {
+  const int group = l2_row_group(row_tile_bytes);
+  return grouped_order(block, m_tiles, n_tiles, group < m_tiles ? group : m_tiles);
+}
 
 }  // namespace cce::tile

@@ -58,6 +58,59 @@ __device__ __forceinline__ softmax_stats slot_softmax(Acc& acc, const Layout& f,
   return st;
 }
 
+// The softmax statistics of a thread's row slots over a CTA's run of vocab tiles, spread over the lanes sharing the
+// rows: after each tile the lanes reduce-scatter the tile's statistics in a fixed butterfly (each step keeps half of
+// the slots and merges the partner lane's statistics of that half into them), so that a thread holds row_slots /
+// row_lanes of them across the mainloop instead of all: registers the wide tile's mainloop needs. Layouts whose
+// slots do not divide among the lanes (the fp32 one) keep every slot and merge the lanes at the end.
+template <class Layout>
+struct lane_row_stats {
+  static constexpr bool spread = Layout::row_slots % Layout::row_lanes == 0;
+  static constexpr int held = spread ? Layout::row_slots / Layout::row_lanes : Layout::row_slots;
+  softmax_stats part[held];
+
+  // The row slot of held position j.
+  __device__ __forceinline__ static int slot(int j) {
+    if constexpr (spread) {
+#pragma unroll
+      for (int i = 0; i < Layout::row_shuffle_count; ++i)
+        if (threadIdx.x & (Layout::row_shuffle_first << i)) j += Layout::row_slots >> (i + 1);
+    }
+    return j;
+  }
+  // Folds one tile's statistics of every slot (overwritten).
+  __device__ __forceinline__ void fold(softmax_stats (&tile)[Layout::row_slots]) {
+    if constexpr (spread) {
+#pragma unroll
+      for (int i = 0; i < Layout::row_shuffle_count; ++i) {
+        const int mask = Layout::row_shuffle_first << i, half = Layout::row_slots >> (i + 1);
+        const bool upper = (threadIdx.x & mask) != 0;
+#pragma unroll
+        for (int j = 0; j < half; ++j) {
+          const softmax_stats keep = upper ? tile[j + half] : tile[j], send = upper ? tile[j] : tile[j + half];
+          tile[j] = softmax_merge(
+              keep, {shuffle_xor(send.max, mask), shuffle_xor(send.sum_exp, mask), shuffle_xor(send.sum_exp_z, mask)});
+        }
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < held; ++j) part[j] = softmax_merge(part[j], tile[j]);
+  }
+  // The statistics of held position j over all the lanes sharing its row: spread, this lane's alone; otherwise
+  // merged in a fixed butterfly (every lane gets them).
+  __device__ __forceinline__ softmax_stats merged(int j) const {
+    softmax_stats q = part[j];
+    if constexpr (!spread) {
+#pragma unroll
+      for (int i = 0; i < Layout::row_shuffle_count; ++i) {
+        const int mask = Layout::row_shuffle_first << i;
+        q = softmax_merge(q, {shuffle_xor(q.max, mask), shuffle_xor(q.sum_exp, mask), shuffle_xor(q.sum_exp_z, mask)});
+      }
+    }
+    return q;
+  }
+};
+
 // What the forward keeps per row across its vocab tiles besides the softmax statistics (those stay in registers):
 // label smoothing's weighted logit sum and the argmax, when asked for.
 struct kept_row {
@@ -107,7 +160,12 @@ __global__ void __launch_bounds__(Policy::threads, Policy::min_blocks)
   __shared__ std::int32_t targets[Policy::bm];
 
   const tile::tile_grid& g = prm.grid;  // g.bn * Spans == Policy::bn
-  const std::int64_t rt = blockIdx.x, split = blockIdx.y;
+  // Blocks take their (row tile, split) in launch order over groups of row tiles (tile::l2_row_group): the CTAs
+  // running at once share their E tiles in L2 instead of streaming E from memory again for every vocab tile.
+  const std::int64_t e_tile_bytes = Policy::bm * prm.e.depth * std::int64_t(sizeof(T));
+  const tile::grouped_order pos =
+      tile::l2_grouped_order(int(blockIdx.y * gridDim.x + blockIdx.x), int(gridDim.x), int(gridDim.y), e_tile_bytes);
+  const std::int64_t rt = pos.m, split = pos.n;
   const std::int64_t row0 = g.row_begin(rt);
   const std::int64_t cta_tiles = ceil_div(g.cols, std::int64_t(Policy::bn));
   const std::int64_t ct_begin = tile::split_begin(cta_tiles, prm.splits, split);
@@ -125,11 +183,11 @@ __global__ void __launch_bounds__(Policy::threads, Policy::min_blocks)
     for (int r = threadIdx.x; r < Policy::bm; r += Policy::threads) kept[r] = kept_row{};
   __syncthreads();
 
-  // Each thread keeps the softmax statistics of its row slots over the CTA's run of vocab tiles in registers; the
-  // lanes and warps sharing a row merge theirs once, at the end. Label smoothing's weighted sums and the argmax,
-  // when asked for, are merged over the lanes of a row after each tile, passed through the drained stages and
-  // folded into the row's kept_row in row-group order: registers held across the mainloop cost it spills.
-  softmax_stats part[layout::row_slots];
+  // The softmax statistics of the CTA's rows over its run of vocab tiles stay in registers, spread over the lanes
+  // (lane_row_stats); the warps sharing a row merge theirs once, at the end. Label smoothing's weighted sums and the
+  // argmax, when asked for, are merged over the lanes of a row after each tile, passed through the drained stages
+  // and folded into the row's kept_row in row-group order: registers held across the mainloop cost it spills.
+  lane_row_stats<layout> stats;
   for (std::int64_t ct = ct_begin; ct < ct_end; ++ct) {
     const std::int64_t col0 = ct * Policy::bn;
     typename mainloop::accumulators acc;
@@ -141,6 +199,7 @@ __global__ void __launch_bounds__(Policy::threads, Policy::min_blocks)
     fragment_logits(acc, f, prm.terms, row0, col0, g.rows, limit);
 
     float tmax = -inf_f();
+    softmax_stats tile[layout::row_slots];
 #pragma unroll
     for (int s = 0; s < layout::row_slots; ++s) {
       const std::int64_t row = row0 + f.row(s);
@@ -154,18 +213,17 @@ __global__ void __launch_bounds__(Policy::threads, Policy::min_blocks)
       tmax = fmaxf(tmax, m);
       const std::int64_t target = targets[f.row(s)];
       const bool has_target = target >= col0 && target < col0 + Policy::bn;
-      softmax_stats tile;
       if (!has_target && !ragged) {
-        tile = slot_softmax<layout, false>(acc, f, s, m);
+        tile[s] = slot_softmax<layout, false>(acc, f, s, m);
       } else {  // the last vocab tile, or the target's
         const int skip = has_target ? int(target - col0) : -1;
-        tile = slot_softmax<layout, true>(acc, f, s, m, skip, limit);
+        tile[s] = slot_softmax<layout, true>(acc, f, s, m, skip, limit);
 #pragma unroll
         for (int c = 0; c < layout::cols; ++c)
           if (f.col(c) == skip) prm.target_logit[row] = layout::at(acc, s, c);
       }
-      part[s] = softmax_merge(part[s], tile);
     }
+    stats.fold(tile);
     if (keep_extras) {
       row_partial* scratch = reinterpret_cast<row_partial*>(smem);  // bm x row_groups in the drained stages
 #pragma unroll
@@ -212,18 +270,13 @@ __global__ void __launch_bounds__(Policy::threads, Policy::min_blocks)
     }
   }
 
-  // The lanes sharing a row merge their softmax statistics in a fixed butterfly; each row group's leader lane
-  // parks them in the stages (the last mainloop drained them), and the row groups merge in order with the kept row.
+  // Each row group parks its rows' statistics in the stages (the last mainloop drained them), and the row groups
+  // merge in order with the kept row.
   softmax_stats* parked = reinterpret_cast<softmax_stats*>(smem);  // bm x row_groups
 #pragma unroll
-  for (int s = 0; s < layout::row_slots; ++s) {
-    softmax_stats q = part[s];
-#pragma unroll
-    for (int i = 0; i < layout::row_shuffle_count; ++i) {
-      const int mask = layout::row_shuffle_first << i;
-      q = softmax_merge(q, {shuffle_xor(q.max, mask), shuffle_xor(q.sum_exp, mask), shuffle_xor(q.sum_exp_z, mask)});
-    }
-    if (f.row_lane() == 0) parked[f.row(s) * layout::row_groups + f.row_group()] = q;
+  for (int j = 0; j < stats.held; ++j) {
+    const softmax_stats q = stats.merged(j);
+    if (stats.spread || f.row_lane() == 0) parked[f.row(stats.slot(j)) * layout::row_groups + f.row_group()] = q;
   }
   __syncthreads();
   for (int r = threadIdx.x; r < Policy::bm; r += Policy::threads) {

@@ -8,6 +8,7 @@
 
 #include <cstdint>
 
+#include <cce/detail/validate.hpp>
 #include <cce/kernel/portable/ptx.cuh>
 
 namespace cce::detail {
@@ -92,11 +93,11 @@ struct smem_tile {
 };
 
 // The vectorized loader with its per-thread state reduced to a few registers. The vectors a thread copies sit at
-// strided positions s0 + j * step (j < per_thread) and one contiguous position c, the same every stage: one global
-// pointer and one shared address locate the first, the rest are constant offsets (the row step times the operand's
-// leading dimension, read from the kernel parameters), and two counts of what remains in range replace the bounds
-// checks. Register pressure matters here: precomputed per-vector pointers spill under two CTAs per SM, and the
-// rematerialised 64-bit index arithmetic then rivals the tensor-core work.
+// strided positions s0 + j * step (j < per_thread) and one contiguous position c, the same every stage. Their
+// global addresses are the tile's origin at the stage's K plus a 32-bit byte offset per vector, and which of them are
+// in range is a count set once: a stage's bounds checks are one comparison per vector and one for K. Register
+// pressure matters here: with 64-bit per-vector pointers and bounds, ptxas rematerialised the index arithmetic in
+// every stage, between the main loop's MMAs. The offsets limit the operand's leading dimension (max_vector_ld).
 template <class T, major Major, int Extent, int Depth, int Threads>
 struct vector_loader {
   using tile = smem_tile<T, Major, Extent, Depth>;
@@ -109,24 +110,32 @@ struct vector_loader {
   static_assert(contiguous % vec == 0 && Threads % per_row == 0 && strided % step == 0,
                 "whole vectors, evenly spread over the threads");
   static_assert(!tile::swizzled || step % 8 == 0, "a thread's vectors share one chunk permutation");
+  static_assert(strided <= max_vector_tile_rows && contiguous <= max_vector_tile_rows, "32-bit offsets suffice");
 
-  const operand<T>& g;
-  const T* src;       // the first vector at K = 0
-  std::uint32_t dst;  // its shared address in stage 0
-  // Strided positions in range from the first vector on (k-major: rows; mn-major: K rows, none when the vector's
-  // columns are out of range), and for k-major the K left after the vector's column.
-  std::int64_t strided_left, k_left;
+  const T* origin;            // element (mn0, K = 0)
+  std::int64_t k_stride;      // elements per unit of K: 1 (k-major) or ld (mn-major)
+  std::int64_t k_left;        // K positions from the thread's first vector to the operand's end
+  std::uint32_t offset;       // bytes from the origin to the thread's first vector
+  std::uint32_t offset_step;  // bytes between the thread's vectors
+  std::uint32_t dst;          // the first vector's shared address in stage 0
+  int mn_live;                // k-major: the thread's vectors with rows in range; mn-major: all or none (columns)
 
-  __device__ __forceinline__ vector_loader(const operand<T>& op, std::int64_t mn0, T* stage0) : g(op) {
+  __device__ __forceinline__ vector_loader(const operand<T>& op, std::int64_t mn0, T* stage0) {
     const int s0 = int(threadIdx.x) / per_row, c = (int(threadIdx.x) % per_row) * vec;
+    offset = std::uint32_t((std::int64_t(s0) * op.ld + c) * std::int64_t(sizeof(T)));
+    offset_step = std::uint32_t(std::int64_t(step) * op.ld * std::int64_t(sizeof(T)));
     if constexpr (Major == major::k) {
-      strided_left = op.extent - (mn0 + s0);
+      origin = op.ptr + mn0 * op.ld;
+      k_stride = 1;
       k_left = op.depth - c;
-      src = op.ptr + (mn0 + s0) * op.ld + c;
+      const std::int64_t rows = op.extent - (mn0 + s0);  // rows in range from the first vector on
+      const std::int64_t live = rows <= 0 ? 0 : (rows + step - 1) / step;
+      mn_live = int(live < per_thread ? live : per_thread);
     } else {
-      strided_left = mn0 + c + vec <= op.extent ? op.depth - s0 : 0;
-      k_left = 0;
-      src = op.ptr + std::int64_t(s0) * op.ld + mn0 + c;
+      origin = op.ptr + mn0;
+      k_stride = op.ld;
+      k_left = op.depth - s0;
+      mn_live = mn0 + c + vec <= op.extent ? per_thread : 0;
     }
     dst = ptx::smem_addr(tile::at(stage0, Major == major::k ? s0 : c, Major == major::k ? c : s0));
   }
@@ -134,14 +143,16 @@ struct vector_loader {
   // Copies the tile at K offset k0 into the stage `stage_bytes` past stage 0.
   __device__ __forceinline__ void load(std::uint32_t stage_bytes, std::int64_t k0) const {
     constexpr std::uint32_t dst_step = step * tile::ld * sizeof(T);
-    const T* base = src + (Major == major::k ? k0 : k0 * g.ld);
-    const bool k_ok = Major == major::mn || k0 + vec <= k_left;
-    const std::int64_t first = Major == major::k ? 0 : k0;  // strided position of vector 0
+    const char* base = reinterpret_cast<const char*>(origin + k0 * k_stride);
+    const std::int64_t left = k_left - k0;
+    // Vector j is copied when j < live: k-major, its K columns are in range for all or none of the thread's vectors;
+    // mn-major, its K row is while j * step < left.
+    int live;
+    if constexpr (Major == major::k) live = left >= vec ? mn_live : 0;
+    else live = left <= 0 ? 0 : left >= strided ? mn_live : (mn_live == 0 ? 0 : int((left + step - 1) / step));
 #pragma unroll
-    for (int j = 0; j < per_thread; ++j) {
-      const bool valid = k_ok && first + j * step < strided_left;
-      ptx::cp_async_16(dst + stage_bytes + j * dst_step, base + j * step * g.ld, valid);  // invalid: reads nothing
-    }
+    for (int j = 0; j < per_thread; ++j)
+      ptx::cp_async_16(dst + stage_bytes + j * dst_step, base + (offset + j * offset_step), j < live);
   }
 };
 

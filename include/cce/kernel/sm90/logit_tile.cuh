@@ -45,14 +45,9 @@ struct logit_tile_shape {
   template <class T>
   static constexpr std::size_t smem_bytes = std::size_t(stages) * (a_bytes<T> + b_bytes<T>)+1024;  // + alignment
 
-  // Row tiles (bm x depth elements of E each) that the CTAs running at once should share: as many as fit in about
-  // 16 MiB, a third of an H100's or H200's L2, which leaves room for the classifier tiles they share. Visiting tiles
-  // in groups of these rows (tile::grouped_order) makes E cross DRAM about once; sweeping all rows of a tall problem
-  // per column instead streamed E again for every few columns.
+  // Row tiles (bm x depth elements of E each) that the CTAs running at once should share (tile::l2_row_group).
   static __host__ __device__ int l2_row_group(std::int64_t depth, int elem_bytes) {
-    const std::int64_t tile_bytes = std::int64_t(bm) * depth * elem_bytes;
-    const std::int64_t fit = (std::int64_t(16) << 20) / (tile_bytes > 0 ? tile_bytes : 1);
-    return int(fit < 1 ? 1 : fit > (std::int64_t(1) << 30) ? (std::int64_t(1) << 30) : fit);
+    return tile::l2_row_group(std::int64_t(bm) * depth * elem_bytes);
   }
 };
 
