@@ -139,12 +139,8 @@ __global__ void __launch_bounds__(Policy::threads, Policy::min_blocks) dlogit_ke
   extern __shared__ __align__(16) unsigned char smem[];
 
   const tile::tile_grid& g = prm.grid;
-  // The block's tile in launch order over groups of row tiles, as the forward's (tile::l2_row_group).
-  const std::int64_t e_tile_bytes = Policy::bm * prm.e.depth * std::int64_t(sizeof(T));
-  const tile::grouped_order pos =
-      tile::l2_grouped_order(int(blockIdx.y * gridDim.x + blockIdx.x), int(gridDim.x), int(gridDim.y), e_tile_bytes);
-  const std::int64_t rt = prm.row0 / g.bm + pos.m;  // absolute tile indices
-  const std::int64_t ct = prm.v0 / g.bn + pos.n;
+  const std::int64_t rt = prm.row0 / g.bm + blockIdx.x;  // absolute tile indices
+  const std::int64_t ct = prm.v0 / g.bn + blockIdx.y;
   const std::int64_t row0 = g.row_begin(rt), col0 = g.col_begin(ct);
   const std::int64_t chunk_tiles = prm.chunk_cols / g.bn;
   float* dbias = prm.dbias_partial ? prm.dbias_partial + rt * prm.chunk_cols + (col0 - prm.v0) : nullptr;
@@ -180,7 +176,7 @@ __global__ void __launch_bounds__(Policy::threads, Policy::min_blocks) dlogit_ke
     }
   }
   if (threadIdx.x == 0) {
-    prm.active[pos.m * chunk_tiles + pos.n] = active;
+    prm.active[blockIdx.x * chunk_tiles + blockIdx.y] = active;
     if (prm.tile_counts) atomicAdd(prm.tile_counts + (active ? 0 : 1), 1ull);
   }
   if (!active) {

@@ -12,7 +12,6 @@
 #include <cce/detail/element_type.hpp>
 #include <cce/kernel/portable/mainloop.cuh>
 #include <cce/reduce/kahan.hpp>
-#include <cce/tile/tile_grid.hpp>
 
 namespace cce::detail {
 
@@ -168,15 +167,10 @@ __global__ void __launch_bounds__(Policy::threads, Policy::min_blocks)
   using mainloop = mainloop_for<T, Policy, MajorA, MajorB>;
   using layout = typename mainloop::fragment_layout;
   extern __shared__ __align__(16) unsigned char smem[];
-  // Output tiles in launch order over groups of M tiles (tile::l2_row_group): the CTAs running at once share their A
-  // tiles, each the whole K range deep, in L2.
-  const std::int64_t a_tile_bytes = Policy::bm * prm.k * std::int64_t(sizeof(T));
-  const tile::grouped_order pos =
-      tile::l2_grouped_order(int(blockIdx.y * gridDim.x + blockIdx.x), int(gridDim.x), int(gridDim.y), a_tile_bytes);
-  const std::int64_t m0 = std::int64_t(pos.m) * Policy::bm, n0 = std::int64_t(pos.n) * Policy::bn;
+  const std::int64_t m0 = std::int64_t(blockIdx.x) * Policy::bm, n0 = std::int64_t(blockIdx.y) * Policy::bn;
 
   active_k_tiles<Policy::bm> active = prm.active;
-  active.fixed_tile = pos.m;
+  active.fixed_tile = blockIdx.x;
   if (adds_nothing(prm, active)) return;
   typename mainloop::accumulators acc;
   mainloop::clear(acc);
