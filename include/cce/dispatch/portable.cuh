@@ -597,7 +597,7 @@ class portable_path {
     }
     using loop = mainloop_for<T, Policy, MajorA, MajorB>;
     const dim3 grid(unsigned(ceil_div(prm.m, Policy::bm)), unsigned(ceil_div(prm.n, Policy::bn)));
-    const bool vec = vec_ && prm.a.ld <= max_vector_ld<T> && prm.b.ld <= max_vector_ld<T>;  // dZ's ld: its chunk
+    const bool vec = vec_ && prm.a.ld <= max_vector_ld<T> && prm.b.ld <= max_vector_ld<T>;  // dZ's: a chunk's width
     return vec ? launch_tile_kernel<grad_gemm_kernel<T, G, Policy, MajorA, MajorB, true>>(
                       grid, Policy::threads, loop::smem_bytes, stream, prm)
                 : launch_tile_kernel<grad_gemm_kernel<T, G, Policy, MajorA, MajorB, false>>(

@@ -145,8 +145,8 @@ struct vector_loader {
     constexpr std::uint32_t dst_step = step * tile::ld * sizeof(T);
     const char* base = reinterpret_cast<const char*>(origin + k0 * k_stride);
     const std::int64_t left = k_left - k0;
-    // Vector j is copied when j < live: k-major, its K columns are in range for all or none of the thread's vectors;
-    // mn-major, its K row is while j * step < left.
+    // Vector j is copied when j < live (otherwise zero-filled, nothing read): k-major, its K columns are in range for
+    // all or none of the thread's vectors; mn-major, its K row is while j * step < left.
     int live;
     if constexpr (Major == major::k) live = left >= vec ? mn_live : 0;
     else live = left <= 0 ? 0 : left >= strided ? mn_live : (mn_live == 0 ? 0 : int((left + step - 1) / step));
