@@ -10,6 +10,7 @@
 
 #include <cstdint>
 #include <type_traits>
+#include <utility>
 
 #include <cce/kernel/portable/operand.cuh>
 #include <cce/kernel/portable/ptx.cuh>
@@ -29,48 +30,72 @@ struct always_active {
   }
 };
 
-// Multi-stage cp.async pipeline over the live K tiles: `stages - 1` tiles are in flight while one is computed.
-// Each iteration commits exactly one (possibly empty) group, so waiting for all but `stages - 2` groups leaves the
-// tile about to be computed resident. Only the loads look for live tiles; the computations replay their choices
-// `stages - 1` iterations later from a queue in registers (with every tile live, a count does).
-template <int Stages, int Bk, class LoadStage, class ComputeStage, class Active>
-__device__ __forceinline__ void run_pipeline(std::int64_t k_begin, std::int64_t k_end, LoadStage&& load,
-                                             ComputeStage&& compute, const Active& active) {
-  const int k_tiles = int((k_end - k_begin + Bk - 1) / Bk);  // K ranges of one product are below 2^31
-  auto live = active.template walk<Bk>(k_begin, k_tiles);
-  int t_load = live.next(0);
-  auto issue = [&](int stage) {  // loads the next live tile into `stage`, returns it (k_tiles: none)
-    const int t = t_load;
+// The load side of both pipelines below: issues the live K tiles in order, one stage per call, and remembers which
+// tile each loaded stage holds. Each call commits exactly one (possibly empty) cp.async group, so waiting for all but
+// `stages - 2` groups leaves the oldest loaded stage resident. Only the loads look for live tiles; the computations
+// replay their choices `stages - 1` tiles later from a queue in registers (with every tile live, a count does).
+template <int Stages, int Bk, class LoadStage, class Active>
+struct live_tile_loads {
+  LoadStage& load;
+  const std::int64_t k_begin;
+  const int k_tiles;
+  decltype(std::declval<const Active&>().template walk<Bk>(std::int64_t(0), 0)) live;
+  int next;                // the next live tile to load (k_tiles: none)
+  int queued[Stages - 1];  // the tile in each loaded stage, oldest first
+
+  // Issues the first `stages - 1` stages. K ranges of one product are below 2^31 tiles.
+  __device__ __forceinline__ live_tile_loads(LoadStage& l, std::int64_t begin, std::int64_t end, const Active& active)
+      : load(l),
+        k_begin(begin),
+        k_tiles(int((end - begin + Bk - 1) / Bk)),
+        live(active.template walk<Bk>(begin, k_tiles)) {
+    next = live.next(0);
+#pragma unroll
+    for (int s = 0; s < Stages - 1; ++s) queued[s] = issue(s);
+  }
+  // Loads the next live tile into `stage`; returns it (k_tiles: none).
+  __device__ __forceinline__ int issue(int stage) {
+    const int t = next;
     if (t < k_tiles) {
       load(stage, k_begin + std::int64_t(t) * Bk);
-      t_load = live.next(t + 1);
+      next = live.next(t + 1);
     }
     ptx::cp_async_commit();
     return t;
-  };
-  int queued[Stages - 1];  // the tile in each loaded stage, oldest first
+  }
+  __device__ __forceinline__ bool any() const { return queued[0] < k_tiles; }
+  // Runs step() once per live tile; each call computes the oldest loaded stage, issues one stage and returns the tile
+  // that issue loaded.
+  template <class Step>
+  __device__ __forceinline__ void for_each_tile(Step&& step) {
+    if constexpr (std::is_same_v<Active, always_active>) {
+      for (int t = 0; t < k_tiles; ++t) step();
+    } else {
+      while (queued[0] < k_tiles) {
+        const int loaded = step();
 #pragma unroll
-  for (int s = 0; s < Stages - 1; ++s) queued[s] = issue(s);
+        for (int s = 0; s + 1 < Stages - 1; ++s) queued[s] = queued[s + 1];
+        queued[Stages - 2] = loaded;
+      }
+    }
+  }
+};
+
+// Multi-stage cp.async pipeline over the live K tiles: `stages - 1` tiles are in flight while one is computed.
+template <int Stages, int Bk, class LoadStage, class ComputeStage, class Active>
+__device__ __forceinline__ void run_pipeline(std::int64_t k_begin, std::int64_t k_end, LoadStage&& load,
+                                             ComputeStage&& compute, const Active& active) {
+  live_tile_loads<Stages, Bk, LoadStage, Active> loads(load, k_begin, k_end, active);
   int read = 0, write = Stages - 1;
-  auto step = [&] {
+  loads.for_each_tile([&] {
     ptx::cp_async_wait<Stages - 2>();
     __syncthreads();  // the stage computed last iteration is free to be overwritten
-    const int loaded = issue(write);
+    const int loaded = loads.issue(write);
     compute(read);
     read = read + 1 == Stages ? 0 : read + 1;
     write = write + 1 == Stages ? 0 : write + 1;
     return loaded;
-  };
-  if constexpr (std::is_same_v<Active, always_active>) {
-    for (int t = 0; t < k_tiles; ++t) step();
-  } else {
-    while (queued[0] < k_tiles) {
-      const int loaded = step();
-#pragma unroll
-      for (int s = 0; s + 1 < Stages - 1; ++s) queued[s] = queued[s + 1];
-      queued[Stages - 2] = loaded;
-    }
-  }
+  });
   ptx::cp_async_wait<0>();
   __syncthreads();  // shared memory may be reused by the epilogue
 }
@@ -87,27 +112,13 @@ __device__ __forceinline__ void run_prefetch_pipeline(std::int64_t k_begin, std:
   constexpr int k_steps = Bk / 16;
   static_assert(k_steps % 2 == 0, "the fragment set of a stage's first k step is the same every stage");
   static_assert(Stages >= 3, "a stage is refilled while the next is computed and the one after is in flight");
-  const int k_tiles = int((k_end - k_begin + Bk - 1) / Bk);
-  auto live = active.template walk<Bk>(k_begin, k_tiles);
-  int t_load = live.next(0);
-  auto issue = [&](int stage) {  // loads the next live tile into `stage`, returns it (k_tiles: none)
-    const int t = t_load;
-    if (t < k_tiles) {
-      load(stage, k_begin + std::int64_t(t) * Bk);
-      t_load = live.next(t + 1);
-    }
-    ptx::cp_async_commit();
-    return t;
-  };
-  int queued[Stages - 1];
-#pragma unroll
-  for (int s = 0; s < Stages - 1; ++s) queued[s] = issue(s);
+  live_tile_loads<Stages, Bk, LoadStage, Active> loads(load, k_begin, k_end, active);
   ptx::cp_async_wait<Stages - 2>();
   __syncthreads();
   int read = 0, write = Stages - 1;
-  if (queued[0] < k_tiles) fragments(0, read, 0);
-  auto tile = [&] {  // computes the stage `read`; returns the tile its refill loads
-    int loaded = k_tiles;
+  if (loads.any()) fragments(0, read, 0);
+  loads.for_each_tile([&] {  // computes the stage `read`
+    int loaded = loads.k_tiles;
 #pragma unroll
     for (int kk = 0; kk < k_steps; ++kk) {
       if (kk == k_steps - 1) {  // the stage's reads are issued: free it, and have the next one resident
@@ -117,21 +128,11 @@ __device__ __forceinline__ void run_prefetch_pipeline(std::int64_t k_begin, std:
         write = write + 1 == Stages ? 0 : write + 1;
       }
       fragments((kk + 1) % 2, read, (kk + 1) % k_steps);  // past the last tile: a stale stage, never used
-      if (kk == 0) loaded = issue(write);
+      if (kk == 0) loaded = loads.issue(write);
       products(kk % 2);
     }
     return loaded;
-  };
-  if constexpr (std::is_same_v<Active, always_active>) {
-    for (int t = 0; t < k_tiles; ++t) tile();
-  } else {
-    while (queued[0] < k_tiles) {
-      const int loaded = tile();
-#pragma unroll
-      for (int s = 0; s + 1 < Stages - 1; ++s) queued[s] = queued[s + 1];
-      queued[Stages - 2] = loaded;
-    }
-  }
+  });
   ptx::cp_async_wait<0>();
   __syncthreads();
 }
