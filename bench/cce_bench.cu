@@ -13,8 +13,8 @@
 #include <cce/cce.cuh>
 
 #include "bench_data.cuh"
+#include "event_timing.cuh"
 
-#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <map>
@@ -43,26 +43,16 @@ inputs<>& get_inputs(const shape& s, int regime) {
 // Times `body` with CUDA events per iteration (manual time); returns the median in milliseconds.
 template <class Body>
 double time_it(benchmark::State& st, Body&& body) {
-  std::vector<float> times;
-  cudaEvent_t a, b;
-  CHECK_CUDA(cudaEventCreate(&a));
-  CHECK_CUDA(cudaEventCreate(&b));
+  event_timer timer;
   body();  // warm-up
   CHECK_CUDA(cudaDeviceSynchronize());
+  std::vector<float> times;
   for (auto _ : st) {
-    CHECK_CUDA(cudaEventRecord(a));
-    body();
-    CHECK_CUDA(cudaEventRecord(b));
-    CHECK_CUDA(cudaEventSynchronize(b));
-    float ms = 0.f;
-    CHECK_CUDA(cudaEventElapsedTime(&ms, a, b));
+    const float ms = timer.ms(body);
     st.SetIterationTime(ms / 1e3);
     times.push_back(ms);
   }
-  CHECK_CUDA(cudaEventDestroy(a));
-  CHECK_CUDA(cudaEventDestroy(b));
-  std::sort(times.begin(), times.end());
-  return times.empty() ? 0.0 : times[times.size() / 2];
+  return median(times);
 }
 
 void bm_gemm(benchmark::State& st, shape s, int regime) {

@@ -20,7 +20,7 @@
 #include <cce/cce.cuh>
 
 #include "../bench_data.cuh"
-#include "median_ms.cuh"
+#include "../event_timing.cuh"
 
 #ifndef CCE_TUNE_TYPE
 #define CCE_TUNE_TYPE __nv_bfloat16

@@ -23,7 +23,7 @@
 #include <cce/tile/default_policy.hpp>
 
 #include "../bench_data.cuh"
-#include "median_ms.cuh"
+#include "../event_timing.cuh"
 
 namespace {
 
