@@ -1075,6 +1075,17 @@ TEST_CASE("grouped_order: every output tile exactly once, groups of rows sweepin
   }
 }
 
+TEST_CASE("grouped_order: a group size outside [1, m_tiles] is taken into it", "[primitives][tile]") {
+  for (const auto& [m_tiles, n_tiles] : {std::pair<int, int>{5, 7}, {64, 33}}) {
+    for (int block = 0; block < m_tiles * n_tiles; ++block) {
+      const tile::grouped_order none(block, m_tiles, n_tiles, 0), one(block, m_tiles, n_tiles, 1);
+      const tile::grouped_order huge(block, m_tiles, n_tiles, 1 << 30), all(block, m_tiles, n_tiles, m_tiles);
+      CHECK((none.m == one.m && none.n == one.n));
+      CHECK((huge.m == all.m && huge.n == all.n));
+    }
+  }
+}
+
 TEST_CASE("l2_grouped_order: groups of rows whose tiles fill about 16 MiB, every tile once", "[primitives][tile]") {
   constexpr std::int64_t mib = std::int64_t(1) << 20;
   CHECK(tile::l2_row_group(mib) == 16);                      // llama3's E tile: 128 rows x 4,096 x bf16

@@ -43,12 +43,14 @@ CCE_HOST_DEVICE int l2_row_group(std::int64_t tile_bytes) {
   return int(fit < 1 ? 1 : fit > (std::int64_t(1) << 30) ? (std::int64_t(1) << 30) : fit);
 }
 
-// Tile (m, n) of block `block` when blocks sweep `m_tiles` x `n_tiles` output tiles in groups of `group` row tiles:
-// a group's blocks cover every column tile of its rows before the next group starts, so the rows' operand tiles are
-// read from L2 by all the group's column tiles. A bijection of [0, m_tiles n_tiles) onto the tiles.
+// Tile (m, n) of block `block` when blocks sweep `m_tiles` x `n_tiles` output tiles in groups of `group` row tiles
+// (any group size: taken into [1, m_tiles]): a group's blocks cover every column tile of its rows before the next
+// group starts, so the rows' operand tiles are read from L2 by all the group's column tiles. A bijection of
+// [0, m_tiles n_tiles) onto the tiles.
 struct grouped_order {
   int m = 0, n = 0;
   CCE_HOST_DEVICE grouped_order(int block, int m_tiles, int n_tiles, int group) {
+    group = group < 1 ? 1 : group < m_tiles ? group : m_tiles;
     const int per_group = group * n_tiles;
     const int first_m = (block / per_group) * group;
     const int group_m = m_tiles - first_m < group ? m_tiles - first_m : group;
@@ -60,8 +62,7 @@ struct grouped_order {
 
 // grouped_order in groups of l2_row_group rows for row-operand tiles of `row_tile_bytes`.
 CCE_HOST_DEVICE grouped_order l2_grouped_order(int block, int m_tiles, int n_tiles, std::int64_t row_tile_bytes) {
-  const int group = l2_row_group(row_tile_bytes);
-  return grouped_order(block, m_tiles, n_tiles, group < m_tiles ? group : m_tiles);
+  return grouped_order(block, m_tiles, n_tiles, l2_row_group(row_tile_bytes));
 }
 
 }  // namespace cce::tile

@@ -69,7 +69,7 @@ struct tile_order {
   __device__ int tiles() const { return row_tiles * wide_tiles; }
   // Tile t of the order as (row tile, wide tile) in the block.
   __device__ void at(int t, std::int64_t& rl, std::int64_t& wt) const {
-    const tile::grouped_order pos(t, row_tiles, wide_tiles, group < row_tiles ? group : row_tiles);
+    const tile::grouped_order pos(t, row_tiles, wide_tiles, group);
     rl = pos.m;
     wt = pos.n;
   }

@@ -101,7 +101,7 @@ __global__ void __launch_bounds__(forward_shape::threads, 1)
   const int cluster = prm.share_classifier ? forward_cluster : 1, clusters_x = int(gridDim.x) / cluster;
   const int group = S::l2_row_group(p.e.depth, int(sizeof(T))) / cluster;
   const tile::grouped_order pos(int(blockIdx.y) * clusters_x + int(blockIdx.x) / cluster, clusters_x, int(gridDim.y),
-                                group < 1 ? 1 : group < clusters_x ? group : clusters_x);
+                                group);
   const std::int64_t rt = std::int64_t(pos.m) * cluster + blockIdx.x % cluster, split = pos.n;
   const std::int64_t row0 = rt * S::bm;
   const std::int64_t wide_tiles = ceil_div(g.cols, S::bn);
