@@ -36,25 +36,31 @@ struct forward_params {
   float* tile_max = nullptr;        // row_tiles x col_tiles, or null
 };
 
-// Sum of exp(z - m) and exp(z - m) z over a thread's logits of row slot s, whose max is m. Masked: only local
-// columns below `limit` other than `skip` (the target's, kept apart: row_output.hpp) count.
-template <class Layout, bool Masked, class Acc>
-__device__ __forceinline__ softmax_stats slot_softmax(Acc& acc, const Layout& f, int s, float m, int skip = -1,
-                                                      int limit = 0) {
+// Sum of exp(z - m) and exp(z - m) z over Count logits of one row whose max is m, in Chains independent chains of
+// adds: z(i) is the i-th, col(i) its local column. Masked: only columns below `limit` other than `skip` (the
+// target's, kept apart: row_output.hpp) count.
+template <int Count, int Chains, bool Masked, class Logit, class Column>
+__device__ __forceinline__ softmax_stats row_softmax(const Logit& z, const Column& col, float m, int skip = -1,
+                                                     int limit = 0) {
   softmax_stats st;
   if (m == -inf_f()) return st;
   st.max = m;
-  float sum[2] = {0.f, 0.f}, sum_z[2] = {0.f, 0.f};  // two chains keep the adds pipelined
+  static_assert(Chains == 2 || Chains == 4, "pairwise sums of the chains");
+  float sum[Chains] = {}, sum_z[Chains] = {};
 #pragma unroll
-  for (int c = 0; c < Layout::cols; ++c) {
-    if (Masked && (f.col(c) == skip || f.col(c) >= limit)) continue;
-    const float z = Layout::at(acc, s, c);
-    const float w = exp2_approx((z - m) * log2e);
-    sum[c % 2] += w;
-    sum_z[c % 2] = fmaf(w, z, sum_z[c % 2]);
+  for (int i = 0; i < Count; ++i) {
+    if (Masked && (col(i) == skip || col(i) >= limit)) continue;
+    const float zi = z(i);
+    const float w = exp2_approx((zi - m) * log2e);  // not fma(zi, log2e, -m log2e): m log2e rounds at large m
+    sum[i % Chains] += w;
+    sum_z[i % Chains] = fmaf(w, zi, sum_z[i % Chains]);
   }
   st.sum_exp = sum[0] + sum[1];
   st.sum_exp_z = sum_z[0] + sum_z[1];
+  if constexpr (Chains == 4) {
+    st.sum_exp += sum[2] + sum[3];
+    st.sum_exp_z += sum_z[2] + sum_z[3];
+  }
   return st;
 }
 
@@ -213,11 +219,13 @@ __global__ void __launch_bounds__(Policy::threads, Policy::min_blocks)
       tmax = fmaxf(tmax, m);
       const std::int64_t target = targets[f.row(s)];
       const bool has_target = target >= col0 && target < col0 + Policy::bn;
+      const auto z = [&](int c) { return layout::at(acc, s, c); };
+      const auto col = [&](int c) { return f.col(c); };
       if (!has_target && !ragged) {
-        tile[s] = slot_softmax<layout, false>(acc, f, s, m);
+        tile[s] = row_softmax<layout::cols, 2, false>(z, col, m);
       } else {  // the last vocab tile, or the target's
         const int skip = has_target ? int(target - col0) : -1;
-        tile[s] = slot_softmax<layout, true>(acc, f, s, m, skip, limit);
+        tile[s] = row_softmax<layout::cols, 2, true>(z, col, m, skip, limit);
 #pragma unroll
         for (int c = 0; c < layout::cols; ++c)
           if (f.col(c) == skip) prm.target_logit[row] = layout::at(acc, s, c);

@@ -56,30 +56,6 @@ inline bool shares_classifier(std::int64_t classes, std::int64_t depth, std::int
   return ceil_div(ceil_div(classes, S::bn), splits) * ceil_div(depth, S::bk) >= 512;
 }
 
-// Sum of exp(z - m) and exp(z - m) z over a thread's 64 logits of one row slot. Masked: only local columns below
-// `limit` (the vocabulary's end) other than `skip` (the target's, kept apart) count. Four independent chains keep the
-// adds pipelined.
-template <int Slot, bool Masked>
-__device__ __forceinline__ softmax_stats tile_softmax(const float (&acc)[128], float m, int skip = -1, int limit = 0) {
-  softmax_stats s;
-  if (m == -inf_f()) return s;
-  s.max = m;
-  float sum[4] = {0.f, 0.f, 0.f, 0.f}, sum_z[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-  for (int j = 0; j < 32; ++j)
-#pragma unroll
-    for (int e = 0; e < 2; ++e) {
-      if (Masked && (8 * j + e == skip || 8 * j + e >= limit)) continue;
-      const float z = acc[4 * j + 2 * Slot + e];
-      const float w = exp2_approx((z - m) * log2e);  // not fma(z, log2e, -m log2e): m log2e rounds at large m
-      sum[(j % 2) * 2 + e] += w;
-      sum_z[(j % 2) * 2 + e] = fmaf(w, z, sum_z[(j % 2) * 2 + e]);
-    }
-  s.sum_exp = (sum[0] + sum[1]) + (sum[2] + sum[3]);
-  s.sum_exp_z = (sum_z[0] + sum_z[1]) + (sum_z[2] + sum_z[3]);
-  return s;
-}
-
 template <class T, bool KeepLogits = false>
 __global__ void __launch_bounds__(forward_shape::threads, 1)
     forward_kernel(const __grid_constant__ forward_params_sm90<T> prm) {
@@ -194,12 +170,15 @@ __global__ void __launch_bounds__(forward_shape::threads, 1)
       const std::int32_t target = targets[lr];
       const bool has_target = target >= col0 && target < col0 + S::bn;
       const int skip = has_target ? int(target - col_thread) : -1;
+      // The thread's 64 logits of the row slot: i = 2 j + e at local column 8 j + e.
+      const auto z = [&](int i) { return acc[4 * (i / 2) + 2 * r + i % 2]; };
+      const auto col = [](int i) { return 8 * (i / 2) + i % 2; };
       softmax_stats tile;
       if (!has_target && !ragged) {
-        tile = r == 0 ? tile_softmax<0, false>(acc, m) : tile_softmax<1, false>(acc, m);
+        tile = row_softmax<64, 4, false>(z, col, m);
       } else {  // the last vocab tile, or the target's: its logit is kept apart (row_output.hpp) and recorded
         const int limit = int(g.cols - col_thread < S::bn ? g.cols - col_thread : S::bn);
-        tile = r == 0 ? tile_softmax<0, true>(acc, m, skip, limit) : tile_softmax<1, true>(acc, m, skip, limit);
+        tile = row_softmax<64, 4, true>(z, col, m, skip, limit);
 #pragma unroll
         for (int j = 0; j < 32; ++j)
 #pragma unroll
