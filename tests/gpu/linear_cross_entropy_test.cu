@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <random>
 #include <vector>
 
@@ -206,6 +207,28 @@ TEST_CASE("GPU: the kernels' softcap is tanh within fp32's unit roundoff", "[gpu
         CHECK(worst <= 1e-6);
       }
     }
+  }
+}
+
+// Where the softcap saturates it gives k / T exactly, with the sign of the input (logit_derivative's zero gradient
+// at infinite inputs relies on it), and a NaN stays NaN.
+TEST_CASE("GPU: the kernels' softcap saturates exactly and keeps NaN", "[gpu][softcap]") {
+  const float inf = std::numeric_limits<float>::infinity();
+  const std::vector<float> raw{inf, -inf, 1e30f, -1e30f, std::numeric_limits<float>::quiet_NaN()};
+  for (bool series : {false, true}) {
+    const logit_transform t{30.f, 1.f / 0.7f};
+    test::device_vector<float> in(raw), out(raw.size());
+    if (series) softcap_kernel<true><<<1, 32>>>(in.ptr, int(raw.size()), t, out.ptr);
+    else softcap_kernel<false><<<1, 32>>>(in.ptr, int(raw.size()), t, out.ptr);
+    REQUIRE_CUDA(cudaGetLastError());
+    const std::vector<float> got = out.download();
+    const float s = t.softcap * t.inv_temperature;
+    INFO("series " << series);
+    CHECK(got[0] == s);
+    CHECK(got[1] == -s);
+    CHECK(got[2] == s);
+    CHECK(got[3] == -s);
+    CHECK(std::isnan(got[4]));
   }
 }
 

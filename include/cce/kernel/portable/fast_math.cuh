@@ -1,5 +1,5 @@
-// Special-function-unit forms of the epilogues' transcendental functions. Unrolled over a tile, the libm forms
-// (expf, tanhf) cost many times the instructions and overflow the instruction cache.
+// Short forms of the epilogues' transcendental functions, on the special-function unit or the FMA pipe. Unrolled
+// over a tile, the libm forms (expf, tanhf) cost many times the instructions and overflow the instruction cache.
 #pragma once
 
 #include <cce/detail/math.hpp>
@@ -21,12 +21,35 @@ __device__ __forceinline__ float rcp_approx(float x) {
   return y;
 }
 
+// min(a, b), NaN when either is (min.NaN: sm_80 and newer).
+__device__ __forceinline__ float min_nan(float a, float b) {
+  float y;
+  asm("min.NaN.f32 %0, %1, %2;" : "=f"(y) : "f"(a), "f"(b));
+  return y;
+}
+
+// 1 / x for x in [1, 2^64] (or NaN), off the special-function unit where an SM has 128 FP32 lanes (sm_86 and newer:
+// eight per special-function result per clock; sm_80 has four, and keeps rcp): a first guess from the bits (within
+// 5.1 %), then three Newton steps, relative error below 6e-8, exactly 1 at x = 1. The softcap then takes two SFU
+// operations per logit (its exponential and the softmax's) instead of three: the portable gpt2 forward 1 % faster,
+// the sm_90a one within the noise (docs/performance.md).
+__device__ __forceinline__ float rcp_fma(float x) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ == 800
+  return rcp_approx(x);
+#else
+  float r = __int_as_float(0x7EF311C3 - __float_as_int(x));
+#pragma unroll
+  for (int i = 0; i < 3; ++i) r = fmaf(r, fmaf(-x, r, 1.f), r);
+  return r;
+#endif
+}
+
 // z = softcap(raw) / T with a softcap k > 0, in straight-line code. With y = raw / k, s = k / T and
-// e = 2^(-2 log2(e) |y|), tanh|y| = 2 / (1 + e) - 1, so z = sign(raw) (2 s / (1 + e) - s): one ex2, one rcp and one
-// FFMA per logit (two instructions fewer than (1 - e) / (1 + e) s, whose count bounds a small-D forward's epilogue:
-// gpt2 1.4 % faster, docs/performance.md). Its error is absolute, below 4e-7 s in z (the ex2 and rcp
-// approximations, one rounding): the relative error grows as ~1e-7 / |y| near 0, far inside what 16-bit inputs carry.
-// With Series (fp32 inputs, whose path promises fp32 accuracy), tanh|y| = (1 - e) / (1 + e), and the odd Taylor
+// e = 2^(-2 log2(e) y), tanh y = 2 / (1 + e) - 1, so z = 2 s / (1 + e) - s: one ex2, one reciprocal and one FFMA per
+// logit (fewer instructions than (1 - e) / (1 + e) s, and the count bounds a small-D forward's epilogue:
+// docs/performance.md). Its error is absolute, below 4e-7 s in z (the ex2 and reciprocal approximations, one
+// rounding): the relative error grows as ~1e-7 / |y| near 0, far inside what 16-bit inputs carry. With Series (fp32
+// inputs, whose path promises fp32 accuracy), tanh|y| = (1 - e) / (1 + e) with e from |y|, and the odd Taylor
 // polynomial to y^9 takes over below |y| = 1/4 (truncation below 1e-8): relative error below u(fp32) everywhere,
 // for ~8 more FP32 operations.
 template <bool Series = false>
@@ -35,14 +58,17 @@ struct softcap_approx {
   __device__ explicit softcap_approx(const logit_transform& t)
       : scale(t.softcap * t.inv_temperature), k(-2.f * log2e / t.softcap), inv_cap(1.f / t.softcap) {}
   __device__ __forceinline__ float operator()(float raw) const {
-    const float e = exp2_approx(k * fabsf(raw));  // in [0, 1]: 0 where the softcap saturates, so z = s exactly
     if constexpr (Series) {
+      const float e = exp2_approx(k * fabsf(raw));  // in [0, 1]
       const float y = fabsf(raw) * inv_cap, y2 = y * y;
       const float series =
           y * fmaf(y2, fmaf(y2, fmaf(y2, fmaf(y2, 62.f / 2835.f, -17.f / 315.f), 2.f / 15.f), -1.f / 3.f), 1.f);
       return copysignf(scale * (y < 0.25f ? series : __fdividef(1.f - e, 1.f + e)), raw);
     } else {
-      return copysignf(fmaf(2.f * scale, rcp_approx(1.f + e), -scale), raw);
+      // e from raw itself, capped at 2^64 (NaN kept): 0 where the softcap saturates upward, 2^64 downward, so that
+      // z = s or -s exactly there.
+      const float e = exp2_approx(min_nan(k * raw, 64.f));
+      return fmaf(2.f * scale, rcp_fma(1.f + e), -scale);
     }
   }
 };
