@@ -149,16 +149,28 @@ struct gradient_run {
   }
 };
 
+// Which of the CTA's K tiles the filter kept: any, and all. Every thread of the CTA calls it.
+struct k_tile_census {
+  bool any = false, all = true;
+};
+template <int KTile, class T, class G>
+__device__ __forceinline__ k_tile_census census(const grad_gemm_params<T, G, KTile>& p,
+                                               const active_k_tiles<KTile>& active) {
+  bool any = false, all = true;
+  for (std::int64_t k = std::int64_t(threadIdx.x) * KTile; k < p.k; k += std::int64_t(blockDim.x) * KTile) {
+    const bool live = active(k);
+    any = any || live;
+    all = all && live;
+  }
+  return {__syncthreads_or(any) != 0, __syncthreads_and(all) != 0};
+}
+
 // Whether the CTA's product changes nothing: a contribution between the first and the last (the carry is read and
 // written) with no live k-tile leaves the carry as it is. On peaked data most output tiles of the minimal schedule's
-// many small products are such. Every thread of the CTA calls it.
+// many small products are such.
 template <int KTile, class T, class G>
-__device__ __forceinline__ bool adds_nothing(const grad_gemm_params<T, G, KTile>& p,
-                                             const active_k_tiles<KTile>& active) {
-  bool live = false;
-  for (std::int64_t k = std::int64_t(threadIdx.x) * KTile; k < p.k && !live; k += std::int64_t(blockDim.x) * KTile)
-    live = active(k);
-  return !__syncthreads_or(live) && p.acc != nullptr && !p.first && !p.last;
+__device__ __forceinline__ bool adds_nothing(const grad_gemm_params<T, G, KTile>& p, const k_tile_census& live) {
+  return !live.any && p.acc != nullptr && !p.first && !p.last;
 }
 
 template <class T, class G, class Policy, major MajorA, major MajorB, bool Vectorized>
@@ -171,10 +183,18 @@ __global__ void __launch_bounds__(Policy::threads, Policy::min_blocks)
 
   active_k_tiles<Policy::bm> active = prm.active;
   active.fixed_tile = blockIdx.x;
-  if (adds_nothing(prm, active)) return;
+  const k_tile_census live = census(prm, active);
+  if (adds_nothing(prm, live)) return;
   typename mainloop::accumulators acc;
   mainloop::clear(acc);
-  mainloop::template run<Vectorized>(acc, smem, prm.a, m0, prm.b, n0, 0, prm.k, active);
+  // Every K tile live (lm-like and uniform data): the plain walk, without the live-tile queue's bookkeeping between
+  // the MMAs; on the vector path only, which the large problems take.
+  if constexpr (Vectorized) {
+    if (live.all) mainloop::template run<true>(acc, smem, prm.a, m0, prm.b, n0, 0, prm.k);
+    else mainloop::template run<true>(acc, smem, prm.a, m0, prm.b, n0, 0, prm.k, active);
+  } else {
+    mainloop::template run<false>(acc, smem, prm.a, m0, prm.b, n0, 0, prm.k, active);
+  }
 
   const layout f;
 #pragma unroll

@@ -168,7 +168,7 @@ __device__ __forceinline__ void grad_gemm_tile(const grad_gemm_params_sm90<T, G>
   const auto live = [&](int kb) { return active(std::int64_t(kb) * S::bk); };  // 2 k-blocks per filter tile
   const int k_blocks = int(ceil_div(p.k, std::int64_t(S::bk)));
 
-  if (adds_nothing(p, active)) return;
+  if (adds_nothing(p, census(p, active))) return;
 
   if (threadIdx.x == 0) bars.init(S::consumer_warps);
   __syncthreads();
