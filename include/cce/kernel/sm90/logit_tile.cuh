@@ -36,7 +36,12 @@ struct logit_tile_shape {
   static constexpr int threads = 128 * (1 + consumers);
   static constexpr int consumer_warps = 4 * consumers;
   static constexpr int filter_bn = 128;  // the tile width of the gradient filter (plan grid)
+  // Registers per thread: what the launch gives every thread (__launch_bounds__(threads, 1)), then each role's budget
+  // after setmaxnreg, which can only hand out what the producer gave up: a larger ask waits forever.
+  static constexpr int launch_registers = 64 * 1024 / threads / 8 * 8;
   static constexpr int producer_registers = 40, consumer_registers = 232;
+  static_assert(128 * producer_registers + 128 * consumers * consumer_registers <= threads * launch_registers,
+                "the registers the CTA starts with");
 
   template <class T>
   static constexpr std::uint32_t a_bytes = bm* bk * sizeof(T);
