@@ -84,6 +84,10 @@ status launch_forward(const forward_params<T>& base, cudaStream_t stream, const 
     const auto launch = [&](auto kernel_constant) {
       constexpr auto kernel = decltype(kernel_constant)::value;
       if (!allow_dynamic_smem<kernel>(S::smem_bytes<T>)) return status::unsupported_arch;
+      // The filter's tile maxima start below every float: the kernel's warps fold theirs in (atomic_max_float).
+      if (base.tile_max &&
+          cudaMemsetAsync(base.tile_max, 0xFF, sizeof(float) * base.grid.tiles(), stream) != cudaSuccess)
+        return status::cuda_error;
       launch_clustered(kernel, grid, S::threads, S::smem_bytes<T>, cluster, stream, prm);
       return cudaGetLastError() == cudaSuccess ? status::success : status::cuda_error;
     };

@@ -27,6 +27,16 @@ inline constexpr int forward_cluster = 2;  // CTAs of neighbouring row tiles sha
 template <class T>
 using forward_ring = tile_ring<T, major::k, major::k, forward_cluster>;
 
+// *addr = max(*addr, v) for an address that holds a float or the bits 0xFFFFFFFF (launch_forward presets them),
+// which both comparisons below rank under every float: non-negative floats order as signed integers, negative ones
+// (sign bit set, -0 included) in reverse as unsigned ones. A max: the result is the same in any order.
+__device__ __forceinline__ void atomic_max_float(float* addr, float v) {
+  if (!signbit(v))
+    atomicMax(reinterpret_cast<int*>(addr), __float_as_int(v));
+  else
+    atomicMin(reinterpret_cast<unsigned*>(addr), __float_as_uint(v));
+}
+
 // Where loss_and_grad's logit-keeping forward (dispatch/plan.hpp) writes each tile: per row, z - ref in fp16 at
 // logits[row * ld + col], with ref the row's max over the 256-class tile at ref[row * ref_ld + tile]. fp16 holds
 // d = z - ref to 2^-11 of |d|, so p = exp(z - lse) formed from it is off by |d| 2^-11 relatively: less than the bf16
@@ -65,7 +75,6 @@ __global__ void __launch_bounds__(forward_shape::threads, 1)
   extern __shared__ unsigned char smem_raw[];
   __shared__ stage_barriers<S::stages> bars;
   __shared__ std::int32_t targets[S::bm];
-  __shared__ float half_max[2][S::consumer_warps][2];  // double-buffered by tile parity
 
   const forward_ring<T> ring(smem_raw, bars, prm.share_classifier);
 
@@ -112,8 +121,7 @@ __global__ void __launch_bounds__(forward_shape::threads, 1)
   float acc[128];
   row_partial part[2];
   ring_position<S::stages> at;
-  int parity = 0;
-  for (std::int64_t ct = ct_begin; ct < ct_end; ++ct, parity ^= 1) {
+  for (std::int64_t ct = ct_begin; ct < ct_end; ++ct) {
     ring.compute_tile(acc, at, k_blocks, cw / 4);
 
     // Epilogue: logits z in place, then the tile's statistics.
@@ -203,23 +211,15 @@ __global__ void __launch_bounds__(forward_shape::threads, 1)
       }
     }
 
-    if (p.tile_max) {  // the filter's per-tile max, on its 128 x 128 grid
+    if (p.tile_max) {  // the filter's per-tile max, on its 128 x 128 grid: each warp folds in its 16 rows
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
 #pragma unroll
         for (int mask = 16; mask > 0; mask /= 2) half[h] = fmaxf(half[h], shuffle_xor(half[h], mask));
       }
-      if (lane == 0) {
-        half_max[parity][cw][0] = half[0];
-        half_max[parity][cw][1] = half[1];
-      }
-      consumer_barrier();
-      if (cw == 0 && lane < 2) {
-        float m = half_max[parity][0][lane];
-        for (int w = 1; w < S::consumer_warps; ++w) m = fmaxf(m, half_max[parity][w][lane]);
-        const std::int64_t filter_tile = 2 * ct + lane;
-        if (filter_tile < g.col_tiles() && rt < g.row_tiles()) p.tile_max[rt * g.col_tiles() + filter_tile] = m;
-      }
+      const std::int64_t filter_tile = 2 * ct + lane;
+      if (lane < 2 && filter_tile < g.col_tiles() && rt < g.row_tiles())
+        atomic_max_float(p.tile_max + rt * g.col_tiles() + filter_tile, lane == 0 ? half[0] : half[1]);
     }
   }
 
