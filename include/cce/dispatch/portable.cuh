@@ -356,7 +356,7 @@ class portable_path {
     prm.target_logit = fw.target_logit;
     prm.tile_max = pl_.filter ? sv.tile_max : nullptr;
     const dim3 grid(unsigned(pl_.grid.row_tiles()), unsigned(pl_.splits));
-    if (hopper_) return sm90::launch_forward(prm, stream);
+    if (hopper_) return sm90::launch_forward(prm, pl_.sm_count, stream);
     const bool extras = prm.smoothing || prm.argmax;
     if constexpr (has_wide_tiles<T, Policy>) {
       using wide = wide_policy<Policy>;
@@ -464,7 +464,7 @@ class portable_path {
     prm.tile_max = pl_.filter ? block_tile_max(sv, r0) : nullptr;
     const pass_buffers<T>& pb = kb.bw.de;
     const sm90::kept_logits kept{reinterpret_cast<__half*>(pb.dz), pb.shape.cols, kb.logit_ref, kept_ref_ld()};
-    return sm90::launch_forward(prm, stream, &kept);
+    return sm90::launch_forward(prm, pl_.sm_count, stream, &kept);
   }
 
   // The kept logits of rows [r0, r0 + rows) into dZ, in place: the filter's flags (counted into `counts`), then

@@ -65,9 +65,10 @@ void launch_clustered(void (*kernel)(Params...), dim3 grid, int threads, std::si
   cudaLaunchKernelEx(&config, kernel, args...);
 }
 
-// The forward; with `kept`, the variant that also writes the logit tiles there (loss_and_grad, plan.hpp).
+// The forward on a device of `sms` SMs; with `kept`, the variant that also writes the logit tiles there
+// (loss_and_grad, plan.hpp).
 template <class T>
-status launch_forward(const forward_params<T>& base, cudaStream_t stream, const kept_logits* kept = nullptr) {
+status launch_forward(const forward_params<T>& base, int sms, cudaStream_t stream, const kept_logits* kept = nullptr) {
   if constexpr (!tensor_core_type<T>) {
     return status::unsupported_arch;
   } else {
@@ -80,7 +81,9 @@ status launch_forward(const forward_params<T>& base, cudaStream_t stream, const 
     using S = forward_shape;
     prm.share_classifier = shares_classifier(base.grid.cols, base.e.depth, base.splits);
     const int cluster = prm.share_classifier ? forward_cluster : 1;
-    const dim3 grid(unsigned(round_up(base.grid.row_tiles(), cluster)), unsigned(base.splits));
+    // One CTA per unit (row tile, split) in clusters; otherwise persistent, one CTA per SM walking the units.
+    const std::int64_t units = ceil_div(base.grid.row_tiles(), std::int64_t(cluster)) * base.splits;
+    const dim3 grid(unsigned(cluster > 1 ? units * cluster : std::min<std::int64_t>(units, sms)));
     const auto launch = [&](auto kernel_constant) {
       constexpr auto kernel = decltype(kernel_constant)::value;
       if (!allow_dynamic_smem<kernel>(S::smem_bytes<T>)) return status::unsupported_arch;

@@ -74,31 +74,33 @@ __global__ void __launch_bounds__(forward_shape::threads, 1)
   // Only the sm_90a image has this body (and static shared memory: the host checks for it, sm90.cuh).
   extern __shared__ unsigned char smem_raw[];
   __shared__ stage_barriers<S::stages> bars;
-  __shared__ std::int32_t targets[S::bm];
+  __shared__ std::int32_t unit_targets[2][S::bm];  // by the parity of the CTA's unit
 
   const forward_ring<T> ring(smem_raw, bars, prm.share_classifier);
 
   const forward_params<T>& p = prm.base;
   const tile::tile_grid& g = p.grid;
-  // This CTA's (row tile, split): clusters are taken in launch order through tile::grouped_order over groups of
-  // l2_row_group row tiles (in whole clusters), so that the CTAs running at once share their E and C tiles in L2.
-  // The CTAs of a cluster keep one split and neighbouring row tiles.
-  const int cluster = prm.share_classifier ? forward_cluster : 1, clusters_x = int(gridDim.x) / cluster;
+  // The work comes in units of one (row tile, split), taken by clusters in tile::grouped_order over groups of
+  // l2_row_group row tiles (in whole clusters), so that the units running at once share their E and C tiles in L2;
+  // the CTAs of a cluster take one split of neighbouring row tiles. A CTA (cluster) walks units c, c + G, ... of the
+  // G it launches with, the producer running on into the next unit's tiles while the consumers finish the last.
+  const int cluster = prm.share_classifier ? forward_cluster : 1;
+  const int clusters_x = int(ceil_div(g.row_tiles(), std::int64_t(cluster)));
+  const int units = clusters_x * int(p.splits), stride = int(gridDim.x) / cluster;
   const int group = S::l2_row_group(p.e.depth, int(sizeof(T))) / cluster;
-  const tile::grouped_order pos(int(blockIdx.y) * clusters_x + int(blockIdx.x) / cluster, clusters_x, int(gridDim.y),
-                                group);
-  const std::int64_t rt = std::int64_t(pos.m) * cluster + blockIdx.x % cluster, split = pos.n;
-  const std::int64_t row0 = rt * S::bm;
-  const std::int64_t wide_tiles = ceil_div(g.cols, S::bn);
-  const std::int64_t ct_begin = tile::split_begin(wide_tiles, p.splits, split);
-  const std::int64_t ct_end = tile::split_begin(wide_tiles, p.splits, split + 1);
+  struct unit {
+    int rt, split, ct_begin, ct_end;  // row tile, vocab split and its 256-class tiles
+  };
+  const auto unit_at = [&](int u) {
+    const tile::grouped_order pos(u, clusters_x, int(p.splits), group);
+    const std::int64_t wide_tiles = ceil_div(g.cols, S::bn);
+    return unit{pos.m * cluster + int(blockIdx.x) % cluster, pos.n, int(tile::split_begin(wide_tiles, p.splits, pos.n)),
+                int(tile::split_begin(wide_tiles, p.splits, pos.n + 1))};
+  };
+  const int first = int(blockIdx.x) / cluster;
   const int k_blocks = int(ceil_div(p.e.depth, S::bk));
 
   if (threadIdx.x == 0) bars.init(ring.stage_readers());
-  for (int r = threadIdx.x; r < S::bm; r += S::threads) {
-    const std::int64_t row = row0 + r;
-    targets[r] = row < g.rows ? p.labels.column(p.labels(row)) : -1;
-  }
   cluster_sync();
 
   const int warpgroup = threadIdx.x / 128;
@@ -106,8 +108,11 @@ __global__ void __launch_bounds__(forward_shape::threads, 1)
     shrink_registers<S::producer_registers>();
     if (threadIdx.x == 0) {
       ring_position<S::stages> at;
-      for (std::int64_t ct = ct_begin; ct < ct_end; ++ct)
-        ring.load_tile(at, &prm.maps, int(row0), int(ct * S::bn), k_blocks);
+      for (int u = first; u < units; u += stride) {
+        const unit w = unit_at(u);
+        for (std::int64_t ct = w.ct_begin; ct < w.ct_end; ++ct)
+          ring.load_tile(at, &prm.maps, w.rt * S::bm, int(ct * S::bn), k_blocks);
+      }
       ring.drain(at);
     }
     return;
@@ -118,119 +123,132 @@ __global__ void __launch_bounds__(forward_shape::threads, 1)
   const int lane = threadIdx.x % 32, lane_row = lane / 4, lane_col = 2 * (lane % 4);
   const int local_row = (cw / 4) * 64 + (cw % 4) * 16 + lane_row;  // row slot r adds 8 r
 
-  float acc[128];
-  row_partial part[2];
   ring_position<S::stages> at;
-  for (std::int64_t ct = ct_begin; ct < ct_end; ++ct) {
-    ring.compute_tile(acc, at, k_blocks, cw / 4);
+  for (int u = first, parity = 0; u < units; u += stride, parity ^= 1) {
+    const unit w = unit_at(u);
+    const std::int64_t rt = w.rt, split = w.split, row0 = rt * S::bm;
+    // The unit's targets, visible to every consumer after the barrier; the buffer of the other parity may still be
+    // read by the previous unit's epilogue, this one's was last read two units ago, before the previous barrier.
+    std::int32_t* targets = unit_targets[parity];
+    for (int r = int(threadIdx.x) - 128; r < S::bm; r += 128 * S::consumers) {
+      const std::int64_t row = row0 + r;
+      targets[r] = row < g.rows ? p.labels.column(p.labels(row)) : -1;
+    }
+    consumer_barrier();
 
-    // Epilogue: logits z in place, then the tile's statistics.
-    const std::int64_t col0 = ct * S::bn;
-    const bool ragged = col0 + S::bn > g.cols;
-    if (p.terms.has_raw_terms()) add_raw_terms(acc, p.terms, row0 + local_row, col0 + lane_col, g);
-    transform_logits(acc, p.terms.transform);
-    float half[2] = {-inf_f(), -inf_f()};  // per 128-column half, over valid rows
+    float acc[128];
+    row_partial part[2];
+    for (std::int64_t ct = w.ct_begin; ct < w.ct_end; ++ct) {
+      ring.compute_tile(acc, at, k_blocks, cw / 4);
+
+      // Epilogue: logits z in place, then the tile's statistics.
+      const std::int64_t col0 = ct * S::bn;
+      const bool ragged = col0 + S::bn > g.cols;
+      if (p.terms.has_raw_terms()) add_raw_terms(acc, p.terms, row0 + local_row, col0 + lane_col, g);
+      transform_logits(acc, p.terms.transform);
+      float half[2] = {-inf_f(), -inf_f()};  // per 128-column half, over valid rows
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int lr = local_row + 8 * r;
+        const std::int64_t row = row0 + lr;
+        const std::int64_t col_thread = col0 + lane_col;
+        if (ragged) {
+#pragma unroll
+          for (int j = 0; j < 32; ++j)
+#pragma unroll
+            for (int e = 0; e < 2; ++e)
+              if (col_thread + 8 * j + e >= g.cols) acc[4 * j + 2 * r + e] = -inf_f();
+        }
+        float hm[2] = {-inf_f(), -inf_f()};
+#pragma unroll
+        for (int j = 0; j < 32; ++j)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) hm[j / 16] = fmaxf(hm[j / 16], acc[4 * j + 2 * r + e]);
+        if (row < g.rows) {
+          half[0] = fmaxf(half[0], hm[0]);
+          half[1] = fmaxf(half[1], hm[1]);
+        }
+        float m = fmaxf(hm[0], hm[1]);
+        if constexpr (KeepLogits) {  // the row's max over the tile (the four lanes of a row agree on it), then z - m
+          m = fmaxf(m, shuffle_xor(m, 1));
+          m = fmaxf(m, shuffle_xor(m, 2));
+          // Lanes l and l ^ 1 trade one column pair of every two 8-column groups, so that each stores 4 adjacent
+          // values (8 bytes; a warp's store then fills whole 32-byte sectors): the even lane keeps group 2b, the odd
+          // lane group 2b + 1.
+          const kept_logits& k = prm.kept;
+          const bool odd = lane % 2 == 1;
+          const std::int64_t col_pair = col0 + 4 * ((lane % 4) / 2);
+          auto pair = [&](int j) {
+            const __half2 h = __floats2half2_rn(acc[4 * j + 2 * r] - m, acc[4 * j + 2 * r + 1] - m);
+            return *reinterpret_cast<const std::uint32_t*>(&h);
+          };
+#pragma unroll
+          for (int b = 0; b < 16; ++b) {
+            const std::uint32_t even_group = pair(2 * b), odd_group = pair(2 * b + 1);
+            const std::uint32_t other = __shfl_xor_sync(0xffffffffu, odd ? even_group : odd_group, 1);
+            const uint2 four = odd ? make_uint2(other, odd_group) : make_uint2(even_group, other);
+            const std::int64_t col = col_pair + 8 * (2 * b + (odd ? 1 : 0));
+            if (row < g.rows && (!ragged || col < k.ld)) *reinterpret_cast<uint2*>(k.logits + row * k.ld + col) = four;
+          }
+          if (row < g.rows && lane % 4 == 0) k.ref[row * k.ref_ld + ct] = m;
+        }
+        const std::int32_t target = targets[lr];
+        const bool has_target = target >= col0 && target < col0 + S::bn;
+        const int skip = has_target ? int(target - col_thread) : -1;
+        // The thread's 64 logits of the row slot: i = 2 j + e at local column 8 j + e.
+        const auto z = [&](int i) { return acc[4 * (i / 2) + 2 * r + i % 2]; };
+        const auto col = [](int i) { return 8 * (i / 2) + i % 2; };
+        softmax_stats tile;
+        if (!has_target && !ragged) {
+          tile = row_softmax<64, 4, false>(z, col, m);
+        } else {  // the last vocab tile, or the target's: its logit is kept apart (row_output.hpp) and recorded
+          const int limit = int(g.cols - col_thread < S::bn ? g.cols - col_thread : S::bn);
+          tile = row_softmax<64, 4, true>(z, col, m, skip, limit);
+#pragma unroll
+          for (int j = 0; j < 32; ++j)
+#pragma unroll
+            for (int e = 0; e < 2; ++e)
+              if (8 * j + e == skip) p.target_logit[row] = acc[4 * j + 2 * r + e];
+        }
+        part[r].softmax = softmax_merge(part[r].softmax, tile);
+        if (p.smoothing || p.argmax) {
+#pragma unroll
+          for (int j = 0; j < 32; ++j)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              const std::int64_t col = col_thread + 8 * j + e;
+              if (col >= g.cols) continue;
+              const float z = acc[4 * j + 2 * r + e];
+              if (p.smoothing) part[r].weighted_logit_sum += (p.class_weights ? p.class_weights[col] : 1.f) * z;
+              if (p.argmax && argmax_better(z, std::int32_t(col), part[r].argmax_value, part[r].argmax_index)) {
+                part[r].argmax_value = z;
+                part[r].argmax_index = std::int32_t(col);
+              }
+            }
+        }
+      }
+
+      if (p.tile_max) {  // the filter's per-tile max, on its 128 x 128 grid: each warp folds in its 16 rows
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+#pragma unroll
+          for (int mask = 16; mask > 0; mask /= 2) half[h] = fmaxf(half[h], shuffle_xor(half[h], mask));
+        }
+        const std::int64_t filter_tile = 2 * ct + lane;
+        if (lane < 2 && filter_tile < g.col_tiles() && rt < g.row_tiles())
+          atomic_max_float(p.tile_max + rt * g.col_tiles() + filter_tile, lane == 0 ? half[0] : half[1]);
+      }
+    }
+
+    // The four lanes of a row merge their statistics in a fixed order; lane 0 stores the split's partial.
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      const int lr = local_row + 8 * r;
-      const std::int64_t row = row0 + lr;
-      const std::int64_t col_thread = col0 + lane_col;
-      if (ragged) {
+      row_partial q = part[r];
 #pragma unroll
-        for (int j = 0; j < 32; ++j)
-#pragma unroll
-          for (int e = 0; e < 2; ++e)
-            if (col_thread + 8 * j + e >= g.cols) acc[4 * j + 2 * r + e] = -inf_f();
-      }
-      float hm[2] = {-inf_f(), -inf_f()};
-#pragma unroll
-      for (int j = 0; j < 32; ++j)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) hm[j / 16] = fmaxf(hm[j / 16], acc[4 * j + 2 * r + e]);
-      if (row < g.rows) {
-        half[0] = fmaxf(half[0], hm[0]);
-        half[1] = fmaxf(half[1], hm[1]);
-      }
-      float m = fmaxf(hm[0], hm[1]);
-      if constexpr (KeepLogits) {  // the row's max over the tile (the four lanes of a row agree on it), then z - m
-        m = fmaxf(m, shuffle_xor(m, 1));
-        m = fmaxf(m, shuffle_xor(m, 2));
-        // Lanes l and l ^ 1 trade one column pair of every two 8-column groups, so that each stores 4 adjacent
-        // values (8 bytes; a warp's store then fills whole 32-byte sectors): the even lane keeps group 2b, the odd
-        // lane group 2b + 1.
-        const kept_logits& k = prm.kept;
-        const bool odd = lane % 2 == 1;
-        const std::int64_t col_pair = col0 + 4 * ((lane % 4) / 2);
-        auto pair = [&](int j) {
-          const __half2 h = __floats2half2_rn(acc[4 * j + 2 * r] - m, acc[4 * j + 2 * r + 1] - m);
-          return *reinterpret_cast<const std::uint32_t*>(&h);
-        };
-#pragma unroll
-        for (int b = 0; b < 16; ++b) {
-          const std::uint32_t even_group = pair(2 * b), odd_group = pair(2 * b + 1);
-          const std::uint32_t other = __shfl_xor_sync(0xffffffffu, odd ? even_group : odd_group, 1);
-          const uint2 four = odd ? make_uint2(other, odd_group) : make_uint2(even_group, other);
-          const std::int64_t col = col_pair + 8 * (2 * b + (odd ? 1 : 0));
-          if (row < g.rows && (!ragged || col < k.ld)) *reinterpret_cast<uint2*>(k.logits + row * k.ld + col) = four;
-        }
-        if (row < g.rows && lane % 4 == 0) k.ref[row * k.ref_ld + ct] = m;
-      }
-      const std::int32_t target = targets[lr];
-      const bool has_target = target >= col0 && target < col0 + S::bn;
-      const int skip = has_target ? int(target - col_thread) : -1;
-      // The thread's 64 logits of the row slot: i = 2 j + e at local column 8 j + e.
-      const auto z = [&](int i) { return acc[4 * (i / 2) + 2 * r + i % 2]; };
-      const auto col = [](int i) { return 8 * (i / 2) + i % 2; };
-      softmax_stats tile;
-      if (!has_target && !ragged) {
-        tile = row_softmax<64, 4, false>(z, col, m);
-      } else {  // the last vocab tile, or the target's: its logit is kept apart (row_output.hpp) and recorded
-        const int limit = int(g.cols - col_thread < S::bn ? g.cols - col_thread : S::bn);
-        tile = row_softmax<64, 4, true>(z, col, m, skip, limit);
-#pragma unroll
-        for (int j = 0; j < 32; ++j)
-#pragma unroll
-          for (int e = 0; e < 2; ++e)
-            if (8 * j + e == skip) p.target_logit[row] = acc[4 * j + 2 * r + e];
-      }
-      part[r].softmax = softmax_merge(part[r].softmax, tile);
-      if (p.smoothing || p.argmax) {
-#pragma unroll
-        for (int j = 0; j < 32; ++j)
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const std::int64_t col = col_thread + 8 * j + e;
-            if (col >= g.cols) continue;
-            const float z = acc[4 * j + 2 * r + e];
-            if (p.smoothing) part[r].weighted_logit_sum += (p.class_weights ? p.class_weights[col] : 1.f) * z;
-            if (p.argmax && argmax_better(z, std::int32_t(col), part[r].argmax_value, part[r].argmax_index)) {
-              part[r].argmax_value = z;
-              part[r].argmax_index = std::int32_t(col);
-            }
-          }
-      }
+      for (int mask = 1; mask < 4; mask *= 2) q = merge(q, shuffle_xor(q, mask, p.smoothing, p.argmax));
+      const std::int64_t row = row0 + local_row + 8 * r;
+      if (lane % 4 == 0 && row < g.rows) p.partials[row * p.splits + split] = q;
     }
-
-    if (p.tile_max) {  // the filter's per-tile max, on its 128 x 128 grid: each warp folds in its 16 rows
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-#pragma unroll
-        for (int mask = 16; mask > 0; mask /= 2) half[h] = fmaxf(half[h], shuffle_xor(half[h], mask));
-      }
-      const std::int64_t filter_tile = 2 * ct + lane;
-      if (lane < 2 && filter_tile < g.col_tiles() && rt < g.row_tiles())
-        atomic_max_float(p.tile_max + rt * g.col_tiles() + filter_tile, lane == 0 ? half[0] : half[1]);
-    }
-  }
-
-  // The four lanes of a row merge their statistics in a fixed order; lane 0 stores the split's partial.
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    row_partial q = part[r];
-#pragma unroll
-    for (int mask = 1; mask < 4; mask *= 2) q = merge(q, shuffle_xor(q, mask, p.smoothing, p.argmax));
-    const std::int64_t row = row0 + local_row + 8 * r;
-    if (lane % 4 == 0 && row < g.rows) p.partials[row * p.splits + split] = q;
   }
 #endif
 }
