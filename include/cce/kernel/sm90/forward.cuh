@@ -1,7 +1,8 @@
 // Hopper forward kernel (sm_90a): the contract of the portable forward (kernel/portable/forward.cuh: per-(row, split)
 // softmax partials, the target logit, the per-tile max for the gradient filter) on the logit-tile engine of
-// logit_tile.cuh. Each CTA walks a run of 256-class tiles of its 128 rows; while the producer runs ahead into the next
-// tile, the consumers fold the finished one into online-softmax statistics.
+// logit_tile.cuh. A unit of work is the run of 256-class tiles of one vocab split for 128 rows; each CTA walks one or
+// more units, and while the producer runs ahead into the next tile, the consumers fold the finished one into
+// online-softmax statistics.
 //
 // A thread owns 2 rows x 64 columns of each tile (wgmma.cuh) and keeps its own statistics for its two rows across the
 // run; the four lanes of a row merge theirs once, at the end.
