@@ -10,7 +10,7 @@ for s in ${SHAPES:?}; do
   IFS=, read -r n d v softcap regime <<<"$s"
   for b in "$@"; do
     cycles=$(timeout 120 ncu --kernel-name "regex:${KERNEL:-forward_kernel}" --launch-skip 2 --launch-count 3 \
-      --metrics gpc__cycles_elapsed.max "$b" "$n" "$d" "$v" "$softcap" "$regime" 4 ${MODE:-} 2>/dev/null |
+      --metrics gpc__cycles_elapsed.max "$b" "$n" "$d" "$v" "$softcap" "$regime" 4 ${MODE:+"$MODE"} 2>/dev/null |
       awk '/gpc__cycles_elapsed.max/ {printf "%s ", $3}')
     echo "$(basename "$b") $s $cycles"
   done
