@@ -39,6 +39,13 @@ struct dlogit_coefficients {
   CCE_HOST_DEVICE float operator()(float p, bool is_target, float class_weight) const {
     return ce * (is_target ? target_residual : p) + extra * p - gamma * class_weight;
   }
+
+  // The common case in two coefficients: at a class that is not the target, of weight 1, and scaled by s (the
+  // constant factor of dz/draw), the value is a p + b.
+  struct affine {
+    float a, b;
+  };
+  CCE_HOST_DEVICE affine non_target(float s) const { return {(ce + extra) * s, -gamma * s}; }
 };
 
 CCE_HOST_DEVICE dlogit_coefficients make_dlogit_coefficients(const loss_terms& t, float g, float lse,

@@ -85,8 +85,10 @@ struct logit_derivative {
       c = 1.f / (saturated * saturated);
     }
   }
-  __device__ __forceinline__ float operator()(float z) const {
-    return fabsf(z) >= saturated ? 0.f : fmaf(-c * z, z, 1.f) * inv_temperature;
+  __device__ __forceinline__ float operator()(float z) const { return softcap_factor(z) * inv_temperature; }
+  // 1 - tanh^2 of the softcap (1 without one): the derivative without its constant factor 1/T.
+  __device__ __forceinline__ float softcap_factor(float z) const {
+    return fabsf(z) >= saturated ? 0.f : fmaf(-c * z, z, 1.f);
   }
 };
 
