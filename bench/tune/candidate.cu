@@ -5,9 +5,10 @@
 //
 //   candidate N D V SOFTCAP REGIME ITERATIONS [portable]     (REGIME: 0 peaked, 1 lm-like, 2 uniform)
 //
-// `portable` pins the portable (sm_80) kernels, on any GPU.
-// Prints one JSON object: the medians in milliseconds of the GEMM, the forward and the forward + `chunked` backward,
-// and the workspace of each. Element type: CCE_TUNE_TYPE (default __nv_bfloat16).
+// `portable` pins the portable (sm_80) kernels, on any GPU. CCE_TUNE_BACKWARD=loss_and_grad in the environment times
+// loss_and_grad (1 GiB, keeping logits where it can) in place of the forward + `chunked` backward.
+// Prints one JSON object: the medians in milliseconds of the GEMM, the forward and the forward + backward, and the
+// workspace of the latter. Element type: CCE_TUNE_TYPE (default __nv_bfloat16).
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 
@@ -77,9 +78,11 @@ int main(int argc, char** argv) {
   });
   cublasDestroy(h);
 
+  const char* backward = std::getenv("CCE_TUNE_BACKWARD");
+  const bool loss_and_grad = backward != nullptr && std::string(backward) == "loss_and_grad";
   cce::options o;
   o.softcap = s.softcap;
-  o.backward_mode = cce::backward_mode::chunked;
+  o.backward_mode = loss_and_grad ? cce::backward_mode::loss_and_grad : cce::backward_mode::chunked;
   o.hopper_kernels = !portable;
   cce::linear_cross_entropy<T, policy> op{o};
   cce::problem<T> p;
@@ -91,7 +94,8 @@ int main(int argc, char** argv) {
   p.targets = in.y.ptr;
   cce::device_info dev;
   check(cce::current_device(dev));
-  const std::size_t saved_bytes = op.saved_bytes(p), ws_bytes = op.workspace_bytes(p, dev, std::size_t(256) << 20);
+  const std::size_t budget = std::size_t(loss_and_grad ? 1024 : 256) << 20;
+  const std::size_t saved_bytes = op.saved_bytes(p), ws_bytes = op.workspace_bytes(p, dev, budget);
   device_buffer<char> saved(saved_bytes), ws(ws_bytes);
   device_buffer<float> loss(1);
   device_buffer<T> de(std::size_t(s.n * s.d)), dc(std::size_t(s.v * s.d));
@@ -102,6 +106,10 @@ int main(int argc, char** argv) {
   g.dc = dc.ptr;
   const double fw_ms = median_ms(iterations, [&] { check(op.forward(p, out, saved.ptr, saved_bytes, ws.ptr, ws_bytes)); });
   const double fwbw_ms = median_ms(iterations, [&] {
+    if (loss_and_grad) {
+      check(op.loss_and_grad(p, out, g, saved.ptr, saved_bytes, ws.ptr, ws_bytes));
+      return;
+    }
     check(op.forward(p, out, saved.ptr, saved_bytes, ws.ptr, ws_bytes));
     check(op.backward(p, {}, g, saved.ptr, saved_bytes, ws.ptr, ws_bytes));
   });
