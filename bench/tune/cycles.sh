@@ -3,8 +3,10 @@
 # wall-clock medians move by several percent between calls on a power-capped GPU, these repeat to about 1 %.
 #
 #   SHAPES="N,D,V,SOFTCAP,REGIME ..." bench/tune/cycles.sh BINARY...     (KERNEL: a regex, default forward_kernel;
-#                                                                          KERNEL_BASE=demangled matches it against
-#                                                                          the full name, template arguments included;
+#                                                                          KERNEL_BASE=mangled matches it against
+#                                                                          the mangled name, template arguments
+#                                                                          included: 'forward_kernel.*Lb1E' is the
+#                                                                          logit-keeping forward;
 #                                                                          MODE=portable pins the portable kernels)
 # Prints one line per shape and binary: the cycles of three launches after two warm-up ones.
 set -uo pipefail
