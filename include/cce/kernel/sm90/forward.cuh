@@ -178,7 +178,11 @@ __global__ void __launch_bounds__(forward_shape::threads, 1)
           // lane group 2b + 1.
           const kept_logits& k = prm.kept;
           const bool odd = lane % 2 == 1;
-          const std::int64_t col_pair = col0 + 4 * ((lane % 4) / 2);
+          // The thread's run b starts at column first + 16 b. The row's address and how many runs lie inside the
+          // stored width are worked out once per row slot, so that each store is one instruction.
+          const std::int64_t first = col0 + 4 * ((lane % 4) / 2) + (odd ? 8 : 0), left = k.ld - first;
+          const int limit = row >= g.rows ? 0 : !ragged ? S::bn : int(left < 0 ? 0 : left < S::bn ? left : S::bn);
+          __half* out = k.logits + (row < g.rows ? row : 0) * k.ld + first;
           auto pair = [&](int j) {
             const __half2 h = __floats2half2_rn(acc[4 * j + 2 * r] - m, acc[4 * j + 2 * r + 1] - m);
             return *reinterpret_cast<const std::uint32_t*>(&h);
@@ -188,8 +192,7 @@ __global__ void __launch_bounds__(forward_shape::threads, 1)
             const std::uint32_t even_group = pair(2 * b), odd_group = pair(2 * b + 1);
             const std::uint32_t other = __shfl_xor_sync(0xffffffffu, odd ? even_group : odd_group, 1);
             const uint2 four = odd ? make_uint2(other, odd_group) : make_uint2(even_group, other);
-            const std::int64_t col = col_pair + 8 * (2 * b + (odd ? 1 : 0));
-            if (row < g.rows && (!ragged || col < k.ld)) *reinterpret_cast<uint2*>(k.logits + row * k.ld + col) = four;
+            if (16 * b < limit) *reinterpret_cast<uint2*>(out + 16 * b) = four;
           }
           if (row < g.rows && lane % 4 == 0) k.ref[row * k.ref_ld + ct] = m;
         }
