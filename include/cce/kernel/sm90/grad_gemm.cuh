@@ -4,7 +4,8 @@
 //   dC_chunk = dZ^T E_block   A = dZ MN-major (classes contiguous), B = E_block MN-major
 // Each CTA owns a 128 x 256 output tile (128 rows or classes by 256 of D). k-blocks whose dZ tile the filter skipped
 // are neither loaded nor multiplied. CTAs run in groups of 8 output-row tiles that sweep every column tile, so that
-// a group's A tiles are read from L2 by all of its column tiles.
+// a group's A tiles are read from L2 by all of its column tiles. A 16-bit output that takes no carry is written (or
+// added to) by TMA from the ring; the other cases run a coalesced epilogue through fp32 staging.
 #pragma once
 
 #include <cstddef>
@@ -19,8 +20,9 @@
 namespace cce::detail::sm90 {
 
 using grad_gemm_shape = logit_tile_shape;
-// Row pitch of the staged fp32 output tile: 4 floats of padding make the fragment writes conflict-free.
-inline constexpr int staging_ld = grad_gemm_shape::bn + 4;
+// Row pitch of the staged fp32 output tile. A half-warp's 8-byte fragment writes cover 4 rows of 8 floats: 8 floats
+// of padding put them in 32 distinct banks (4 left two rows on each bank).
+inline constexpr int staging_ld = grad_gemm_shape::bn + 8;
 static_assert(std::size_t(grad_gemm_shape::bm) * staging_ld * sizeof(float) <=
                   std::size_t(grad_gemm_shape::stages) *
                       (grad_gemm_shape::a_bytes<__half> + grad_gemm_shape::b_bytes<__half>),
@@ -31,7 +33,69 @@ struct grad_gemm_params_sm90 {
   operand_maps maps;
   grad_gemm_params<T, G, grad_gemm_shape::filter_bn> base;
   int m_tiles = 0, n_tiles = 0;
+  // A 16-bit output without carry, compensation, low-rank term or row scatter is written by TMA (tma_store_tile),
+  // through this map of it in boxes of 128 rows by 64 columns.
+  bool tma_out = false;
+  CUtensorMap out_map;
 };
+
+// Whether and how TMA writes the output of `base` (grad_gemm_params_sm90::tma_out).
+template <class T, class G, int KTile>
+bool encode_output_map(CUtensorMap& map, const grad_gemm_params<T, G, KTile>& base) {
+  if constexpr (sizeof(G) != 2) {
+    return false;
+  } else {
+    const CUtensorMapDataType type =
+        std::is_same_v<G, __half> ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
+    return base.acc == nullptr && base.comp == nullptr && base.rank == 0 && base.out_rows == nullptr &&
+           tma_addressable(base.out, base.ld_out, sizeof(G)) &&
+           encode_sw128(&map, base.out, base.n, base.m, base.ld_out, type, sizeof(G), grad_gemm_shape::bm);
+  }
+}
+
+// The consumers' epilogue for tma_out: the tile's 128 x 256 result as four boxes of 128 x 64 G in TMA's 128-byte
+// swizzle (16-byte chunk c of row r at chunk c ^ (r % 8), so that a warp's fragment writes, 8 rows of 16 bytes, fill
+// all 32 banks), in the ring; one thread then stores the boxes, or adds them to the output in L2 (`add`: the tile
+// rounded to G, then the sum, as a framework's `grad += g`), and waits only until they are read from shared memory.
+// The consumers neither load the old values nor wait for the stores, and the next CTA starts sooner: 4-10 % of the
+// product launches of loss_and_grad, whose short dC tiles each add to the output (docs/performance.md).
+template <class G>
+__device__ __forceinline__ void tma_store_tile(const CUtensorMap* map, unsigned char* staged, const float (&acc)[128],
+                                               int cw, int lane, int row0, int col0, bool add) {
+  constexpr int box_bytes = grad_gemm_shape::bm * 128;
+  static_assert(4 * box_bytes <= grad_gemm_shape::stages * (grad_gemm_shape::a_bytes<__half> +
+                                                            grad_gemm_shape::b_bytes<__half>),
+                "the boxes fit in the ring");
+  consumer_barrier();  // every consumer is done with the ring
+  const int wrow = (cw / 4) * 64 + (cw % 4) * 16 + lane / 4, wcol = 2 * (lane % 4);
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = wrow + 8 * r;
+#pragma unroll
+    for (int j = 0; j < 32; ++j) {
+      const int box = j / 8, chunk = (j % 8) ^ (row % 8);
+      G pair[2] = {from_float<G>(acc[4 * j + 2 * r]), from_float<G>(acc[4 * j + 2 * r + 1])};
+      *reinterpret_cast<std::uint32_t*>(staged + box * box_bytes + row * 128 + chunk * 16 + wcol * sizeof(G)) =
+          *reinterpret_cast<const std::uint32_t*>(pair);
+    }
+  }
+  cuda::ptx::fence_proxy_async(cuda::ptx::space_shared);
+  consumer_barrier();
+  if (cw == 0 && lane == 0) {
+#pragma unroll
+    for (int box = 0; box < 4; ++box) {
+      const std::int32_t coords[2] = {col0 + 64 * box, row0};
+      if (add)
+        cuda::ptx::cp_reduce_async_bulk_tensor(cuda::ptx::space_global, cuda::ptx::space_shared, cuda::ptx::op_add,
+                                               map, coords, staged + box * box_bytes);
+      else
+        cuda::ptx::cp_async_bulk_tensor(cuda::ptx::space_global, cuda::ptx::space_shared, map, coords,
+                                        staged + box * box_bytes);
+    }
+    cuda::ptx::cp_async_bulk_commit_group();
+    cuda::ptx::cp_async_bulk_wait_group_read(cuda::ptx::n32_t<0>{});
+  }
+}
 
 // The common case of the epilogue in 16-byte loads and stores: no Kahan compensation, no low-rank term, and runs
 // of 4 columns that start 16-byte aligned in the carry and 4-element aligned in the output.
@@ -116,42 +180,6 @@ __device__ __forceinline__ void store_runs(const grad_gemm_params<T, G, KTile>& 
   }
 }
 
-// A thread's runs of 4 columns of a 16-bit output, rows first, first + row_step, ... of the tile, added to the
-// output's old values (vector_runs() holds and there is no fp32 carry): all the old values are loaded first.
-template <class G>
-struct direct_runs {
-  static constexpr int row_step = logit_tile_shape::consumer_warps * 32 / 64, count = logit_tile_shape::bm / row_step;
-  using packed = uint2;  // 4 values of G (used for 16-bit G only)
-  packed old[count];
-
-  template <class T, int KTile>
-  __device__ __forceinline__ void load(const grad_gemm_params<T, G, KTile>& p, int first, int rows, std::int64_t row0,
-                                       std::int64_t col0) {
-#pragma unroll
-    for (int i = 0; i < count; ++i)
-      if (first + i * row_step < rows)
-        old[i] = *reinterpret_cast<const packed*>(gradient_run<4, G>::output(p, row0 + first + i * row_step, col0));
-  }
-
-  template <class T, int KTile>
-  __device__ __forceinline__ void store(const grad_gemm_params<T, G, KTile>& p, const float* staged, int first,
-                                        int rows, std::int64_t row0, std::int64_t col0) const {
-#pragma unroll
-    for (int i = 0; i < count; ++i) {
-      const int r = first + i * row_step;
-      if (r >= rows) break;
-      const float4 v = *reinterpret_cast<const float4*>(staged + r * staging_ld);
-      const float x[4] = {v.x, v.y, v.z, v.w};
-      packed out;
-      const G* h = reinterpret_cast<const G*>(&old[i]);
-      G* o = reinterpret_cast<G*>(&out);
-#pragma unroll
-      for (int q = 0; q < 4; ++q) o[q] = from_float<G>(to_float(h[q]) + x[q]);
-      *reinterpret_cast<packed*>(gradient_run<4, G>::output(p, row0 + r, col0)) = out;
-    }
-  }
-};
-
 // Output tile `tile` (in launch order) of the product `prm`, by the whole CTA.
 template <class T, class G, major MajorA>
 __device__ __forceinline__ void grad_gemm_tile(const grad_gemm_params_sm90<T, G>& prm, int tile) {
@@ -190,20 +218,18 @@ __device__ __forceinline__ void grad_gemm_tile(const grad_gemm_params_sm90<T, G>
   ring_position<S::stages> at;
   ring.compute_tile(acc, at, k_blocks, cw / 4, live);
 
-  // The epilogue goes through shared memory (the ring's buffers, free once both warpgroups are done with them), so
-  // that it runs as a short loop of coalesced 4-column runs rather than 128 scattered elements per thread: 256
-  // threads, 64 runs of 4 columns per row, 4 rows per pass.
+  if constexpr (sizeof(G) == 2)
+    if (prm.tma_out) {
+      tma_store_tile<G>(&prm.out_map, reinterpret_cast<unsigned char*>(ring.staging_area()), acc, cw, lane,
+                        pos.m * S::bm, pos.n * S::bn, p.accumulate);
+      return;
+    }
+  // Otherwise the epilogue goes through shared memory too (the ring's buffers, free once both warpgroups are done
+  // with them), in fp32, so that it runs as a short loop of coalesced 4-column runs rather than 128 scattered
+  // elements per thread: 256 threads, 64 runs of 4 columns per row, 4 rows per pass.
   const int t = threadIdx.x - 128, col = 4 * (t % 64);
   const std::int64_t row0 = std::int64_t(pos.m) * S::bm, col0 = std::int64_t(pos.n) * S::bn + col;
   const int rows = int(p.m - row0 < S::bm ? p.m - row0 : S::bm);
-  // Adding to a 16-bit output without an fp32 carry (dC of a row block after the first; options::accumulate): a
-  // thread's 32 old runs (64 registers beside the accumulators) are loaded before the tile is staged, all in flight
-  // at once behind the staging, rather than in batches after it.
-  const bool preload = col0 < p.n && p.accumulate && p.acc == nullptr && vector_runs(p);
-  direct_runs<G> old;
-  if constexpr (sizeof(G) == 2)
-    if (preload) old.load(p, t / 64, rows, row0, col0);
-
   consumer_barrier();
   float* staged = ring.staging_area();
   const int wrow = (cw / 4) * 64 + (cw % 4) * 16 + lane / 4, wcol = 2 * (lane % 4);
@@ -217,11 +243,6 @@ __device__ __forceinline__ void grad_gemm_tile(const grad_gemm_params_sm90<T, G>
 
   if (col0 >= p.n) return;
   const float* from = staged + col;
-  if constexpr (sizeof(G) == 2)
-    if (preload) {
-      old.store(p, from, t / 64, rows, row0, col0);
-      return;
-    }
   if (vector_runs(p))  // the loads of `batch` passes ahead of their stores
     store_runs<vector_run<G>>(p, from, t / 64, rows, row0, col0);
   else
