@@ -51,8 +51,18 @@ __global__ void __launch_bounds__(kept_dlogit_threads, 3)
   const std::int64_t col0 = ct * tile + lane_col;
   const logit_derivative derivative(prm.transform);
   float col_sum[vec] = {};
-  // Every row's 16 bytes are loaded before any is converted: eight loads in flight per thread.
+  // Every row's 16 bytes are loaded before any is converted: eight loads in flight per thread. The tile rows'
+  // constants go through shared memory, loaded beside them: read from global memory inside the loop, each row's
+  // would wait for the previous row's store (which might alias them, for all the compiler knows).
   constexpr int steps = tile / rows_per_step;
+  static_assert(plan::kept_ref_cols % tile == 0, "one stored reference per row of the tile");
+  __shared__ row_coefficients tile_coef[tile];
+  __shared__ float tile_ref[tile];
+  if (threadIdx.x < tile && rt * tile + threadIdx.x < g.rows) {
+    const std::int64_t row = rt * tile + threadIdx.x;
+    tile_coef[threadIdx.x] = prm.coef[row];
+    tile_ref[threadIdx.x] = prm.ref[row * prm.ref_ld + ct * tile / plan::kept_ref_cols];
+  }
   const std::int64_t row0 = rt * tile + lane_row;
   uint4 in[steps] = {};
 #pragma unroll
@@ -60,12 +70,13 @@ __global__ void __launch_bounds__(kept_dlogit_threads, 3)
     const std::int64_t row = row0 + rows_per_step * i;
     if (row < g.rows) in[i] = *reinterpret_cast<const uint4*>(prm.dz + row * prm.ld + col0);
   }
+  __syncthreads();
 #pragma unroll
   for (int i = 0; i < steps; ++i) {
     const std::int64_t row = row0 + rows_per_step * i;
     if (row >= g.rows) break;
-    const row_coefficients rc = prm.coef[row];
-    const float ref = prm.ref[row * prm.ref_ld + col0 / plan::kept_ref_cols];
+    const row_coefficients rc = tile_coef[lane_row + rows_per_step * i];
+    const float ref = tile_ref[lane_row + rows_per_step * i];
     const auto* logit = reinterpret_cast<const __half*>(&in[i]);
     uint4 out;
     auto* draw = reinterpret_cast<T*>(&out);
@@ -103,7 +114,8 @@ __global__ void __launch_bounds__(kept_dlogit_threads, 3)
         draw[e] = from_float<T>(kept);
       }
     }
-    *reinterpret_cast<uint4*>(prm.dz + row * prm.ld + col0) = out;
+    // One 16-byte store: a plain assignment was split into four (__stcg also leaves the value out of L1).
+    __stcg(reinterpret_cast<uint4*>(prm.dz + row * prm.ld + col0), out);
   }
 
   if (prm.dbias_partial) {  // column sums of the row groups, in a fixed order
