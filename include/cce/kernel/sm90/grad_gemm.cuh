@@ -39,17 +39,24 @@ struct grad_gemm_params_sm90 {
   CUtensorMap out_map;
 };
 
+// Where consumer warp cw's lane holds its accumulators in the 128 x 256 tile (wgmma.cuh): rows row and row + 8,
+// columns col + 8 j + 0..1.
+struct accumulator_origin {
+  int row, col;
+  __device__ __forceinline__ accumulator_origin(int cw, int lane)
+      : row((cw / 4) * 64 + (cw % 4) * 16 + lane / 4), col(2 * (lane % 4)) {}
+};
+
 // Whether and how TMA writes the output of `base` (grad_gemm_params_sm90::tma_out).
 template <class T, class G, int KTile>
 bool encode_output_map(CUtensorMap& map, const grad_gemm_params<T, G, KTile>& base) {
   if constexpr (sizeof(G) != 2) {
     return false;
   } else {
-    const CUtensorMapDataType type =
-        std::is_same_v<G, __half> ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
     return base.acc == nullptr && base.comp == nullptr && base.rank == 0 && base.out_rows == nullptr &&
            tma_addressable(base.out, base.ld_out, sizeof(G)) &&
-           encode_sw128(&map, base.out, base.n, base.m, base.ld_out, type, sizeof(G), grad_gemm_shape::bm);
+           encode_sw128(&map, base.out, base.n, base.m, base.ld_out, tensor_map_type<G>, sizeof(G),
+                        grad_gemm_shape::bm);
   }
 }
 
@@ -63,19 +70,19 @@ template <class G>
 __device__ __forceinline__ void tma_store_tile(const CUtensorMap* map, unsigned char* staged, const float (&acc)[128],
                                                int cw, int lane, int row0, int col0, bool add) {
   constexpr int box_bytes = grad_gemm_shape::bm * 128;
-  static_assert(4 * box_bytes <= grad_gemm_shape::stages * (grad_gemm_shape::a_bytes<__half> +
-                                                            grad_gemm_shape::b_bytes<__half>),
-                "the boxes fit in the ring");
+  static_assert(
+      4 * box_bytes <= grad_gemm_shape::stages * (grad_gemm_shape::a_bytes<__half> + grad_gemm_shape::b_bytes<__half>),
+      "the boxes fit in the ring");
   consumer_barrier();  // every consumer is done with the ring
-  const int wrow = (cw / 4) * 64 + (cw % 4) * 16 + lane / 4, wcol = 2 * (lane % 4);
+  const accumulator_origin origin(cw, lane);
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    const int row = wrow + 8 * r;
+    const int row = origin.row + 8 * r;
 #pragma unroll
     for (int j = 0; j < 32; ++j) {
       const int box = j / 8, chunk = (j % 8) ^ (row % 8);
       G pair[2] = {from_float<G>(acc[4 * j + 2 * r]), from_float<G>(acc[4 * j + 2 * r + 1])};
-      *reinterpret_cast<std::uint32_t*>(staged + box * box_bytes + row * 128 + chunk * 16 + wcol * sizeof(G)) =
+      *reinterpret_cast<std::uint32_t*>(staged + box * box_bytes + row * 128 + chunk * 16 + origin.col * sizeof(G)) =
           *reinterpret_cast<const std::uint32_t*>(pair);
     }
   }
@@ -86,8 +93,8 @@ __device__ __forceinline__ void tma_store_tile(const CUtensorMap* map, unsigned 
     for (int box = 0; box < 4; ++box) {
       const std::int32_t coords[2] = {col0 + 64 * box, row0};
       if (add)
-        cuda::ptx::cp_reduce_async_bulk_tensor(cuda::ptx::space_global, cuda::ptx::space_shared, cuda::ptx::op_add,
-                                               map, coords, staged + box * box_bytes);
+        cuda::ptx::cp_reduce_async_bulk_tensor(cuda::ptx::space_global, cuda::ptx::space_shared, cuda::ptx::op_add, map,
+                                               coords, staged + box * box_bytes);
       else
         cuda::ptx::cp_async_bulk_tensor(cuda::ptx::space_global, cuda::ptx::space_shared, map, coords,
                                         staged + box * box_bytes);
@@ -232,12 +239,12 @@ __device__ __forceinline__ void grad_gemm_tile(const grad_gemm_params_sm90<T, G>
   const int rows = int(p.m - row0 < S::bm ? p.m - row0 : S::bm);
   consumer_barrier();
   float* staged = ring.staging_area();
-  const int wrow = (cw / 4) * 64 + (cw % 4) * 16 + lane / 4, wcol = 2 * (lane % 4);
+  const accumulator_origin origin(cw, lane);
 #pragma unroll
   for (int r = 0; r < 2; ++r)
 #pragma unroll
     for (int j = 0; j < 32; ++j)
-      *reinterpret_cast<float2*>(staged + (wrow + 8 * r) * staging_ld + 8 * j + wcol) =
+      *reinterpret_cast<float2*>(staged + (origin.row + 8 * r) * staging_ld + 8 * j + origin.col) =
           make_float2(acc[4 * j + 2 * r], acc[4 * j + 2 * r + 1]);
   consumer_barrier();
 

@@ -208,12 +208,16 @@ class tile_ring {
   int rank_;
 };
 
+// The tensor-map element type of a 16-bit T.
+template <class T>
+inline constexpr CUtensorMapDataType tensor_map_type =
+    std::is_same_v<T, __half> ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
+
 // Encodes the map of an operand for T in `major` (rows x depth, as kernel/portable/operand.cuh describes it) with
 // boxes for `rows` per tile; false when TMA cannot address it.
 template <class T, major Major>
 bool encode_operand_map(CUtensorMap& map, const operand<T>& g, std::uint32_t rows) {
-  const CUtensorMapDataType type =
-      std::is_same_v<T, __half> ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
+  const CUtensorMapDataType type = tensor_map_type<T>;
   return Major == major::k ? encode_sw128(&map, g.ptr, g.depth, g.extent, g.ld, type, sizeof(T), rows)
                            : encode_sw128(&map, g.ptr, g.extent, g.depth, g.ld, type, sizeof(T), swizzle_depth);
 }
