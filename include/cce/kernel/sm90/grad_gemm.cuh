@@ -4,8 +4,9 @@
 //   dC_chunk = dZ^T E_block   A = dZ MN-major (classes contiguous), B = E_block MN-major
 // Each CTA owns a 128 x 256 output tile (128 rows or classes by 256 of D). k-blocks whose dZ tile the filter skipped
 // are neither loaded nor multiplied. CTAs run in groups of 8 output-row tiles that sweep every column tile, so that
-// a group's A tiles are read from L2 by all of its column tiles. A 16-bit output that takes no carry is written (or
-// added to) by TMA from the ring; the other cases run a coalesced epilogue through fp32 staging.
+// a group's A tiles are read from L2 by all of its column tiles. TMA writes (or adds) the tile from the ring where it
+// goes to the fp32 carry, or to an output that takes no carry; the other cases run a coalesced epilogue through fp32
+// staging.
 #pragma once
 
 #include <cstddef>
@@ -28,15 +29,18 @@ static_assert(std::size_t(grad_gemm_shape::bm) * staging_ld * sizeof(float) <=
                       (grad_gemm_shape::a_bytes<__half> + grad_gemm_shape::b_bytes<__half>),
               "the staged tile fits in the ring");
 
+// What TMA writes at the end of each tile of a launch (tma_store_tile), through grad_gemm_params_sm90::out_map: the
+// uncompensated fp32 carry of a contribution before the last, or an output without carry, compensation, low-rank
+// term or row scatter; nothing where the epilogue stages in fp32 and stores itself.
+enum class tma_write : std::uint8_t { none, carry, output };
+
 template <class T, class G>
 struct grad_gemm_params_sm90 {
   operand_maps maps;
   grad_gemm_params<T, G, grad_gemm_shape::filter_bn> base;
   int m_tiles = 0, n_tiles = 0;
-  // A 16-bit output without carry, compensation, low-rank term or row scatter is written by TMA (tma_store_tile),
-  // through this map of it in boxes of 128 rows by 64 columns.
-  bool tma_out = false;
-  CUtensorMap out_map;
+  tma_write tma = tma_write::none;
+  CUtensorMap out_map;  // in boxes of 128 rows by 128 bytes
 };
 
 // Where consumer warp cw's lane holds its accumulators in the 128 x 256 tile (wgmma.cuh): rows row and row + 8,
@@ -47,51 +51,65 @@ struct accumulator_origin {
       : row((cw / 4) * 64 + (cw % 4) * 16 + lane / 4), col(2 * (lane % 4)) {}
 };
 
-// Whether and how TMA writes the output of `base` (grad_gemm_params_sm90::tma_out).
+// What TMA writes in the launch of `base` (grad_gemm_params_sm90::tma), and the map it writes through.
 template <class T, class G, int KTile>
-bool encode_output_map(CUtensorMap& map, const grad_gemm_params<T, G, KTile>& base) {
-  if constexpr (sizeof(G) != 2) {
-    return false;
-  } else {
-    return base.acc == nullptr && base.comp == nullptr && base.rank == 0 && base.out_rows == nullptr &&
-           tma_addressable(base.out, base.ld_out, sizeof(G)) &&
-           encode_sw128(&map, base.out, base.n, base.m, base.ld_out, tensor_map_type<G>, sizeof(G),
-                        grad_gemm_shape::bm);
+tma_write encode_output_map(CUtensorMap& map, const grad_gemm_params<T, G, KTile>& base) {
+  constexpr std::uint32_t rows = grad_gemm_shape::bm;
+  if (base.acc != nullptr && !base.last) {
+    const bool carry =
+        base.comp == nullptr && tma_addressable(base.acc, base.n, sizeof(float)) &&
+        encode_sw128(&map, base.acc, base.n, base.m, base.n, tensor_map_type<float>, sizeof(float), rows);
+    return carry ? tma_write::carry : tma_write::none;
   }
+  const bool output = base.acc == nullptr && base.comp == nullptr && base.rank == 0 && base.out_rows == nullptr &&
+                      tma_addressable(base.out, base.ld_out, sizeof(G)) &&
+                      encode_sw128(&map, base.out, base.n, base.m, base.ld_out, tensor_map_type<G>, sizeof(G), rows);
+  return output ? tma_write::output : tma_write::none;
 }
 
-// The consumers' epilogue for tma_out: the tile's 128 x 256 result as four boxes of 128 x 64 G in TMA's 128-byte
-// swizzle (16-byte chunk c of row r at chunk c ^ (r % 8), so that a warp's fragment writes, 8 rows of 16 bytes, fill
-// all 32 banks), in the ring; one thread then stores the boxes, or adds them to the output in L2 (`add`: the tile
-// rounded to G, then the sum, as a framework's `grad += g`), and waits only until they are read from shared memory.
-// The consumers neither load the old values nor wait for the stores, and the next CTA starts sooner: 4-10 % of the
-// product launches of loss_and_grad, whose short dC tiles each add to the output (docs/performance.md).
-template <class G>
+// The consumers' epilogue under tma_write: the tile's 128 x 256 result in E (the output's G, or the carry's float) as
+// boxes of 128 rows by 128 bytes in TMA's 128-byte swizzle (16-byte chunk c of row r at chunk c ^ (r % 8), so that a
+// warp's fragment writes, 8 rows of 16 or 32 bytes, fill all 32 banks), in the ring; one thread then stores the boxes,
+// or adds them to their target in L2 (`add`; a 16-bit tile is rounded, then the sum, as a framework's `grad += g`),
+// and waits only until they are read from shared memory. The consumers neither load the old values nor wait for the
+// stores, and the next CTA starts sooner: 4-10 % of the product launches of loss_and_grad, whose short dC tiles each
+// add to the output (docs/performance.md). Each element takes one store or add per launch, in launch order, so the
+// sums do not depend on timing (deterministic mode keeps them).
+template <class E>
 __device__ __forceinline__ void tma_store_tile(const CUtensorMap* map, unsigned char* staged, const float (&acc)[128],
                                                int cw, int lane, int row0, int col0, bool add) {
-  constexpr int box_bytes = grad_gemm_shape::bm * 128;
-  static_assert(
-      4 * box_bytes <= grad_gemm_shape::stages * (grad_gemm_shape::a_bytes<__half> + grad_gemm_shape::b_bytes<__half>),
-      "the boxes fit in the ring");
+  constexpr int box_bytes = grad_gemm_shape::bm * 128, box_cols = 128 / sizeof(E);
+  constexpr int boxes = grad_gemm_shape::bn / box_cols, fragments_per_box = box_cols / 8;
+  static_assert(boxes * box_bytes <=
+                    grad_gemm_shape::stages * (grad_gemm_shape::a_bytes<__half> + grad_gemm_shape::b_bytes<__half>),
+                "the boxes fit in the ring");
   consumer_barrier();  // every consumer is done with the ring
   const accumulator_origin origin(cw, lane);
+  // Fragment j's column pair lies at byte 8 j sizeof(E) + lane_bytes of its box row.
+  const int lane_bytes = origin.col * int(sizeof(E));
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int row = origin.row + 8 * r;
 #pragma unroll
     for (int j = 0; j < 32; ++j) {
-      const int box = j / 8, chunk = (j % 8) ^ (row % 8);
-      G pair[2] = {from_float<G>(acc[4 * j + 2 * r]), from_float<G>(acc[4 * j + 2 * r + 1])};
-      *reinterpret_cast<std::uint32_t*>(staged + box * box_bytes + row * 128 + chunk * 16 + origin.col * sizeof(G)) =
-          *reinterpret_cast<const std::uint32_t*>(pair);
+      const int byte = 8 * (j % fragments_per_box) * int(sizeof(E)) + lane_bytes;
+      unsigned char* at =
+          staged + (j / fragments_per_box) * box_bytes + row * 128 + ((byte / 16) ^ (row % 8)) * 16 + byte % 16;
+      const float x0 = acc[4 * j + 2 * r], x1 = acc[4 * j + 2 * r + 1];
+      if constexpr (std::is_same_v<E, float>) {
+        *reinterpret_cast<float2*>(at) = make_float2(x0, x1);
+      } else {
+        const E pair[2] = {from_float<E>(x0), from_float<E>(x1)};
+        *reinterpret_cast<std::uint32_t*>(at) = *reinterpret_cast<const std::uint32_t*>(pair);
+      }
     }
   }
   cuda::ptx::fence_proxy_async(cuda::ptx::space_shared);
   consumer_barrier();
   if (cw == 0 && lane == 0) {
 #pragma unroll
-    for (int box = 0; box < 4; ++box) {
-      const std::int32_t coords[2] = {col0 + 64 * box, row0};
+    for (int box = 0; box < boxes; ++box) {
+      const std::int32_t coords[2] = {col0 + box_cols * box, row0};
       if (add)
         cuda::ptx::cp_reduce_async_bulk_tensor(cuda::ptx::space_global, cuda::ptx::space_shared, cuda::ptx::op_add, map,
                                                coords, staged + box * box_bytes);
@@ -225,12 +243,15 @@ __device__ __forceinline__ void grad_gemm_tile(const grad_gemm_params_sm90<T, G>
   ring_position<S::stages> at;
   ring.compute_tile(acc, at, k_blocks, cw / 4, live);
 
-  if constexpr (sizeof(G) == 2)
-    if (prm.tma_out) {
-      tma_store_tile<G>(&prm.out_map, reinterpret_cast<unsigned char*>(ring.staging_area()), acc, cw, lane,
-                        pos.m * S::bm, pos.n * S::bn, p.accumulate);
-      return;
-    }
+  if (prm.tma != tma_write::none) {
+    unsigned char* staged = reinterpret_cast<unsigned char*>(ring.staging_area());
+    const int row0 = pos.m * S::bm, col0 = pos.n * S::bn;
+    if (prm.tma == tma_write::carry)
+      tma_store_tile<float>(&prm.out_map, staged, acc, cw, lane, row0, col0, !p.first);
+    else
+      tma_store_tile<G>(&prm.out_map, staged, acc, cw, lane, row0, col0, p.accumulate);
+    return;
+  }
   // Otherwise the epilogue goes through shared memory too (the ring's buffers, free once both warpgroups are done
   // with them), in fp32, so that it runs as a short loop of coalesced 4-column runs rather than 128 scattered
   // elements per thread: 256 threads, 64 runs of 4 columns per row, 4 rows per pass.

@@ -208,10 +208,11 @@ class tile_ring {
   int rank_;
 };
 
-// The tensor-map element type of a 16-bit T.
+// The tensor-map element type of T: bf16, fp16 or fp32.
 template <class T>
-inline constexpr CUtensorMapDataType tensor_map_type =
-    std::is_same_v<T, __half> ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
+inline constexpr CUtensorMapDataType tensor_map_type = std::is_same_v<T, float>    ? CU_TENSOR_MAP_DATA_TYPE_FLOAT32
+                                                       : std::is_same_v<T, __half> ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16
+                                                                                   : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
 
 // Encodes the map of an operand for T in `major` (rows x depth, as kernel/portable/operand.cuh describes it) with
 // boxes for `rows` per tile; false when TMA cannot address it.

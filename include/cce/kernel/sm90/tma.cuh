@@ -1,5 +1,6 @@
-// Tensor maps for the Hopper tensor-memory-access unit (TMA): a 2-D operand whose contiguous axis is copied 64
-// elements (128 bytes) at a time, in boxes of 64 x `box_rows`, with the 128-byte swizzle that wgmma descriptors read.
+// Tensor maps for the Hopper tensor-memory-access unit (TMA): a 2-D operand whose contiguous axis is copied 128 bytes
+// (64 16-bit elements) at a time, in boxes of 128 bytes x `box_rows`, with the 128-byte swizzle that wgmma descriptors
+// read.
 // A K-major operand (rows x depth, depth contiguous) gives boxes of `box_rows` rows of one 64-deep k-slice; an MN-major
 // one (depth x extent, extent contiguous) boxes of 64 consecutive M/N elements of `box_rows` k. Encoded on the host
 // (cuTensorMapEncodeTiled, reached through the runtime's driver entry point so that nothing links against libcuda)
@@ -42,7 +43,7 @@ inline bool encode_sw128(CUtensorMap* map, const void* ptr, std::int64_t inner, 
   if (encode == nullptr || inner <= 0 || outer <= 0) return false;
   const cuuint64_t dims[2] = {cuuint64_t(inner), cuuint64_t(outer)};
   const cuuint64_t strides[1] = {cuuint64_t(ld_elems) * elem_bytes};
-  const cuuint32_t box[2] = {cuuint32_t(swizzle_depth), box_rows};
+  const cuuint32_t box[2] = {cuuint32_t(128 / elem_bytes), box_rows};
   const cuuint32_t unit[2] = {1, 1};
   return encode(map, type, 2, const_cast<void*>(ptr), dims, strides, box, unit, CU_TENSOR_MAP_INTERLEAVE_NONE,
                 CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
