@@ -5,8 +5,9 @@
 //
 //   candidate N D V SOFTCAP REGIME ITERATIONS [portable]     (REGIME: 0 peaked, 1 lm-like, 2 uniform)
 //
-// `portable` pins the portable (sm_80) kernels, on any GPU. CCE_TUNE_BACKWARD=loss_and_grad in the environment times
-// loss_and_grad (1 GiB, keeping logits where it can) in place of the forward + `chunked` backward.
+// `portable` pins the portable (sm_80) kernels, on any GPU. CCE_TUNE_BACKWARD in the environment picks the backward:
+// `chunked` (the default, 256 MiB), `minimal` (64 MiB) or `loss_and_grad` (1 GiB, keeping logits where it can, in
+// place of the forward + backward).
 // Prints one JSON object: the medians in milliseconds of the GEMM, the forward and the forward + backward, and the
 // workspace of the latter. Element type: CCE_TUNE_TYPE (default __nv_bfloat16).
 #include <cublas_v2.h>
@@ -78,11 +79,14 @@ int main(int argc, char** argv) {
   });
   cublasDestroy(h);
 
-  const char* backward = std::getenv("CCE_TUNE_BACKWARD");
-  const bool loss_and_grad = backward != nullptr && std::string(backward) == "loss_and_grad";
+  const char* backward_env = std::getenv("CCE_TUNE_BACKWARD");
+  const std::string backward = backward_env ? backward_env : "chunked";
+  const bool loss_and_grad = backward == "loss_and_grad", minimal = backward == "minimal";
   cce::options o;
   o.softcap = s.softcap;
-  o.backward_mode = loss_and_grad ? cce::backward_mode::loss_and_grad : cce::backward_mode::chunked;
+  o.backward_mode = loss_and_grad ? cce::backward_mode::loss_and_grad
+                    : minimal     ? cce::backward_mode::minimal
+                                  : cce::backward_mode::chunked;
   o.hopper_kernels = !portable;
   cce::linear_cross_entropy<T, policy> op{o};
   cce::problem<T> p;
@@ -94,7 +98,7 @@ int main(int argc, char** argv) {
   p.targets = in.y.ptr;
   cce::device_info dev;
   check(cce::current_device(dev));
-  const std::size_t budget = std::size_t(loss_and_grad ? 1024 : 256) << 20;
+  const std::size_t budget = std::size_t(loss_and_grad ? 1024 : minimal ? 64 : 256) << 20;
   const std::size_t saved_bytes = op.saved_bytes(p), ws_bytes = op.workspace_bytes(p, dev, budget);
   device_buffer<char> saved(saved_bytes), ws(ws_bytes);
   device_buffer<float> loss(1);
@@ -104,7 +108,8 @@ int main(int argc, char** argv) {
   cce::gradients<T> g;
   g.de = de.ptr;
   g.dc = dc.ptr;
-  const double fw_ms = median_ms(iterations, [&] { check(op.forward(p, out, saved.ptr, saved_bytes, ws.ptr, ws_bytes)); });
+  const double fw_ms =
+      median_ms(iterations, [&] { check(op.forward(p, out, saved.ptr, saved_bytes, ws.ptr, ws_bytes)); });
   const double fwbw_ms = median_ms(iterations, [&] {
     if (loss_and_grad) {
       check(op.loss_and_grad(p, out, g, saved.ptr, saved_bytes, ws.ptr, ws_bytes));
