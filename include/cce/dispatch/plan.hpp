@@ -78,6 +78,7 @@ struct pass_buffers {
   float* comp = nullptr;           // Kahan compensation of acc
   float* dbias_partial = nullptr;  // row_tiles x cols, the passes that write dBias
   float* db_acc = nullptr;         // cols x r: dB carried over row blocks, the passes that write dB
+  int* tile_queue = nullptr;       // 1: the tile counter of the sm_90a paired products, the passes that run them
   // Vocabulary sorting only: the chunk's classifier rows, bias, class weights and B rows, in walk order.
   T* c_sorted = nullptr;            // cols x D
   T* bias_sorted = nullptr;         // cols
@@ -220,6 +221,7 @@ struct plan {
       b.db_acc = c.take<float>(s.cols * rank);
       b.dbias_partial = c.take<float>(bias ? grid.row_tiles() * s.cols : 0);
     }
+    b.tile_queue = c.take<int>(de && dc && rows > 0 ? 1 : 0);
     if (sort) {
       b.c_sorted = c.take<T>(s.cols * d);
       b.bias_sorted = c.take<T>(bias ? s.cols : 0);
@@ -249,6 +251,7 @@ struct plan {
     pb.active = c.take<std::uint8_t>(ceil_div(rows, grid.bm) * (cols / grid.bn));
     pb.db_acc = c.take<float>(cols * rank);
     pb.dbias_partial = c.take<float>(bias ? ceil_div(rows, grid.bm) * cols : 0);
+    pb.tile_queue = c.take<int>(1);
     if (bytes) *bytes = c.bytes();
     return k;
   }

@@ -684,7 +684,8 @@ class portable_path {
     if (out.de && out.dc && hopper_) {
       const status st =
           sm90::launch_grad_gemm_pair(de_params(bw, pb, s, out.de, ld_de, r0, rows, de_first, de_last),
-                                      dc_params(pb, s, out.dc, ld_dc, r0, rows, true, true, dc_onto_output), stream);
+                                      dc_params(pb, s, out.dc, ld_dc, r0, rows, true, true, dc_onto_output),
+                                      pb.tile_queue, pl_.sm_count, stream);
       if (st != status::unsupported_arch) return st;
     }
     if (out.de) CCE_TRY(de_product(bw, pb, s, out.de, ld_de, r0, rows, de_first, de_last, stream));

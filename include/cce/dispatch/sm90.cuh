@@ -161,22 +161,32 @@ status launch_grad_gemm(const grad_gemm_params<T, G, KTile>& base, cudaStream_t 
   }
 }
 
-// dE and dC of one dZ block in one launch (grad_gemm_pair_kernel); unsupported_arch as launch_grad_gemm.
+// dE and dC of one dZ block in one launch: persistent (grad_gemm_persistent_pair_kernel, on `sms` CTAs, taking tiles
+// through `queue`) where TMA writes both, else grad_gemm_pair_kernel; unsupported_arch as launch_grad_gemm.
 template <class T, class G, int KTile>
 status launch_grad_gemm_pair(const grad_gemm_params<T, G, KTile>& de, const grad_gemm_params<T, G, KTile>& dc,
-                             cudaStream_t stream) {
+                             int* queue, int sms, cudaStream_t stream) {
   using S = grad_gemm_shape;
   if constexpr (!tensor_core_type<T> || KTile != S::filter_bn) {
     return status::unsupported_arch;
   } else {
     grad_gemm_pair_params_sm90<T, G> prm;
-    constexpr std::size_t smem = S::smem_bytes<T>;
-    if (!encode_grad_gemm<major::k>(prm.de, de) || !encode_grad_gemm<major::mn>(prm.dc, dc) ||
-        !allow_dynamic_smem<grad_gemm_pair_kernel<T, G>>(smem)) {
+    if (!encode_grad_gemm<major::k>(prm.de, de) || !encode_grad_gemm<major::mn>(prm.dc, dc)) {
       return status::unsupported_arch;
     }
-    const int tiles = prm.de.m_tiles * prm.de.n_tiles + prm.dc.m_tiles * prm.dc.n_tiles;
+    const int tiles = prm.tiles();
     if (tiles == 0) return status::success;
+    if (queue != nullptr && prm.de.tma != tma_write::none && prm.dc.tma != tma_write::none) {
+      constexpr std::size_t smem = persistent_pair_shape::smem_bytes<T>;
+      if (allow_dynamic_smem<grad_gemm_persistent_pair_kernel<T, G>>(smem)) {
+        prm.queue = queue;
+        if (cudaMemsetAsync(queue, 0, sizeof(int), stream) != cudaSuccess) return status::cuda_error;
+        grad_gemm_persistent_pair_kernel<T, G><<<unsigned(std::min(tiles, sms)), S::threads, smem, stream>>>(prm);
+        return cudaGetLastError() == cudaSuccess ? status::success : status::cuda_error;
+      }
+    }
+    constexpr std::size_t smem = S::smem_bytes<T>;
+    if (!allow_dynamic_smem<grad_gemm_pair_kernel<T, G>>(smem)) return status::unsupported_arch;
     grad_gemm_pair_kernel<T, G><<<unsigned(tiles), S::threads, smem, stream>>>(prm);
     return cudaGetLastError() == cudaSuccess ? status::success : status::cuda_error;
   }

@@ -67,58 +67,66 @@ tma_write encode_output_map(CUtensorMap& map, const grad_gemm_params<T, G, KTile
   return output ? tma_write::output : tma_write::none;
 }
 
+// The thread that issued the bulk stores: returns once every group it committed has been read from shared memory.
+__device__ __forceinline__ void staging_read() { cuda::ptx::cp_async_bulk_wait_group_read(cuda::ptx::n32_t<0>{}); }
+
 // The consumers' epilogue under tma_write: the tile's 128 x 256 result in E (the output's G, or the carry's float) as
 // boxes of 128 rows by 128 bytes in TMA's 128-byte swizzle (16-byte chunk c of row r at chunk c ^ (r % 8), so that a
-// warp's fragment writes, 8 rows of 16 or 32 bytes, fill all 32 banks), in the ring; one thread then stores the boxes,
-// or adds them to their target in L2 (`add`; a 16-bit tile is rounded, then the sum, as a framework's `grad += g`),
-// and waits only until they are read from shared memory. The consumers neither load the old values nor wait for the
-// stores, and the next CTA starts sooner: 4-10 % of the product launches of loss_and_grad, whose short dC tiles each
-// add to the output (docs/performance.md). Each element takes one store or add per launch, in launch order, so the
-// sums do not depend on timing (deterministic mode keeps them).
-template <class E>
+// warp's fragment writes, 8 rows of 16 or 32 bytes, fill all 32 banks), in `staged`, as many boxes at a time as its
+// StagingBytes hold; one thread stores each group of boxes, or adds them to their target in L2 (`add`; a 16-bit tile
+// is rounded, then the sum, as a framework's `grad += g`). The consumers neither load the old values nor wait for
+// the stores: the issuing thread waits only until the last group is read from shared memory, before the staging is
+// written again (staging_read) and before the CTA exits. 4-10 % of the product launches of loss_and_grad, whose short
+// dC tiles each add to the output (docs/performance.md). Each element takes one store or add per launch, in launch
+// order, so the sums do not depend on timing (deterministic mode keeps them).
+template <class E, std::uint32_t StagingBytes>
 __device__ __forceinline__ void tma_store_tile(const CUtensorMap* map, unsigned char* staged, const float (&acc)[128],
                                                int cw, int lane, int row0, int col0, bool add) {
   constexpr int box_bytes = grad_gemm_shape::bm * 128, box_cols = 128 / sizeof(E);
   constexpr int boxes = grad_gemm_shape::bn / box_cols, fragments_per_box = box_cols / 8;
-  static_assert(boxes * box_bytes <=
-                    grad_gemm_shape::stages * (grad_gemm_shape::a_bytes<__half> + grad_gemm_shape::b_bytes<__half>),
-                "the boxes fit in the ring");
-  consumer_barrier();  // every consumer is done with the ring
+  constexpr int boxes_per_group = int(StagingBytes / box_bytes) < boxes ? int(StagingBytes / box_bytes) : boxes;
+  static_assert(boxes_per_group > 0 && boxes % boxes_per_group == 0, "whole groups of boxes");
+  constexpr int fragments_per_group = boxes_per_group * fragments_per_box;
+  const bool issuer = cw == 0 && lane == 0;
   const accumulator_origin origin(cw, lane);
   // Fragment j's column pair lies at byte 8 j sizeof(E) + lane_bytes of its box row.
   const int lane_bytes = origin.col * int(sizeof(E));
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int row = origin.row + 8 * r;
+  for (int group = 0; group < boxes / boxes_per_group; ++group) {
+    if (issuer) staging_read();
+    consumer_barrier();  // the staging is free: read by TMA, and (in the ring) done with by every consumer
 #pragma unroll
-    for (int j = 0; j < 32; ++j) {
-      const int byte = 8 * (j % fragments_per_box) * int(sizeof(E)) + lane_bytes;
-      unsigned char* at =
-          staged + (j / fragments_per_box) * box_bytes + row * 128 + ((byte / 16) ^ (row % 8)) * 16 + byte % 16;
-      const float x0 = acc[4 * j + 2 * r], x1 = acc[4 * j + 2 * r + 1];
-      if constexpr (std::is_same_v<E, float>) {
-        *reinterpret_cast<float2*>(at) = make_float2(x0, x1);
-      } else {
-        const E pair[2] = {from_float<E>(x0), from_float<E>(x1)};
-        *reinterpret_cast<std::uint32_t*>(at) = *reinterpret_cast<const std::uint32_t*>(pair);
+    for (int r = 0; r < 2; ++r) {
+      const int row = origin.row + 8 * r;
+#pragma unroll
+      for (int j = group * fragments_per_group; j < (group + 1) * fragments_per_group; ++j) {
+        const int byte = 8 * (j % fragments_per_box) * int(sizeof(E)) + lane_bytes;
+        unsigned char* at = staged + (j % fragments_per_group) / fragments_per_box * box_bytes + row * 128 +
+                            ((byte / 16) ^ (row % 8)) * 16 + byte % 16;
+        const float x0 = acc[4 * j + 2 * r], x1 = acc[4 * j + 2 * r + 1];
+        if constexpr (std::is_same_v<E, float>) {
+          *reinterpret_cast<float2*>(at) = make_float2(x0, x1);
+        } else {
+          const E pair[2] = {from_float<E>(x0), from_float<E>(x1)};
+          *reinterpret_cast<std::uint32_t*>(at) = *reinterpret_cast<const std::uint32_t*>(pair);
+        }
       }
     }
-  }
-  cuda::ptx::fence_proxy_async(cuda::ptx::space_shared);
-  consumer_barrier();
-  if (cw == 0 && lane == 0) {
+    cuda::ptx::fence_proxy_async(cuda::ptx::space_shared);
+    consumer_barrier();
+    if (issuer) {
 #pragma unroll
-    for (int box = 0; box < boxes; ++box) {
-      const std::int32_t coords[2] = {col0 + box_cols * box, row0};
-      if (add)
-        cuda::ptx::cp_reduce_async_bulk_tensor(cuda::ptx::space_global, cuda::ptx::space_shared, cuda::ptx::op_add, map,
-                                               coords, staged + box * box_bytes);
-      else
-        cuda::ptx::cp_async_bulk_tensor(cuda::ptx::space_global, cuda::ptx::space_shared, map, coords,
-                                        staged + box * box_bytes);
+      for (int b = 0; b < boxes_per_group; ++b) {
+        const std::int32_t coords[2] = {col0 + box_cols * (group * boxes_per_group + b), row0};
+        if (add)
+          cuda::ptx::cp_reduce_async_bulk_tensor(cuda::ptx::space_global, cuda::ptx::space_shared, cuda::ptx::op_add,
+                                                 map, coords, staged + b * box_bytes);
+        else
+          cuda::ptx::cp_async_bulk_tensor(cuda::ptx::space_global, cuda::ptx::space_shared, map, coords,
+                                          staged + b * box_bytes);
+      }
+      cuda::ptx::cp_async_bulk_commit_group();
     }
-    cuda::ptx::cp_async_bulk_commit_group();
-    cuda::ptx::cp_async_bulk_wait_group_read(cuda::ptx::n32_t<0>{});
   }
 }
 
@@ -205,33 +213,58 @@ __device__ __forceinline__ void store_runs(const grad_gemm_params<T, G, KTile>& 
   }
 }
 
+// Tile `tile` (in launch order) of a product: where its output lies and which of its k-blocks are multiplied.
+struct grad_tile {
+  tile::grouped_order pos;
+  active_k_tiles<grad_gemm_shape::filter_bn> active;
+  int k_blocks;
+
+  template <class T, class G>
+  __device__ __forceinline__ grad_tile(const grad_gemm_params_sm90<T, G>& prm, int tile)
+      : pos(tile, prm.m_tiles, prm.n_tiles, 8),
+        active(prm.base.active),
+        k_blocks(int(ceil_div(prm.base.k, std::int64_t(grad_gemm_shape::bk)))) {
+    active.fixed_tile = pos.m;
+  }
+  __device__ __forceinline__ int row0() const { return pos.m * grad_gemm_shape::bm; }
+  __device__ __forceinline__ int col0() const { return pos.n * grad_gemm_shape::bn; }
+  // k-block kb is live (2 k-blocks per filter tile).
+  __device__ __forceinline__ bool operator()(int kb) const { return active(std::int64_t(kb) * grad_gemm_shape::bk); }
+};
+
+// The TMA epilogue of a tile of `prm` (prm.tma != none), staged in `staged`.
+template <std::uint32_t StagingBytes, class T, class G>
+__device__ __forceinline__ void tma_epilogue(const grad_gemm_params_sm90<T, G>& prm, const grad_tile& t,
+                                             unsigned char* staged, const float (&acc)[128], int cw, int lane) {
+  if (prm.tma == tma_write::carry)
+    tma_store_tile<float, StagingBytes>(&prm.out_map, staged, acc, cw, lane, t.row0(), t.col0(), !prm.base.first);
+  else
+    tma_store_tile<G, StagingBytes>(&prm.out_map, staged, acc, cw, lane, t.row0(), t.col0(), prm.base.accumulate);
+}
+
 // Output tile `tile` (in launch order) of the product `prm`, by the whole CTA.
 template <class T, class G, major MajorA>
 __device__ __forceinline__ void grad_gemm_tile(const grad_gemm_params_sm90<T, G>& prm, int tile) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using S = grad_gemm_shape;
+  using ring_type = tile_ring<T, MajorA, major::mn>;
   // Only the sm_90a image has this body (and static shared memory: the host checks for it, dispatch/sm90.cuh).
   extern __shared__ unsigned char smem_raw[];
   __shared__ stage_barriers<S::stages> bars;
 
   const auto& p = prm.base;
-  const tile::grouped_order pos(tile, prm.m_tiles, prm.n_tiles, 8);
-  active_k_tiles<S::filter_bn> active = p.active;
-  active.fixed_tile = pos.m;
-  const auto live = [&](int kb) { return active(std::int64_t(kb) * S::bk); };  // 2 k-blocks per filter tile
-  const int k_blocks = int(ceil_div(p.k, std::int64_t(S::bk)));
-
-  if (adds_nothing(p, census(p, active))) return;
+  const grad_tile t(prm, tile);
+  if (adds_nothing(p, census(p, t.active))) return;
 
   if (threadIdx.x == 0) bars.init(S::consumer_warps);
   __syncthreads();
-  const tile_ring<T, MajorA, major::mn> ring(smem_raw, bars);
+  const ring_type ring(smem_raw, bars);
 
   if (threadIdx.x / 128 == 0) {  // producer
     shrink_registers<S::producer_registers>();
     if (threadIdx.x == 0) {
       ring_position<S::stages> at;
-      ring.load_tile(at, &prm.maps, pos.m * S::bm, pos.n * S::bn, k_blocks, live);
+      ring.load_tile(at, &prm.maps, t.row0(), t.col0(), t.k_blocks, t);
     }
     return;
   }
@@ -241,22 +274,18 @@ __device__ __forceinline__ void grad_gemm_tile(const grad_gemm_params_sm90<T, G>
   const int lane = threadIdx.x % 32;
   float acc[128];
   ring_position<S::stages> at;
-  ring.compute_tile(acc, at, k_blocks, cw / 4, live);
+  ring.compute_tile(acc, at, t.k_blocks, cw / 4, t);
 
-  if (prm.tma != tma_write::none) {
-    unsigned char* staged = reinterpret_cast<unsigned char*>(ring.staging_area());
-    const int row0 = pos.m * S::bm, col0 = pos.n * S::bn;
-    if (prm.tma == tma_write::carry)
-      tma_store_tile<float>(&prm.out_map, staged, acc, cw, lane, row0, col0, !p.first);
-    else
-      tma_store_tile<G>(&prm.out_map, staged, acc, cw, lane, row0, col0, p.accumulate);
+  if (prm.tma != tma_write::none) {  // staged in the ring, which every consumer is done with
+    tma_epilogue<ring_type::bytes>(prm, t, reinterpret_cast<unsigned char*>(ring.staging_area()), acc, cw, lane);
+    if (cw == 0 && lane == 0) staging_read();
     return;
   }
   // Otherwise the epilogue goes through shared memory too (the ring's buffers, free once both warpgroups are done
   // with them), in fp32, so that it runs as a short loop of coalesced 4-column runs rather than 128 scattered
   // elements per thread: 256 threads, 64 runs of 4 columns per row, 4 rows per pass.
-  const int t = threadIdx.x - 128, col = 4 * (t % 64);
-  const std::int64_t row0 = std::int64_t(pos.m) * S::bm, col0 = std::int64_t(pos.n) * S::bn + col;
+  const int col = 4 * ((threadIdx.x - 128) % 64);
+  const std::int64_t row0 = t.row0(), col0 = std::int64_t(t.col0()) + col;
   const int rows = int(p.m - row0 < S::bm ? p.m - row0 : S::bm);
   consumer_barrier();
   float* staged = ring.staging_area();
@@ -271,10 +300,11 @@ __device__ __forceinline__ void grad_gemm_tile(const grad_gemm_params_sm90<T, G>
 
   if (col0 >= p.n) return;
   const float* from = staged + col;
+  const int first = (int(threadIdx.x) - 128) / 64;
   if (vector_runs(p))  // the loads of `batch` passes ahead of their stores
-    store_runs<vector_run<G>>(p, from, t / 64, rows, row0, col0);
+    store_runs<vector_run<G>>(p, from, first, rows, row0, col0);
   else
-    store_runs<gradient_run<4, G>>(p, from, t / 64, rows, row0, col0);
+    store_runs<gradient_run<4, G>>(p, from, first, rows, row0, col0);
 #endif
 }
 
@@ -290,16 +320,109 @@ __global__ void __launch_bounds__(grad_gemm_shape::threads, 1)
 template <class T, class G>
 struct grad_gemm_pair_params_sm90 {
   grad_gemm_params_sm90<T, G> de, dc;
+  int* queue = nullptr;  // grad_gemm_persistent_pair_kernel: the next tile to take, 0 at launch
+  __host__ __device__ int de_tiles() const { return de.m_tiles * de.n_tiles; }
+  __host__ __device__ int tiles() const { return de_tiles() + dc.m_tiles * dc.n_tiles; }
 };
 
 template <class T, class G>
 __global__ void __launch_bounds__(grad_gemm_shape::threads, 1)
     grad_gemm_pair_kernel(const __grid_constant__ grad_gemm_pair_params_sm90<T, G> prm) {
-  const int de_tiles = prm.de.m_tiles * prm.de.n_tiles;
-  if (int(blockIdx.x) < de_tiles)
+  if (int(blockIdx.x) < prm.de_tiles())
     grad_gemm_tile<T, G, major::k>(prm.de, int(blockIdx.x));
   else
-    grad_gemm_tile<T, G, major::mn>(prm.dc, int(blockIdx.x) - de_tiles);
+    grad_gemm_tile<T, G, major::mn>(prm.dc, int(blockIdx.x) - prm.de_tiles());
+}
+
+// The pair when TMA writes every tile of both products: one CTA per SM takes tiles from a queue in launch order (an
+// atomic counter: dE tiles run the whole vocabulary deep, dC tiles a block of rows, so a fixed share per CTA would
+// leave the CTAs that drew two dE tiles running long after the others), on a ring of 3 stages with a staging area
+// of its own beside it. The producer then loads the next tile while the consumers stage and store one, and no CTA
+// launch, barrier setup or empty ring lies between tiles: each of loss_and_grad's dC tiles is 32 k-blocks deep on
+// gemma2, and those costs were about a tenth of its time (docs/performance.md).
+struct persistent_pair_shape {
+  static constexpr int stages = 3;
+  static constexpr std::uint32_t staging_bytes = 4 * grad_gemm_shape::bm * 128;  // the 16-bit tile; fp32 in halves
+  template <class T>
+  static constexpr std::size_t smem_bytes = std::size_t(stages) * (grad_gemm_shape::a_bytes<T> +
+                                                                   grad_gemm_shape::b_bytes<T>)+staging_bytes
+                                            + 1024;
+};
+
+// The tile ids the producer hands the consumers, in a ring of two slots.
+struct tile_handoff {
+  std::uint64_t full[2], empty[2];
+  int tile[2];
+};
+
+template <class T, class G>
+__global__ void __launch_bounds__(grad_gemm_shape::threads, 1)
+    grad_gemm_persistent_pair_kernel(const __grid_constant__ grad_gemm_pair_params_sm90<T, G> prm) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using S = grad_gemm_shape;
+  using P = persistent_pair_shape;
+  using de_ring = tile_ring<T, major::k, major::mn, 1, P::stages>;
+  using dc_ring = tile_ring<T, major::mn, major::mn, 1, P::stages>;
+  extern __shared__ unsigned char smem_raw[];
+  __shared__ stage_barriers<P::stages> bars;
+  __shared__ tile_handoff handoff;
+
+  if (threadIdx.x == 0) {
+    bars.init(S::consumer_warps);
+    for (int s = 0; s < 2; ++s) {
+      cuda::ptx::mbarrier_init(&handoff.full[s], 1);
+      cuda::ptx::mbarrier_init(&handoff.empty[s], S::consumer_warps * 32);
+    }
+  }
+  __syncthreads();
+  const de_ring ring_de(smem_raw, bars);
+  const dc_ring ring_dc(smem_raw, bars);
+  const int de_tiles = prm.de_tiles(), tiles = prm.tiles();
+
+  if (threadIdx.x / 128 == 0) {  // producer
+    shrink_registers<S::producer_registers>();
+    if (threadIdx.x == 0) {
+      ring_position<P::stages> at;
+      for (int i = 0;; ++i) {
+        const int tile = atomicAdd(prm.queue, 1), slot = i % 2;
+        wait_parity(&handoff.empty[slot], ((i / 2) & 1) ^ 1u);  // a fresh barrier counts as freed on the first lap
+        handoff.tile[slot] = tile;
+        cuda::ptx::mbarrier_arrive(&handoff.full[slot]);  // releases the store above to the consumers' wait
+        if (tile >= tiles) break;
+        if (tile < de_tiles) {
+          const grad_tile t(prm.de, tile);
+          ring_de.load_tile(at, &prm.de.maps, t.row0(), t.col0(), t.k_blocks, t);
+        } else {
+          const grad_tile t(prm.dc, tile - de_tiles);
+          ring_dc.load_tile(at, &prm.dc.maps, t.row0(), t.col0(), t.k_blocks, t);
+        }
+      }
+    }
+    return;
+  }
+
+  grow_registers<S::consumer_registers>();
+  const int cw = threadIdx.x / 32 - 4;  // consumer warp
+  const int lane = threadIdx.x % 32;
+  unsigned char* staged = reinterpret_cast<unsigned char*>(ring_de.staging_area()) + de_ring::bytes;
+  float acc[128];
+  ring_position<P::stages> at;
+  for (int i = 0;; ++i) {
+    const int slot = i % 2;
+    wait_parity(&handoff.full[slot], (i / 2) & 1);
+    const int tile = *static_cast<volatile int*>(&handoff.tile[slot]);
+    cuda::ptx::mbarrier_arrive(&handoff.empty[slot]);  // every reader releases its own read
+    if (tile >= tiles) break;
+    const bool de = tile < de_tiles;
+    const grad_gemm_params_sm90<T, G>& q = de ? prm.de : prm.dc;
+    const grad_tile t(q, de ? tile : tile - de_tiles);
+    const int computed = de ? ring_de.compute_tile(acc, at, t.k_blocks, cw / 4, t)
+                            : ring_dc.compute_tile(acc, at, t.k_blocks, cw / 4, t);
+    if (adds_nothing(q.base, k_tile_census{computed > 0, computed == t.k_blocks})) continue;
+    tma_epilogue<P::staging_bytes>(q, t, staged, acc, cw, lane);
+  }
+  if (cw == 0 && lane == 0) staging_read();  // before the CTA's shared memory goes
+#endif
 }
 
 }  // namespace cce::detail::sm90

@@ -67,7 +67,8 @@ struct every_k_block {
   __device__ __forceinline__ bool operator()(int) const { return true; }
 };
 
-template <class T, major MajorA = major::k, major MajorB = major::k, int Cluster = 1>
+template <class T, major MajorA = major::k, major MajorB = major::k, int Cluster = 1,
+          int Stages = logit_tile_shape::stages>
 class tile_ring {
   using S = logit_tile_shape;
   static constexpr std::uint32_t a_bytes = S::a_bytes<T>, b_bytes = S::b_bytes<T>;
@@ -81,13 +82,14 @@ class tile_ring {
   // A B stage is copied in Cluster parts of b_part rows (K-major: the rows of B's TMA box) or M/N elements
   // (MN-major): one per CTA when the cluster shares it, all by the CTA itself otherwise.
   static constexpr int b_part = S::bn / Cluster;
+  static constexpr std::uint32_t bytes = Stages * (a_bytes + b_bytes);  // from the 1024-byte aligned start
 
   // The 128-byte swizzle repeats every 1024 bytes: stage buffers start on that boundary. `shared`: the grid runs in
   // clusters of Cluster CTAs that share their B tiles.
-  __device__ tile_ring(unsigned char* smem_raw, stage_barriers<S::stages>& bars, bool shared = Cluster > 1)
+  __device__ tile_ring(unsigned char* smem_raw, stage_barriers<Stages>& bars, bool shared = Cluster > 1)
       : bars_(bars),
         sa_((ptx::smem_addr(smem_raw) + 1023u) & ~1023u),
-        sb_(sa_ + S::stages * a_bytes),
+        sb_(sa_ + Stages * a_bytes),
         smem_(smem_raw + (sa_ - ptx::smem_addr(smem_raw))),
         sharers_(shared ? Cluster : 1),
         rank_(shared ? cluster_rank<Cluster>() : 0) {}
@@ -97,14 +99,14 @@ class tile_ring {
 
   // Producer (one thread): the k-blocks `active` accepts of the tile whose A rows start at a0 and B rows at b0.
   template <class Active = every_k_block>
-  __device__ __forceinline__ void load_tile(ring_position<S::stages>& at, const operand_maps* maps, int a0, int b0,
+  __device__ __forceinline__ void load_tile(ring_position<Stages>& at, const operand_maps* maps, int a0, int b0,
                                             int k_blocks, const Active& active = {}) const {
     for (int kb = 0; kb < k_blocks; ++kb) {
       if (!active(kb)) continue;
       acquire_for_write(bars_, at, a_bytes + b_bytes);
       std::uint64_t* full = &bars_.full[at.stage];
       load_operand<MajorA, S::bm, 1>(smem_ + at.stage * a_bytes, &maps->a, a0, kb, full);
-      unsigned char* b_stage = smem_ + S::stages * a_bytes + at.stage * b_bytes;
+      unsigned char* b_stage = smem_ + Stages * a_bytes + at.stage * b_bytes;
       if (sharers_ > 1) {
         load_operand<MajorB, b_part, Cluster>(b_stage + rank_ * b_part * row_bytes, &maps->b, b0 + rank_ * b_part, kb,
                                               full);
@@ -119,26 +121,27 @@ class tile_ring {
 
   // Producer, after its last load_tile: returns once the consumers of the cluster have released every stage, so that
   // no peer's arrival targets this CTA after it exits.
-  __device__ __forceinline__ void drain(ring_position<S::stages> at) const {
+  __device__ __forceinline__ void drain(ring_position<Stages> at) const {
     if (sharers_ > 1) {
-      for (int s = 0; s < S::stages; ++s, at.advance()) wait_parity(&bars_.empty[at.stage], at.phase ^ 1u);
+      for (int s = 0; s < Stages; ++s, at.advance()) wait_parity(&bars_.empty[at.stage], at.phase ^ 1u);
     }
   }
 
   // Consumer warpgroup `wg` (0 or 1): acc = its 64 rows x 256 columns of the next tile in the ring, over the same
-  // k-blocks the producer loaded (zero when there are none).
+  // k-blocks the producer loaded (zero when there are none); returns how many there were.
   template <class Active = every_k_block>
-  __device__ __forceinline__ void compute_tile(float (&acc)[128], ring_position<S::stages>& at, int k_blocks, int wg,
-                                               const Active& active = {}) const {
+  __device__ __forceinline__ int compute_tile(float (&acc)[128], ring_position<Stages>& at, int k_blocks, int wg,
+                                              const Active& active = {}) const {
     // Zeros first and every product accumulating: a zero tile without k-blocks then needs no branch after the loop,
     // which would make the compiler keep both versions of the accumulators, in local memory (2.7 KB of spills in the
     // forward, most of them in its per-tile path).
 #pragma unroll
     for (int i = 0; i < 128; ++i) acc[i] = 0.f;
-    int previous = -1;
+    int previous = -1, computed = 0;
 #pragma unroll 1
     for (int kb = 0; kb < k_blocks; ++kb) {
       if (!active(kb)) continue;
+      ++computed;
       wait_parity(&bars_.full[at.stage], at.phase);
       fence();
       const std::uint32_t a_stage = sa_ + at.stage * a_bytes, b_stage = sb_ + at.stage * b_bytes;
@@ -156,6 +159,7 @@ class tile_ring {
     if (previous >= 0) release_stage(previous);
 #pragma unroll
     for (int i = 0; i < 128; ++i) fence_operand(acc[i]);
+    return computed;
   }
 
   // The ring's memory as a scratch area for an epilogue, once every consumer is past its last compute_tile.
@@ -201,7 +205,7 @@ class tile_ring {
       return mn_major_sw128_descriptor(stage + k * k16_bytes_mn_major, mn_box_bytes);
   }
 
-  stage_barriers<S::stages>& bars_;
+  stage_barriers<Stages>& bars_;
   std::uint32_t sa_, sb_;
   unsigned char* smem_;
   int sharers_;  // CTAs sharing each B stage: Cluster or 1
