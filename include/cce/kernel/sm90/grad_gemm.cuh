@@ -2,11 +2,12 @@
 // epilogue, on the tile engine of logit_tile.cuh:
 //   dE_block = dZ C_chunk     A = dZ K-major (rows x classes),    B = C_chunk MN-major (D contiguous)
 //   dC_chunk = dZ^T E_block   A = dZ MN-major (classes contiguous), B = E_block MN-major
-// Each CTA owns a 128 x 256 output tile (128 rows or classes by 256 of D). k-blocks whose dZ tile the filter skipped
-// are neither loaded nor multiplied. CTAs run in groups of 8 output-row tiles that sweep every column tile, so that
-// a group's A tiles are read from L2 by all of its column tiles. TMA writes (or adds) the tile from the ring where it
+// Output tiles are 128 x 256 (128 rows or classes by 256 of D), each computed by one CTA. k-blocks whose dZ tile the
+// filter skipped are neither loaded nor multiplied. Tiles run in groups of 8 output-row tiles that sweep every column
+// tile, so that a group's A tiles are read from L2 by all of its column tiles. TMA writes (or adds) a tile where it
 // goes to the fp32 carry, or to an output that takes no carry; the other cases run a coalesced epilogue through fp32
-// staging.
+// staging. A launch of one product runs a CTA per tile; the two products of a dZ block share a launch, whose CTAs are
+// persistent when TMA writes every tile of both.
 #pragma once
 
 #include <cstddef>
@@ -344,9 +345,7 @@ struct persistent_pair_shape {
   static constexpr int stages = 3;
   static constexpr std::uint32_t staging_bytes = 4 * grad_gemm_shape::bm * 128;  // the 16-bit tile; fp32 in halves
   template <class T>
-  static constexpr std::size_t smem_bytes = std::size_t(stages) * (grad_gemm_shape::a_bytes<T> +
-                                                                   grad_gemm_shape::b_bytes<T>)+staging_bytes
-                                            + 1024;
+  static constexpr std::size_t smem_bytes = tile_ring<T, major::k, major::mn, 1, stages>::bytes + staging_bytes + 1024;
 };
 
 // The tile ids the producer hands the consumers, in a ring of two slots.
