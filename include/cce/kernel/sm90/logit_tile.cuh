@@ -1,12 +1,12 @@
 // The tile engine the Hopper kernels share: a CTA of one producer warpgroup and two consumer warpgroups computes
 // 128 x 256 tiles of a product A B^T (E C^T for the logits, dZ C and dZ^T E for the gradients). The producer streams
-// A and B through a 4-stage ring with TMA, 64 deep; each consumer warpgroup multiplies its 64 rows of A by the 256
-// rows of B on wgmma (m64n256k16, fp32 accumulators in registers, wgmma.cuh gives their layout) and hands each stage
-// back as soon as its products are done. Operands are K-major (E, C in the logits; dZ in dE) or MN-major (C and E
-// as right-hand sides, dZ^T); k-blocks a predicate rejects (the gradient filter) are neither loaded nor computed.
-// Kernels differ only in which tiles they visit and in their epilogues. When the CTAs of a cluster share their B tiles
-// (cluster.cuh), each copies one part of every B stage and multicasts it to all of them; a stage is then free once the
-// consumers of every CTA of the cluster are done with it.
+// A and B with TMA through a ring of 64-deep stages (4 unless a kernel asks for fewer); each consumer warpgroup
+// multiplies its 64 rows of A by the 256 rows of B on wgmma (m64n256k16, fp32 accumulators in registers, wgmma.cuh
+// gives their layout) and hands each stage back as soon as its products are done. Operands are K-major (E, C in the
+// logits; dZ in dE) or MN-major (C and E as right-hand sides, dZ^T); k-blocks a predicate rejects (the gradient filter)
+// are neither loaded nor computed. Kernels differ only in which tiles they visit and in their epilogues. When the CTAs
+// of a cluster share their B tiles (cluster.cuh), each copies one part of every B stage and multicasts it to all of
+// them; a stage is then free once the consumers of every CTA of the cluster are done with it.
 #pragma once
 
 #include <cuda.h>
