@@ -83,6 +83,22 @@ TEST_CASE("GPU: TMA-addressable problems with every option", "[gpu][hopper]") {
   tall.ignore_fraction = 0.1;
   tall.seed = 12;
   run_case<__nv_bfloat16, float>(tall, 0, test::gradient_check::relative);
+  test::case_config chunks;  // chunked over four vocab chunks: dE's fp32 carry stored, added, then read back
+  chunks.n = 120;
+  chunks.d = 256;
+  chunks.v = 3000;
+  chunks.bias = true;
+  chunks.seed = 13;
+  const std::size_t four_chunks = std::size_t(320) << 10;
+  device_info dev;
+  REQUIRE(current_device(dev) == status::success);
+  using policy = tile::default_policy_t<__nv_bfloat16>;
+  const auto pl = detail::make_plan<__nv_bfloat16>(chunks.n, chunks.d, chunks.v, 0, chunks.bias, chunks.opts,
+                                                    policy::bm, policy::bn, dev, four_chunks, false, 0,
+                                                    policy::forward_ctas_per_sm);
+  CHECK(pl.mode == backward_mode::chunked);
+  CHECK(pl.chunks(pl.de_pass) == 4);
+  run_case<__nv_bfloat16, __nv_bfloat16>(chunks, four_chunks);
 }
 
 namespace {
