@@ -7,6 +7,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include <cub/block/block_scan.cuh>
 
@@ -36,7 +37,7 @@ __global__ void __launch_bounds__(128) active_tiles_kernel(const __grid_constant
   const tile::tile_grid& g = prm.grid;
   const std::int64_t filter_tiles = prm.chunk_cols / g.bn;
   for (int h = 0; h < 2; ++h) {
-    const std::int64_t ft = 2 * std::int64_t(blockIdx.y) + h;  // filter tile in the chunk
+    const std::int64_t ft = 2 * std::int64_t(blockIdx.y) + h;       // filter tile in the chunk
     if (ft >= filter_tiles || prm.v0 + ft * g.bn >= g.cols) break;  // past the chunk or the vocabulary
     const std::int64_t rt = prm.row0 / g.bm + blockIdx.x, ct = prm.v0 / g.bn + ft;
     const bool active = tile_is_active<128>(prm.coef, g, rt, ct, prm.tile_max, prm.filter);
@@ -76,7 +77,8 @@ struct tile_order {
 };
 
 // This CTA's share of the live tiles among `tiles` (live(t) says which): their ranks r with r % gridDim.x ==
-// blockIdx.x, in rank order, into `mine`; returns how many. Every thread ranks a contiguous run, a block scan joins them.
+// blockIdx.x, in rank order, into `mine`; returns how many. Every thread ranks a contiguous run, a block scan joins
+// them.
 template <int Threads, class Live>
 __device__ int rank_live_tiles(std::int32_t* mine, int tiles, const Live& live) {
   using scan = cub::BlockScan<int, Threads>;
@@ -160,10 +162,7 @@ __global__ void __launch_bounds__(logit_tile_shape::threads, 1)
     const bool active[2] = {half_active(rl, wt, 0), half_active(rl, wt, 1)};  // at least one
     const std::int64_t row0 = p.row0 + rl * S::bm, col0 = p.v0 + wt * S::bn;
     const std::int64_t col_thread = col0 + lane_col;
-    ring.compute_tile(acc, at, k_blocks, cw / 4);
-    if (p.terms.has_raw_terms()) add_raw_terms(acc, p.terms, row0 + local_row, col_thread, g);
-    transform_logits(acc, p.terms.transform);
-
+    // The rows' constants are loaded before the products, so that the epilogue does not wait for them.
     dlogit_row slot[2];
     T* out[2] = {nullptr, nullptr};  // null past the block's rows: nothing is stored there
 #pragma unroll
@@ -172,46 +171,95 @@ __global__ void __launch_bounds__(logit_tile_shape::threads, 1)
       if (row >= g.rows || row - p.row0 >= prm.rows) continue;
       out[r] = p.dz + (row - p.row0) * p.chunk_cols + (col_thread - p.v0);
       slot[r].rc = p.coef[row];
-      if (!slot[r].rc.kept) continue;
+    }
+    ring.compute_tile(acc, at, k_blocks, cw / 4);
+    if (p.terms.has_raw_terms()) add_raw_terms(acc, p.terms, row0 + local_row, col_thread, g);
+    transform_logits(acc, p.terms.transform);
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      if (out[r] == nullptr || !slot[r].rc.kept) continue;
       const std::int64_t left = g.cols - col_thread, to_target = slot[r].rc.target - col_thread;
       slot[r].limit = int(left < 0 ? 0 : left < S::bn ? left : S::bn);
       slot[r].target = to_target >= 0 && to_target < S::bn ? int(to_target) : -1;
     }
+
     const float* weights = weighted ? p.class_weights + col_thread : nullptr;
 
-    // draw of the active halves, stored in T (columns past V inside an active filter tile as 0: the GEMMs read
-    // whole tiles); with a bias, its column sums over the CTA's rows go to col_sums (inactive halves sum to 0).
+    // emit(value): draw of the active halves, value(r, c, z) at column c (from the thread's first) of row slot r,
+    // stored in T (columns past V inside an active filter tile as 0: the GEMMs read whole tiles); with a bias, its
+    // column sums over the CTA's rows go to col_sums (inactive halves sum to 0). Lanes l and l ^ 1 trade one column
+    // pair of every two 8-column groups, so that each stores 4 adjacent values (8 bytes; a warp's store then fills
+    // whole 32-byte sectors): the even lane keeps group 2b, the odd lane group 2b + 1.
+    const bool odd = lane % 2 == 1;
+    const int run_offset = 4 * ((lane % 4) / 2) + (odd ? 8 : 0) - lane_col;  // from the thread's first column
+    const auto emit = [&](const auto& value) {
 #pragma unroll
-    for (int j = 0; j < 32; ++j) {
-      const int h = j / 16;
-      float draw[2][2] = {{0.f, 0.f}, {0.f, 0.f}};  // [row slot][column]
-      if (active[h]) {
+      for (int b = 0; b < 16; ++b) {
+        const int h = b / 8;
+        float draw[2][2][2] = {};  // [group 2b + gi][row slot][column]
+        if (active[h]) {
 #pragma unroll
-        for (int r = 0; r < 2; ++r) {
+          for (int gi = 0; gi < 2; ++gi)
 #pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const int c = 8 * j + e;
-            const float z = acc[4 * j + 2 * r + e];
-            const float prob = exp2_approx((z - slot[r].rc.lse) * log2e);  // exactly 1 at z = lse
-            const float w = weighted && c < slot[r].limit ? weights[c] : 1.f;
-            const float d = slot[r].rc.dz(prob, c == slot[r].target, w) * derivative(z);
-            draw[r][e] = c < slot[r].limit ? d : 0.f;
-          }
-          if (out[r] != nullptr) {
-            const T pair[2] = {from_float<T>(draw[r][0]), from_float<T>(draw[r][1])};
-            *reinterpret_cast<std::uint32_t*>(out[r] + 8 * j) = *reinterpret_cast<const std::uint32_t*>(pair);
+            for (int r = 0; r < 2; ++r)
+#pragma unroll
+              for (int e = 0; e < 2; ++e) {
+                const int j = 2 * b + gi;
+                draw[gi][r][e] = value(r, 8 * j + e, acc[4 * j + 2 * r + e]);
+              }
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            const auto pack = [&](int gi) {
+              const T pair[2] = {from_float<T>(draw[gi][r][0]), from_float<T>(draw[gi][r][1])};
+              return *reinterpret_cast<const std::uint32_t*>(pair);
+            };
+            const std::uint32_t even_group = pack(0), odd_group = pack(1);
+            const std::uint32_t other = __shfl_xor_sync(0xffffffffu, odd ? even_group : odd_group, 1);
+            const uint2 four = odd ? make_uint2(other, odd_group) : make_uint2(even_group, other);
+            if (out[r] != nullptr) *reinterpret_cast<uint2*>(out[r] + run_offset + 16 * b) = four;
           }
         }
-      }
-      if (bias_sums) {
+        if (bias_sums) {
 #pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          float v = draw[0][e] + draw[1][e];
+          for (int gi = 0; gi < 2; ++gi)
 #pragma unroll
-          for (int mask = 4; mask < 32; mask *= 2) v += shuffle_xor(v, mask);
-          if (lane_row == 0) col_sums[cw][8 * j + lane_col + e] = v;
+            for (int e = 0; e < 2; ++e) {
+              float v = draw[gi][0][e] + draw[gi][1][e];
+#pragma unroll
+              for (int mask = 4; mask < 32; mask *= 2) v += shuffle_xor(v, mask);
+              if (lane_row == 0) col_sums[cw][8 * (2 * b + gi) + lane_col + e] = v;
+            }
         }
       }
+    };
+    // The common tile of a warp: its 16 rows have gradient and no target here, every class is inside the
+    // vocabulary, no class weights. Then draw = (a p + b) s(z) with the row's a and b (dlogit_coefficients::
+    // non_target, 1/T in them) and s the softcap's factor: a few instructions per logit where the general form
+    // below takes about 28. With the 8-byte stores it shortens the epilogue, which no product overlaps; either
+    // alone did not (docs/performance.md).
+    const bool plain =
+        __all_sync(0xffffffffu, !weighted && out[0] != nullptr && out[1] != nullptr && slot[0].target < 0 &&
+                                    slot[1].target < 0 && slot[0].limit == S::bn && slot[1].limit == S::bn);
+    const auto plain_value = [&](auto capped_constant) {
+      const dlogit_coefficients::affine af[2] = {slot[0].rc.dz.non_target(derivative.inv_temperature),
+                                                 slot[1].rc.dz.non_target(derivative.inv_temperature)};
+      return [&, af](int r, int, float z) {
+        float d = fmaf(af[r].a, exp2_approx((z - slot[r].rc.lse) * log2e), af[r].b);
+        if constexpr (decltype(capped_constant)::value) d *= derivative.softcap_factor(z);
+        return d;
+      };
+    };
+    if (plain && p.terms.transform.softcap > 0.f) {
+      emit(plain_value(std::true_type{}));
+    } else if (plain) {
+      emit(plain_value(std::false_type{}));
+    } else {
+      emit([&](int r, int c, float z) {
+        const float prob = exp2_approx((z - slot[r].rc.lse) * log2e);  // exactly 1 at z = lse
+        const float w = weighted && c < slot[r].limit ? weights[c] : 1.f;
+        const float d = slot[r].rc.dz(prob, c == slot[r].target, w) * derivative(z);
+        return c < slot[r].limit ? d : 0.f;
+      });
     }
 
     if (bias_sums) {  // the warps' column sums, in a fixed order
