@@ -194,42 +194,42 @@ __global__ void __launch_bounds__(logit_tile_shape::threads, 1)
     const int run_offset = 4 * ((lane % 4) / 2) + (odd ? 8 : 0) - lane_col;  // from the thread's first column
     const auto emit = [&](const auto& value) {
 #pragma unroll
-      for (int b = 0; b < 16; ++b) {
-        const int h = b / 8;
-        float draw[2][2][2] = {};  // [group 2b + gi][row slot][column]
-        if (active[h]) {
+      for (int h = 0; h < 2; ++h) {
+        // The half's draws replace its logits, 8 columns at a time, each group packed and stored as soon as it is
+        // drawn: one block of work with no branch in it (a branch per group cut the epilogue into short dependent
+        // runs, docs/performance.md); drawing the whole half before any store spilled registers.
+        if (!active[h]) continue;
 #pragma unroll
-          for (int gi = 0; gi < 2; ++gi)
+        for (int b = 8 * h; b < 8 * h + 8; ++b) {
+#pragma unroll
+          for (int j = 2 * b; j < 2 * b + 2; ++j)
 #pragma unroll
             for (int r = 0; r < 2; ++r)
 #pragma unroll
-              for (int e = 0; e < 2; ++e) {
-                const int j = 2 * b + gi;
-                draw[gi][r][e] = value(r, 8 * j + e, acc[4 * j + 2 * r + e]);
-              }
+              for (int e = 0; e < 2; ++e) acc[4 * j + 2 * r + e] = value(r, 8 * j + e, acc[4 * j + 2 * r + e]);
 #pragma unroll
           for (int r = 0; r < 2; ++r) {
-            const auto pack = [&](int gi) {
-              const T pair[2] = {from_float<T>(draw[gi][r][0]), from_float<T>(draw[gi][r][1])};
+            const auto pack = [&](int j) {
+              const T pair[2] = {from_float<T>(acc[4 * j + 2 * r]), from_float<T>(acc[4 * j + 2 * r + 1])};
               return *reinterpret_cast<const std::uint32_t*>(pair);
             };
-            const std::uint32_t even_group = pack(0), odd_group = pack(1);
+            const std::uint32_t even_group = pack(2 * b), odd_group = pack(2 * b + 1);
             const std::uint32_t other = __shfl_xor_sync(0xffffffffu, odd ? even_group : odd_group, 1);
             const uint2 four = odd ? make_uint2(other, odd_group) : make_uint2(even_group, other);
             if (out[r] != nullptr) *reinterpret_cast<uint2*>(out[r] + run_offset + 16 * b) = four;
           }
         }
-        if (bias_sums) {
+      }
+      if (bias_sums) {
 #pragma unroll
-          for (int gi = 0; gi < 2; ++gi)
+        for (int j = 0; j < 32; ++j)
 #pragma unroll
-            for (int e = 0; e < 2; ++e) {
-              float v = draw[gi][0][e] + draw[gi][1][e];
+          for (int e = 0; e < 2; ++e) {
+            float v = active[j / 16] ? acc[4 * j + e] + acc[4 * j + 2 + e] : 0.f;
 #pragma unroll
-              for (int mask = 4; mask < 32; mask *= 2) v += shuffle_xor(v, mask);
-              if (lane_row == 0) col_sums[cw][8 * (2 * b + gi) + lane_col + e] = v;
-            }
-        }
+            for (int mask = 4; mask < 32; mask *= 2) v += shuffle_xor(v, mask);
+            if (lane_row == 0) col_sums[cw][8 * j + lane_col + e] = v;
+          }
       }
     };
     // The common tile of a warp: its 16 rows have gradient and no target here, every class is inside the
@@ -243,8 +243,12 @@ __global__ void __launch_bounds__(logit_tile_shape::threads, 1)
     const auto plain_value = [&](auto capped_constant) {
       const dlogit_coefficients::affine af[2] = {slot[0].rc.dz.non_target(derivative.inv_temperature),
                                                  slot[1].rc.dz.non_target(derivative.inv_temperature)};
-      return [&, af](int r, int, float z) {
-        float d = fmaf(af[r].a, exp2_approx((z - slot[r].rc.lse) * log2e), af[r].b);
+      // p = 2^(z log2(e) - lse log2(e)) in one FMA: its rounding (a few 2^-24 of |z| + |lse|, relative) is far below
+      // a 16-bit draw's; a 32-bit one subtracts first.
+      const float shift[2] = {slot[0].rc.lse * log2e, slot[1].rc.lse * log2e};
+      return [&, af, shift](int r, int, float z) {
+        const float x = sizeof(T) == 2 ? fmaf(z, log2e, -shift[r]) : (z - slot[r].rc.lse) * log2e;
+        float d = fmaf(af[r].a, exp2_approx(x), af[r].b);
         if constexpr (decltype(capped_constant)::value) d *= derivative.softcap_factor(z);
         return d;
       };
