@@ -187,11 +187,10 @@ __global__ void __launch_bounds__(logit_tile_shape::threads, 1)
 
     // emit(value): draw of the active halves, value(r, c, z) at column c (from the thread's first) of row slot r,
     // stored in T (columns past V inside an active filter tile as 0: the GEMMs read whole tiles); with a bias, its
-    // column sums over the CTA's rows go to col_sums (inactive halves sum to 0). Lanes l and l ^ 1 trade one column
-    // pair of every two 8-column groups, so that each stores 4 adjacent values (8 bytes; a warp's store then fills
-    // whole 32-byte sectors): the even lane keeps group 2b, the odd lane group 2b + 1.
-    const bool odd = lane % 2 == 1;
-    const int run_offset = 4 * ((lane % 4) / 2) + (odd ? 8 : 0) - lane_col;  // from the thread's first column
+    // column sums over the CTA's rows go to col_sums (inactive halves sum to 0). Stores go in 8-byte runs
+    // (paired_runs).
+    const paired_runs runs(lane);
+    const int run_offset = runs.first - lane_col;  // from the thread's first column
     const auto emit = [&](const auto& value) {
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
@@ -213,9 +212,7 @@ __global__ void __launch_bounds__(logit_tile_shape::threads, 1)
               const T pair[2] = {from_float<T>(acc[4 * j + 2 * r]), from_float<T>(acc[4 * j + 2 * r + 1])};
               return *reinterpret_cast<const std::uint32_t*>(pair);
             };
-            const std::uint32_t even_group = pack(2 * b), odd_group = pack(2 * b + 1);
-            const std::uint32_t other = __shfl_xor_sync(0xffffffffu, odd ? even_group : odd_group, 1);
-            const uint2 four = odd ? make_uint2(other, odd_group) : make_uint2(even_group, other);
+            const uint2 four = runs.trade(pack(2 * b), pack(2 * b + 1));
             if (out[r] != nullptr) *reinterpret_cast<uint2*>(out[r] + run_offset + 16 * b) = four;
           }
         }

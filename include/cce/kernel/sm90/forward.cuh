@@ -173,14 +173,11 @@ __global__ void __launch_bounds__(forward_shape::threads, 1)
         if constexpr (KeepLogits) {  // the row's max over the tile (the four lanes of a row agree on it), then z - m
           m = fmaxf(m, shuffle_xor(m, 1));
           m = fmaxf(m, shuffle_xor(m, 2));
-          // Lanes l and l ^ 1 trade one column pair of every two 8-column groups, so that each stores 4 adjacent
-          // values (8 bytes; a warp's store then fills whole 32-byte sectors): the even lane keeps group 2b, the odd
-          // lane group 2b + 1.
+          // In 8-byte runs (paired_runs). The row's address and how many runs lie inside the stored width are
+          // worked out once per row slot, so that each store is one instruction.
           const kept_logits& k = prm.kept;
-          const bool odd = lane % 2 == 1;
-          // The thread's run b starts at column first + 16 b. The row's address and how many runs lie inside the
-          // stored width are worked out once per row slot, so that each store is one instruction.
-          const std::int64_t first = col0 + 4 * ((lane % 4) / 2) + (odd ? 8 : 0), left = k.ld - first;
+          const paired_runs runs(lane);
+          const std::int64_t first = col0 + runs.first, left = k.ld - first;
           const int limit = row >= g.rows ? 0 : !ragged ? S::bn : int(left < 0 ? 0 : left < S::bn ? left : S::bn);
           __half* out = k.logits + (row < g.rows ? row : 0) * k.ld + first;
           auto pair = [&](int j) {
@@ -189,9 +186,7 @@ __global__ void __launch_bounds__(forward_shape::threads, 1)
           };
 #pragma unroll
           for (int b = 0; b < 16; ++b) {
-            const std::uint32_t even_group = pair(2 * b), odd_group = pair(2 * b + 1);
-            const std::uint32_t other = __shfl_xor_sync(0xffffffffu, odd ? even_group : odd_group, 1);
-            const uint2 four = odd ? make_uint2(other, odd_group) : make_uint2(even_group, other);
+            const uint2 four = runs.trade(pair(2 * b), pair(2 * b + 1));
             if (16 * b < limit) *reinterpret_cast<uint2*>(out + 16 * b) = four;
           }
           if (row < g.rows && lane % 4 == 0) k.ref[row * k.ref_ld + ct] = m;

@@ -246,6 +246,21 @@ __device__ __forceinline__ void transform_logits(float (&acc)[128], const logit_
   }
 }
 
+// Stores of an accumulator tile (wgmma.cuh's layout) in 8-byte runs: lanes l and l ^ 1 trade one column pair of
+// every two n8 blocks, so that each holds 4 adjacent values and a warp's store fills whole 32-byte sectors. The even
+// lane keeps block 2b (its pair, then the odd lane's), the odd lane block 2b + 1; the thread's run b starts at column
+// `first + 16 b` of the tile.
+struct paired_runs {
+  bool odd;
+  int first;
+  __device__ explicit paired_runs(int lane) : odd(lane % 2 == 1), first(4 * ((lane % 4) / 2) + (odd ? 8 : 0)) {}
+  // Run b's four values, from the thread's packed column pairs of blocks 2b and 2b + 1.
+  __device__ __forceinline__ uint2 trade(std::uint32_t even_block, std::uint32_t odd_block) const {
+    const std::uint32_t other = __shfl_xor_sync(0xffffffffu, odd ? even_block : odd_block, 1);
+    return odd ? make_uint2(other, odd_block) : make_uint2(even_block, other);
+  }
+};
+
 // raw = acc + bias + low-rank terms for a thread's two row slots (rows `row` and `row + 8`, columns from `col`),
 // where the row and column exist.
 template <class T>
