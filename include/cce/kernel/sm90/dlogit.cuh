@@ -241,11 +241,10 @@ __global__ void __launch_bounds__(logit_tile_shape::threads, 1)
       const dlogit_coefficients::affine af[2] = {slot[0].rc.dz.non_target(derivative.inv_temperature),
                                                  slot[1].rc.dz.non_target(derivative.inv_temperature)};
       // p = 2^(z log2(e) - lse log2(e)) in one FMA: its rounding (a few 2^-24 of |z| + |lse|, relative) is far below
-      // a 16-bit draw's; a 32-bit one subtracts first.
+      // a 16-bit draw's, the only kind this kernel stores.
       const float shift[2] = {slot[0].rc.lse * log2e, slot[1].rc.lse * log2e};
       return [&, af, shift](int r, int, float z) {
-        const float x = sizeof(T) == 2 ? fmaf(z, log2e, -shift[r]) : (z - slot[r].rc.lse) * log2e;
-        float d = fmaf(af[r].a, exp2_approx(x), af[r].b);
+        float d = fmaf(af[r].a, exp2_approx(fmaf(z, log2e, -shift[r])), af[r].b);
         if constexpr (decltype(capped_constant)::value) d *= derivative.softcap_factor(z);
         return d;
       };
