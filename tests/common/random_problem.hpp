@@ -138,8 +138,10 @@ host_problem<T> make_problem(const case_config& cfg) {
   for (float x : cf) h.c.push_back(detail::from_float<T>(x));
   for (float x : ef) h.e.push_back(detail::from_float<T>(x));
 
-  if (cfg.bias)
-    for (std::int64_t i = 0; i < cfg.v; ++i) h.bias.push_back(detail::from_float<T>(0.5f * normal(rng)));
+  if (cfg.bias) {  // on uniform data as small as the logits, so that the softmax stays near-uniform
+    const float scale = cfg.data == regime::uniform ? 0.01f : 0.5f;
+    for (std::int64_t i = 0; i < cfg.v; ++i) h.bias.push_back(detail::from_float<T>(scale * normal(rng)));
+  }
   if (cfg.class_weights) {
     std::uniform_real_distribution<float> w(0.25f, 2.f);
     for (std::int64_t i = 0; i < cfg.v; ++i) h.weights.push_back(w(rng));

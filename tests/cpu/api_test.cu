@@ -101,6 +101,9 @@ TEST_CASE("bad options are rejected with invalid_option", "[api]") {
           o.filter = filter_mode::threshold;
           o.filter_eps = -1.f;
         }) == status::invalid_option);
+  CHECK(with([](options& o) { o.uniform_tolerance = -1.f; }) == status::invalid_option);
+  CHECK(with([](options& o) { o.uniform_tolerance = NAN; }) == status::invalid_option);
+  CHECK(with([](options& o) { o.uniform_tolerance = 1.f / 16; }) == status::success);
   CHECK(with([](options& o) { o.shift = -1; }) == status::invalid_option);
   CHECK(with([](options& o) { o.shift = 1; }) == status::invalid_size);  // shift needs seq_len
   CHECK(with([](options& o) { o.label_smoothing = 1.f; }) == status::success);

@@ -115,6 +115,53 @@ TEST_CASE("tiled executor: the design's relative tolerances on every data regime
   }
 }
 
+// Near-uniform rows (options::uniform_tolerance = 1/16, which the uniform data meets): every tile without a target
+// is skipped, the baseline's share is added back, and the gradients stay within the filter's tolerance, with the
+// per-row terms that enter the baseline (temperature, z-loss, class weights) and the bias. With the default
+// tolerance (eps / 2, which this data does not meet) or a softcap nothing is skipped.
+TEST_CASE("tiled executor: near-uniform rows take a baseline and skip their other tiles", "[executor][filter]") {
+  for (std::size_t budget : {std::size_t(0), std::size_t(1)}) {
+    for (int variant = 0; variant < 4; ++variant) {
+      test::case_config cfg;
+      cfg.n = 72;
+      cfg.d = 48;
+      cfg.v = 300;
+      cfg.data = test::regime::uniform;
+      cfg.seed = 41 + variant;
+      cfg.bias = true;
+      cfg.opts.uniform_tolerance = 1.f / 16;
+      cfg.class_weights = variant == 1;
+      cfg.opts.temperature = variant == 2 ? 0.7f : 1.f;
+      cfg.opts.z_loss = variant == 2 ? 1e-2f : 0.f;
+      cfg.opts.reduction = variant == 3 ? reduction::none : reduction::mean;
+      INFO("variant " << variant << " budget " << budget);
+      const auto h = test::make_problem<__nv_bfloat16>(cfg);
+      const test::case_results r = run_executor<__nv_bfloat16, __nv_bfloat16>(h, budget, true);
+      test::check_case<__nv_bfloat16, __nv_bfloat16>(h, r, true, test::gradient_check::relative);
+      // 72 rows, 300 classes: 5 x 19 tiles of 16, one target per row: at most 72 tiles hold one.
+      CHECK(r.filter_tiles[0] + r.filter_tiles[1] == 5 * 19);
+      CHECK(r.filter_tiles[0] <= 72);
+      CHECK(r.filter_tiles[1] >= 5 * 19 - 72);
+    }
+  }
+  for (int variant = 0; variant < 2; ++variant) {
+    test::case_config cfg;
+    cfg.n = 72;
+    cfg.d = 48;
+    cfg.v = 300;
+    cfg.data = test::regime::uniform;
+    cfg.seed = 45;
+    if (variant == 1) {
+      cfg.opts.uniform_tolerance = 1.f / 16;
+      cfg.opts.softcap = 30.f;
+    }
+    const auto h = test::make_problem<__nv_bfloat16>(cfg);
+    const test::case_results r = run_executor<__nv_bfloat16, __nv_bfloat16>(h, 0, true);
+    test::check_case<__nv_bfloat16, __nv_bfloat16>(h, r, true, test::gradient_check::relative);
+    CHECK(r.filter_tiles[1] == 0);
+  }
+}
+
 TEST_CASE("tiled executor: low-rank head of rank 1 and 16", "[executor]") {
   for (std::int64_t rank : {1, 16}) {
     test::case_config cfg;

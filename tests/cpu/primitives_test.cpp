@@ -930,6 +930,20 @@ TEST_CASE("filter: a uniform softmax is never skipped, a peaked one is", "[primi
   CHECK_FALSE(filter::mass_threshold::make(filter::auto_eps<__nv_bfloat16>(), tc, nt).skip(-20.f));
 }
 
+TEST_CASE("filter::near_uniform: every probability within (1 + tolerance) / V", "[primitives][filter]") {
+  for (long long v : {1LL, 7LL, 32000LL, 256000LL}) {
+    const float tol = 1.f / 16;
+    const filter::near_uniform f = filter::near_uniform::make(tol, v);
+    const float log_v = float(std::log(double(v)));
+    INFO("V = " << v);
+    CHECK(f.holds(-log_v));                                     // p = 1/V
+    CHECK(f.holds(float(std::log1p(0.9 * tol)) - log_v));       // just inside
+    CHECK_FALSE(f.holds(float(std::log1p(1.1 * tol)) - log_v));  // just outside
+    CHECK_FALSE(f.holds(std::nanf("")));
+    CHECK_FALSE(filter::near_uniform::make(0.f, v).holds(-log_v));  // disabled
+  }
+}
+
 TEST_CASE("filter::auto_eps: machine epsilon of the element type / 32", "[primitives][filter]") {
   CHECK(filter::auto_eps<__nv_bfloat16>() == std::ldexp(1.f, -12));
   CHECK(filter::auto_eps<__half>() == std::ldexp(1.f, -15));

@@ -89,6 +89,7 @@ TEST_CASE("GPU: TMA-addressable problems with every option", "[gpu][hopper]") {
   chunks.v = 3000;
   chunks.bias = true;
   chunks.seed = 13;
+  chunks.opts.filter = filter_mode::none;  // the budget below holds the passes' buffers, not the filter's
   const std::size_t four_chunks = std::size_t(320) << 10;
   device_info dev;
   REQUIRE(current_device(dev) == status::success);
@@ -106,7 +107,8 @@ namespace {
 // loss_and_grad with options::backward_mode = loss_and_grad on a TMA-addressable problem: on sm_90a it keeps the
 // logits of row blocks (plan_kept_logits), whose count the budget sets; elsewhere it runs forward and backward.
 template <class T, class G>
-void run_loss_and_grad_case(test::case_config cfg, std::int64_t block_rows) {
+test::case_results run_loss_and_grad_case(test::case_config cfg, std::int64_t block_rows,
+                                          test::gradient_check mode = test::gradient_check::bound) {
   cfg.d = (cfg.d + 7) / 8 * 8;
   cfg.e_pad = cfg.e_pad ? 8 : 0;
   cfg.c_pad = cfg.c_pad ? 16 : 0;
@@ -140,7 +142,9 @@ void run_loss_and_grad_case(test::case_config cfg, std::int64_t block_rows) {
   CHECK((dc.op().mode(dc.device_view(), dev, dc.workspace_bytes()) == backward_mode::loss_and_grad) == kept);
   dc.reset();
   REQUIRE(dc.loss_and_grad() == status::success);
-  test::check_case<T, G>(hk, dc.results(), true, test::gradient_check::bound);
+  const test::case_results r = dc.results();
+  test::check_case<T, G>(hk, r, true, mode);
+  return r;
 }
 
 }  // namespace
@@ -291,6 +295,43 @@ TEST_CASE("GPU: every data regime at a size with many tiles", "[gpu][regimes]") 
       }
     }
   }
+}
+
+// Near-uniform rows take the baseline 1/V (options::uniform_tolerance = 1/16, which the uniform data meets): every
+// tile without a target is skipped, in both operating points on both kernel paths, and the baseline's share is
+// added back (dE, dC, dBias). The logit-keeping loss_and_grad adds it per row block (two blocks here), the
+// classifier's column sums once.
+TEST_CASE("GPU: near-uniform rows take a baseline and skip their other tiles", "[gpu][baseline]") {
+  for (bool hopper : {true, false}) {
+    for (std::size_t budget : {std::size_t(0), std::size_t(1)}) {
+      test::case_config cfg;
+      cfg.n = 200;
+      cfg.d = 256;
+      cfg.v = 32000;
+      cfg.data = test::regime::uniform;
+      cfg.seed = 19;
+      cfg.bias = true;
+      cfg.opts.uniform_tolerance = 1.f / 16;
+      cfg.opts.hopper_kernels = hopper;
+      INFO("hopper " << hopper << " budget " << budget);
+      const auto h = test::make_problem<__nv_bfloat16>(cfg);
+      const test::case_results r = run_device<__nv_bfloat16, __nv_bfloat16>(h, budget);
+      test::check_case<__nv_bfloat16, __nv_bfloat16>(h, r, true, test::gradient_check::relative);
+      // 2 row tiles x 250 class tiles of 128; the 200 targets lie in at most 200 of them.
+      CHECK(r.filter_tiles[0] + r.filter_tiles[1] == 2 * 250);
+      CHECK(r.filter_tiles[0] <= 200);
+    }
+  }
+  test::case_config cfg;
+  cfg.n = 1500;
+  cfg.d = 128;
+  cfg.v = 6000;
+  cfg.data = test::regime::uniform;
+  cfg.seed = 23;
+  cfg.bias = true;
+  cfg.class_weights = true;
+  cfg.opts.uniform_tolerance = 1.f / 16;
+  run_loss_and_grad_case<__nv_bfloat16, __nv_bfloat16>(cfg, 1024, test::gradient_check::relative);
 }
 
 // Minimal mode's two passes take their own blocks: over a range of budgets the plans carry dE across chunks, carry

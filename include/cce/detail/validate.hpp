@@ -32,6 +32,7 @@ inline status validate_options(const options& o) {
   if (o.filter == filter_mode::threshold && !(o.filter_eps >= 0.f && o.filter_eps < 1.f)) {
     return status::invalid_option;
   }
+  if (!(o.uniform_tolerance >= 0.f && o.uniform_tolerance < 1.f)) return status::invalid_option;
   if (o.shift < 0) return status::invalid_option;
   return status::success;
 }

@@ -86,6 +86,17 @@ struct pass_buffers {
   T* b_sorted = nullptr;            // cols x r
 };
 
+// The near-uniform rows' baseline (row_loss.hpp), plan::baseline only. The products add row_scale[i] class_sum
+// to dE row i and row_sums[0..D) to every class of dC, the bias gradient row_sums[D].
+struct uniform_baseline_buffers {
+  float* row_scale = nullptr;   // N: the baseline on the draw's scale (baseline / T), 0 for other rows
+  float* block_max = nullptr;   // row_tiles: the largest tile max of each row tile
+  float* class_sum = nullptr;   // D: sum of the classifier rows, once a row is near-uniform (0 until then)
+  float* row_sums = nullptr;    // D + 1: sum of row_scale[i] e_i over the rows a product covers, then of row_scale
+  float* partial = nullptr;     // baseline_splits x (D + 1): class_sum or row_sums per split of their rows
+  int* state = nullptr;         // 2: [0] a near-uniform row was seen, [1] class_sum holds the column sums
+};
+
 template <class T>
 struct backward_buffers {
   row_coefficients* coef = nullptr;  // N
@@ -100,6 +111,7 @@ struct backward_buffers {
   std::int32_t* position = nullptr;   // V: class -> sorted position (the inverse of order)
   // The passes: chunked runs one fused pass (de and dc are the same buffers), minimal the dE pass, then the dC pass.
   pass_buffers<T> de, dc;
+  uniform_baseline_buffers baseline;
 };
 
 // The buffers of the logit-keeping loss_and_grad (plan::kept_rows rows per block), live together: the forward's
@@ -137,12 +149,14 @@ struct plan {
   bool bias = false;
   bool kahan = false;
   bool sort = false;             // options::vocab_sort
+  bool baseline = false;         // near-uniform rows take a baseline (options::uniform_tolerance)
   bool weights = false;          // class weights are gathered with the sorted chunks
   std::size_t sort_temp = 0;     // scratch of the device sort, at least 1 byte with vocab_sort
   std::int64_t mean_splits = 1;  // row splits of the column mean of E
   std::size_t elem_bytes = 2;
   int sm_count = 1;              // of the device planned for: persistent grids take one CTA per SM
   static constexpr int finalise_threads = 256;
+  static constexpr std::int64_t baseline_splits = 64;  // most row splits of the baseline's column sums
 
   std::int64_t finalise_blocks() const { return ceil_div(n, finalise_threads); }
   std::int64_t chunks(const pass_shape& s) const { return ceil_div(v, s.cols); }
@@ -193,6 +207,7 @@ struct plan {
     b.coef = c.take<row_coefficients>(n);
     b.lora_p = c.take<float>(n * rank);
     b.lora_q = c.take<float>(n * rank);
+    b.baseline = carve_baseline(c);
     if (sort) {
       b.mean_partial = c.take<float>(mean_splits * (d + 1));
       b.key_inputs = c.take<float>(d + 1 + rank);
@@ -201,6 +216,18 @@ struct plan {
       b.sort_temp = c.take<unsigned char>(sort_temp);
       b.position = c.take<std::int32_t>(v);
     }
+    return b;
+  }
+
+  uniform_baseline_buffers carve_baseline(carver& c) const {
+    uniform_baseline_buffers b;
+    if (!baseline) return b;
+    b.row_scale = c.take<float>(n);
+    b.block_max = c.take<float>(grid.row_tiles());
+    b.class_sum = c.take<float>(d);
+    b.row_sums = c.take<float>(d + 1);
+    b.partial = c.take<float>(baseline_splits * (d + 1));
+    b.state = c.take<int>(2);
     return b;
   }
 
@@ -244,6 +271,7 @@ struct plan {
     k.bw.coef = c.take<row_coefficients>(n);
     k.bw.lora_p = k.fw.lora_p;
     k.bw.lora_q = c.take<float>(n * rank);
+    k.bw.baseline = carve_baseline(c);
     k.logit_ref = c.take<float>(rows * ceil_div(v, std::int64_t(kept_ref_cols)));
     pass_buffers<T>& pb = k.bw.de;
     pb.shape = {rows, cols};
@@ -333,6 +361,11 @@ plan plan_operating_point(std::int64_t n, std::int64_t d, std::int64_t v, std::i
   p.bias = bias;
   p.kahan = opt.accum == accumulation::kahan;
   p.sort = opt.vocab_sort;
+  // The baseline's share is added for every class through C's column sums: not with a softcap (its derivative
+  // differs per logit), the low-rank head (its classifier is C + s B A), smoothing (no filter) or the sorted walk
+  // (whose tiles are decided from the recomputed logits); nor with one class tile, which holds every target.
+  p.baseline = p.filter && opt.softcap == 0.f && opt.label_smoothing == 0.f && rank == 0 && !opt.vocab_sort &&
+               p.grid.col_tiles() > 1;
   p.weights = weights;
   p.sort_temp = opt.vocab_sort ? std::max<std::size_t>(sort_temp, 1) : 0;  // a null scratch means a size query
   p.mean_splits = std::clamp<std::int64_t>(ceil_div(n, mean_rows_per_split), 1, 64);

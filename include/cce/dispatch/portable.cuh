@@ -18,6 +18,7 @@
 #include <cce/kernel/portable/forward.cuh>
 #include <cce/kernel/portable/grad_gemm.cuh>
 #include <cce/kernel/portable/row_kernels.cuh>
+#include <cce/kernel/portable/uniform_baseline.cuh>
 #include <cce/kernel/portable/vocab_sort.cuh>
 #include <cce/kernel/sm90/kept_dlogit.cuh>
 #include <cce/problem.hpp>
@@ -89,9 +90,12 @@ class portable_path {
   template <class G>
   status backward(loss_gradient grad, const gradients<G>& out, const saved_buffers& sv,
                   const backward_buffers<T>& bw, cudaStream_t stream) const {
-    if (p_.n > 0) CCE_TRY(coefficients(grad, sv, bw.coef, 0, p_.n, stream));
     auto* counts = reinterpret_cast<unsigned long long*>(out.filter_tiles);
     CCE_TRY(start_backward(bw, counts, stream));
+    if (p_.n > 0) {
+      CCE_TRY(coefficients(grad, sv, bw, 0, p_.n, stream));
+      CCE_TRY(baseline_sums(bw, 0, p_.n, stream));
+    }
     const std::int32_t* order = nullptr;  // sorted position -> class
     if (pl_.sort) CCE_TRY(sort_vocabulary(bw, order, stream));
     const std::int64_t ld_de = out.ld_de ? out.ld_de : p_.d, ld_dc = out.ld_dc ? out.ld_dc : p_.d;
@@ -111,7 +115,7 @@ class portable_path {
         CCE_TRY(dlogits(sv, bw, pb, s, 0, p_.n, counts, stream));
         if (p_.has_lora()) CCE_TRY(lora_q_update(bw, pb, s, 0, p_.n, stream));
         CCE_TRY(products(bw, pb, s, out, 0, p_.n, ch == 0, ch + 1 == chunks, false, stream));
-        if (out.dbias) CCE_TRY(dbias_sum(pb, s, p_.n, false, out.dbias, stream));
+        if (out.dbias) CCE_TRY(dbias_sum(bw, pb, s, p_.n, false, out.dbias, stream));
         if (out.db) CCE_TRY(db_product(bw, pb, s, out.db, 0, p_.n, true, true, stream));
       }
     } else {
@@ -134,10 +138,10 @@ class portable_path {
             const std::int64_t rows = std::min(dc.shape.rows, p_.n - r0);
             const bool first = r0 == 0, last = r0 + rows == p_.n;
             CCE_TRY(dlogits(sv, bw, dc, s, r0, rows, nullptr, stream));
-            if (out.dc) CCE_TRY(dc_product(dc, s, out.dc, ld_dc, r0, rows, first, last, stream));
+            if (out.dc) CCE_TRY(dc_product(bw, dc, s, out.dc, ld_dc, r0, rows, first, last, stream));
             if (out.db) CCE_TRY(db_product(bw, dc, s, out.db, r0, rows, first, last, stream));
           }
-          if (out.dbias) CCE_TRY(dbias_sum(dc, s, p_.n, false, out.dbias, stream));
+          if (out.dbias) CCE_TRY(dbias_sum(bw, dc, s, p_.n, false, out.dbias, stream));
         }
       }
     }
@@ -175,11 +179,12 @@ class portable_path {
       block.splits = pl_.splits;
       block.target_logit = kb.fw.target_logit + r0;
       CCE_TRY(finalise_rows(block, out, sv, kb.fw.block_sums, r0, rows, stream));
-      CCE_TRY(coefficients(loss_gradient{}, sv, bw.coef, r0, rows, stream));
+      CCE_TRY(coefficients(loss_gradient{}, sv, bw, r0, rows, stream));
+      CCE_TRY(baseline_sums(bw, r0, rows, stream));
       CCE_TRY(kept_dlogits(sv, kb, r0, rows, counts, stream));
       if (p_.has_lora()) CCE_TRY(lora_q_update(bw, pb, s, r0, rows, stream));
       CCE_TRY(products(bw, pb, s, grads, r0, rows, true, true, !first, stream));
-      if (grads.dbias) CCE_TRY(dbias_sum(pb, s, rows, !first, grads.dbias, stream));
+      if (grads.dbias) CCE_TRY(dbias_sum(bw, pb, s, rows, !first, grads.dbias, stream));
       if (grads.db) CCE_TRY(db_product(bw, pb, s, grads.db, r0, rows, first, last, stream));
     }
     CCE_TRY(loss_total(out, sv, kb.fw.block_sums, stream));
@@ -194,8 +199,13 @@ class portable_path {
   bool vec_;
   bool hopper_;
 
-  // What a backward starts from: the low-rank head's lora_p = scale * E A^T and a zero q, zero filter counts.
+  // What a backward starts from: the low-rank head's lora_p = scale * E A^T and a zero q, zero filter counts, no
+  // near-uniform row seen.
   status start_backward(const backward_buffers<T>& bw, unsigned long long* counts, cudaStream_t stream) const {
+    if (baseline() && (cudaMemsetAsync(bw.baseline.class_sum, 0, sizeof(float) * p_.d, stream) != cudaSuccess ||
+                       cudaMemsetAsync(bw.baseline.state, 0, 2 * sizeof(int), stream) != cudaSuccess)) {
+      return status::cuda_error;
+    }
     if (p_.has_lora()) {
       if (p_.n > 0) CCE_TRY(lora_project(bw.lora_p, stream));
       if (cudaMemsetAsync(bw.lora_q, 0, sizeof(float) * p_.n * p_.lora.rank, stream) != cudaSuccess) {
@@ -424,8 +434,9 @@ class portable_path {
     return launch_status();
   }
 
-  // The backward's per-row coefficients of rows [r0, r0 + count).
-  status coefficients(loss_gradient grad, const saved_buffers& sv, row_coefficients* coef, std::int64_t r0,
+  // The backward's per-row coefficients of rows [r0, r0 + count) (r0 a multiple of bm), near-uniform rows' with
+  // their baseline.
+  status coefficients(loss_gradient grad, const saved_buffers& sv, const backward_buffers<T>& bw, std::int64_t r0,
                       std::int64_t count, cudaStream_t stream) const {
     coefficient_params cp;
     cp.n = count;
@@ -441,8 +452,50 @@ class portable_path {
     cp.smoothing = o_.label_smoothing;
     cp.z_loss = o_.z_loss;
     cp.inv_classes = 1.f / float(p_.total_classes());
-    cp.coef = coef + r0;
+    cp.coef = bw.coef + r0;
+    if (baseline()) {
+      const std::int64_t first_tile = r0 / pl_.grid.bm, tiles = ceil_div(count, std::int64_t(pl_.grid.bm));
+      row_tile_max_kernel<256><<<unsigned(tiles), 256, 0, stream>>>(sv.tile_max, pl_.grid.col_tiles(), first_tile,
+                                                                    bw.baseline.block_max);
+      CCE_TRY(launch_status());
+      cp.block_max = bw.baseline.block_max;
+      cp.first_row = r0;
+      cp.bm = pl_.grid.bm;
+      cp.uniform = filter::near_uniform::make(filter::uniform_tolerance_of<T>(o_), p_.total_classes());
+      cp.inv_temperature = 1.f / o_.temperature;
+      cp.row_scale = bw.baseline.row_scale + r0;
+      cp.baseline_state = bw.baseline.state;
+    }
     coefficients_kernel<><<<blocks_for(count, 256), 256, 0, stream>>>(cp);
+    return launch_status();
+  }
+
+  // Whether near-uniform rows take a baseline: as planned, and over the whole vocabulary (a shard's tile maxima
+  // do not bound the other shards' probabilities).
+  bool baseline() const { return pl_.baseline && p_.total_classes() == p_.v; }
+
+  // The baseline's column sums for the products of rows [r0, r0 + count) (uniform_baseline.cuh): C's, once a row is
+  // near-uniform, and these rows' baselines times E.
+  status baseline_sums(const backward_buffers<T>& bw, std::int64_t r0, std::int64_t count,
+                       cudaStream_t stream) const {
+    if (!baseline()) return status::success;
+    const uniform_baseline_buffers& b = bw.baseline;
+    const std::int64_t d = p_.d;
+    const unsigned col_blocks = unsigned(ceil_div(d + 1, std::int64_t(256)));
+    const std::int64_t class_splits = baseline_splits(p_.v), row_splits = baseline_splits(count);
+    baseline_partial_kernel<T, baseline_sum::classes><<<dim3(col_blocks, unsigned(class_splits)), 256, 0, stream>>>(
+        p_.c, p_.c_stride(), p_.v, d, nullptr, class_splits, b.state, b.partial);
+    CCE_TRY(launch_status());
+    baseline_total_kernel<baseline_sum::classes><<<blocks_for(d, 256), 256, 0, stream>>>(b.partial, d, d,
+                                                                                       class_splits, b.state,
+                                                                                       b.class_sum);
+    CCE_TRY(launch_status());
+    baseline_partial_kernel<T, baseline_sum::rows><<<dim3(col_blocks, unsigned(row_splits)), 256, 0, stream>>>(
+        p_.e + r0 * p_.e_stride(), p_.e_stride(), count, d, b.row_scale + r0, row_splits, b.state, b.partial);
+    CCE_TRY(launch_status());
+    baseline_total_kernel<baseline_sum::rows><<<blocks_for(d + 1, 256), 256, 0, stream>>>(b.partial, d, d + 1,
+                                                                                        row_splits, b.state,
+                                                                                        b.row_sums);
     return launch_status();
   }
 
@@ -513,8 +566,7 @@ class portable_path {
   // Whether the backward filters: smoothing spreads gradient over every class, so no tile is negligible then.
   bool filters() const { return pl_.filter && o_.label_smoothing == 0.f; }
   filter::mass_threshold filter_predicate() const {
-    const float eps = o_.filter == filter_mode::threshold ? o_.filter_eps : filter::auto_eps<T>();
-    return filter::mass_threshold::make(eps, pl_.grid.bn, filter_tiles(pl_.grid, p_.total_classes()));
+    return filter::mass_threshold::make(filter::eps_of<T>(o_), pl_.grid.bn, filter_tiles(pl_.grid, p_.total_classes()));
   }
   logit_terms<T> terms(const float* lora_p) const { return make_logit_terms(p_, o_, lora_p); }
 
@@ -633,6 +685,10 @@ class portable_path {
     prm.accumulate = o_.accumulate;
     prm.out = de + r0 * ld;
     prm.ld_out = ld;
+    if (last && baseline()) {
+      prm.baseline_rows = bw.baseline.row_scale + r0;
+      prm.baseline_term = bw.baseline.class_sum;
+    }
     if (last && p_.has_lora()) {
       prm.lora_q = bw.lora_q + r0 * p_.lora.rank;
       prm.lora_a = p_.lora.a;
@@ -645,14 +701,16 @@ class portable_path {
 
   // dC[slice's classes] (+)= dZ^T E[r0 : r0 + rows]; `onto_output`: added to dC whatever options::accumulate says.
   template <class G>
-  status dc_product(const pass_buffers<T>& pb, const vocab_slice& s, G* dc, std::int64_t ld, std::int64_t r0,
-                    std::int64_t rows, bool first, bool last, cudaStream_t stream, bool onto_output = false) const {
-    product_params<G> prm = dc_params(pb, s, dc, ld, r0, rows, first, last, onto_output);
+  status dc_product(const backward_buffers<T>& bw, const pass_buffers<T>& pb, const vocab_slice& s, G* dc,
+                    std::int64_t ld, std::int64_t r0, std::int64_t rows, bool first, bool last, cudaStream_t stream,
+                    bool onto_output = false) const {
+    product_params<G> prm = dc_params(bw, pb, s, dc, ld, r0, rows, first, last, onto_output);
     return gemm<G, major::mn, major::mn>(prm, stream);
   }
   template <class G>
-  product_params<G> dc_params(const pass_buffers<T>& pb, const vocab_slice& s, G* dc, std::int64_t ld,
-                              std::int64_t r0, std::int64_t rows, bool first, bool last, bool onto_output) const {
+  product_params<G> dc_params(const backward_buffers<T>& bw, const pass_buffers<T>& pb, const vocab_slice& s, G* dc,
+                              std::int64_t ld, std::int64_t r0, std::int64_t rows, bool first, bool last,
+                              bool onto_output) const {
     const std::int64_t cols = s.cols, ldz = pb.shape.cols;
     product_params<G> prm;
     prm.a = {pb.dz, ldz, ldz, rows};
@@ -670,6 +728,7 @@ class portable_path {
     prm.out = s.classes ? dc : dc + s.v0 * ld;
     prm.out_rows = s.classes;
     prm.ld_out = ld;
+    if (last && baseline()) prm.baseline_term = bw.baseline.row_sums;  // the walk's rows: those of baseline_sums
     return prm;
   }
 
@@ -684,23 +743,25 @@ class portable_path {
     if (out.de && out.dc && hopper_) {
       const status st =
           sm90::launch_grad_gemm_pair(de_params(bw, pb, s, out.de, ld_de, r0, rows, de_first, de_last),
-                                      dc_params(pb, s, out.dc, ld_dc, r0, rows, true, true, dc_onto_output),
+                                      dc_params(bw, pb, s, out.dc, ld_dc, r0, rows, true, true, dc_onto_output),
                                       pb.tile_queue, pl_.sm_count, stream);
       if (st != status::unsupported_arch) return st;
     }
     if (out.de) CCE_TRY(de_product(bw, pb, s, out.de, ld_de, r0, rows, de_first, de_last, stream));
-    if (out.dc) CCE_TRY(dc_product(pb, s, out.dc, ld_dc, r0, rows, true, true, stream, dc_onto_output));
+    if (out.dc) CCE_TRY(dc_product(bw, pb, s, out.dc, ld_dc, r0, rows, true, true, stream, dc_onto_output));
     return status::success;
   }
 
   // dBias of the slice's classes from the column sums of the `rows` rows' tiles in the pass buffer; added to the
   // output when the call accumulates or `onto_output` (loss_and_grad's blocks after the first).
   template <class G>
-  status dbias_sum(const pass_buffers<T>& pb, const vocab_slice& s, std::int64_t rows, bool onto_output, G* dbias,
-                   cudaStream_t stream) const {
+  status dbias_sum(const backward_buffers<T>& bw, const pass_buffers<T>& pb, const vocab_slice& s,
+                   std::int64_t rows, bool onto_output, G* dbias, cudaStream_t stream) const {
+    const float* every_class = baseline() ? bw.baseline.row_sums + p_.d : nullptr;
     dbias_kernel<G><<<blocks_for(s.cols, 256), 256, 0, stream>>>(pb.dbias_partial, ceil_div(rows, Policy::bm),
                                                                  pb.shape.cols, s.cols, o_.accumulate || onto_output,
-                                                                 s.classes ? dbias : dbias + s.v0, s.classes);
+                                                                 s.classes ? dbias : dbias + s.v0, s.classes,
+                                                                 every_class);
     return launch_status();
   }
 

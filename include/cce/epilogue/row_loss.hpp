@@ -8,6 +8,10 @@
 // The cross-entropy term keeps its own factor, and the target's p_y - 1 comes in precomputed from the non-target
 // mass (-exp(lse_others - lse)): when p_y is near 1 both nll and p_y - 1 are tiny, and forming them by subtracting
 // rounded lse and z_y would leave only rounding error.
+// A near-uniform row (filter/predicates.hpp) draws dz_v - baseline, baseline = (ce + extra) / V: the tiles without
+// its target then hold only the softmax's deviation from 1/V, which the filter may skip, and the products add the
+// baseline's share back for every class (baseline times the column sums of C into dE, the rows' baselines times E
+// into every class of dC).
 #pragma once
 
 #include <cce/detail/math.hpp>
@@ -35,9 +39,10 @@ struct dlogit_coefficients {
   float extra = 0.f;            // g (eps W / V + 2 lambda lse)
   float gamma = 0.f;            // g eps / V
   float target_residual = 0.f;  // p_y - 1
+  float baseline = 0.f;         // (ce + extra) / V for a near-uniform row, else 0
 
   CCE_HOST_DEVICE float operator()(float p, bool is_target, float class_weight) const {
-    return ce * (is_target ? target_residual : p) + extra * p - gamma * class_weight;
+    return ce * (is_target ? target_residual : p) + extra * p - gamma * class_weight - baseline;
   }
 
   // The common case in two coefficients: at a class that is not the target, of weight 1, and scaled by s (the
@@ -45,7 +50,7 @@ struct dlogit_coefficients {
   struct affine {
     float a, b;
   };
-  CCE_HOST_DEVICE affine non_target(float s) const { return {(ce + extra) * s, -gamma * s}; }
+  CCE_HOST_DEVICE affine non_target(float s) const { return {(ce + extra) * s, -(gamma + baseline) * s}; }
 };
 
 CCE_HOST_DEVICE dlogit_coefficients make_dlogit_coefficients(const loss_terms& t, float g, float lse,

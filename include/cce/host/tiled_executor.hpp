@@ -113,7 +113,7 @@ class tiled_executor {
     if (status s = detail::validate_buffer(saved, saved_size, pl.saved_bytes()); s != status::success) return s;
     if (status s = detail::validate_buffer(workspace, workspace_size, bwd_bytes); s != status::success) return s;
     const detail::saved_buffers sv = pl.carve_saved(const_cast<void*>(saved));
-    const detail::backward_buffers<T> bw = pl.template carve_backward<T>(workspace);
+    detail::backward_buffers<T> bw = pl.template carve_backward<T>(workspace);
     const loss_terms terms = make_terms(p, *sv.class_weight_total);
     const auto label = labels(p);
     const dense_inputs x = densify(p);
@@ -133,6 +133,9 @@ class tiled_executor {
       }
       bw.coef[row] = rc;
     }
+    // Over the whole vocabulary only: a shard's tile maxima do not bound the other shards' probabilities.
+    if (pl.baseline && p.total_classes() == p.v) take_baselines(p, x, pl, sv, bw.baseline, bw.coef);
+    else bw.baseline = {};
     if (p.has_lora()) {
       lora_project(p, bw.lora_p);
       std::fill(bw.lora_q, bw.lora_q + p.n * p.lora.rank, 0.f);
@@ -158,8 +161,8 @@ class tiled_executor {
         compute_dz(p, x, s, pl, sv, bw, pb, 0, p.n, counts);
         if (p.has_lora()) lora_accumulate_q(p, s, pl, bw, pb, 0, p.n);
         if (out.de) de_update(p, s, pl, bw, pb, out, ld_de, 0, p.n, ch == 0, ch + 1 == chunks);
-        if (out.dc) dc_update(p, x, s, pl, pb, out, ld_dc, 0, p.n, true, true);
-        if (out.dbias) dbias_update(s, pl, pb, out);
+        if (out.dc) dc_update(p, x, s, pl, bw, pb, out, ld_dc, 0, p.n, true, true);
+        if (out.dbias) dbias_update(s, pl, bw, pb, out);
         if (out.db) db_update(p, s, pl, bw, pb, out, 0, p.n, true, true);
       }
     } else {
@@ -181,10 +184,10 @@ class tiled_executor {
           const std::int64_t rows = std::min(dc.shape.rows, p.n - r0);
           const bool first = r0 == 0, last = r0 + rows == p.n;
           compute_dz(p, x, s, pl, sv, bw, dc, r0, rows, nullptr);
-          if (out.dc) dc_update(p, x, s, pl, dc, out, ld_dc, r0, rows, first, last);
+          if (out.dc) dc_update(p, x, s, pl, bw, dc, out, ld_dc, r0, rows, first, last);
           if (out.db) db_update(p, s, pl, bw, dc, out, r0, rows, first, last);
         }
-        if (out.dbias) dbias_update(s, pl, dc, out);
+        if (out.dbias) dbias_update(s, pl, bw, dc, out);
       }
     }
     if (out.da) da_update(p, bw, out);
@@ -473,6 +476,36 @@ class tiled_executor {
     }
   }
 
+  // The near-uniform rows' baseline (row_loss.hpp, as kernel/portable/uniform_baseline.cuh computes it): the rows
+  // whose row tile's largest tile max bounds every probability by (1 + tolerance) / V, their baseline on the
+  // draw's scale (0 for the other rows), the column sums of C and, for all rows, of row_scale[i] e_i and row_scale.
+  void take_baselines(const problem<T>& p, const dense_inputs& x, const detail::plan& pl,
+                      const detail::saved_buffers& sv, const detail::uniform_baseline_buffers& b,
+                      detail::row_coefficients* coef) const {
+    const tile::tile_grid& g = pl.grid;
+    const auto uniform = filter::near_uniform::make(filter::uniform_tolerance_of<T>(opt_), p.total_classes());
+    for (std::int64_t rt = 0; rt < g.row_tiles(); ++rt) {
+      float m = -detail::inf_f();
+      for (std::int64_t ct = 0; ct < g.col_tiles(); ++ct) m = detail::max_f(m, sv.tile_max[rt * g.col_tiles() + ct]);
+      for (std::int64_t row = g.row_begin(rt); row < g.row_begin(rt) + g.rows_in(rt); ++row) {
+        detail::row_coefficients& rc = coef[row];
+        if (rc.kept && uniform.holds(m - rc.lse))
+          rc.dz.baseline = (rc.dz.ce + rc.dz.extra) * (1.f / float(p.total_classes()));
+        b.row_scale[row] = rc.dz.baseline / opt_.temperature;
+      }
+    }
+    for (std::int64_t d = 0; d <= p.d; ++d) {
+      float classes = 0.f, rows = 0.f;
+      if (d < p.d) {
+        for (std::int64_t c = 0; c < p.v; ++c) classes += x.c[std::size_t(c * p.d + d)];
+        b.class_sum[d] = classes;
+      }
+      for (std::int64_t row = 0; row < p.n; ++row)
+        rows += b.row_scale[row] * (d < p.d ? x.e[std::size_t(row * p.d + d)] : 1.f);
+      b.row_sums[d] = rows;
+    }
+  }
+
   // May tile (rt, ct) be skipped? Only rows that contribute count; target tiles and smoothing are never skipped.
   // The unsorted walk decides from the forward's tile max before computing anything; the sorted walk computes the
   // tile into `z` first (`computed`) and applies the same predicate to its max logit over the kept rows.
@@ -481,18 +514,19 @@ class tiled_executor {
                    std::int64_t ct, std::vector<float>& z, bool& computed) const {
     const tile::tile_grid& g = pl.grid;
     float min_floor = detail::inf_f();
-    bool any = false;
+    bool any = false, near_uniform = true;
     for (std::int64_t r = 0; r < g.rows_in(rt); ++r) {
       const detail::row_coefficients& rc = bw.coef[g.row_begin(rt) + r];
       if (!rc.kept) continue;
       any = true;
       if (rc.target >= g.col_begin(ct) && rc.target < g.col_begin(ct) + g.cols_in(ct)) return true;
       min_floor = detail::min_f(min_floor, rc.lse_others);
+      near_uniform = near_uniform && rc.dz.baseline != 0.f;
     }
     if (!any) return false;
     if (!pl.filter || opt_.label_smoothing != 0.f) return true;
-    const float eps = opt_.filter == filter_mode::threshold ? opt_.filter_eps : filter::auto_eps<T>();
-    const auto f = filter::mass_threshold::make(eps, g.bn, detail::filter_tiles(g, p.total_classes()));
+    if (near_uniform) return false;  // only the rows' deviations from their baseline
+    const auto f = filter::mass_threshold::make(filter::eps_of<T>(opt_), g.bn, detail::filter_tiles(g, p.total_classes()));
     if (!pl.sort) return !f.skip(sv.tile_max[rt * g.col_tiles() + ct] - min_floor);
     tile_logits(p, x, s, bw.lora_p, g, rt, ct, z);
     computed = true;
@@ -595,17 +629,18 @@ class tiled_executor {
           for (std::int64_t k = 0; k < p.lora.rank; ++k) l += bw.lora_q[row * p.lora.rank + k] * load(p.lora.a, k * p.a_stride() + d);
           a += p.lora.scale * l;
         }
+        if (last && bw.baseline.row_scale) a += bw.baseline.row_scale[row] * bw.baseline.class_sum[d];
         accumulate_out(a, pb.acc, pb.comp, (row - r0) * p.d + d, out.de,
                        row * ld + d, first, last);
       }
     }
   }
 
-  // dC of the slice's classes (+)= dZ^T E[rows].
+  // dC of the slice's classes (+)= dZ^T E[rows] (+ the baseline's share on the last row block).
   template <class G>
   void dc_update(const problem<T>& p, const dense_inputs& x, const vocab_slice& s, const detail::plan& pl,
-                 const detail::pass_buffers<T>& pb, const gradients<G>& out, std::int64_t ld, std::int64_t r0,
-                 std::int64_t rows, bool first, bool last) const {
+                 const detail::backward_buffers<T>& bw, const detail::pass_buffers<T>& pb, const gradients<G>& out,
+                 std::int64_t ld, std::int64_t r0, std::int64_t rows, bool first, bool last) const {
     const std::int64_t v0 = s.v0, cols = s.cols;
     std::vector<float> acc(std::size_t(p.d));
     for (std::int64_t col = v0; col < v0 + cols; ++col) {
@@ -616,6 +651,7 @@ class tiled_executor {
         for (std::int64_t d = 0; d < p.d; ++d) acc[std::size_t(d)] += dz * er[d];
       }
       for (std::int64_t d = 0; d < p.d; ++d) {
+        if (last && bw.baseline.row_scale) acc[std::size_t(d)] += bw.baseline.row_sums[d];
         accumulate_out(acc[std::size_t(d)], first && last ? nullptr : pb.acc, pb.comp, (col - v0) * p.d + d, out.dc,
                        s.class_of(col) * ld + d, first, last);
       }
@@ -624,10 +660,10 @@ class tiled_executor {
 
   // dBias_chunk = sum over all row tiles of the dZ kernel's column partials, in row-tile order.
   template <class G>
-  void dbias_update(const vocab_slice& s, const detail::plan& pl, const detail::pass_buffers<T>& pb,
-                    const gradients<G>& out) const {
+  void dbias_update(const vocab_slice& s, const detail::plan& pl, const detail::backward_buffers<T>& bw,
+                    const detail::pass_buffers<T>& pb, const gradients<G>& out) const {
     for (std::int64_t c = 0; c < s.cols; ++c) {
-      float sum = 0.f;
+      float sum = bw.baseline.row_scale ? bw.baseline.row_sums[pl.d] : 0.f;
       for (std::int64_t rt = 0; rt < pl.grid.row_tiles(); ++rt) sum += pb.dbias_partial[rt * pb.shape.cols + c];
       const std::int64_t o = s.class_of(s.v0 + c);
       out.dbias[o] = store_as<G>((opt_.accumulate ? load_g(out.dbias, o) : 0.f) + sum);

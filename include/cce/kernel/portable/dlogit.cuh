@@ -43,11 +43,13 @@ struct dlogit_params {
   float* dbias_partial = nullptr;          // row_tiles x chunk_cols (absolute row tile), or null
 };
 
-// What a tile's rows say about it: whether any row carries gradient, whether a target lies in its columns, and
-// the smallest non-target log-sum-exp of those rows (the filter's reference). Every thread gets the same answer.
+// What a tile's rows say about it: whether any row carries gradient, whether a target lies in its columns, whether
+// every row with gradient takes the near-uniform baseline, and the smallest non-target log-sum-exp of those rows
+// (the filter's reference). Every thread gets the same answer.
 struct tile_rows {
   bool kept = false;
   bool target = false;
+  bool near_uniform = false;
   float min_floor = 0.f;
 };
 
@@ -59,12 +61,13 @@ __device__ __forceinline__ tile_rows tile_row_summary(const row_coefficients* co
   __shared__ int warp_flags[warps];
   const std::int64_t c0 = g.col_begin(ct), c1 = c0 + g.cols_in(ct);
   float my_min = inf_f();
-  int flags = 0;  // bit 0: a row carries gradient; bit 1: a target lies in the tile
+  int flags = 0;  // bit 0: a row carries gradient; bit 1: a target lies in the tile; bit 2: a row has no baseline
   for (std::int64_t r = threadIdx.x; r < g.rows_in(rt); r += Threads) {
     const row_coefficients& rc = coef[g.row_begin(rt) + r];
     if (!rc.kept) continue;
     flags |= 1;
     if (rc.target >= c0 && rc.target < c1) flags |= 2;
+    if (rc.dz.baseline == 0.f) flags |= 4;
     my_min = min_f(my_min, rc.lse_others);
   }
 #pragma unroll
@@ -85,11 +88,12 @@ __device__ __forceinline__ tile_rows tile_row_summary(const row_coefficients* co
     flags |= warp_flags[w];
   }
   __syncthreads();  // the arrays may be rewritten by the next call
-  return {(flags & 1) != 0, (flags & 2) != 0, min_floor};
+  return {(flags & 1) != 0, (flags & 2) != 0, (flags & 5) == 1, min_floor};
 }
 
 // Does tile (rt, ct) contribute? Rows that carry no gradient do not count; a tile holding a target is kept, and
-// so is every tile when the filter is off. Every thread returns the same answer.
+// so is every tile when the filter is off; without a target, a tile whose rows all take the near-uniform baseline
+// holds only their deviations from it and is skipped. Every thread returns the same answer.
 template <int Threads>
 __device__ __forceinline__ bool tile_is_active(const row_coefficients* coef, const tile::tile_grid& g,
                                                std::int64_t rt, std::int64_t ct, const float* tile_max,
@@ -97,6 +101,7 @@ __device__ __forceinline__ bool tile_is_active(const row_coefficients* coef, con
   const tile_rows t = tile_row_summary<Threads>(coef, g, rt, ct);
   if (!t.kept) return false;
   if (t.target || tile_max == nullptr) return true;
+  if (t.near_uniform) return false;
   // NaN in either operand makes the comparison false: the tile is kept.
   return !filter.skip(tile_max[rt * g.col_tiles() + ct] - t.min_floor);
 }

@@ -85,13 +85,22 @@ struct grad_gemm_params {
   const T* lora_a = nullptr;
   std::int64_t rank = 0, lda = 0;
   float lora_scale = 0.f;
+  // The near-uniform rows' baseline (uniform_baseline.cuh), on the last contribution: out += s_i t (t: N values,
+  // s: M values, null for all 1).
+  const float* baseline_rows = nullptr;
+  const float* baseline_term = nullptr;
+
+  __device__ __forceinline__ float baseline(std::int64_t row, std::int64_t col) const {
+    return (baseline_rows ? baseline_rows[row] : 1.f) * baseline_term[col];
+  }
 };
 
 // Folds elements x[0..Count) of row `row`, columns col0.., of the product into the output: carried in fp32
-// (optionally compensated) until the last contribution, which adds the low-rank term and writes G (adding to what is
-// there when gradients accumulate). What the output step reads is loaded first, by load(): the compiler has to
-// assume that the carry, its compensation and the output may alias, so code that loads each element right before
-// storing it would wait for every load in turn; loading several runs before storing them overlaps the waits.
+// (optionally compensated) until the last contribution, which adds the low-rank and baseline terms and writes G
+// (adding to what is there when gradients accumulate). What the output step reads is loaded first, by load(): the
+// compiler has to assume that the carry, its compensation and the output may alias, so code that loads each element
+// right before storing it would wait for every load in turn; loading several runs before storing them overlaps the
+// waits.
 template <int Count, class G>
 struct gradient_run {
   float carried[Count], comp[Count], prev[Count];
@@ -143,6 +152,7 @@ struct gradient_run {
           l += prm.lora_q[row * prm.rank + r] * to_float(prm.lora_a[r * prm.lda + col0 + q]);
         total += prm.lora_scale * l;
       }
+      if (prm.baseline_term) total += prm.baseline(row, col0 + q);
       if constexpr (std::is_same_v<G, float>) out[q] = prev[q] + total;
       else out[q] = from_float<G>(prev[q] + total);
     }

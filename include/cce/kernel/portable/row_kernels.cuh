@@ -15,6 +15,7 @@
 #include <cce/epilogue/row_loss.hpp>
 #include <cce/epilogue/row_output.hpp>
 #include <cce/epilogue/shard_stats.hpp>
+#include <cce/filter/predicates.hpp>
 #include <cce/options.hpp>
 #include <cce/problem.hpp>
 #include <cce/status.hpp>
@@ -170,6 +171,15 @@ struct coefficient_params {
   const float* lse_others = nullptr;
   float smoothing = 0.f, z_loss = 0.f, inv_classes = 0.f;
   row_coefficients* coef = nullptr;
+  // The baseline of near-uniform rows, when planned (row_scale not null): row i's tile maxima peak at
+  // block_max[(first_row + i) / bm].
+  const float* block_max = nullptr;
+  std::int64_t first_row = 0;
+  int bm = 1;
+  filter::near_uniform uniform{};
+  float inv_temperature = 1.f;
+  float* row_scale = nullptr;  // N, from first_row
+  int* baseline_state = nullptr;
 };
 
 template <class = void>
@@ -188,18 +198,26 @@ __global__ void coefficients_kernel(const __grid_constant__ coefficient_params p
                                      -exp_f(rc.lse_others - rc.lse));
     rc.target = prm.labels.column(lab);  // the -1 of p - onehot only in the shard that holds the target
     rc.kept = true;
+    // NaN in either operand makes the comparison false: no baseline.
+    if (prm.row_scale && prm.uniform.holds(prm.block_max[(prm.first_row + row) / prm.bm] - rc.lse)) {
+      rc.dz.baseline = (rc.dz.ce + rc.dz.extra) * prm.inv_classes;
+      *prm.baseline_state = 1;
+    }
   }
+  if (prm.row_scale) prm.row_scale[row] = rc.dz.baseline * prm.inv_temperature;
   prm.coef[row] = rc;
 }
 
 // dBias[v0 + c] (+)= sum over row tiles of the partial column sums, in row-tile order. With `classes` (the
 // sorted walk) the sum of column c goes to dBias[classes[c]] instead, `out` being dBias itself.
+// `every_class`, when given, is added to each class (the near-uniform rows' baselines, uniform_baseline.cuh).
 template <class G>
 __global__ void dbias_kernel(const float* partial, std::int64_t row_tiles, std::int64_t ld, std::int64_t cols,
-                             bool accumulate, G* out, const std::int32_t* classes = nullptr) {
+                             bool accumulate, G* out, const std::int32_t* classes = nullptr,
+                             const float* every_class = nullptr) {
   const std::int64_t c = std::int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= cols) return;
-  float s = 0.f;
+  float s = every_class ? *every_class : 0.f;
   for (std::int64_t rt = 0; rt < row_tiles; ++rt) s += partial[rt * ld + c];
   G* o = out + (classes ? std::int64_t(classes[c]) : c);
   float prev = 0.f;

@@ -139,7 +139,7 @@ __device__ __forceinline__ bool vector_runs(const grad_gemm_params<T, G, KTile>&
     return reinterpret_cast<std::uintptr_t>(ptr) % bytes == 0;
   };
   return p.comp == nullptr && p.rank == 0 && p.n % 4 == 0 && p.ld_out % 4 == 0 && aligned(p.acc, 16) &&
-         aligned(p.out, 4 * sizeof(G));
+         aligned(p.out, 4 * sizeof(G)) && aligned(p.baseline_term, 16);
 }
 
 // gradient_run's contract (load what the store needs first, then fold 4 columns into the carry or the output)
@@ -162,8 +162,14 @@ struct vector_run {
       *reinterpret_cast<float4*>(p.acc + row * p.n + col0) = sum;
       return;
     }
+    float4 total = sum;
+    if (p.baseline_term) {
+      const float s = p.baseline_rows ? p.baseline_rows[row] : 1.f;
+      const float4 t = *reinterpret_cast<const float4*>(p.baseline_term + col0);
+      total = make_float4(sum.x + s * t.x, sum.y + s * t.y, sum.z + s * t.z, sum.w + s * t.w);
+    }
     store4(gradient_run<4, G>::output(p, row, col0),
-           make_float4(prev.x + sum.x, prev.y + sum.y, prev.z + sum.z, prev.w + sum.w));
+           make_float4(prev.x + total.x, prev.y + total.y, prev.z + total.z, prev.w + total.w));
   }
 
  private:
@@ -233,14 +239,36 @@ struct grad_tile {
   __device__ __forceinline__ bool operator()(int kb) const { return active(std::int64_t(kb) * grad_gemm_shape::bk); }
 };
 
+// The baseline term of grad_gemm_params into the thread's accumulators of the tile at (row0, col0).
+template <class T, class G, int KTile>
+__device__ __forceinline__ void add_baseline(const grad_gemm_params<T, G, KTile>& p, float (&acc)[128], int cw,
+                                             int lane, std::int64_t row0, std::int64_t col0) {
+  const accumulator_origin origin(cw, lane);
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const std::int64_t row = row0 + origin.row + 8 * r;
+    if (row >= p.m) continue;
+    const float s = p.baseline_rows ? p.baseline_rows[row] : 1.f;
+#pragma unroll
+    for (int j = 0; j < 32; ++j)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const std::int64_t col = col0 + origin.col + 8 * j + e;
+        if (col < p.n) acc[4 * j + 2 * r + e] += s * p.baseline_term[col];
+      }
+  }
+}
+
 // The TMA epilogue of a tile of `prm` (prm.tma != none), staged in `staged`.
 template <std::uint32_t StagingBytes, class T, class G>
 __device__ __forceinline__ void tma_epilogue(const grad_gemm_params_sm90<T, G>& prm, const grad_tile& t,
-                                             unsigned char* staged, const float (&acc)[128], int cw, int lane) {
-  if (prm.tma == tma_write::carry)
+                                             unsigned char* staged, float (&acc)[128], int cw, int lane) {
+  if (prm.tma == tma_write::carry) {
     tma_store_tile<float, StagingBytes>(&prm.out_map, staged, acc, cw, lane, t.row0(), t.col0(), !prm.base.first);
-  else
+  } else {
+    if (prm.base.baseline_term) add_baseline(prm.base, acc, cw, lane, t.row0(), t.col0());
     tma_store_tile<G, StagingBytes>(&prm.out_map, staged, acc, cw, lane, t.row0(), t.col0(), prm.base.accumulate);
+  }
 }
 
 // Output tile `tile` (in launch order) of the product `prm`, by the whole CTA.
