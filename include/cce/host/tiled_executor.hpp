@@ -526,7 +526,8 @@ class tiled_executor {
     if (!any) return false;
     if (!pl.filter || opt_.label_smoothing != 0.f) return true;
     if (near_uniform) return false;  // only the rows' deviations from their baseline
-    const auto f = filter::mass_threshold::make(filter::eps_of<T>(opt_), g.bn, detail::filter_tiles(g, p.total_classes()));
+    const auto f =
+        filter::mass_threshold::make(filter::eps_of<T>(opt_), g.bn, detail::filter_tiles(g, p.total_classes()));
     if (!pl.sort) return !f.skip(sv.tile_max[rt * g.col_tiles() + ct] - min_floor);
     tile_logits(p, x, s, bw.lora_p, g, rt, ct, z);
     computed = true;
