@@ -93,7 +93,7 @@ struct uniform_baseline_buffers {
   float* block_max = nullptr;   // row_tiles: the largest tile max of each row tile
   float* class_sum = nullptr;   // D: sum of the classifier rows, once a row is near-uniform (0 until then)
   float* row_sums = nullptr;    // D + 1: sum of row_scale[i] e_i over the rows a product covers, then of row_scale
-  float* partial = nullptr;     // baseline_splits x (D + 1): class_sum or row_sums per split of their rows
+  float* partial = nullptr;     // max_baseline_splits x (D + 1): class_sum or row_sums per split of their rows
   int* state = nullptr;         // 2: [0] a near-uniform row was seen, [1] class_sum holds the column sums
 };
 
@@ -156,7 +156,7 @@ struct plan {
   std::size_t elem_bytes = 2;
   int sm_count = 1;              // of the device planned for: persistent grids take one CTA per SM
   static constexpr int finalise_threads = 256;
-  static constexpr std::int64_t baseline_splits = 64;  // most row splits of the baseline's column sums
+  static constexpr std::int64_t max_baseline_splits = 64;  // row splits of the baseline's column sums, at most
 
   std::int64_t finalise_blocks() const { return ceil_div(n, finalise_threads); }
   std::int64_t chunks(const pass_shape& s) const { return ceil_div(v, s.cols); }
@@ -226,7 +226,7 @@ struct plan {
     b.block_max = c.take<float>(grid.row_tiles());
     b.class_sum = c.take<float>(d);
     b.row_sums = c.take<float>(d + 1);
-    b.partial = c.take<float>(baseline_splits * (d + 1));
+    b.partial = c.take<float>(max_baseline_splits * (d + 1));
     b.state = c.take<int>(2);
     return b;
   }

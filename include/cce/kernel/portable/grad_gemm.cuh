@@ -90,8 +90,11 @@ struct grad_gemm_params {
   const float* baseline_rows = nullptr;
   const float* baseline_term = nullptr;
 
+  __device__ __forceinline__ float baseline_scale(std::int64_t row) const {
+    return baseline_rows ? baseline_rows[row] : 1.f;
+  }
   __device__ __forceinline__ float baseline(std::int64_t row, std::int64_t col) const {
-    return (baseline_rows ? baseline_rows[row] : 1.f) * baseline_term[col];
+    return baseline_scale(row) * baseline_term[col];
   }
 };
 

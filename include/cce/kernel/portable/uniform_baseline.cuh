@@ -38,7 +38,7 @@ enum class baseline_sum : int { classes, rows };
 // Rows the baseline's column sums add per split: the split count follows from the row count alone.
 inline constexpr std::int64_t baseline_rows_per_split = 512;
 inline std::int64_t baseline_splits(std::int64_t rows) {
-  return std::clamp<std::int64_t>(ceil_div(rows, baseline_rows_per_split), 1, plan::baseline_splits);
+  return std::clamp<std::int64_t>(ceil_div(rows, baseline_rows_per_split), 1, plan::max_baseline_splits);
 }
 
 // partial[split][col] = sum over the split's rows i of weight_i x[i][col] (col < d), and of weight_i at col = d.

@@ -164,7 +164,7 @@ struct vector_run {
     }
     float4 total = sum;
     if (p.baseline_term) {
-      const float s = p.baseline_rows ? p.baseline_rows[row] : 1.f;
+      const float s = p.baseline_scale(row);
       const float4 t = *reinterpret_cast<const float4*>(p.baseline_term + col0);
       total = make_float4(sum.x + s * t.x, sum.y + s * t.y, sum.z + s * t.z, sum.w + s * t.w);
     }
@@ -248,7 +248,7 @@ __device__ __forceinline__ void add_baseline(const grad_gemm_params<T, G, KTile>
   for (int r = 0; r < 2; ++r) {
     const std::int64_t row = row0 + origin.row + 8 * r;
     if (row >= p.m) continue;
-    const float s = p.baseline_rows ? p.baseline_rows[row] : 1.f;
+    const float s = p.baseline_scale(row);
 #pragma unroll
     for (int j = 0; j < 32; ++j)
 #pragma unroll
