@@ -34,7 +34,8 @@ struct options {
   filter_mode filter = filter_mode::automatic;
   float filter_eps = 0.f;       // used with filter_mode::threshold
   // With the filter on, rows whose every probability is at most (1 + tolerance) / V take 1/V as a baseline and the
-  // filter skips their deviations from it (docs/api.md). 0: tolerance = eps / 2, which keeps the filter's bound;
+  // filter skips their deviations from it (docs/api.md; with a softcap the test is stricter, filter/predicates.hpp).
+  // 0: tolerance = eps / 2, which keeps the filter's bound;
   // larger values (1/16) also cover softmaxes that are only nearly flat, with an error the bound does not cover.
   float uniform_tolerance = 0.f;
   accumulation accum = accumulation::fp32;

@@ -117,11 +117,12 @@ TEST_CASE("tiled executor: the design's relative tolerances on every data regime
 
 // Near-uniform rows (options::uniform_tolerance = 1/16, which the uniform data meets): every tile without a target
 // is skipped, the baseline's share is added back, and the gradients stay within the filter's tolerance, with the
-// per-row terms that enter the baseline (temperature, z-loss, class weights) and the bias. With the default
-// tolerance (eps / 2, which this data does not meet) or a softcap nothing is skipped.
+// per-row terms that enter the baseline (temperature, z-loss, class weights), the bias and a softcap. With the
+// default tolerance (eps / 2, which this data does not meet) or a softcap whose factor strays too far from 1
+// nothing is skipped.
 TEST_CASE("tiled executor: near-uniform rows take a baseline and skip their other tiles", "[executor][filter]") {
   for (std::size_t budget : {std::size_t(0), std::size_t(1)}) {
-    for (int variant = 0; variant < 4; ++variant) {
+    for (int variant = 0; variant < 5; ++variant) {
       test::case_config cfg;
       cfg.n = 72;
       cfg.d = 48;
@@ -134,6 +135,7 @@ TEST_CASE("tiled executor: near-uniform rows take a baseline and skip their othe
       cfg.opts.temperature = variant == 2 ? 0.7f : 1.f;
       cfg.opts.z_loss = variant == 2 ? 1e-2f : 0.f;
       cfg.opts.reduction = variant == 3 ? reduction::none : reduction::mean;
+      cfg.opts.softcap = variant == 4 ? 30.f : 0.f;
       INFO("variant " << variant << " budget " << budget);
       const auto h = test::make_problem<__nv_bfloat16>(cfg);
       const test::case_results r = run_executor<__nv_bfloat16, __nv_bfloat16>(h, budget, true);
@@ -151,9 +153,9 @@ TEST_CASE("tiled executor: near-uniform rows take a baseline and skip their othe
     cfg.v = 300;
     cfg.data = test::regime::uniform;
     cfg.seed = 45;
-    if (variant == 1) {
+    if (variant == 1) {  // |z* - 2| = 2 against cap sqrt(1/16) / 2 = 1
       cfg.opts.uniform_tolerance = 1.f / 16;
-      cfg.opts.softcap = 30.f;
+      cfg.opts.softcap = 8.f;
     }
     const auto h = test::make_problem<__nv_bfloat16>(cfg);
     const test::case_results r = run_executor<__nv_bfloat16, __nv_bfloat16>(h, 0, true);

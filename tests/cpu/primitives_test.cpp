@@ -936,12 +936,36 @@ TEST_CASE("filter::near_uniform: every probability within (1 + tolerance) / V", 
     const filter::near_uniform f = filter::near_uniform::make(tol, v);
     const float log_v = float(std::log(double(v)));
     INFO("V = " << v);
-    CHECK(f.holds(-log_v));                                     // p = 1/V
-    CHECK(f.holds(float(std::log1p(0.9 * tol)) - log_v));       // just inside
-    CHECK_FALSE(f.holds(float(std::log1p(1.1 * tol)) - log_v));  // just outside
-    CHECK_FALSE(f.holds(std::nanf("")));
-    CHECK_FALSE(filter::near_uniform::make(0.f, v).holds(-log_v));  // disabled
+    for (float lse : {-50.f, 0.f, 3.7f, 80.f}) {  // without a softcap only z_max - lse counts
+      CHECK(f.holds(lse - log_v, lse));                                        // p = 1/V
+      CHECK(f.holds(lse + float(std::log1p(0.9 * tol)) - log_v, lse));         // just inside
+      CHECK_FALSE(f.holds(lse + float(std::log1p(1.1 * tol)) - log_v, lse));  // just outside
+    }
+    CHECK_FALSE(f.holds(std::nanf(""), 0.f));
+    CHECK_FALSE(f.holds(0.f, std::nanf("")));
+    CHECK_FALSE(filter::near_uniform::make(0.f, v).holds(-log_v, 0.f));  // disabled
   }
+}
+
+TEST_CASE("filter::near_uniform with a softcap: 3/4 of the tolerance, and a factor near 1 where the mass is",
+          "[primitives][filter]") {
+  const float tol = 1.f / 16, cap = 30.f;  // |z| <= cap sqrt(tol) / 2 = 3.75 over [z* - 2, z_max]
+  const long long v = 50304;
+  const float log_v = float(std::log(double(v)));
+  const filter::near_uniform f = filter::near_uniform::make(tol, v, cap);
+  const auto row = [&](float z_flat, double deviation) {  // z* = lse - log V, z_max = z* + log1p(deviation)
+    return f.holds(z_flat + float(std::log1p(deviation)), z_flat + log_v);
+  };
+  CHECK(row(0.f, 0.0));
+  CHECK(row(0.f, 0.9 * 0.75 * tol));
+  CHECK_FALSE(row(0.f, 1.1 * 0.75 * tol));    // inside the tolerance, outside 3/4 of it
+  CHECK(row(-1.7f, 0.0));                     // z* - 2 = -3.7
+  CHECK_FALSE(row(-1.8f, 0.0));               // z* - 2 = -3.8: the factor drops below 1 - tol / 4 there
+  CHECK(row(3.7f, 0.0));                      // z_max = 3.7
+  CHECK_FALSE(row(3.74f, 0.9 * 0.75 * tol));  // z_max = 3.78
+  CHECK_FALSE(f.holds(std::nanf(""), 0.f));
+  // A cap far above the logits takes a flat row wherever its logits lie.
+  CHECK(filter::near_uniform::make(tol, v, 1e30f).holds(20.f, 20.f + log_v));
 }
 
 TEST_CASE("filter::auto_eps: machine epsilon of the element type / 32", "[primitives][filter]") {

@@ -299,39 +299,49 @@ TEST_CASE("GPU: every data regime at a size with many tiles", "[gpu][regimes]") 
 
 // Near-uniform rows take the baseline 1/V (options::uniform_tolerance = 1/16, which the uniform data meets): every
 // tile without a target is skipped, in both operating points on both kernel paths, and the baseline's share is
-// added back (dE, dC, dBias). The logit-keeping loss_and_grad adds it per row block (two blocks here), the
-// classifier's column sums once.
+// added back (dE, dC, dBias), with and without a softcap (whose factor scales the draws, not the baseline; its rows
+// qualify at 3/4 of the tolerance, so there 1/8, above the bias's spread). The logit-keeping loss_and_grad adds it
+// per row block (two blocks here), the classifier's column sums once.
 TEST_CASE("GPU: near-uniform rows take a baseline and skip their other tiles", "[gpu][baseline]") {
   for (bool hopper : {true, false}) {
     for (std::size_t budget : {std::size_t(0), std::size_t(1)}) {
-      test::case_config cfg;
-      cfg.n = 200;
-      cfg.d = 256;
-      cfg.v = 32000;
-      cfg.data = test::regime::uniform;
-      cfg.seed = 19;
-      cfg.bias = true;
-      cfg.opts.uniform_tolerance = 1.f / 16;
-      cfg.opts.hopper_kernels = hopper;
-      INFO("hopper " << hopper << " budget " << budget);
-      const auto h = test::make_problem<__nv_bfloat16>(cfg);
-      const test::case_results r = run_device<__nv_bfloat16, __nv_bfloat16>(h, budget);
-      test::check_case<__nv_bfloat16, __nv_bfloat16>(h, r, true, test::gradient_check::relative);
-      // 2 row tiles x 250 class tiles of 128; the 200 targets lie in at most 200 of them.
-      CHECK(r.filter_tiles[0] + r.filter_tiles[1] == 2 * 250);
-      CHECK(r.filter_tiles[0] <= 200);
+      for (float softcap : {0.f, 30.f}) {
+        test::case_config cfg;
+        cfg.n = 200;
+        cfg.d = 256;
+        cfg.v = 32000;
+        cfg.data = test::regime::uniform;
+        cfg.seed = 19;
+        cfg.bias = true;
+        cfg.opts.uniform_tolerance = softcap > 0.f ? 1.f / 8 : 1.f / 16;
+        cfg.opts.hopper_kernels = hopper;
+        cfg.opts.softcap = softcap;
+        INFO("hopper " << hopper << " budget " << budget << " softcap " << softcap);
+        const auto h = test::make_problem<__nv_bfloat16>(cfg);
+        const test::case_results r = run_device<__nv_bfloat16, __nv_bfloat16>(h, budget);
+        test::check_case<__nv_bfloat16, __nv_bfloat16>(h, r, true, test::gradient_check::relative);
+        // 2 row tiles x 250 class tiles of 128; the 200 targets lie in at most 200 of them.
+        CHECK(r.filter_tiles[0] + r.filter_tiles[1] == 2 * 250);
+        CHECK(r.filter_tiles[0] <= 200);
+      }
     }
   }
-  test::case_config cfg;
-  cfg.n = 1500;
-  cfg.d = 128;
-  cfg.v = 6000;
-  cfg.data = test::regime::uniform;
-  cfg.seed = 23;
-  cfg.bias = true;
-  cfg.class_weights = true;
-  cfg.opts.uniform_tolerance = 1.f / 16;
-  run_loss_and_grad_case<__nv_bfloat16, __nv_bfloat16>(cfg, 1024, test::gradient_check::relative);
+  for (float softcap : {0.f, 30.f}) {
+    test::case_config cfg;
+    cfg.n = 1500;
+    cfg.d = 128;
+    cfg.v = 6000;
+    cfg.data = test::regime::uniform;
+    cfg.seed = 23;
+    cfg.bias = true;
+    cfg.class_weights = softcap == 0.f;  // the general draw; with the softcap the common one
+    cfg.opts.uniform_tolerance = softcap > 0.f ? 1.f / 8 : 1.f / 16;
+    cfg.opts.softcap = softcap;
+    INFO("softcap " << softcap);
+    const test::case_results r =
+        run_loss_and_grad_case<__nv_bfloat16, __nv_bfloat16>(cfg, 1024, test::gradient_check::relative);
+    CHECK(r.filter_tiles[1] > 0);  // most of the 47 class tiles hold a target of each 128-row tile; not all
+  }
 }
 
 // Minimal mode's two passes take their own blocks: over a range of budgets the plans carry dE across chunks, carry

@@ -23,6 +23,8 @@ CCE_HOST_DEVICE float exp_f(float x) { return std::exp(x); }
 CCE_HOST_DEVICE float log_f(float x) { return std::log(x); }
 CCE_HOST_DEVICE float log1p_f(float x) { return std::log1p(x); }
 CCE_HOST_DEVICE float tanh_f(float x) { return std::tanh(x); }
+CCE_HOST_DEVICE float sqrt_f(float x) { return std::sqrt(x); }
+CCE_HOST_DEVICE float abs_f(float x) { return std::fabs(x); }
 
 CCE_HOST_DEVICE constexpr std::int64_t ceil_div(std::int64_t a, std::int64_t b) { return (a + b - 1) / b; }
 CCE_HOST_DEVICE constexpr std::int64_t round_up(std::int64_t a, std::int64_t b) { return ceil_div(a, b) * b; }

@@ -361,11 +361,10 @@ plan plan_operating_point(std::int64_t n, std::int64_t d, std::int64_t v, std::i
   p.bias = bias;
   p.kahan = opt.accum == accumulation::kahan;
   p.sort = opt.vocab_sort;
-  // The baseline's share is added for every class through C's column sums: not with a softcap (its derivative
-  // differs per logit), the low-rank head (its classifier is C + s B A), smoothing (no filter) or the sorted walk
-  // (whose tiles are decided from the recomputed logits); nor with one class tile, which holds every target.
-  p.baseline = p.filter && opt.softcap == 0.f && opt.label_smoothing == 0.f && rank == 0 && !opt.vocab_sort &&
-               p.grid.col_tiles() > 1;
+  // The baseline's share is added for every class through C's column sums: not with the low-rank head (its
+  // classifier is C + s B A), smoothing (no filter) or the sorted walk (whose tiles are decided from the recomputed
+  // logits); nor with one class tile, which holds every target.
+  p.baseline = p.filter && opt.label_smoothing == 0.f && rank == 0 && !opt.vocab_sort && p.grid.col_tiles() > 1;
   p.weights = weights;
   p.sort_temp = opt.vocab_sort ? std::max<std::size_t>(sort_temp, 1) : 0;  // a null scratch means a size query
   p.mean_splits = std::clamp<std::int64_t>(ceil_div(n, mean_rows_per_split), 1, 64);

@@ -461,7 +461,7 @@ class portable_path {
       cp.block_max = bw.baseline.block_max;
       cp.first_row = r0;
       cp.bm = pl_.grid.bm;
-      cp.uniform = filter::near_uniform::make(filter::uniform_tolerance_of<T>(o_), p_.total_classes());
+      cp.uniform = filter::near_uniform_of<T>(o_, p_.total_classes());
       cp.inv_temperature = 1.f / o_.temperature;
       cp.row_scale = bw.baseline.row_scale + r0;
       cp.baseline_state = bw.baseline.state;

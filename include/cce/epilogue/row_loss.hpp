@@ -8,10 +8,10 @@
 // The cross-entropy term keeps its own factor, and the target's p_y - 1 comes in precomputed from the non-target
 // mass (-exp(lse_others - lse)): when p_y is near 1 both nll and p_y - 1 are tiny, and forming them by subtracting
 // rounded lse and z_y would leave only rounding error.
-// A near-uniform row (filter/predicates.hpp) draws dz_v - baseline, baseline = (ce + extra) / V: the tiles without
-// its target then hold only the softmax's deviation from 1/V, which the filter may skip, and the products add the
-// baseline's share back for every class (baseline times the column sums of C into dE, the rows' baselines times E
-// into every class of dC).
+// A near-uniform row (filter/predicates.hpp) draws dz_v f_v - baseline, baseline = (ce + extra) / V, f_v the
+// softcap's factor of dz/draw (1 without softcap): the tiles without its target then hold only the softmax's
+// deviation from 1/V, which the filter may skip, and the products add the baseline's share back for every class
+// (baseline times the column sums of C into dE, the rows' baselines times E into every class of dC).
 #pragma once
 
 #include <cce/detail/math.hpp>
@@ -41,16 +41,23 @@ struct dlogit_coefficients {
   float target_residual = 0.f;  // p_y - 1
   float baseline = 0.f;         // (ce + extra) / V for a near-uniform row, else 0
 
+  // dz_v without the baseline.
   CCE_HOST_DEVICE float operator()(float p, bool is_target, float class_weight) const {
-    return ce * (is_target ? target_residual : p) + extra * p - gamma * class_weight - baseline;
+    return ce * (is_target ? target_residual : p) + extra * p - gamma * class_weight;
+  }
+  // What the products take for class v: dz_v times the logit's derivative dz/draw = f_v / T, less the baseline's
+  // share baseline / T.
+  CCE_HOST_DEVICE float draw(float p, bool is_target, float class_weight, float derivative,
+                             float inv_temperature) const {
+    return (*this)(p, is_target, class_weight) * derivative - baseline * inv_temperature;
   }
 
-  // The common case in two coefficients: at a class that is not the target, of weight 1, and scaled by s (the
-  // constant factor of dz/draw), the value is a p + b.
+  // The common case in three coefficients: at a class that is not the target, of weight 1, with the derivative's
+  // constant factor s = 1/T, the draw is (a p + b) f + c (f the softcap's factor), or a p + (b + c) without softcap.
   struct affine {
-    float a, b;
+    float a, b, c;
   };
-  CCE_HOST_DEVICE affine non_target(float s) const { return {(ce + extra) * s, -(gamma + baseline) * s}; }
+  CCE_HOST_DEVICE affine non_target(float s) const { return {(ce + extra) * s, -gamma * s, -baseline * s}; }
 };
 
 CCE_HOST_DEVICE dlogit_coefficients make_dlogit_coefficients(const loss_terms& t, float g, float lse,

@@ -36,16 +36,33 @@ struct mass_threshold {
 // A row is near-uniform when every probability is at most (1 + tolerance) / V: then its deviations from the
 // baseline 1/V add up to at most 2 tolerance in absolute value (they sum to zero, and the positive ones are each
 // under tolerance / V), and the filter may skip them in every tile without a target (docs/api.md). With tolerance
-// eps / 2 that is the mass bound's guarantee. Callers pass log(p_max) = (max logit over the row's tiles) - lse.
+// eps / 2 that is the mass bound's guarantee.
+// With a softcap a class draws p_v f_v - 1/V, f_v = 1 - (z_v / cap)^2 (cap = k / T, where z saturates), and what
+// a skipped class drops is (p_v - 1/V) f_v - (1 - f_v) p_v. The row then qualifies at 3/4 of the tolerance, and
+// where p_v >= e^-2 / V, that is z_v in [z* - 2, z_max] with z* = lse - log V, f_v must stay above
+// 1 - tolerance / 4: the classes below e^-2 / V number under 3/4 tolerance V / (1 - e^-2) (their deviations are
+// negative, and those sum to under 3/4 tolerance) and hold under 0.12 tolerance of mass, so the total stays under
+// 2 tolerance.
 struct near_uniform {
-  float log_bound = -detail::inf_f();  // log((1 + tolerance) / V)
+  float log_bound = -detail::inf_f();  // log((1 + tolerance') / V), tolerance' = 3/4 tolerance with a softcap
+  float log_classes = 0.f;             // log V
+  float z_bound = detail::inf_f();     // |z| <= cap sqrt(tolerance) / 2 keeps f >= 1 - tolerance / 4
 
-  CCE_HOST_DEVICE static near_uniform make(float tolerance, long long classes) {
+  // `cap`: the logits' saturation k / T with a softcap, infinite without.
+  CCE_HOST_DEVICE static near_uniform make(float tolerance, long long classes, float cap = detail::inf_f()) {
     near_uniform f;
-    if (tolerance > 0.f) f.log_bound = detail::log1p_f(tolerance) - detail::log_f(float(classes));
+    if (!(tolerance > 0.f)) return f;
+    const bool capped = cap < detail::inf_f();
+    f.log_classes = detail::log_f(float(classes));
+    f.log_bound = detail::log1p_f(capped ? 0.75f * tolerance : tolerance) - f.log_classes;
+    if (capped) f.z_bound = 0.5f * cap * detail::sqrt_f(tolerance);
     return f;
   }
-  CCE_HOST_DEVICE bool holds(float log_p_max) const { return log_p_max <= log_bound; }
+  // z_max bounds every logit of the row (its row tile's largest tile max); lse is the row's. NaN fails.
+  CCE_HOST_DEVICE bool holds(float z_max, float lse) const {
+    const float z_flat = lse - log_classes;  // where p = 1/V
+    return z_max - lse <= log_bound && detail::abs_f(z_max) <= z_bound && detail::abs_f(z_flat - 2.f) <= z_bound;
+  }
 };
 
 // eps = machine epsilon of the element type / 32 (bf16 2^-12, fp16 2^-15, fp32 2^-28).
@@ -62,6 +79,13 @@ float eps_of(const options& o) {
 template <class T>
 float uniform_tolerance_of(const options& o) {
   return o.uniform_tolerance > 0.f ? o.uniform_tolerance : 0.5f * eps_of<T>(o);
+}
+
+// The near-uniform test of options `o` over `classes` classes.
+template <class T>
+near_uniform near_uniform_of(const options& o, long long classes) {
+  const float cap = o.softcap > 0.f ? o.softcap / o.temperature : detail::inf_f();
+  return near_uniform::make(uniform_tolerance_of<T>(o), classes, cap);
 }
 
 }  // namespace cce::filter

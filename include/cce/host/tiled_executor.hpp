@@ -477,19 +477,19 @@ class tiled_executor {
   }
 
   // The near-uniform rows' baseline (row_loss.hpp, as kernel/portable/uniform_baseline.cuh computes it): the rows
-  // whose row tile's largest tile max bounds every probability by (1 + tolerance) / V, their baseline on the
+  // whose row tile's largest tile max passes filter::near_uniform with their lse, their baseline on the
   // draw's scale (0 for the other rows), the column sums of C and, for all rows, of row_scale[i] e_i and row_scale.
   void take_baselines(const problem<T>& p, const dense_inputs& x, const detail::plan& pl,
                       const detail::saved_buffers& sv, const detail::uniform_baseline_buffers& b,
                       detail::row_coefficients* coef) const {
     const tile::tile_grid& g = pl.grid;
-    const auto uniform = filter::near_uniform::make(filter::uniform_tolerance_of<T>(opt_), p.total_classes());
+    const auto uniform = filter::near_uniform_of<T>(opt_, p.total_classes());
     for (std::int64_t rt = 0; rt < g.row_tiles(); ++rt) {
       float m = -detail::inf_f();
       for (std::int64_t ct = 0; ct < g.col_tiles(); ++ct) m = detail::max_f(m, sv.tile_max[rt * g.col_tiles() + ct]);
       for (std::int64_t row = g.row_begin(rt); row < g.row_begin(rt) + g.rows_in(rt); ++row) {
         detail::row_coefficients& rc = coef[row];
-        if (rc.kept && uniform.holds(m - rc.lse))
+        if (rc.kept && uniform.holds(m, rc.lse))
           rc.dz.baseline = (rc.dz.ce + rc.dz.extra) * (1.f / float(p.total_classes()));
         b.row_scale[row] = rc.dz.baseline / opt_.temperature;
       }
@@ -565,7 +565,8 @@ class tiled_executor {
               const std::int64_t col = g.col_begin(ct) + c;
               const float zz = z[std::size_t(r * g.bn + c)];
               const float prob = detail::exp_f(zz - rc.lse);
-              const float draw = rc.dz(prob, col == rc.target, s.weight(col)) * tf.derivative_from_logit(zz);
+              const float draw = rc.dz.draw(prob, col == rc.target, s.weight(col), tf.derivative_from_logit(zz),
+                                            tf.inv_temperature);
               pb.dz[(row - r0) * ldz + (col - v0)] = detail::from_float<T>(draw);
               col_sum[std::size_t(c)] += draw;
             }

@@ -199,7 +199,7 @@ __global__ void coefficients_kernel(const __grid_constant__ coefficient_params p
     rc.target = prm.labels.column(lab);  // the -1 of p - onehot only in the shard that holds the target
     rc.kept = true;
     // NaN in either operand makes the comparison false: no baseline.
-    if (prm.row_scale && prm.uniform.holds(prm.block_max[(prm.first_row + row) / prm.bm] - rc.lse)) {
+    if (prm.row_scale && prm.uniform.holds(prm.block_max[(prm.first_row + row) / prm.bm], rc.lse)) {
       rc.dz.baseline = (rc.dz.ce + rc.dz.extra) * prm.inv_classes;
       *prm.baseline_state = 1;
     }

@@ -230,8 +230,8 @@ __global__ void __launch_bounds__(logit_tile_shape::threads, 1)
       }
     };
     // The common tile of a warp: its 16 rows have gradient and no target here, every class is inside the
-    // vocabulary, no class weights. Then draw = (a p + b) s(z) with the row's a and b (dlogit_coefficients::
-    // non_target, 1/T in them) and s the softcap's factor: a few instructions per logit where the general form
+    // vocabulary, no class weights. Then draw = (a p + b) f(z) + c with the row's a, b and c (dlogit_coefficients::
+    // non_target, 1/T in them) and f the softcap's factor: a few instructions per logit where the general form
     // below takes about 28. With the 8-byte stores it shortens the epilogue, which no product overlaps; either
     // alone did not (docs/performance.md).
     const bool plain =
@@ -243,9 +243,11 @@ __global__ void __launch_bounds__(logit_tile_shape::threads, 1)
       // p = 2^(z log2(e) - lse log2(e)) in one FMA: its rounding (a few 2^-24 of |z| + |lse|, relative) is far below
       // a 16-bit draw's, the only kind this kernel stores.
       const float shift[2] = {slot[0].rc.lse * log2e, slot[1].rc.lse * log2e};
-      return [&, af, shift](int r, int, float z) {
-        float d = fmaf(af[r].a, exp2_approx(fmaf(z, log2e, -shift[r])), af[r].b);
-        if constexpr (decltype(capped_constant)::value) d *= derivative.softcap_factor(z);
+      constexpr bool capped = decltype(capped_constant)::value;
+      const float offset[2] = {capped ? af[0].b : af[0].b + af[0].c, capped ? af[1].b : af[1].b + af[1].c};
+      return [&, af, shift, offset](int r, int, float z) {
+        float d = fmaf(af[r].a, exp2_approx(fmaf(z, log2e, -shift[r])), offset[r]);
+        if constexpr (capped) d = fmaf(d, derivative.softcap_factor(z), af[r].c);
         return d;
       };
     };
@@ -257,7 +259,7 @@ __global__ void __launch_bounds__(logit_tile_shape::threads, 1)
       emit([&](int r, int c, float z) {
         const float prob = exp2_approx((z - slot[r].rc.lse) * log2e);  // exactly 1 at z = lse
         const float w = weighted && c < slot[r].limit ? weights[c] : 1.f;
-        const float d = slot[r].rc.dz(prob, c == slot[r].target, w) * derivative(z);
+        const float d = slot[r].rc.dz.draw(prob, c == slot[r].target, w, derivative(z), derivative.inv_temperature);
         return c < slot[r].limit ? d : 0.f;
       });
     }
