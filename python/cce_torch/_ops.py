@@ -12,7 +12,7 @@ _ext.load()
 
 # Positions of the option lists (python/cce_torch/csrc/binding.hpp).
 IOPT = ("ignore_index", "reduction", "shift", "seq_len", "filter", "kahan", "deterministic", "mode", "budget")
-FOPT = ("softcap", "temperature", "label_smoothing", "z_loss", "filter_eps", "lora_scale")
+FOPT = ("softcap", "temperature", "label_smoothing", "z_loss", "filter_eps", "uniform_tolerance", "lora_scale")
 # Values of the enumerations in include/cce/options.hpp.
 REDUCTION = {"none": 0, "sum": 1, "mean": 2}
 FILTER_NONE, FILTER_AUTO, FILTER_THRESHOLD = 0, 1, 2

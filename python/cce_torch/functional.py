@@ -41,7 +41,7 @@ def _workspace(workspace, one_call=False):
 
 
 def _prepare(e, c, targets, bias, ignore_index, softcap, reduction, shift, filter_eps, accum, label_smoothing, z_loss,
-             weight, temperature, lora, deterministic, workspace, one_call=False):
+             weight, temperature, lora, deterministic, workspace, uniform_tolerance, one_call=False):
     if e.dim() < 1 or c.dim() != 2 or e.shape[-1] != c.shape[1]:
         raise ValueError(f"e is (..., D) and c is (V, D): got {tuple(e.shape)} and {tuple(c.shape)}")
     if e.shape[:-1] != targets.shape:
@@ -64,7 +64,8 @@ def _prepare(e, c, targets, bias, ignore_index, softcap, reduction, shift, filte
                 filter=filter_mode, kahan=int(accum == "kahan"), deterministic=int(bool(deterministic)), mode=mode,
                 budget=budget)
     fopt = dict(softcap=float(softcap or 0.0), temperature=float(temperature), label_smoothing=float(label_smoothing),
-                z_loss=float(z_loss), filter_eps=eps, lora_scale=float(lora_scale))
+                z_loss=float(z_loss), filter_eps=eps, uniform_tolerance=float(uniform_tolerance),
+                lora_scale=float(lora_scale))
     return _ops.OpArgs(e.reshape(-1, e.shape[-1]), c, targets.reshape(-1), bias,
                        None if weight is None else weight.float(), lora_a, lora_b,
                        [iopt[k_] for k_ in _ops.IOPT], [fopt[k_] for k_ in _ops.FOPT])
@@ -99,6 +100,7 @@ def linear_cross_entropy(
     return_correct: bool = False,
     deterministic: bool = False,
     workspace: Union[str, int] = "chunked",
+    uniform_tolerance: float = 0.0,
 ):
     """Softmax cross-entropy of the logits softcap(e @ c.T + bias) / temperature against `targets`, without
     forming the logits. e is (..., D), c is (V, D), targets (...) int64 or int32 with `ignore_index` for positions
@@ -108,12 +110,15 @@ def linear_cross_entropy(
     shift=True (or k) pairs position t with target t + k along the last dimension; with reduction 'none' the
     result then has k fewer positions per sequence. label_smoothing, weight (V class weights) and the mean follow
     F.cross_entropy; z_loss adds z_loss * lse**2 per row. filter_eps: 'auto' skips backward tiles whose softmax
-    mass is below eps(dtype)/32, None computes every tile, a float sets the threshold. accum 'kahan' compensates
-    the sums across tiles. workspace: 'chunked', 'minimal' or a budget in bytes (docs/api.md). With any return_*
-    the result is a LinearCrossEntropyOutput; otherwise the loss tensor.
+    mass is below eps(dtype)/32, None computes every tile, a float sets the threshold. uniform_tolerance: with the
+    filter on, rows whose every probability is at most (1 + uniform_tolerance) / V draw their gradient relative to
+    1/V and skip the tiles without their target; 0 means eps/2 (exactly flat rows), 1/16 also takes nearly flat
+    softmaxes such as a small random head at initialisation, dropping their deviation from flat (docs/api.md).
+    accum 'kahan' compensates the sums across tiles. workspace: 'chunked', 'minimal' or a budget in bytes
+    (docs/api.md). With any return_* the result is a LinearCrossEntropyOutput; otherwise the loss tensor.
     """
     args = _prepare(e, c, targets, bias, ignore_index, softcap, reduction, shift, filter_eps, accum, label_smoothing,
-                    z_loss, weight, temperature, lora, deterministic, workspace)
+                    z_loss, weight, temperature, lora, deterministic, workspace, uniform_tolerance)
     wanted = (return_lse, return_entropy, return_logprob, return_correct)
     bits = (_ops.WANT_LSE, _ops.WANT_ENTROPY, _ops.WANT_LOGPROB, _ops.WANT_CORRECT)
     outputs = sum(bit for bit, want in zip(bits, wanted) if want)
@@ -129,14 +134,14 @@ def linear_cross_entropy(
 
 def loss_and_grad(e, c, targets, bias=None, ignore_index=-100, softcap=None, reduction="mean", shift=False,
                   filter_eps="auto", accum="fp32", *, label_smoothing=0.0, z_loss=0.0, weight=None, temperature=1.0,
-                  lora=None, deterministic=False, workspace="loss_and_grad"):
+                  lora=None, deterministic=False, workspace="loss_and_grad", uniform_tolerance=0.0):
     """The loss and its gradients (upstream gradient 1) in one call, outside autograd: returns (loss, de, dc,
     dbias, da, db) with None for what the call has no input for. Arguments as linear_cross_entropy, but the
     workspace defaults to 'loss_and_grad': up to 1 GiB (a byte count sets another budget), in which the Hopper
     kernels keep the logits of row blocks instead of computing them twice (docs/api.md); 'chunked' and 'minimal'
     run the forward and backward of those modes."""
     args = _prepare(e, c, targets, bias, ignore_index, softcap, reduction, shift, filter_eps, accum, label_smoothing,
-                    z_loss, weight, temperature, lora, deterministic, workspace, one_call=True)
+                    z_loss, weight, temperature, lora, deterministic, workspace, uniform_tolerance, one_call=True)
     needs = [True, True, bias is not None, lora is not None, lora is not None]
     with torch.no_grad():
         loss, *grads = _ops.loss_and_grad(args, needs)

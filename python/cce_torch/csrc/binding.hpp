@@ -28,7 +28,7 @@ enum : int { ignore_index, reduction, shift, seq_len, filter, kahan, determinist
 }
 // Positions in the float option list.
 namespace fopt {
-enum : int { softcap, temperature, label_smoothing, z_loss, filter_eps, lora_scale, count };
+enum : int { softcap, temperature, label_smoothing, z_loss, filter_eps, uniform_tolerance, lora_scale, count };
 }
 // Bits of the forward's `outputs` argument: which per-row outputs to write.
 enum output_bit : std::int64_t { want_lse = 1, want_entropy = 2, want_logprob = 4, want_correct = 8 };
@@ -60,6 +60,7 @@ inline cce::options make_options(at::IntArrayRef io, at::ArrayRef<double> fo) {
   o.label_smoothing = static_cast<float>(fo[fopt::label_smoothing]);
   o.z_loss = static_cast<float>(fo[fopt::z_loss]);
   o.filter_eps = static_cast<float>(fo[fopt::filter_eps]);
+  o.uniform_tolerance = static_cast<float>(fo[fopt::uniform_tolerance]);
   return o;
 }
 
