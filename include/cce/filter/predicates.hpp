@@ -37,12 +37,12 @@ struct mass_threshold {
 // baseline 1/V add up to at most 2 tolerance in absolute value (they sum to zero, and the positive ones are each
 // under tolerance / V), and the filter may skip them in every tile without a target (docs/api.md). With tolerance
 // eps / 2 that is the mass bound's guarantee.
-// With a softcap a class draws p_v f_v - 1/V, f_v = 1 - (z_v / cap)^2 (cap = k / T, where z saturates), and what
-// a skipped class drops is (p_v - 1/V) f_v - (1 - f_v) p_v. The row then qualifies at 3/4 of the tolerance, and
-// where p_v >= e^-2 / V, that is z_v in [z* - 2, z_max] with z* = lse - log V, f_v must stay above
-// 1 - tolerance / 4: the classes below e^-2 / V number under 3/4 tolerance V / (1 - e^-2) (their deviations are
-// negative, and those sum to under 3/4 tolerance) and hold under 0.12 tolerance of mass, so the total stays under
-// 2 tolerance.
+// With a softcap a class draws p_v f_v - 1/V, f_v = 1 - (z_v / cap)^2 (cap = k / T, where z saturates), and a
+// skipped class drops (p_v - 1/V) - (1 - f_v) p_v. The row then qualifies at 3/4 of the tolerance (the first terms
+// add up to 3/2 tolerance at most), and f_v must stay above 1 - tolerance / 4 where p_v >= e^-2 / V, that is for z_v
+// in [z* - 2, z_max], z* = lse - log V (there the second terms add up to tolerance / 4 at most). The classes below
+// e^-2 / V number under 3/4 tolerance V / (1 - e^-2), their deviations being negative and summing to under 3/4
+// tolerance, so they hold under 0.12 tolerance of mass: the total stays under 2 tolerance.
 struct near_uniform {
   float log_bound = -detail::inf_f();  // log((1 + tolerance') / V), tolerance' = 3/4 tolerance with a softcap
   float log_classes = 0.f;             // log V
