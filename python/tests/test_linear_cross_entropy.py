@@ -217,10 +217,10 @@ def test_larger_problem(cce_torch, regime, workspace, filter_eps):
 @pytest.mark.parametrize("one_call", [False, True], ids=["autograd", "loss_and_grad"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=lambda t: str(t).split(".")[-1])
 def test_nearly_flat_rows(cce_torch, device, dtype, one_call, softcap):
-    """uniform_tolerance = 1/16 on uniform data: the rows take the baseline 1/V and skip their tiles without a target
-    (on the GPU shape most of 94 class tiles hold a target of a 128-row tile, not all), and the gradients stay within
-    the filter's 2u: what the softmax's deviation from flat drops is far below u of 16-bit inputs. fp16 on the GPU
-    shape with the sum, as in test_loss_and_grad_larger_problem."""
+    """uniform_tolerance = 1/16 on uniform data, where the rows take the baseline 1/V and may skip their tiles
+    without a target (that tiles are skipped, the C++ tests check through the tile counters): the gradients stay
+    within the filter's 2u, what the softmax's deviation from flat drops being far below u of 16-bit inputs. fp16 on
+    the GPU shape with the sum, as in test_loss_and_grad_larger_problem."""
     shapes = SHAPES + ([(1100, 256, 12000)] if device == "cuda" else [])
     for shape in shapes:
         reduction = "sum" if dtype == torch.float16 and shape[0] > 1000 else "mean"
