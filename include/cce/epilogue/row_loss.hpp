@@ -53,11 +53,15 @@ struct dlogit_coefficients {
   }
 
   // The common case in three coefficients: at a class that is not the target, of weight 1, with the derivative's
-  // constant factor s = 1/T, the draw is (a p + b) f + c (f the softcap's factor), or a p + (b + c) without softcap.
+  // constant factor s = 1/T, the draw is (a p + b) f + c, f the softcap's factor when `capped`; without softcap the
+  // baseline joins b and c is 0 (the draw is a p + b).
   struct affine {
     float a, b, c;
   };
-  CCE_HOST_DEVICE affine non_target(float s) const { return {(ce + extra) * s, -gamma * s, -baseline * s}; }
+  CCE_HOST_DEVICE affine non_target(float s, bool capped) const {
+    return capped ? affine{(ce + extra) * s, -gamma * s, -baseline * s}
+                  : affine{(ce + extra) * s, -(gamma + baseline) * s, 0.f};
+  }
 };
 
 CCE_HOST_DEVICE dlogit_coefficients make_dlogit_coefficients(const loss_terms& t, float g, float lse,

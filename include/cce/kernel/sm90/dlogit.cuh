@@ -238,15 +238,14 @@ __global__ void __launch_bounds__(logit_tile_shape::threads, 1)
         __all_sync(0xffffffffu, !weighted && out[0] != nullptr && out[1] != nullptr && slot[0].target < 0 &&
                                     slot[1].target < 0 && slot[0].limit == S::bn && slot[1].limit == S::bn);
     const auto plain_value = [&](auto capped_constant) {
-      const dlogit_coefficients::affine af[2] = {slot[0].rc.dz.non_target(derivative.inv_temperature),
-                                                 slot[1].rc.dz.non_target(derivative.inv_temperature)};
+      constexpr bool capped = decltype(capped_constant)::value;
+      const dlogit_coefficients::affine af[2] = {slot[0].rc.dz.non_target(derivative.inv_temperature, capped),
+                                                 slot[1].rc.dz.non_target(derivative.inv_temperature, capped)};
       // p = 2^(z log2(e) - lse log2(e)) in one FMA: its rounding (a few 2^-24 of |z| + |lse|, relative) is far below
       // a 16-bit draw's, the only kind this kernel stores.
       const float shift[2] = {slot[0].rc.lse * log2e, slot[1].rc.lse * log2e};
-      constexpr bool capped = decltype(capped_constant)::value;
-      const float offset[2] = {capped ? af[0].b : af[0].b + af[0].c, capped ? af[1].b : af[1].b + af[1].c};
-      return [&, af, shift, offset](int r, int, float z) {
-        float d = fmaf(af[r].a, exp2_approx(fmaf(z, log2e, -shift[r])), offset[r]);
+      return [&, af, shift](int r, int, float z) {
+        float d = fmaf(af[r].a, exp2_approx(fmaf(z, log2e, -shift[r])), af[r].b);
         if constexpr (capped) d = fmaf(d, derivative.softcap_factor(z), af[r].c);
         return d;
       };

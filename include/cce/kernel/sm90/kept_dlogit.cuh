@@ -88,12 +88,11 @@ __global__ void __launch_bounds__(kept_dlogit_threads, 3)
         rc.kept && !prm.class_weights && (rc.target < col0 || rc.target >= col0 + vec) && col0 + vec <= g.cols;
     const auto convert_plain = [&](auto capped_constant) {
       constexpr bool capped = decltype(capped_constant)::value;
-      const dlogit_coefficients::affine af = rc.dz.non_target(derivative.inv_temperature);
-      const float offset = capped ? af.b : af.b + af.c;
+      const dlogit_coefficients::affine af = rc.dz.non_target(derivative.inv_temperature, capped);
 #pragma unroll
       for (int e = 0; e < vec; ++e) {
         const float z = ref + __half2float(logit[e]);
-        float d = fmaf(af.a, exp2_approx((z - rc.lse) * log2e), offset);
+        float d = fmaf(af.a, exp2_approx((z - rc.lse) * log2e), af.b);
         if constexpr (capped) d = fmaf(d, derivative.softcap_factor(z), af.c);
         col_sum[e] += d;
         draw[e] = from_float<T>(d);
