@@ -64,6 +64,7 @@ TEST_CASE("tiled executor: minimal's passes take their own blocks, with or witho
   cfg.bias = true;
   cfg.opts = options::exact();
   cfg.opts.backward_mode = backward_mode::minimal;
+  cfg.opts.accumulate = true;  // the two passes (the carried pass overwrites dC)
   const auto h = test::make_problem<float>(cfg);
   const host::tiled_executor<float> ex(cfg.opts, 16, 16, device_info{80, 4});
   const problem<float> p = h.view();
@@ -96,6 +97,90 @@ TEST_CASE("tiled executor: minimal's passes take their own blocks, with or witho
   CHECK(dc_carried > 0);
   CHECK(dc_whole > 0);
   CHECK(different > 0);
+}
+
+namespace {
+
+// Minimal's carried pass (dispatch/plan.hpp): dE's carry (and its compensation) in dC's buffer, the chunks under
+// it walked last and recomputed for dC. Returns whether `budget` plans it, in a shape other than `last`; then checks
+// it against the reference and, for fp32 gradients, against chunked's, and that a call which accumulates, or a
+// strided or misaligned dC, takes the two passes instead.
+template <class T, class G>
+bool check_carried_pass(const test::case_config& cfg, std::size_t budget, detail::pass_shape& last,
+                        test::gradient_check mode) {
+  const auto h = test::make_problem<T>(cfg);
+  const host::tiled_executor<T> ex(cfg.opts, 16, 16, device_info{80, 4});
+  const problem<T> p = h.view();
+  const detail::plan pl = ex.plan_for(p, ex.workspace_bytes(p, budget));
+  if (pl.mode != backward_mode::minimal || pl.carried_pass.cols == 0 || pl.carried_pass == last) return false;
+  last = pl.carried_pass;
+  INFO("budget " << budget << ": carried pass " << pl.carried_pass.rows << " x " << pl.carried_pass.cols << ", "
+                 << pl.chunks_under_carry << " of " << pl.chunks(pl.carried_pass) << " chunks under the carry");
+  CHECK(pl.chunks_under_carry > 0);
+  CHECK(2 * pl.chunks_under_carry <= pl.chunks(pl.carried_pass));
+  alignas(16) static float dc[4];
+  CHECK(pl.carries_in_dc(true, dc, cfg.d));
+  CHECK_FALSE(pl.carries_in_dc(false, dc, cfg.d));     // no dE: nothing to carry
+  CHECK_FALSE(pl.carries_in_dc(true, dc, cfg.d + 8));  // strided dC: its gaps are not the library's
+  CHECK_FALSE(pl.carries_in_dc(true, dc + 1, cfg.d));  // not aligned for the products' vector stores
+  options accumulating = cfg.opts;
+  accumulating.accumulate = true;
+  const host::tiled_executor<T> acc_ex(accumulating, 16, 16, device_info{80, 4});
+  CHECK(acc_ex.plan_for(p, acc_ex.workspace_bytes(p, budget)).carried_pass.cols == 0);
+
+  const test::case_results r = run_executor<T, G>(h, budget, true);
+  test::check_case<T, G>(h, r, true, mode);
+  test::case_config chunked = cfg;
+  chunked.opts.backward_mode = backward_mode::chunked;
+  const test::case_results c = run_executor<T, G>(test::make_problem<T>(chunked), 0, true);
+  CHECK(r.filter_tiles[0] == c.filter_tiles[0]);
+  CHECK(r.filter_tiles[1] == c.filter_tiles[1]);
+  if (std::is_same_v<G, float>) {  // the same sums in another order of chunks
+    CHECK(test::relative_l2(r.de, c.de) < 1e-6);
+    CHECK(test::relative_l2(r.dc, c.dc) < 1e-6);
+    CHECK(test::relative_l2(r.dbias, c.dbias) < 1e-6);
+    CHECK(test::relative_l2(r.db, c.db) < 1e-6);
+  }
+  return true;
+}
+
+}  // namespace
+
+// With Kahan sums (the compensation beside the carry), a low-rank head, fp32 or 16-bit gradients and near-uniform
+// rows (in bf16, as the near-uniform test below), each distinct carried plan of a range of budgets.
+TEST_CASE("tiled executor: minimal's carried pass", "[executor][plan]") {
+  for (int variant = 0; variant < 4; ++variant) {
+    test::case_config cfg;
+    cfg.n = 70;
+    cfg.d = 24;
+    cfg.v = 700;
+    cfg.bias = true;
+    cfg.seed = 40 + std::uint64_t(variant);
+    cfg.opts = variant == 0 ? options::exact() : options{};
+    cfg.opts.backward_mode = backward_mode::minimal;
+    if (variant == 1) cfg.opts.accum = accumulation::kahan;
+    if (variant == 2) cfg.rank = 3;
+    if (variant == 3) {
+      cfg.data = test::regime::uniform;
+      cfg.opts.uniform_tolerance = 1.f / 16;
+    }
+    INFO(cfg.describe());
+    int plans = 0;
+    detail::pass_shape last{};
+    for (std::size_t budget = 1; budget < (std::size_t(64) << 10) && plans < 3; budget += 512) {
+      // Near-uniform rows at tolerance 1/16 drop more than the filter's bound covers (docs/api.md).
+      const auto mode = variant == 3 ? test::gradient_check::relative : test::gradient_check::bound;
+      bool checked = false;
+      switch (variant) {
+        case 0: checked = check_carried_pass<float, float>(cfg, budget, last, mode); break;
+        case 1: checked = check_carried_pass<__half, float>(cfg, budget, last, mode); break;
+        case 2: checked = check_carried_pass<__nv_bfloat16, float>(cfg, budget, last, mode); break;
+        default: checked = check_carried_pass<__nv_bfloat16, __nv_bfloat16>(cfg, budget, last, mode); break;
+      }
+      plans += checked;
+    }
+    CHECK(plans > 0);
+  }
 }
 
 TEST_CASE("tiled executor: the design's relative tolerances on every data regime", "[executor]") {

@@ -380,6 +380,56 @@ TEST_CASE("GPU: minimal's passes at many budgets", "[gpu][minimal]") {
   CHECK(checked[0][0] + checked[1][0] > 0);  // all rows in one dC block
 }
 
+// Minimal's carried pass (dispatch/plan.hpp): dE's fp32 carry (and its compensation) in dC's buffer, the chunks
+// under it walked last and recomputed for dC. At the first budget of a range that plans it (D is wide so that
+// narrow chunks give dC_chunk a tile per SM): the default filter with a bias on both kernel paths, Kahan sums on the
+// sm_90a one, fp32 gradients on the portable one, and exact mode on both, run twice and compared bitwise.
+TEST_CASE("GPU: minimal's carried pass", "[gpu][minimal]") {
+  using policy = tile::default_policy_t<__nv_bfloat16>;
+  device_info dev;
+  REQUIRE(current_device(dev) == status::success);
+  for (int variant = 0; variant < 4; ++variant) {
+    test::case_config cfg;
+    cfg.n = 200;
+    cfg.d = 2048;
+    cfg.v = 4000 + 7;
+    cfg.bias = true;
+    cfg.seed = 60 + std::uint64_t(variant);
+    cfg.opts = variant == 3 ? options::exact() : options{};
+    cfg.opts.backward_mode = backward_mode::minimal;
+    if (variant == 1) cfg.opts.accum = accumulation::kahan;
+    INFO(cfg.describe());
+    std::size_t budget = 0;
+    for (std::size_t b = std::size_t(1) << 20; b <= (std::size_t(8) << 20); b += std::size_t(64) << 10) {
+      const auto pl = detail::make_plan<__nv_bfloat16>(cfg.n, cfg.d, cfg.v, 0, true, cfg.opts, policy::bm, policy::bn,
+                                                        dev, b, false, 0, policy::forward_ctas_per_sm);
+      if (pl.mode == backward_mode::minimal && pl.carried_pass.cols > 0) {
+        INFO("budget " << b << ": carried pass " << pl.carried_pass.rows << " x " << pl.carried_pass.cols << ", "
+                       << pl.chunks_under_carry << " of " << pl.chunks(pl.carried_pass) << " chunks under the carry");
+        CHECK(pl.workspace_bytes<__nv_bfloat16>() <= b);
+        budget = b;
+        break;
+      }
+    }
+    REQUIRE(budget > 0);
+    for (bool hopper : {true, false}) {
+      cfg.opts.hopper_kernels = hopper;
+      if (variant == 0) run_case<__nv_bfloat16, __nv_bfloat16>(cfg, budget);
+      if (variant == 1 && hopper) run_case<__nv_bfloat16, __nv_bfloat16>(cfg, budget);
+      if (variant == 2 && !hopper) run_case<__nv_bfloat16, float>(cfg, budget);
+      if (variant == 3) {
+        const auto h = test::make_problem<__nv_bfloat16>(cfg);
+        const auto first = run_device<__nv_bfloat16, __nv_bfloat16>(h, budget);
+        if (hopper) test::check_case<__nv_bfloat16, __nv_bfloat16>(h, first, true, test::gradient_check::bound);
+        const auto again = run_device<__nv_bfloat16, __nv_bfloat16>(h, budget);
+        CHECK(again.de == first.de);
+        CHECK(again.dc == first.dc);
+        CHECK(again.dbias == first.dbias);
+      }
+    }
+  }
+}
+
 // Each model's preset policy with the model's recommended options, on the model's full D and V (checked in float64
 // on the device: the host reference would spend minutes on V x D).
 TEST_CASE("GPU: benchmark shapes at a reduced token count, with their presets", "[gpu][shapes]") {

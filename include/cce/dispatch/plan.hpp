@@ -10,6 +10,11 @@
 //            bounded whatever N and V are. The passes run one after the other and share one region of the workspace,
 //            so each may use all of it: pass 1 short row blocks over wide chunks (its carry is rows x D), pass 2
 //            narrow chunks over tall row blocks (its carry is chunk x D, none when a block holds all N rows).
+//            Where the call overwrites a contiguous dC (known at the call; the plan holds both schedules), dE's fp32
+//            carry may live in dC's own buffer instead (plan::carried_pass): chunked's fused pass on chunks that fit
+//            the budget, the chunks whose dC rows lie under the carry walked last and without dC; once the last of
+//            them has written dE, their dZ is recomputed for dC alone. 4 GEMM-equivalents plus those chunks' share
+//            of one (2N of V classes for 16-bit T, rounded up to chunks: 8-15 % on the large benchmark shapes).
 //   kept     loss_and_grad only (the sm_90a forward writes the logit tiles): row blocks of N, each over every class.
 //            Per block: forward storing the logits (fp16, relative to a per-(row, 256-class tile) reference) into the
 //            dZ block, the rows' statistics, dZ in place, dE_block = dZ C and dC += dZ^T E_block. 3
@@ -109,8 +114,9 @@ struct backward_buffers {
   std::int32_t* sort_values[2] = {};  // V each: class ids; after the sort one of them is `order`
   void* sort_temp = nullptr;          // plan::sort_temp bytes of the device sort's scratch
   std::int32_t* position = nullptr;   // V: class -> sorted position (the inverse of order)
-  // The passes: chunked runs one fused pass (de and dc are the same buffers), minimal the dE pass, then the dC pass.
-  pass_buffers<T> de, dc;
+  // The passes: chunked runs one fused pass (de and dc are the same buffers), minimal the dE pass, then the dC pass,
+  // or the carried pass alone (its acc and comp set by the call: in dC's buffer).
+  pass_buffers<T> de, dc, carried;
   uniform_baseline_buffers baseline;
 };
 
@@ -145,6 +151,10 @@ struct plan {
   static constexpr int kept_ref_cols = 256;      // classes per stored reference (the sm_90a forward's tile)
   static constexpr std::int64_t kept_min_rows = 512;
   pass_shape de_pass{}, dc_pass{};  // the backward's blocks: the same fused pass in chunked mode
+  // Minimal only: the fused pass whose dE carry lives in the dC output (N x chunk; 0 x 0: not planned), and how
+  // many of its first chunks have their dC rows under that carry.
+  pass_shape carried_pass{};
+  std::int64_t chunks_under_carry = 0;
   bool filter = false;
   bool bias = false;
   bool kahan = false;
@@ -161,6 +171,14 @@ struct plan {
   std::int64_t finalise_blocks() const { return ceil_div(n, finalise_threads); }
   std::int64_t chunks(const pass_shape& s) const { return ceil_div(v, s.cols); }
   std::int64_t row_blocks(const pass_shape& s) const { return ceil_div(n, s.rows); }
+  // Floats of dE's carry (and its compensation) in the dC output.
+  std::int64_t carry_floats() const { return n * d * (kahan ? 2 : 1); }
+  // Whether a backward runs the carried pass: planned, and the call writes dE and a contiguous dC (row pitch
+  // `ld_dc`) whose buffer can hold fp32 values.
+  bool carries_in_dc(bool de, const void* dc, std::int64_t ld_dc) const {
+    return mode == backward_mode::minimal && carried_pass.cols > 0 && de && dc != nullptr && ld_dc == d &&
+           reinterpret_cast<std::uintptr_t>(dc) % 16 == 0;
+  }
 
   saved_buffers carve_saved(void* base, std::size_t* bytes = nullptr) const {
     carver c(base);
@@ -193,10 +211,11 @@ struct plan {
     // The passes run one after the other: each carves the same region from its start.
     char* region = base ? static_cast<char*>(base) + c.bytes() : nullptr;
     const bool fused = mode == backward_mode::chunked;
-    std::size_t de_bytes = 0, dc_bytes = 0;
+    std::size_t de_bytes = 0, dc_bytes = 0, carried_bytes = 0;
     b.de = carve_pass<T>(region, de_pass, true, fused, &de_bytes);
     b.dc = fused ? b.de : carve_pass<T>(region, dc_pass, false, true, &dc_bytes);
-    if (bytes) *bytes = c.bytes() + std::max(de_bytes, dc_bytes);
+    if (carried_pass.cols > 0) b.carried = carve_pass<T>(region, carried_pass, true, true, &carried_bytes, false);
+    if (bytes) *bytes = c.bytes() + std::max({de_bytes, dc_bytes, carried_bytes});
     return b;
   }
 
@@ -231,9 +250,11 @@ struct plan {
     return b;
   }
 
-  // One pass's buffers: with `de`, the dE carry across chunks; with `dc`, what dC, dBias and dB need.
+  // One pass's buffers: with `de`, the dE carry across chunks (unless `own_carry` is false); with `dc`, what dC,
+  // dBias and dB need.
   template <class T>
-  pass_buffers<T> carve_pass(void* base, const pass_shape& s, bool de, bool dc, std::size_t* bytes) const {
+  pass_buffers<T> carve_pass(void* base, const pass_shape& s, bool de, bool dc, std::size_t* bytes,
+                             bool own_carry = true) const {
     carver c(base);
     pass_buffers<T> b;
     b.shape = s;
@@ -241,7 +262,8 @@ struct plan {
     b.dz = c.take<T>(rows * s.cols);
     b.active = c.take<std::uint8_t>(ceil_div(rows, grid.bm) * (s.cols / grid.bn));
     // dE is carried across chunks unless one chunk holds every class, dC across row blocks unless one holds all N.
-    const std::int64_t carry = (de && chunks(s) > 1 ? rows * d : 0) + (!de && dc && row_blocks(s) > 1 ? s.cols * d : 0);
+    const std::int64_t carry =
+        own_carry ? (de && chunks(s) > 1 ? rows * d : 0) + (!de && dc && row_blocks(s) > 1 ? s.cols * d : 0) : 0;
     b.acc = c.take<float>(carry);
     b.comp = c.take<float>(kahan ? carry : 0);
     if (dc) {
@@ -459,6 +481,33 @@ plan plan_operating_point(std::int64_t n, std::int64_t d, std::int64_t v, std::i
       if (!fits(fused)) continue;
       if (fills_gpu(cols)) return fused;
       break;
+    }
+  }
+  // The carried pass, for calls that overwrite dC: the fewest equal chunks whose buffers, less the carry, fit the
+  // passes' region, if that chunk gives dC_chunk a tile per SM and leaves at most 3/4 of the chunks under the carry
+  // (each of those recomputes its dZ: the pass costs at most 4.75 GEMM-equivalents against the two passes' 5). The
+  // chunks under it are counted for a dC of T, the narrowest the call may pass.
+  if (!opt.accumulate && !p.sort) {
+    auto chunk_cols = [&](std::int64_t count) { return round_up(ceil_div(v, count), std::int64_t(bn)); };
+    auto carried_fits = [&](std::int64_t count) {
+      std::size_t bytes = 0;
+      p.carve_pass<T>(nullptr, pass_shape{n, chunk_cols(count)}, true, true, &bytes, false);
+      return bytes <= pass_budget;
+    };
+    std::int64_t lo = 1, hi = ceil_div(v, std::int64_t(bn));  // one chunk would lie under the carry: more than 1
+    if (carried_fits(hi)) {
+      while (hi - lo > 1) {
+        const std::int64_t mid = (lo + hi) / 2;
+        (carried_fits(mid) ? hi : lo) = mid;
+      }
+      const pass_shape s{n, chunk_cols(hi)};
+      const std::int64_t under_classes =
+          ceil_div(p.carry_floats() * std::int64_t(sizeof(float)), d * std::int64_t(sizeof(T)));
+      const std::int64_t under = ceil_div(under_classes, s.cols);
+      if (fills_gpu(s.cols) && 4 * under <= 3 * p.chunks(s)) {
+        p.carried_pass = s;
+        p.chunks_under_carry = under;
+      }
     }
   }
   return p;

@@ -107,16 +107,42 @@ class portable_path {
       return pl_.sort ? gather(pb, order, s, stream) : status::success;
     };
     vocab_slice s;
-    if (pl_.mode == backward_mode::chunked) {
-      const pass_buffers<T>& pb = bw.de;
+    // What a chunk of the fused pass adds besides dE and dC.
+    auto class_terms = [&](const pass_buffers<T>& pb) -> status {
+      if (out.dbias) CCE_TRY(dbias_sum(bw, pb, s, p_.n, false, out.dbias, stream));
+      if (out.db) CCE_TRY(db_product(bw, pb, s, out.db, 0, p_.n, true, true, stream));
+      return status::success;
+    };
+    const bool carried = pl_.carries_in_dc(out.de != nullptr, out.dc, ld_dc);
+    if (pl_.mode == backward_mode::chunked || carried) {
+      // One fused pass: chunked's, or minimal's carried pass (plan.hpp) with dE's carry in dC's buffer, whose
+      // chunks under the carry come last, leave dC for later and, once dE is written, recompute their dZ for it.
+      pass_buffers<T> pb = carried ? bw.carried : bw.de;
+      std::int64_t under = 0;
+      if (carried) {
+        pb.acc = reinterpret_cast<float*>(static_cast<void*>(out.dc));
+        pb.comp = pl_.kahan ? pb.acc + p_.n * p_.d : nullptr;
+        under = pl_.chunks_under_carry;
+      }
       const std::int64_t chunks = pl_.chunks(pb.shape);
-      for (std::int64_t ch = 0; ch < chunks; ++ch) {
+      for (std::int64_t k = 0; k < chunks; ++k) {
+        const std::int64_t ch = (under + k) % chunks;
+        const bool first = k == 0, last = k + 1 == chunks;
         CCE_TRY(chunk(pb, ch, s));
         CCE_TRY(dlogits(sv, bw, pb, s, 0, p_.n, counts, stream));
         if (p_.has_lora()) CCE_TRY(lora_q_update(bw, pb, s, 0, p_.n, stream));
-        CCE_TRY(products(bw, pb, s, out, 0, p_.n, ch == 0, ch + 1 == chunks, false, stream));
-        if (out.dbias) CCE_TRY(dbias_sum(bw, pb, s, p_.n, false, out.dbias, stream));
-        if (out.db) CCE_TRY(db_product(bw, pb, s, out.db, 0, p_.n, true, true, stream));
+        if (ch < under) {
+          CCE_TRY(de_product(bw, pb, s, out.de, ld_de, 0, p_.n, first, last, stream));
+          continue;
+        }
+        CCE_TRY(products(bw, pb, s, out, 0, p_.n, first, last, false, stream));
+        CCE_TRY(class_terms(pb));
+      }
+      for (std::int64_t ch = 0; ch < under; ++ch) {
+        CCE_TRY(chunk(pb, ch, s));
+        CCE_TRY(dlogits(sv, bw, pb, s, 0, p_.n, nullptr, stream));
+        CCE_TRY(dc_product(bw, pb, s, out.dc, ld_dc, 0, p_.n, true, true, stream));
+        CCE_TRY(class_terms(pb));
       }
     } else {
       const pass_buffers<T>& de = bw.de;  // pass 1: dE (and the low-rank q), row blocks outer

@@ -153,17 +153,35 @@ class tiled_executor {
       return s;
     };
 
-    if (pl.mode == backward_mode::chunked) {
-      const detail::pass_buffers<T>& pb = bw.de;
-      const std::int64_t chunks = pl.chunks(pb.shape);
-      for (std::int64_t ch = 0; ch < chunks; ++ch) {
-        const vocab_slice s = chunk(pb, ch);
-        compute_dz(p, x, s, pl, sv, bw, pb, 0, p.n, counts);
-        if (p.has_lora()) lora_accumulate_q(p, s, pl, bw, pb, 0, p.n);
-        if (out.de) de_update(p, s, pl, bw, pb, out, ld_de, 0, p.n, ch == 0, ch + 1 == chunks);
+    // The fused pass, as the GPU path walks it (dispatch/portable.cuh): chunked's, or minimal's carried pass with
+    // dE's carry in dC's buffer.
+    const bool carried = pl.carries_in_dc(out.de != nullptr, out.dc, ld_dc);
+    if (pl.mode == backward_mode::chunked || carried) {
+      detail::pass_buffers<T> pb = carried ? bw.carried : bw.de;
+      std::int64_t under = 0;
+      if (carried) {
+        pb.acc = reinterpret_cast<float*>(static_cast<void*>(out.dc));
+        pb.comp = pl.kahan ? pb.acc + p.n * p.d : nullptr;
+        under = pl.chunks_under_carry;
+      }
+      auto dc_terms = [&](const vocab_slice& s) {
         if (out.dc) dc_update(p, x, s, pl, bw, pb, out, ld_dc, 0, p.n, true, true);
         if (out.dbias) dbias_update(s, pl, bw, pb, out);
         if (out.db) db_update(p, s, pl, bw, pb, out, 0, p.n, true, true);
+      };
+      const std::int64_t chunks = pl.chunks(pb.shape);
+      for (std::int64_t k = 0; k < chunks; ++k) {
+        const std::int64_t ch = (under + k) % chunks;
+        const vocab_slice s = chunk(pb, ch);
+        compute_dz(p, x, s, pl, sv, bw, pb, 0, p.n, counts);
+        if (p.has_lora()) lora_accumulate_q(p, s, pl, bw, pb, 0, p.n);
+        if (out.de) de_update(p, s, pl, bw, pb, out, ld_de, 0, p.n, k == 0, k + 1 == chunks);
+        if (ch >= under) dc_terms(s);
+      }
+      for (std::int64_t ch = 0; ch < under; ++ch) {
+        const vocab_slice s = chunk(pb, ch);
+        compute_dz(p, x, s, pl, sv, bw, pb, 0, p.n, nullptr);
+        dc_terms(s);
       }
     } else {
       const detail::pass_buffers<T>& de = bw.de;  // pass 1: dE
