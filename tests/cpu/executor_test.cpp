@@ -146,6 +146,35 @@ bool check_carried_pass(const test::case_config& cfg, std::size_t budget, detail
 
 }  // namespace
 
+// The size query's workspace, given back as the budget, plans a backward that fits it (the call plans from the size
+// it is given): at every budget, for shapes whose smallest minimal blocks carry more than wider ones (D large
+// against N and V), with the tiles and SM count of an H100.
+TEST_CASE("plan: a workspace of the reported size holds the plan it gives", "[plan]") {
+  options o;
+  o.backward_mode = backward_mode::minimal;
+  const device_info h100{90, 132};
+  struct shape {
+    std::int64_t n, d, v;
+  };
+  for (const shape s : {shape{200, 2048, 4007}, shape{515, 1032, 9007}, shape{1500, 128, 2000}, shape{8192, 4096, 128256}}) {
+    for (bool kahan : {false, true}) {
+      o.accum = kahan ? accumulation::kahan : accumulation::fp32;
+      for (std::size_t budget = std::size_t(64) << 10; budget <= (std::size_t(80) << 20); budget = budget * 9 / 8) {
+        auto make = [&](std::size_t b) {
+          return detail::make_plan<__nv_bfloat16>(s.n, s.d, s.v, 0, true, o, 128, 128, h100, b);
+        };
+        const std::size_t reported = make(budget).workspace_bytes<__nv_bfloat16>();
+        const detail::plan again = make(reported);
+        std::size_t need = 0;
+        again.carve_backward<__nv_bfloat16>(nullptr, &need);
+        INFO("n " << s.n << " d " << s.d << " v " << s.v << " kahan " << kahan << " budget " << budget);
+        CHECK(need <= reported);
+        CHECK(again.workspace_bytes<__nv_bfloat16>() <= reported);
+      }
+    }
+  }
+}
+
 // With Kahan sums (the compensation beside the carry), a low-rank head, fp32 or 16-bit gradients and near-uniform
 // rows (in bf16, as the near-uniform test below), each distinct carried plan of a range of budgets.
 TEST_CASE("tiled executor: minimal's carried pass", "[executor][plan]") {

@@ -426,11 +426,15 @@ plan plan_operating_point(std::int64_t n, std::int64_t d, std::int64_t v, std::i
   // their region, so each may fill it (what is left of the budget after the per-row buffers). For each
   // length of the axis the product keeps (rows for dE, classes for dC), the other axis gets the longest block that
   // fits: all of it if possible, which needs no carry.
+  // A pass for which no shape fits keeps the smallest blocks (bm x bn), and the size query reports what they need.
+  // They are not always the smallest footprint: their carries grow with D (bm x D, bn x D), where a block of all N
+  // rows or all V classes needs none, so every shape is weighed whatever the budget.
   p.mode = backward_mode::minimal;
   p.de_pass = p.dc_pass = pass_shape{bm, bn};
-  if (n == 0 || v == 0 || !fits(p)) return p;
+  if (n == 0 || v == 0) return p;
   carver rows_part;
   p.carve_backward_rows<T>(rows_part);
+  if (rows_part.bytes() > budget) return p;
   const std::size_t pass_budget = budget - rows_part.bytes();
   auto pass_fits = [&](const pass_shape& s, bool de) {
     std::size_t bytes = 0;
