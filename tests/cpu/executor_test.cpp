@@ -117,7 +117,7 @@ bool check_carried_pass(const test::case_config& cfg, std::size_t budget, detail
   INFO("budget " << budget << ": carried pass " << pl.carried_pass.rows << " x " << pl.carried_pass.cols << ", "
                  << pl.chunks_under_carry << " of " << pl.chunks(pl.carried_pass) << " chunks under the carry");
   CHECK(pl.chunks_under_carry > 0);
-  CHECK(2 * pl.chunks_under_carry <= pl.chunks(pl.carried_pass));
+  CHECK(4 * pl.chunks_under_carry <= 3 * pl.chunks(pl.carried_pass));
   alignas(16) static float dc[4];
   CHECK(pl.carries_in_dc(true, dc, cfg.d));
   CHECK_FALSE(pl.carries_in_dc(false, dc, cfg.d));     // no dE: nothing to carry
@@ -156,7 +156,8 @@ TEST_CASE("plan: a workspace of the reported size holds the plan it gives", "[pl
   struct shape {
     std::int64_t n, d, v;
   };
-  for (const shape s : {shape{200, 2048, 4007}, shape{515, 1032, 9007}, shape{1500, 128, 2000}, shape{8192, 4096, 128256}}) {
+  const shape shapes[] = {{200, 2048, 4007}, {515, 1032, 9007}, {1500, 128, 2000}, {8192, 4096, 128256}};
+  for (const shape& s : shapes) {
     for (bool kahan : {false, true}) {
       o.accum = kahan ? accumulation::kahan : accumulation::fp32;
       for (std::size_t budget = std::size_t(64) << 10; budget <= (std::size_t(80) << 20); budget = budget * 9 / 8) {
