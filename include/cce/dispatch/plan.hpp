@@ -173,6 +173,14 @@ struct plan {
   std::int64_t row_blocks(const pass_shape& s) const { return ceil_div(n, s.rows); }
   // Floats of dE's carry (and its compensation) in the dC output.
   std::int64_t carry_floats() const { return n * d * (kahan ? 2 : 1); }
+  // The carried pass's buffers with dE's carry, then its compensation, at the start of dC's buffer.
+  template <class T>
+  pass_buffers<T> carried_in(const pass_buffers<T>& carried, void* dc) const {
+    pass_buffers<T> b = carried;
+    b.acc = static_cast<float*>(dc);
+    b.comp = kahan ? b.acc + n * d : nullptr;
+    return b;
+  }
   // Whether a backward runs the carried pass: planned, and the call writes dE and a contiguous dC (row pitch
   // `ld_dc`) whose buffer can hold fp32 values.
   bool carries_in_dc(bool de, const void* dc, std::int64_t ld_dc) const {

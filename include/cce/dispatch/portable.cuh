@@ -117,13 +117,8 @@ class portable_path {
     if (pl_.mode == backward_mode::chunked || carried) {
       // One fused pass: chunked's, or minimal's carried pass (plan.hpp) with dE's carry in dC's buffer, whose
       // chunks under the carry come last, leave dC for later and, once dE is written, recompute their dZ for it.
-      pass_buffers<T> pb = carried ? bw.carried : bw.de;
-      std::int64_t under = 0;
-      if (carried) {
-        pb.acc = reinterpret_cast<float*>(static_cast<void*>(out.dc));
-        pb.comp = pl_.kahan ? pb.acc + p_.n * p_.d : nullptr;
-        under = pl_.chunks_under_carry;
-      }
+      const pass_buffers<T> pb = carried ? pl_.carried_in(bw.carried, out.dc) : bw.de;
+      const std::int64_t under = carried ? pl_.chunks_under_carry : 0;
       const std::int64_t chunks = pl_.chunks(pb.shape);
       for (std::int64_t k = 0; k < chunks; ++k) {
         const std::int64_t ch = (under + k) % chunks;

@@ -157,13 +157,8 @@ class tiled_executor {
     // dE's carry in dC's buffer.
     const bool carried = pl.carries_in_dc(out.de != nullptr, out.dc, ld_dc);
     if (pl.mode == backward_mode::chunked || carried) {
-      detail::pass_buffers<T> pb = carried ? bw.carried : bw.de;
-      std::int64_t under = 0;
-      if (carried) {
-        pb.acc = reinterpret_cast<float*>(static_cast<void*>(out.dc));
-        pb.comp = pl.kahan ? pb.acc + p.n * p.d : nullptr;
-        under = pl.chunks_under_carry;
-      }
+      const detail::pass_buffers<T> pb = carried ? pl.carried_in(bw.carried, out.dc) : bw.de;
+      const std::int64_t under = carried ? pl.chunks_under_carry : 0;
       auto dc_terms = [&](const vocab_slice& s) {
         if (out.dc) dc_update(p, x, s, pl, bw, pb, out, ld_dc, 0, p.n, true, true);
         if (out.dbias) dbias_update(s, pl, bw, pb, out);
