@@ -17,13 +17,16 @@
 
 namespace cce::test {
 
-enum class regime { lm_like, uniform, peaked };
+// near_flat: logits within about a tenth of flat along one direction every class shares (C = g w + noise, E along
+// w): the softmax's first-order deviation from flat is about a tenth of the gradient (not a random regime).
+enum class regime { lm_like, uniform, peaked, near_flat };
 
 inline const char* to_string(regime r) {
   switch (r) {
     case regime::lm_like: return "lm-like";
     case regime::uniform: return "uniform";
     case regime::peaked: return "peaked";
+    case regime::near_flat: return "near-flat";
   }
   return "?";
 }
@@ -44,6 +47,8 @@ struct case_config {
   // Times the schedule adds to dC and dBias in T beyond the output's own rounding (loss_and_grad's row blocks
   // after the first): each rounds within u of a partial sum, itself within the gradient's scale.
   std::int64_t extra_class_roundings = 0;
+  // The same for dE (the first-order baseline's share, added after the walk, rounds dE and dC once more each).
+  std::int64_t extra_row_roundings = 0;
   options opts{};
   int index = -1;  // position in a randomized loop: CCE_CASE=<index> reruns that case alone
 
@@ -124,6 +129,18 @@ host_problem<T> make_problem(const case_config& cfg) {
                                                 : x / std::sqrt(sd);
       ef[std::size_t(i * lde + k)] = val;
     }
+  if (cfg.data == regime::near_flat) {  // z_nv = 0.1 (1 + 0.3 h_n) g_v + noise: sd(z) about 0.1 per row
+    std::vector<float> w(std::size_t(cfg.d));
+    for (float& x : w) x = normal(rng) / sd;
+    for (std::int64_t i = 0; i < cfg.v; ++i) {
+      const float g = normal(rng);
+      for (std::int64_t k = 0; k < cfg.d; ++k) cf[std::size_t(i * ldc + k)] = g * w[std::size_t(k)] + 0.05f * normal(rng) / sd;
+    }
+    for (std::int64_t i = 0; i < cfg.n; ++i) {
+      const float h = 0.1f * (1.f + 0.3f * normal(rng));
+      for (std::int64_t k = 0; k < cfg.d; ++k) ef[std::size_t(i * lde + k)] = h * w[std::size_t(k)] + 0.01f * normal(rng) / sd;
+    }
+  }
   if (cfg.data == regime::peaked) {  // classifier row i equals embedding i: one dominant logit per row
     for (std::int64_t i = 0; i < std::min(cfg.n, cfg.v); ++i)
       for (std::int64_t k = 0; k < cfg.d; ++k) cf[std::size_t(i * ldc + k)] = ef[std::size_t(i * lde + k)];

@@ -134,7 +134,7 @@ test::case_results run_loss_and_grad_case(test::case_config cfg, std::int64_t bl
   }
   const bool kept = pl.kept_rows > 0 && detail::sm90::available(p, pl, dev, cfg.opts);
   const std::int64_t blocks = kept ? (cfg.n + pl.kept_rows - 1) / pl.kept_rows : 1;
-  cfg.extra_class_roundings = kept ? blocks - 1 : 0;
+  cfg.extra_class_roundings += kept ? blocks - 1 : 0;  // beyond the caller's
   test::host_problem<T> hk = h;
   hk.cfg = cfg;
   const test::device_case<T, G> dc(hk, budget);
@@ -342,6 +342,73 @@ TEST_CASE("GPU: near-uniform rows take a baseline and skip their other tiles", "
         run_loss_and_grad_case<__nv_bfloat16, __nv_bfloat16>(cfg, 1024, test::gradient_check::relative);
     CHECK(r.filter_tiles[1] > 0);  // most of the 47 class tiles hold a target of each 128-row tile; not all
   }
+}
+
+// Rows near-uniform to first order (no bias, no softcap): logits a tenth from flat at uniform_tolerance 1/16, whose
+// first-order share is a tenth of the gradient, and the benchmark's uniform data at the default tolerance. Every
+// tile without a target is skipped and the share is added after the walk (one more rounding of dE and dC), on both
+// kernel paths: chunked, minimal at the least budget that plans it (D = 1,024: its D x D matrix then leaves room
+// for slabs narrower than D), with accumulating gradients (minimal's two passes), fp32 gradients, a D that TMA
+// cannot address (the portable products), and loss_and_grad over two row blocks with class weights.
+TEST_CASE("GPU: rows near-uniform to first order skip their other tiles", "[gpu][baseline]") {
+  using policy = tile::default_policy_t<__nv_bfloat16>;
+  device_info dev;
+  REQUIRE(current_device(dev) == status::success);
+  for (bool hopper : {true, false}) {
+    for (int variant = 0; variant < 6; ++variant) {
+      test::case_config cfg;
+      const bool minimal = variant == 1 || variant == 2;
+      cfg.n = 200;
+      cfg.d = variant == 4 ? 97 : minimal ? 1024 : 256;
+      cfg.v = minimal ? 8000 : 16000;
+      cfg.data = variant == 5 ? test::regime::uniform : test::regime::near_flat;
+      cfg.seed = 29 + variant;
+      if (variant != 5) cfg.opts.uniform_tolerance = 1.f / 16;
+      cfg.opts.hopper_kernels = hopper;
+      cfg.opts.accumulate = variant == 2;
+      cfg.extra_row_roundings = cfg.extra_class_roundings = 1;
+      std::size_t budget = 0;
+      if (minimal) {  // at the least budget (in 16 KiB steps) that plans the products
+        cfg.opts.backward_mode = backward_mode::minimal;
+        auto make = [&](std::size_t b) {
+          return detail::make_plan<__nv_bfloat16>(cfg.n, cfg.d, cfg.v, 0, false, cfg.opts, policy::bm, policy::bn,
+                                                  dev, b, false, 0, policy::forward_ctas_per_sm);
+        };
+        // What the call plans: from the workspace the size query reports.
+        auto plan = [&] { return make(make(budget).workspace_bytes<__nv_bfloat16>()); };
+        for (budget = std::size_t(16) << 10; budget < (std::size_t(64) << 20); budget += std::size_t(16) << 10)
+          if (plan().linear() && plan().mode == backward_mode::minimal && (variant == 2 || plan().carried_pass.cols))
+            break;
+        INFO("slab " << plan().linear_slab_cols);
+        CHECK(plan().linear());
+        CHECK(plan().linear_slab_cols < cfg.d);
+        CHECK((plan().carried_pass.cols > 0) == (variant == 1));
+      }
+      INFO("hopper " << hopper << " variant " << variant << " budget " << budget);
+      const auto h = test::make_problem<__nv_bfloat16>(cfg);
+      const test::case_results r = run_device<__nv_bfloat16, __nv_bfloat16>(h, budget);
+      test::check_case<__nv_bfloat16, __nv_bfloat16>(h, r, true, test::gradient_check::relative);
+      // 2 row tiles x 125 (63) class tiles of 128; the 200 targets lie in at most 200 of them.
+      CHECK(r.filter_tiles[0] + r.filter_tiles[1] == 2 * ((cfg.v + 127) / 128));
+      CHECK(r.filter_tiles[0] <= 200);
+      if (variant == 0) {
+        const test::case_results f = run_device<__nv_bfloat16, float>(h, budget);
+        test::check_case<__nv_bfloat16, float>(h, f, true, test::gradient_check::relative);
+      }
+    }
+  }
+  test::case_config cfg;
+  cfg.n = 1500;
+  cfg.d = 128;
+  cfg.v = 6000;
+  cfg.data = test::regime::near_flat;
+  cfg.seed = 37;
+  cfg.class_weights = true;
+  cfg.opts.uniform_tolerance = 1.f / 16;
+  cfg.extra_row_roundings = cfg.extra_class_roundings = 1;
+  const test::case_results r =
+      run_loss_and_grad_case<__nv_bfloat16, __nv_bfloat16>(cfg, 1024, test::gradient_check::relative);
+  CHECK(r.filter_tiles[1] > 0);
 }
 
 // Minimal mode's two passes take their own blocks: over a range of budgets the plans carry dE across chunks, carry

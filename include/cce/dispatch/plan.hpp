@@ -93,13 +93,27 @@ struct pass_buffers {
 
 // The near-uniform rows' baseline (row_loss.hpp), plan::baseline only. The products add row_scale[i] class_sum
 // to dE row i and row_sums[0..D) to every class of dC, the bias gradient row_sums[D].
+// With plan::linear, rows near-uniform to first order add linear_scale[i] e_i (C^T C - s s^T / V) to dE row i
+// (s = class_sum) and c (sum_i linear_scale[i] e_i^T e_i) + gram_term to class c of dC.
 struct uniform_baseline_buffers {
   float* row_scale = nullptr;   // N: the baseline on the draw's scale (baseline / T), 0 for other rows
   float* block_max = nullptr;   // row_tiles: the largest tile max of each row tile
   float* class_sum = nullptr;   // D: sum of the classifier rows, once a row is near-uniform (0 until then)
   float* row_sums = nullptr;    // D + 1: sum of row_scale[i] e_i over the rows a product covers, then of row_scale
   float* partial = nullptr;     // max_baseline_splits x (D + 1): class_sum or row_sums per split of their rows
-  int* state = nullptr;         // 2: [0] a near-uniform row was seen, [1] class_sum holds the column sums
+  float* linear_scale = nullptr;  // N: the slope on the product's scale (slope / T), 0 for other rows; plan::linear
+  float* class_mean = nullptr;    // D: -class_sum / V; plan::linear
+  float* gram_term = nullptr;     // D: -class_sum / V times the rows' Gram matrix; plan::linear
+  int* state = nullptr;  // 4: [0] a near-uniform row was seen, [1] class_sum holds the column sums, [2] a row may
+                         // be near-uniform to first order, [3] one is
+};
+
+// The first-order baseline's products after the walk, in the passes' region (the walk is done with it): the D x D
+// matrix (C^T C, then the rows' Gram matrix) and a slab of the rows scaled by linear_scale.
+template <class T>
+struct linear_baseline_buffers {
+  T* gram = nullptr;  // D x D
+  T* slab = nullptr;  // N x plan::linear_slab_cols
 };
 
 template <class T>
@@ -118,6 +132,7 @@ struct backward_buffers {
   // or the carried pass alone (its acc and comp set by the call: in dC's buffer).
   pass_buffers<T> de, dc, carried;
   uniform_baseline_buffers baseline;
+  linear_baseline_buffers<T> linear;  // in the passes' region
 };
 
 // The buffers of the logit-keeping loss_and_grad (plan::kept_rows rows per block), live together: the forward's
@@ -160,6 +175,11 @@ struct plan {
   bool kahan = false;
   bool sort = false;             // options::vocab_sort
   bool baseline = false;         // near-uniform rows take a baseline (options::uniform_tolerance)
+  // ... and to first order where they qualify: its per-row buffers (no softcap, no bias), and its products (their
+  // buffers fit in the region the passes leave free once done) on slabs of this many columns of E.
+  bool linear_rows = false;
+  std::int64_t linear_slab_cols = 0;
+  bool linear() const { return linear_slab_cols > 0; }
   bool weights = false;          // class weights are gathered with the sorted chunks
   std::size_t sort_temp = 0;     // scratch of the device sort, at least 1 byte with vocab_sort
   std::int64_t mean_splits = 1;  // row splits of the column mean of E
@@ -223,7 +243,31 @@ struct plan {
     b.de = carve_pass<T>(region, de_pass, true, fused, &de_bytes);
     b.dc = fused ? b.de : carve_pass<T>(region, dc_pass, false, true, &dc_bytes);
     if (carried_pass.cols > 0) b.carried = carve_pass<T>(region, carried_pass, true, true, &carried_bytes, false);
+    b.linear = carve_linear<T>(region);
     if (bytes) *bytes = c.bytes() + std::max({de_bytes, dc_bytes, carried_bytes});
+    return b;
+  }
+  // Bytes of the region the passes share.
+  template <class T>
+  std::size_t pass_region_bytes() const {
+    carver c;
+    carve_backward_rows<T>(c);
+    std::size_t total = 0;
+    carve_backward<T>(nullptr, &total);
+    return total - c.bytes();
+  }
+
+  template <class T>
+  linear_baseline_buffers<T> carve_linear(void* region, std::size_t* bytes = nullptr) const {
+    return carve_linear<T>(region, linear_slab_cols, bytes);
+  }
+  template <class T>
+  linear_baseline_buffers<T> carve_linear(void* region, std::int64_t slab_cols, std::size_t* bytes = nullptr) const {
+    carver c(region);
+    linear_baseline_buffers<T> b;
+    b.gram = c.take<T>(slab_cols > 0 ? d * d : 0);
+    b.slab = c.take<T>(n * slab_cols);
+    if (bytes) *bytes = c.bytes();
     return b;
   }
 
@@ -254,7 +298,10 @@ struct plan {
     b.class_sum = c.take<float>(d);
     b.row_sums = c.take<float>(d + 1);
     b.partial = c.take<float>(max_baseline_splits * (d + 1));
-    b.state = c.take<int>(2);
+    b.linear_scale = c.take<float>(linear_rows ? n : 0);
+    b.class_mean = c.take<float>(linear_rows ? d : 0);
+    b.gram_term = c.take<float>(linear_rows ? d : 0);
+    b.state = c.take<int>(4);
     return b;
   }
 
@@ -310,6 +357,7 @@ struct plan {
     pb.db_acc = c.take<float>(cols * rank);
     pb.dbias_partial = c.take<float>(bias ? ceil_div(rows, grid.bm) * cols : 0);
     pb.tile_queue = c.take<int>(1);
+    k.bw.linear = carve_linear<T>(pb.dz);
     if (bytes) *bytes = c.bytes();
     return k;
   }
@@ -395,6 +443,7 @@ plan plan_operating_point(std::int64_t n, std::int64_t d, std::int64_t v, std::i
   // classifier is C + s B A), smoothing (no filter) or the sorted walk (whose tiles are decided from the recomputed
   // logits); nor with one class tile, which holds every target.
   p.baseline = p.filter && opt.label_smoothing == 0.f && rank == 0 && !opt.vocab_sort && p.grid.col_tiles() > 1;
+  p.linear_rows = p.baseline && !(opt.softcap > 0.f) && !bias;  // plan_linear_baseline
   p.weights = weights;
   p.sort_temp = opt.vocab_sort ? std::max<std::size_t>(sort_temp, 1) : 0;  // a null scratch means a size query
   p.mean_splits = std::clamp<std::int64_t>(ceil_div(n, mean_rows_per_split), 1, 64);
@@ -563,6 +612,33 @@ void plan_kept_logits(plan& p, const options& opt, const device_info& dev, std::
   p = with_rows(rows);
 }
 
+// The first-order baseline's products (plan::linear_slab_cols), where its per-row buffers are planned (with the
+// baseline, no softcap, whose derivative is not linear in the logit, and no bias): when the D x D matrix and a slab
+// of at least one tile of columns fit in the region the passes (or loss_and_grad's dZ block) leave once done; the
+// widest such slab, up to all of D. They add nothing to the workspace.
+template <class T>
+void plan_linear_baseline(plan& p) {
+  if (!p.linear_rows) return;
+  std::size_t region = p.pass_region_bytes<T>();
+  if (p.kept_rows > 0) {
+    region = std::min(region, std::size_t(std::min(p.kept_rows, p.n) * round_up(p.v, std::int64_t(p.grid.bn))) *
+                                  sizeof(T));
+  }
+  const std::int64_t unit = p.grid.bn, widest = round_up(p.d, unit);
+  auto fits = [&](std::int64_t cols) {
+    std::size_t bytes = 0;
+    p.carve_linear<T>(nullptr, cols, &bytes);
+    return bytes <= region;
+  };
+  if (!fits(unit)) return;
+  std::int64_t lo = 1, hi = widest / unit + 1;  // fits(lo * unit), !fits(hi * unit) or hi past widest
+  while (hi - lo > 1) {
+    const std::int64_t mid = (lo + hi) / 2;
+    (fits(mid * unit) ? lo : hi) = mid;
+  }
+  p.linear_slab_cols = lo * unit;
+}
+
 // Plan for a problem: `bm` x `bn` logit tiles, a workspace budget in bytes (0: the default of the mode).
 // `weights`: the problem has class weights; `sort_temp`: bytes of the device sort's scratch for V keys (what the
 // GPU path's sort asks for; 0 on the host), used with options::vocab_sort; `forward_ctas_per_sm`: the forward
@@ -575,6 +651,7 @@ plan make_plan(std::int64_t n, std::int64_t d, std::int64_t v, std::int64_t rank
   plan p = plan_operating_point<T>(n, d, v, rank, bias, opt, bm, bn, dev, budget, weights, sort_temp,
                                    forward_ctas_per_sm);
   plan_kept_logits<T>(p, opt, dev, budget);
+  plan_linear_baseline<T>(p);
   return p;
 }
 

@@ -166,6 +166,7 @@ class portable_path {
         }
       }
     }
+    CCE_TRY(linear_baseline_products(bw, bw.linear, out, stream));
     if (out.da) CCE_TRY(da_product(bw, out.da, stream));
     return status::success;
   }
@@ -209,6 +210,7 @@ class portable_path {
       if (grads.db) CCE_TRY(db_product(bw, pb, s, grads.db, r0, rows, first, last, stream));
     }
     CCE_TRY(loss_total(out, sv, kb.fw.block_sums, stream));
+    CCE_TRY(linear_baseline_products(bw, bw.linear, grads, stream));
     if (grads.da) CCE_TRY(da_product(bw, grads.da, stream));
     return status::success;
   }
@@ -224,7 +226,7 @@ class portable_path {
   // near-uniform row seen.
   status start_backward(const backward_buffers<T>& bw, unsigned long long* counts, cudaStream_t stream) const {
     if (baseline() && (cudaMemsetAsync(bw.baseline.class_sum, 0, sizeof(float) * p_.d, stream) != cudaSuccess ||
-                       cudaMemsetAsync(bw.baseline.state, 0, 2 * sizeof(int), stream) != cudaSuccess)) {
+                       cudaMemsetAsync(bw.baseline.state, 0, 4 * sizeof(int), stream) != cudaSuccess)) {
       return status::cuda_error;
     }
     if (p_.has_lora()) {
@@ -486,14 +488,53 @@ class portable_path {
       cp.inv_temperature = 1.f / o_.temperature;
       cp.row_scale = bw.baseline.row_scale + r0;
       cp.baseline_state = bw.baseline.state;
+      if (linear()) {
+        cp.linear = filter::near_uniform_linear_of<T>(o_, p_.v);
+        cp.linear_scale = bw.baseline.linear_scale + r0;
+      }
     }
     coefficients_kernel<><<<blocks_for(count, 256), 256, 0, stream>>>(cp);
+    CCE_TRY(launch_status());
+    if (!linear()) return status::success;
+    // The first-order test, once a row may pass it: it needs the class sums.
+    CCE_TRY(class_sums(bw, stream));
+    linear_rows_params lp;
+    lp.e = p_.e + r0 * p_.e_stride();
+    lp.lde = p_.e_stride();
+    lp.n = count;
+    lp.d = p_.d;
+    lp.class_sum = bw.baseline.class_sum;
+    lp.class_mean = bw.baseline.class_mean;
+    lp.inv_classes = 1.f / float(p_.v);
+    lp.inv_temperature = 1.f / o_.temperature;
+    lp.test = cp.linear;
+    lp.coef = cp.coef;
+    lp.row_scale = cp.row_scale;
+    lp.linear_scale = cp.linear_scale;
+    lp.state = bw.baseline.state;
+    linear_rows_kernel<T><<<blocks_for(32 * count, 256), 256, 0, stream>>>(lp);
     return launch_status();
   }
 
   // Whether near-uniform rows take a baseline: as planned, and over the whole vocabulary (a shard's tile maxima
-  // do not bound the other shards' probabilities).
+  // do not bound the other shards' probabilities); and to first order where they qualify (linear_rows_kernel).
   bool baseline() const { return pl_.baseline && p_.total_classes() == p_.v; }
+  bool linear() const { return baseline() && pl_.linear(); }
+
+  // The column sums of C (uniform_baseline.cuh), once a row is near-uniform or may be to first order.
+  status class_sums(const backward_buffers<T>& bw, cudaStream_t stream) const {
+    const uniform_baseline_buffers& b = bw.baseline;
+    const std::int64_t d = p_.d;
+    const unsigned col_blocks = unsigned(ceil_div(d + 1, std::int64_t(256)));
+    const std::int64_t class_splits = baseline_splits(p_.v);
+    baseline_partial_kernel<T, baseline_sum::classes><<<dim3(col_blocks, unsigned(class_splits)), 256, 0, stream>>>(
+        p_.c, p_.c_stride(), p_.v, d, nullptr, class_splits, b.state, b.partial);
+    CCE_TRY(launch_status());
+    baseline_total_kernel<baseline_sum::classes><<<blocks_for(d, 256), 256, 0, stream>>>(b.partial, d, d,
+                                                                                       class_splits, b.state,
+                                                                                       b.class_sum);
+    return launch_status();
+  }
 
   // The baseline's column sums for the products of rows [r0, r0 + count) (uniform_baseline.cuh): C's, once a row is
   // near-uniform, and these rows' baselines times E.
@@ -503,14 +544,8 @@ class portable_path {
     const uniform_baseline_buffers& b = bw.baseline;
     const std::int64_t d = p_.d;
     const unsigned col_blocks = unsigned(ceil_div(d + 1, std::int64_t(256)));
-    const std::int64_t class_splits = baseline_splits(p_.v), row_splits = baseline_splits(count);
-    baseline_partial_kernel<T, baseline_sum::classes><<<dim3(col_blocks, unsigned(class_splits)), 256, 0, stream>>>(
-        p_.c, p_.c_stride(), p_.v, d, nullptr, class_splits, b.state, b.partial);
-    CCE_TRY(launch_status());
-    baseline_total_kernel<baseline_sum::classes><<<blocks_for(d, 256), 256, 0, stream>>>(b.partial, d, d,
-                                                                                       class_splits, b.state,
-                                                                                       b.class_sum);
-    CCE_TRY(launch_status());
+    const std::int64_t row_splits = baseline_splits(count);
+    CCE_TRY(class_sums(bw, stream));
     baseline_partial_kernel<T, baseline_sum::rows><<<dim3(col_blocks, unsigned(row_splits)), 256, 0, stream>>>(
         p_.e + r0 * p_.e_stride(), p_.e_stride(), count, d, b.row_scale + r0, row_splits, b.state, b.partial);
     CCE_TRY(launch_status());
@@ -679,6 +714,70 @@ class portable_path {
 
   template <class G>
   using product_params = grad_gemm_params<T, G, Policy::bm>;
+
+  // The first-order baseline's share of the gradients (row_loss.hpp), added once the walk is done with the region
+  // that holds `lb`; nothing runs unless a row took it (state[3]). With s the column sums of C and l the rows'
+  // linear_scale: dE += diag(l) E (C^T C - s s^T / V), the symmetric matrix formed on and above its diagonal, then
+  // dC += C H - (s / V) H with H = E^T diag(l) E, formed over slabs of its columns. Each adds to the output rounded as it is (a 16-bit gradient is rounded twice).
+  template <class G>
+  status linear_baseline_products(const backward_buffers<T>& bw, const linear_baseline_buffers<T>& lb,
+                                  const gradients<G>& out, cudaStream_t stream) const {
+    if (!linear() || p_.n == 0) return status::success;
+    const uniform_baseline_buffers& b = bw.baseline;
+    const std::int64_t n = p_.n, d = p_.d, v = p_.v;
+    const int* any = b.state + 3;
+    auto product = [&](auto* to, std::int64_t ld, operand<T> a, operand<T> bop, std::int64_t m, std::int64_t cols,
+                       std::int64_t k, bool add) {
+      product_params<std::remove_pointer_t<decltype(to)>> prm;
+      prm.a = a;
+      prm.b = bop;
+      prm.m = m;
+      prm.n = cols;
+      prm.k = k;
+      prm.accumulate = add;
+      prm.out = to;
+      prm.ld_out = ld;
+      prm.enabled = any;
+      return prm;
+    };
+    if (out.de) {
+      auto gram = product(lb.gram, d, {p_.c, p_.c_stride(), d, v}, {p_.c, p_.c_stride(), d, v}, d, d, v, false);
+      gram.baseline_rows = b.class_sum;
+      gram.baseline_term = b.class_mean;
+      gram.upper = true;
+      CCE_TRY((gemm<T, major::mn, major::mn>(gram, stream)));
+      const unsigned blocks = unsigned(ceil_div(d, std::int64_t(32)));
+      mirror_lower_kernel<T><<<dim3(blocks, blocks), dim3(32, 8), 0, stream>>>(lb.gram, d, b.state);
+      CCE_TRY(launch_status());
+      auto de = product(out.de, out.ld_de ? out.ld_de : d, {p_.e, p_.e_stride(), n, d}, {lb.gram, d, d, d}, n, d, d,
+                        true);
+      de.row_scale = b.linear_scale;
+      CCE_TRY((gemm<G, major::k, major::mn>(de, stream)));
+    }
+    if (!out.dc) return status::success;
+    const std::int64_t w = pl_.linear_slab_cols;
+    for (std::int64_t j0 = 0; j0 < d; j0 += w) {
+      const std::int64_t cols = std::min(w, d - j0);
+      scaled_slab_kernel<T><<<blocks_for(n * cols, 256), 256, 0, stream>>>(p_.e, p_.e_stride(), n, j0, cols, w,
+                                                                          b.linear_scale, b.state, lb.slab);
+      CCE_TRY(launch_status());
+      auto h = product(lb.gram + j0, d, {p_.e, p_.e_stride(), d, n}, {lb.slab, w, cols, n}, d, cols, n, false);
+      CCE_TRY((gemm<T, major::mn, major::mn>(h, stream)));
+    }
+    // gram_term = -(s / V) H: H's rows weighted by class_mean, in the baseline's column sums.
+    const std::int64_t splits = baseline_splits(d);
+    baseline_partial_kernel<T, baseline_sum::rows><<<dim3(unsigned(ceil_div(d + 1, std::int64_t(256))),
+                                                          unsigned(splits)), 256, 0, stream>>>(
+        lb.gram, d, d, d, b.class_mean, splits, b.state, b.partial);
+    CCE_TRY(launch_status());
+    baseline_total_kernel<baseline_sum::rows><<<blocks_for(d, 256), 256, 0, stream>>>(b.partial, d, d, splits,
+                                                                                    b.state, b.gram_term);
+    CCE_TRY(launch_status());
+    auto dc = product(out.dc, out.ld_dc ? out.ld_dc : d, {p_.c, p_.c_stride(), v, d}, {lb.gram, d, d, d}, v, d, d,
+                      true);
+    dc.baseline_term = b.gram_term;
+    return gemm<G, major::k, major::mn>(dc, stream);
+  }
 
   // dE[r0 : r0 + rows] (+)= dZ C[slice] (+ scale * q A on the last chunk).
   template <class G>

@@ -12,6 +12,11 @@
 // softcap's factor of dz/draw (1 without softcap): the tiles without its target then hold only the softmax's
 // deviation from 1/V, which the filter may skip, and the products add the baseline's share back for every class
 // (baseline times the column sums of C into dE, the rows' baselines times E into every class of dC).
+// A row near enough to flat takes the baseline to first order instead (no softcap, no bias): with zbar the row's
+// mean logit and kappa = exp(zbar - lse) V, p_v = (kappa / V) e^(z_v - zbar) >= (kappa / V)(1 + z_v - zbar), so
+// the draw less baseline = (ce + extra) kappa / V and slope = baseline / T times (z_v - zbar) leaves a deviation
+// that is nowhere negative and adds up to 1 - kappa exactly; the products add the linear share through C^T C (dE)
+// and E^T E (dC) after the walk (dispatch/portable.cuh, linear_baseline_products).
 #pragma once
 
 #include <cce/detail/math.hpp>
@@ -39,28 +44,30 @@ struct dlogit_coefficients {
   float extra = 0.f;            // g (eps W / V + 2 lambda lse)
   float gamma = 0.f;            // g eps / V
   float target_residual = 0.f;  // p_y - 1
-  float baseline = 0.f;         // (ce + extra) / V for a near-uniform row, else 0
+  float baseline = 0.f;         // (ce + extra) / V for a near-uniform row, times kappa to first order, else 0
+  float slope = 0.f;            // baseline / T for a row near-uniform to first order, else 0
+  float mean_logit = 0.f;       // zbar of such a row
 
   // dz_v without the baseline.
   CCE_HOST_DEVICE float operator()(float p, bool is_target, float class_weight) const {
     return ce * (is_target ? target_residual : p) + extra * p - gamma * class_weight;
   }
-  // What the products take for class v: dz_v times the logit's derivative dz/draw = f_v / T, less the baseline's
-  // share baseline / T.
-  CCE_HOST_DEVICE float draw(float p, bool is_target, float class_weight, float derivative,
-                             float inv_temperature) const {
-    return (*this)(p, is_target, class_weight) * derivative - baseline * inv_temperature;
+  // What the products take for class v of logit z: dz_v times the logit's derivative dz/draw = f_v / T, less the
+  // baseline's share baseline / T + slope (z - zbar).
+  CCE_HOST_DEVICE float draw(float p, bool is_target, float class_weight, float derivative, float inv_temperature,
+                             float z) const {
+    return (*this)(p, is_target, class_weight) * derivative - baseline * inv_temperature - slope * (z - mean_logit);
   }
 
   // The common case in three coefficients: at a class that is not the target, of weight 1, with the derivative's
   // constant factor s = 1/T, the draw is (a p + b) f + c, f the softcap's factor when `capped`; without softcap the
-  // baseline joins b and c is 0 (the draw is a p + b).
+  // baseline joins b and the draw is a p + b + c z (c = -slope: 0 unless the row is near-uniform to first order).
   struct affine {
     float a, b, c;
   };
   CCE_HOST_DEVICE affine non_target(float s, bool capped) const {
     return capped ? affine{(ce + extra) * s, -gamma * s, -baseline * s}
-                  : affine{(ce + extra) * s, -(gamma + baseline) * s, 0.f};
+                  : affine{(ce + extra) * s, slope * mean_logit - (gamma + baseline) * s, -slope};
   }
 };
 

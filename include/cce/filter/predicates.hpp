@@ -65,6 +65,33 @@ struct near_uniform {
   }
 };
 
+// To first order (row_loss.hpp; no softcap) a row with mean logit zbar drops 1 - kappa, kappa = exp(zbar - lse) V:
+// it qualifies when that is at most 2 tolerance, the bound of the baseline 1/V. The column sums that zbar needs are
+// taken only once some row is `plausible`: its largest logit within a few standard deviations of flat (1 - kappa is
+// about half the logits' variance), a heuristic that decides only whether the test runs.
+struct near_uniform_linear {
+  float log_kappa_floor = detail::inf_f();  // log(1 - 2 tolerance): nothing qualifies at +inf
+  float log_classes = 0.f;
+  float plausible_bound = -detail::inf_f();  // on z_max - (lse - log V)
+
+  CCE_HOST_DEVICE static near_uniform_linear make(float tolerance, long long classes) {
+    near_uniform_linear f;
+    if (!(tolerance > 0.f)) return f;
+    f.log_classes = detail::log_f(float(classes));
+    f.log_kappa_floor = 2.f * tolerance < 1.f ? detail::log1p_f(-2.f * tolerance) : -detail::inf_f();
+    f.plausible_bound = detail::log_f(2.f) + 8.f * detail::sqrt_f(tolerance);
+    return f;
+  }
+  CCE_HOST_DEVICE bool plausible(float z_max, float lse) const {
+    return z_max - (lse - log_classes) <= plausible_bound;
+  }
+  // log kappa of a row with mean logit zbar; the row qualifies when it is at least log_kappa_floor (NaN fails).
+  CCE_HOST_DEVICE float log_kappa(float mean_logit, float lse) const { return mean_logit - (lse - log_classes); }
+  CCE_HOST_DEVICE bool holds(float mean_logit, float lse) const {
+    return log_kappa(mean_logit, lse) >= log_kappa_floor;
+  }
+};
+
 // eps = machine epsilon of the element type / 32 (bf16 2^-12, fp16 2^-15, fp32 2^-28).
 template <class T>
 constexpr float auto_eps() noexcept {
@@ -86,6 +113,10 @@ template <class T>
 near_uniform near_uniform_of(const options& o, long long classes) {
   const float cap = o.softcap > 0.f ? o.softcap / o.temperature : detail::inf_f();
   return near_uniform::make(uniform_tolerance_of<T>(o), classes, cap);
+}
+template <class T>
+near_uniform_linear near_uniform_linear_of(const options& o, long long classes) {
+  return near_uniform_linear::make(uniform_tolerance_of<T>(o), classes);
 }
 
 }  // namespace cce::filter

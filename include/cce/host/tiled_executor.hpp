@@ -134,7 +134,8 @@ class tiled_executor {
       bw.coef[row] = rc;
     }
     // Over the whole vocabulary only: a shard's tile maxima do not bound the other shards' probabilities.
-    if (pl.baseline && p.total_classes() == p.v) take_baselines(p, x, pl, sv, bw.baseline, bw.coef);
+    bool linear_rows = false;  // rows near-uniform to first order, whose share is added after the walk
+    if (pl.baseline && p.total_classes() == p.v) linear_rows = take_baselines(p, x, pl, sv, bw.baseline, bw.coef);
     else bw.baseline = {};
     if (p.has_lora()) {
       lora_project(p, bw.lora_p);
@@ -203,6 +204,7 @@ class tiled_executor {
         if (out.dbias) dbias_update(s, pl, bw, dc, out);
       }
     }
+    if (linear_rows) add_linear_baselines(p, x, bw.baseline, out);
     if (out.da) da_update(p, bw, out);
     return status::success;
   }
@@ -491,12 +493,15 @@ class tiled_executor {
 
   // The near-uniform rows' baseline (row_loss.hpp, as kernel/portable/uniform_baseline.cuh computes it): the rows
   // whose row tile's largest tile max passes filter::near_uniform with their lse, their baseline on the
-  // draw's scale (0 for the other rows), the column sums of C and, for all rows, of row_scale[i] e_i and row_scale.
-  void take_baselines(const problem<T>& p, const dense_inputs& x, const detail::plan& pl,
+  // draw's scale (0 for the other rows), the column sums of C and, for all rows, of row_scale[i] e_i and row_scale;
+  // with plan::linear, first the rows near-uniform to first order. Returns whether there are such rows.
+  bool take_baselines(const problem<T>& p, const dense_inputs& x, const detail::plan& pl,
                       const detail::saved_buffers& sv, const detail::uniform_baseline_buffers& b,
                       detail::row_coefficients* coef) const {
     const tile::tile_grid& g = pl.grid;
     const auto uniform = filter::near_uniform_of<T>(opt_, p.total_classes());
+    const auto linear = filter::near_uniform_linear_of<T>(opt_, p.v);
+    bool plausible = false;  // some row may be near-uniform to first order
     for (std::int64_t rt = 0; rt < g.row_tiles(); ++rt) {
       float m = -detail::inf_f();
       for (std::int64_t ct = 0; ct < g.col_tiles(); ++ct) m = detail::max_f(m, sv.tile_max[rt * g.col_tiles() + ct]);
@@ -504,19 +509,95 @@ class tiled_executor {
         detail::row_coefficients& rc = coef[row];
         if (rc.kept && uniform.holds(m, rc.lse))
           rc.dz.baseline = (rc.dz.ce + rc.dz.extra) * (1.f / float(p.total_classes()));
+        plausible = plausible || (rc.kept && linear.plausible(m, rc.lse));
         b.row_scale[row] = rc.dz.baseline / opt_.temperature;
       }
     }
+    for (std::int64_t d = 0; d < p.d; ++d) {
+      float classes = 0.f;
+      for (std::int64_t c = 0; c < p.v; ++c) classes += x.c[std::size_t(c * p.d + d)];
+      b.class_sum[d] = classes;
+    }
+    const bool linear_rows = pl.linear() && take_linear_baselines(p, x, linear, plausible, b, coef);
     for (std::int64_t d = 0; d <= p.d; ++d) {
-      float classes = 0.f, rows = 0.f;
-      if (d < p.d) {
-        for (std::int64_t c = 0; c < p.v; ++c) classes += x.c[std::size_t(c * p.d + d)];
-        b.class_sum[d] = classes;
-      }
+      float rows = 0.f;
       for (std::int64_t row = 0; row < p.n; ++row)
         rows += b.row_scale[row] * (d < p.d ? x.e[std::size_t(row * p.d + d)] : 1.f);
       b.row_sums[d] = rows;
     }
+    return linear_rows;
+  }
+
+  // The first-order test (as kernel/portable/uniform_baseline.cuh's linear_rows_kernel), run when some kept row is
+  // `plausible`; returns whether a row passed.
+  bool take_linear_baselines(const problem<T>& p, const dense_inputs& x, const filter::near_uniform_linear& test,
+                             bool plausible, const detail::uniform_baseline_buffers& b,
+                             detail::row_coefficients* coef) const {
+    const float inv_classes = 1.f / float(p.v), s = 1.f / opt_.temperature;
+    std::fill(b.linear_scale, b.linear_scale + p.n, 0.f);
+    for (std::int64_t d = 0; d < p.d; ++d) b.class_mean[d] = -b.class_sum[d] * inv_classes;
+    bool any = false;
+    for (std::int64_t row = 0; plausible && row < p.n; ++row) {
+      detail::row_coefficients& rc = coef[row];
+      float dot = 0.f;
+      for (std::int64_t d = 0; d < p.d; ++d) dot += x.e[std::size_t(row * p.d + d)] * b.class_sum[d];
+      const float zbar = dot * inv_classes * s;
+      if (!rc.kept || !test.holds(zbar, rc.lse)) continue;
+      rc.dz.baseline = (rc.dz.ce + rc.dz.extra) * inv_classes * detail::exp_f(test.log_kappa(zbar, rc.lse));
+      rc.dz.slope = rc.dz.baseline * s;
+      rc.dz.mean_logit = zbar;
+      b.row_scale[row] = rc.dz.slope;
+      b.linear_scale[row] = rc.dz.slope * s;
+      any = true;
+    }
+    return any;
+  }
+
+  // The first-order baseline's share, once the walk is done (dispatch/portable.cuh, linear_baseline_products): with
+  // l = linear_scale and s = class_sum, dE += diag(l) E G, G = C^T C - s s^T / V, and dC += C H - (s / V) H,
+  // H = E^T (diag(l) E), the matrices and the scaled rows rounded to T as the GPU stores them.
+  template <class G>
+  void add_linear_baselines(const problem<T>& p, const dense_inputs& x, const detail::uniform_baseline_buffers& b,
+                            const gradients<G>& out) const {
+    const std::int64_t n = p.n, dd = p.d, v = p.v;
+    const auto rounded = [](float y) { return detail::to_float(detail::from_float<T>(y)); };
+    std::vector<float> m(std::size_t(dd * dd));
+    if (out.de) {
+      for (std::int64_t i = 0; i < dd; ++i)
+        for (std::int64_t j = 0; j < dd; ++j) {
+          float acc = 0.f;
+          for (std::int64_t c = 0; c < v; ++c) acc += x.c[std::size_t(c * dd + i)] * x.c[std::size_t(c * dd + j)];
+          m[std::size_t(i * dd + j)] = rounded(acc + b.class_sum[i] * b.class_mean[j]);
+        }
+      const std::int64_t ld = out.ld_de ? out.ld_de : dd;
+      for (std::int64_t row = 0; row < n; ++row)
+        for (std::int64_t j = 0; j < dd; ++j) {
+          float acc = 0.f;
+          for (std::int64_t k = 0; k < dd; ++k) acc += x.e[std::size_t(row * dd + k)] * m[std::size_t(k * dd + j)];
+          out.de[row * ld + j] = store_as<G>(load_g(out.de, row * ld + j) + b.linear_scale[row] * acc);
+        }
+    }
+    if (!out.dc) return;
+    std::vector<float> scaled(std::size_t(n * dd));
+    for (std::int64_t row = 0; row < n; ++row)
+      for (std::int64_t k = 0; k < dd; ++k)
+        scaled[std::size_t(row * dd + k)] = rounded(b.linear_scale[row] * x.e[std::size_t(row * dd + k)]);
+    for (std::int64_t i = 0; i < dd; ++i)
+      for (std::int64_t j = 0; j < dd; ++j) {
+        float acc = 0.f;
+        for (std::int64_t row = 0; row < n; ++row) acc += x.e[std::size_t(row * dd + i)] * scaled[std::size_t(row * dd + j)];
+        m[std::size_t(i * dd + j)] = rounded(acc);
+      }
+    std::vector<float> term(std::size_t(dd), 0.f);
+    for (std::int64_t k = 0; k < dd; ++k)
+      for (std::int64_t j = 0; j < dd; ++j) term[std::size_t(j)] += b.class_mean[k] * m[std::size_t(k * dd + j)];
+    const std::int64_t ld = out.ld_dc ? out.ld_dc : dd;
+    for (std::int64_t c = 0; c < v; ++c)
+      for (std::int64_t j = 0; j < dd; ++j) {
+        float acc = 0.f;
+        for (std::int64_t k = 0; k < dd; ++k) acc += x.c[std::size_t(c * dd + k)] * m[std::size_t(k * dd + j)];
+        out.dc[c * ld + j] = store_as<G>(load_g(out.dc, c * ld + j) + acc + term[std::size_t(j)]);
+      }
   }
 
   // May tile (rt, ct) be skipped? Only rows that contribute count; target tiles and smoothing are never skipped.
@@ -579,7 +660,7 @@ class tiled_executor {
               const float zz = z[std::size_t(r * g.bn + c)];
               const float prob = detail::exp_f(zz - rc.lse);
               const float draw = rc.dz.draw(prob, col == rc.target, s.weight(col), tf.derivative_from_logit(zz),
-                                            tf.inv_temperature);
+                                            tf.inv_temperature, zz);
               pb.dz[(row - r0) * ldz + (col - v0)] = detail::from_float<T>(draw);
               col_sum[std::size_t(c)] += draw;
             }

@@ -209,7 +209,7 @@ __global__ void __launch_bounds__(Policy::threads, Policy::min_blocks) dlogit_ke
       const float z = layout::at(acc, s, c);
       const float p = exp2_approx((z - rc.lse) * log2e);  // exactly 1 at z = lse
       const float w = weights && f.col(c) < limit ? weights[f.col(c)] : 1.f;
-      const float d = rc.dz.draw(p, f.col(c) == target, w, derivative(z), derivative.inv_temperature);
+      const float d = rc.dz.draw(p, f.col(c) == target, w, derivative(z), derivative.inv_temperature, z);
       draw[c] = rc.kept && f.col(c) < limit ? d : 0.f;  // past V inside the tile: 0 (the GEMMs read whole tiles)
       col_sum[c] += draw[c];
     }

@@ -19,12 +19,13 @@ namespace cce::detail {
 // along K) is a compile-time constant so that the per-stage lookup is a shift, not a 64-bit division.
 template <int KTile>
 struct active_k_tiles {
-  const std::uint8_t* flags = nullptr;  // (rows / bm) x chunk_tiles
+  const std::uint8_t* flags = nullptr;  // (rows / bm) x chunk_tiles; null: every tile (a product not over dZ)
   std::int64_t chunk_tiles = 0;
   std::int64_t fixed_tile = 0;   // this CTA's row tile (dE) or vocab tile (dC)
   bool k_is_vocab = true;        // dE: K runs over classes; dC: K runs over rows
 
   __device__ __forceinline__ bool operator()(std::int64_t k) const {
+    if (flags == nullptr) return true;
     const std::int64_t kt = k / KTile;
     return flags[k_is_vocab ? fixed_tile * chunk_tiles + kt : kt * chunk_tiles + fixed_tile] != 0;
   }
@@ -89,6 +90,19 @@ struct grad_gemm_params {
   // s: M values, null for all 1).
   const float* baseline_rows = nullptr;
   const float* baseline_term = nullptr;
+  // The product's row i scaled by row_scale[i] (null: 1), before it is folded in.
+  const float* row_scale = nullptr;
+  // Runs only if *enabled != 0 (null: always): products that the rows decide on the device (the first-order
+  // baseline's, dispatch/portable.cuh).
+  const int* enabled = nullptr;
+  // A symmetric product (M = N): only the output tiles that reach the diagonal or above; the caller mirrors the rest.
+  bool upper = false;
+
+  __device__ __forceinline__ bool disabled() const { return enabled != nullptr && *enabled == 0; }
+  // Whether the output tile at (row0, col0) of `cols` columns is skipped: strictly below the diagonal of an upper one.
+  __device__ __forceinline__ bool below_diagonal(std::int64_t row0, std::int64_t col0, int cols) const {
+    return upper && col0 + cols <= row0;
+  }
 
   __device__ __forceinline__ float baseline_scale(std::int64_t row) const {
     return baseline_rows ? baseline_rows[row] : 1.f;
@@ -194,6 +208,7 @@ __global__ void __launch_bounds__(Policy::threads, Policy::min_blocks)
   extern __shared__ __align__(16) unsigned char smem[];
   const std::int64_t m0 = std::int64_t(blockIdx.x) * Policy::bm, n0 = std::int64_t(blockIdx.y) * Policy::bn;
 
+  if (prm.disabled() || prm.below_diagonal(m0, n0, Policy::bn)) return;
   active_k_tiles<Policy::bm> active = prm.active;
   active.fixed_tile = blockIdx.x;
   const k_tile_census live = census(prm, active);
@@ -214,11 +229,12 @@ __global__ void __launch_bounds__(Policy::threads, Policy::min_blocks)
   for (int s = 0; s < layout::row_slots; ++s) {
     const std::int64_t row = m0 + f.row(s);
     if (row >= prm.m) continue;
+    const float scale = prm.row_scale ? prm.row_scale[row] : 1.f;
 #pragma unroll
     for (int c = 0; c < layout::cols; ++c) {
       const std::int64_t col = n0 + f.col(c);
       if (col >= prm.n) continue;
-      const float x[1] = {layout::at(acc, s, c)};
+      const float x[1] = {scale * layout::at(acc, s, c)};
       gradient_run<1, G> run;
       run.load(prm, row, col);
       run.store(prm, row, col, x);

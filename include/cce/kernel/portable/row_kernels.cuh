@@ -180,6 +180,10 @@ struct coefficient_params {
   float inv_temperature = 1.f;
   float* row_scale = nullptr;  // N, from first_row
   int* baseline_state = nullptr;
+  // The first-order test's gate (plan::linear): rows that may pass it mark baseline_state[2]; linear_scale (N, from
+  // first_row) starts at 0 (linear_rows_kernel sets the rows that pass).
+  filter::near_uniform_linear linear{};
+  float* linear_scale = nullptr;
 };
 
 template <class = void>
@@ -199,12 +203,15 @@ __global__ void coefficients_kernel(const __grid_constant__ coefficient_params p
     rc.target = prm.labels.column(lab);  // the -1 of p - onehot only in the shard that holds the target
     rc.kept = true;
     // NaN in either operand makes the comparison false: no baseline.
-    if (prm.row_scale && prm.uniform.holds(prm.block_max[(prm.first_row + row) / prm.bm], rc.lse)) {
+    const float z_max = prm.row_scale ? prm.block_max[(prm.first_row + row) / prm.bm] : 0.f;
+    if (prm.row_scale && prm.uniform.holds(z_max, rc.lse)) {
       rc.dz.baseline = (rc.dz.ce + rc.dz.extra) * prm.inv_classes;
-      *prm.baseline_state = 1;
+      prm.baseline_state[0] = 1;
     }
+    if (prm.linear_scale && prm.linear.plausible(z_max, rc.lse)) prm.baseline_state[2] = 1;
   }
   if (prm.row_scale) prm.row_scale[row] = rc.dz.baseline * prm.inv_temperature;
+  if (prm.linear_scale) prm.linear_scale[row] = 0.f;
   prm.coef[row] = rc;
 }
 

@@ -13,6 +13,7 @@
 #include <cce/detail/element_type.hpp>
 #include <cce/detail/math.hpp>
 #include <cce/dispatch/plan.hpp>
+#include <cce/filter/predicates.hpp>
 #include <cce/tile/tile_grid.hpp>
 
 namespace cce::detail {
@@ -48,7 +49,10 @@ inline std::int64_t baseline_splits(std::int64_t rows) {
 template <class T, baseline_sum Sum>
 __global__ void baseline_partial_kernel(const T* x, std::int64_t ldx, std::int64_t rows, std::int64_t d,
                                         const float* weights, std::int64_t splits, int* state, float* partial) {
-  if (!state[0] || (Sum == baseline_sum::classes && state[1])) return;  // nothing to add, or the sums are there
+  // Nothing to add, or the sums are there; the class sums are wanted too once a row may be near-uniform to first
+  // order.
+  const bool wanted = state[0] || (Sum == baseline_sum::classes && state[2]);
+  if (!wanted || (Sum == baseline_sum::classes && state[1])) return;
   const std::int64_t col = std::int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (Sum == baseline_sum::rows && col == 0 && blockIdx.y == 0) state[1] = 1;
   if (col > d) return;
@@ -69,13 +73,92 @@ __global__ void baseline_total_kernel(const float* partial, std::int64_t d, std:
                                       const int* state, float* out) {
   const std::int64_t col = std::int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (col >= count || (Sum == baseline_sum::classes && state[1])) return;
-  if (!state[0]) {
+  if (!(state[0] || (Sum == baseline_sum::classes && state[2]))) {
     if (Sum == baseline_sum::rows) out[col] = 0.f;
     return;
   }
   float s = 0.f;
   for (std::int64_t k = 0; k < splits; ++k) s += partial[k * (d + 1) + col];
   out[col] = s;
+}
+
+// The first-order test of rows [0, n) (filter::near_uniform_linear), once some row may pass it (state[2]), with
+// the class sums taken: a warp per row forms zbar = (e . class_sum / V + mean bias = 0) / T and, where the row
+// passes, gives it the first-order baseline (row_loss.hpp) in place of any other, its scales for the products
+// (row_scale, linear_scale) and marks state[0] and state[3]. Then class_sum holds the column sums (state[1]), and
+// class_mean their negated mean.
+struct linear_rows_params {
+  const void* e = nullptr;  // of T
+  std::int64_t lde = 0, n = 0, d = 0;
+  const float* class_sum = nullptr;
+  float* class_mean = nullptr;  // D: -class_sum / V, written here
+  float inv_classes = 0.f, inv_temperature = 1.f;
+  filter::near_uniform_linear test{};
+  row_coefficients* coef = nullptr;
+  float* row_scale = nullptr;
+  float* linear_scale = nullptr;
+  int* state = nullptr;
+};
+
+template <class T>
+__global__ void linear_rows_kernel(const __grid_constant__ linear_rows_params prm) {
+  if (!prm.state[2]) return;
+  const int lane = threadIdx.x % 32;
+  const std::int64_t row = (std::int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+  if (blockIdx.x == 0) {
+    if (threadIdx.x == 0) prm.state[1] = 1;
+    for (std::int64_t k = threadIdx.x; k < prm.d; k += blockDim.x) prm.class_mean[k] = -prm.class_sum[k] * prm.inv_classes;
+  }
+  if (row >= prm.n) return;
+  const T* e = static_cast<const T*>(prm.e) + row * prm.lde;
+  float dot = 0.f;
+  for (std::int64_t k = lane; k < prm.d; k += 32) dot += to_float(e[k]) * prm.class_sum[k];
+#pragma unroll
+  for (int mask = 16; mask > 0; mask /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, mask);
+  if (lane != 0) return;
+  row_coefficients& rc = prm.coef[row];
+  const float zbar = dot * prm.inv_classes * prm.inv_temperature;
+  if (!rc.kept || !prm.test.holds(zbar, rc.lse)) {
+    prm.linear_scale[row] = 0.f;
+    return;
+  }
+  const float kappa = exp_f(prm.test.log_kappa(zbar, rc.lse));
+  rc.dz.baseline = (rc.dz.ce + rc.dz.extra) * prm.inv_classes * kappa;
+  rc.dz.slope = rc.dz.baseline * prm.inv_temperature;
+  rc.dz.mean_logit = zbar;
+  prm.row_scale[row] = rc.dz.slope;
+  prm.linear_scale[row] = rc.dz.slope * prm.inv_temperature;
+  prm.state[0] = 1;
+  prm.state[3] = 1;
+}
+
+// The strictly lower triangle of the d x d matrix m from the upper one, when state[3]: 32 x 32 blocks on or below
+// the diagonal, each read transposed through shared memory.
+template <class T>
+__global__ void mirror_lower_kernel(T* m, std::int64_t d, const int* state) {
+  if (!state[3] || blockIdx.x > blockIdx.y) return;
+  __shared__ T tile[32][33];
+  const std::int64_t r0 = std::int64_t(blockIdx.y) * 32, c0 = std::int64_t(blockIdx.x) * 32;
+  for (int i = threadIdx.y; i < 32; i += blockDim.y) {  // the upper block (c0.., r0..), row by row
+    const std::int64_t r = c0 + i, c = r0 + threadIdx.x;
+    if (r < d && c < d) tile[threadIdx.x][i] = m[r * d + c];
+  }
+  __syncthreads();
+  for (int i = threadIdx.y; i < 32; i += blockDim.y) {
+    const std::int64_t r = r0 + i, c = c0 + threadIdx.x;
+    if (r < d && c < r) m[r * d + c] = tile[i][threadIdx.x];
+  }
+}
+
+// slab[i][j] = linear_scale[i] e[i][col0 + j] for j < cols (ld: the slab's pitch), rows [0, n), when state[3].
+template <class T>
+__global__ void scaled_slab_kernel(const T* e, std::int64_t lde, std::int64_t n, std::int64_t col0, std::int64_t cols,
+                                   std::int64_t ld, const float* linear_scale, const int* state, T* slab) {
+  if (!state[3]) return;
+  const std::int64_t i = std::int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= n * cols) return;
+  const std::int64_t row = i / cols, col = i % cols;
+  slab[row * ld + col] = from_float<T>(linear_scale[row] * to_float(e[row * lde + col0 + col]));
 }
 
 }  // namespace cce::detail

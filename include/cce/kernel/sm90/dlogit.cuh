@@ -230,15 +230,15 @@ __global__ void __launch_bounds__(logit_tile_shape::threads, 1)
       }
     };
     // The common tile of a warp: its 16 rows have gradient and no target here, every class is inside the
-    // vocabulary, no class weights. Then draw = (a p + b) f(z) + c with the row's a, b and c (dlogit_coefficients::
-    // non_target, 1/T in them) and f the softcap's factor: a few instructions per logit where the general form
-    // below takes about 28. With the 8-byte stores it shortens the epilogue, which no product overlaps; either
+    // vocabulary, no class weights. Then draw = (a p + b) f(z) + c with a softcap (f its factor), a p + b + c z
+    // without, with the row's a, b and c (dlogit_coefficients::non_target, 1/T in them; c z only where a row of the
+    // warp is near-uniform to first order): a few instructions per logit where the general form below takes about 28. With the 8-byte stores it shortens the epilogue, which no product overlaps; either
     // alone did not (docs/performance.md).
     const bool plain =
         __all_sync(0xffffffffu, !weighted && out[0] != nullptr && out[1] != nullptr && slot[0].target < 0 &&
                                     slot[1].target < 0 && slot[0].limit == S::bn && slot[1].limit == S::bn);
-    const auto plain_value = [&](auto capped_constant) {
-      constexpr bool capped = decltype(capped_constant)::value;
+    const auto plain_value = [&](auto capped_constant, auto linear_constant) {
+      constexpr bool capped = decltype(capped_constant)::value, linear = decltype(linear_constant)::value;
       const dlogit_coefficients::affine af[2] = {slot[0].rc.dz.non_target(derivative.inv_temperature, capped),
                                                  slot[1].rc.dz.non_target(derivative.inv_temperature, capped)};
       // p = 2^(z log2(e) - lse log2(e)) in one FMA: its rounding (a few 2^-24 of |z| + |lse|, relative) is far below
@@ -247,18 +247,22 @@ __global__ void __launch_bounds__(logit_tile_shape::threads, 1)
       return [&, af, shift](int r, int, float z) {
         float d = fmaf(af[r].a, exp2_approx(fmaf(z, log2e, -shift[r])), af[r].b);
         if constexpr (capped) d = fmaf(d, derivative.softcap_factor(z), af[r].c);
+        if constexpr (linear) d = fmaf(af[r].c, z, d);
         return d;
       };
     };
     if (plain && p.terms.transform.softcap > 0.f) {
-      emit(plain_value(std::true_type{}));
+      emit(plain_value(std::true_type{}, std::false_type{}));
+    } else if (plain && __any_sync(0xffffffffu, slot[0].rc.dz.slope != 0.f || slot[1].rc.dz.slope != 0.f)) {
+      emit(plain_value(std::false_type{}, std::true_type{}));
     } else if (plain) {
-      emit(plain_value(std::false_type{}));
+      emit(plain_value(std::false_type{}, std::false_type{}));
     } else {
       emit([&](int r, int c, float z) {
         const float prob = exp2_approx((z - slot[r].rc.lse) * log2e);  // exactly 1 at z = lse
         const float w = weighted && c < slot[r].limit ? weights[c] : 1.f;
-        const float d = slot[r].rc.dz.draw(prob, c == slot[r].target, w, derivative(z), derivative.inv_temperature);
+        const float d =
+            slot[r].rc.dz.draw(prob, c == slot[r].target, w, derivative(z), derivative.inv_temperature, z);
         return c < slot[r].limit ? d : 0.f;
       });
     }

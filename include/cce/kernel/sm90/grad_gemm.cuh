@@ -259,6 +259,22 @@ __device__ __forceinline__ void add_baseline(const grad_gemm_params<T, G, KTile>
   }
 }
 
+// The thread's accumulators of the tile at row0 times grad_gemm_params::row_scale.
+template <class T, class G, int KTile>
+__device__ __forceinline__ void scale_rows(const grad_gemm_params<T, G, KTile>& p, float (&acc)[128], int cw,
+                                           int lane, std::int64_t row0) {
+  const accumulator_origin origin(cw, lane);
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const std::int64_t row = row0 + origin.row + 8 * r;
+    const float s = row < p.m ? p.row_scale[row] : 0.f;
+#pragma unroll
+    for (int j = 0; j < 32; ++j)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) acc[4 * j + 2 * r + e] *= s;
+  }
+}
+
 // The TMA epilogue of a tile of `prm` (prm.tma != none), staged in `staged`.
 template <std::uint32_t StagingBytes, class T, class G>
 __device__ __forceinline__ void tma_epilogue(const grad_gemm_params_sm90<T, G>& prm, const grad_tile& t,
@@ -282,8 +298,9 @@ __device__ __forceinline__ void grad_gemm_tile(const grad_gemm_params_sm90<T, G>
   __shared__ stage_barriers<S::stages> bars;
 
   const auto& p = prm.base;
+  if (p.disabled()) return;
   const grad_tile t(prm, tile);
-  if (adds_nothing(p, census(p, t.active))) return;
+  if (p.below_diagonal(t.row0(), t.col0(), S::bn) || adds_nothing(p, census(p, t.active))) return;
 
   if (threadIdx.x == 0) bars.init(S::consumer_warps);
   __syncthreads();
@@ -304,6 +321,7 @@ __device__ __forceinline__ void grad_gemm_tile(const grad_gemm_params_sm90<T, G>
   float acc[128];
   ring_position<S::stages> at;
   ring.compute_tile(acc, at, t.k_blocks, cw / 4, t);
+  if (p.row_scale) scale_rows(p, acc, cw, lane, t.row0());
 
   if (prm.tma != tma_write::none) {  // staged in the ring, which every consumer is done with
     tma_epilogue<ring_type::bytes>(prm, t, reinterpret_cast<unsigned char*>(ring.staging_area()), acc, cw, lane);

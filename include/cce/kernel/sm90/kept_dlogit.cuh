@@ -81,8 +81,8 @@ __global__ void __launch_bounds__(kept_dlogit_threads, 3)
     uint4 out;
     auto* draw = reinterpret_cast<T*>(&out);
     // The common run: a row with gradient, no target among the 8 classes, all inside the vocabulary, no class
-    // weights. Then draw = (a p + b) f(z) + c, with the row's a, b and c (dlogit_coefficients::non_target, the
-    // derivative's factor 1/T in them) and f the softcap's factor. The general form below has several times the
+    // weights. Then draw = (a p + b) f(z) + c with a softcap (f its factor), a p + b + c z without, with the row's
+    // a, b and c (dlogit_coefficients::non_target, the derivative's factor 1/T in them). The general form below has several times the
     // instructions, enough to bound this pass by them rather than by memory (docs/performance.md).
     const bool plain =
         rc.kept && !prm.class_weights && (rc.target < col0 || rc.target >= col0 + vec) && col0 + vec <= g.cols;
@@ -94,6 +94,7 @@ __global__ void __launch_bounds__(kept_dlogit_threads, 3)
         const float z = ref + __half2float(logit[e]);
         float d = fmaf(af.a, exp2_approx((z - rc.lse) * log2e), af.b);
         if constexpr (capped) d = fmaf(d, derivative.softcap_factor(z), af.c);
+        else d = fmaf(af.c, z, d);
         col_sum[e] += d;
         draw[e] = from_float<T>(d);
       }
@@ -108,7 +109,7 @@ __global__ void __launch_bounds__(kept_dlogit_threads, 3)
         const float z = ref + __half2float(logit[e]);
         const float p = exp2_approx((z - rc.lse) * log2e);
         const float w = prm.class_weights && col0 + e < g.cols ? prm.class_weights[col0 + e] : 1.f;  // L1 hits
-        const float d = rc.dz.draw(p, col0 + e == rc.target, w, derivative(z), derivative.inv_temperature);
+        const float d = rc.dz.draw(p, col0 + e == rc.target, w, derivative(z), derivative.inv_temperature, z);
         const float kept = rc.kept && col0 + e < g.cols ? d : 0.f;  // past V inside the tile: 0 (the GEMMs read it)
         col_sum[e] += kept;
         draw[e] = from_float<T>(kept);
