@@ -153,10 +153,11 @@ TEST_CASE("the filter's tile counters cover the grid, sorted or not", "[sort][ex
         INFO("sorted " << sorted << " data " << test::to_string(data) << " budget " << budget);
         const auto filtered = run_sorted<__nv_bfloat16, __nv_bfloat16>(cfg, budget, sorted);
         CHECK(filtered.filter_tiles[0] + filtered.filter_tiles[1] == grid_tiles(cfg));
-        CHECK(filtered.filter_tiles[0] >= 1);
-        // The mass bound keeps a flat softmax whole (the sorted walk); unsorted, its rows take the baseline to first
-        // order and skip the tiles without a target.
-        if (data == test::regime::uniform) CHECK((filtered.filter_tiles[1] == 0) == sorted);
+        // The mass bound keeps a flat softmax whole (the sorted walk); unsorted, its rows may take the baseline to
+        // first order and skip every tile (their one-hot terms go to the products).
+        const bool flat_unsorted = data == test::regime::uniform && !sorted;
+        if (!flat_unsorted) CHECK(filtered.filter_tiles[0] >= 1);
+        if (data == test::regime::uniform && sorted) CHECK(filtered.filter_tiles[1] == 0);
         cfg.opts = options::exact();
         const auto all = run_sorted<__nv_bfloat16, __nv_bfloat16>(cfg, budget, sorted);
         CHECK(all.filter_tiles[0] == grid_tiles(cfg));

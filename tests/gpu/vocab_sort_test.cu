@@ -155,9 +155,10 @@ TEST_CASE("GPU filter tile counters cover the grid, sorted or not", "[gpu][sort]
                          << budget);
           const auto filtered = run_device<bf16, bf16>(test::make_problem<bf16>(cfg), budget);
           CHECK(filtered.filter_tiles[0] + filtered.filter_tiles[1] == grid_tiles(cfg));
-          CHECK(filtered.filter_tiles[0] >= 1);
-          // The mass bound keeps a flat softmax whole (the sorted walk); unsorted, its rows take the baseline to
-          // first order and may skip a tile without a target.
+          // The mass bound keeps a flat softmax whole (the sorted walk); unsorted, its rows may take the baseline to
+          // first order and skip every tile (their one-hot terms go to the products).
+          const bool flat_unsorted = data == test::regime::uniform && !sorted;
+          if (!flat_unsorted) CHECK(filtered.filter_tiles[0] >= 1);
           if (data == test::regime::uniform && sorted) CHECK(filtered.filter_tiles[1] == 0);
           cfg.opts.filter = filter_mode::none;
           const auto all = run_device<bf16, bf16>(test::make_problem<bf16>(cfg), budget);

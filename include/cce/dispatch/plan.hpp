@@ -104,8 +104,16 @@ struct uniform_baseline_buffers {
   float* linear_scale = nullptr;  // N: the slope on the product's scale (slope / T), 0 for other rows; plan::linear
   float* class_mean = nullptr;    // D: -class_sum / V; plan::linear
   float* gram_term = nullptr;     // D: -class_sum / V times the rows' Gram matrix; plan::linear
-  int* state = nullptr;  // 4: [0] a near-uniform row was seen, [1] class_sum holds the column sums, [2] a row may
-                         // be near-uniform to first order, [3] one is
+  // With plan::linear a row that takes a baseline leaves its one-hot term to the first-order share's products:
+  // -target_scale[i] c_y into dE row i, -target_scale[i] e_i into dC row y (its target tiles are then skipped like
+  // the others). They find the rows of class y in class_rows[class_offsets[y] .. class_offsets[y + 1]), in row order.
+  float* target_scale = nullptr;          // N: ce / T of such a row, 0 for the others
+  std::int32_t* target_class = nullptr;   // N: its target
+  std::int32_t* class_offsets = nullptr;  // V + 1
+  std::int32_t* class_fill = nullptr;     // V: rows placed so far
+  std::int32_t* class_rows = nullptr;     // N
+  int* state = nullptr;  // 3: [0] a near-uniform row was seen, [1] class_sum holds the column sums, [2] a row may
+                         // be near-uniform to first order
 };
 
 // The first-order baseline's products after the walk, in the passes' region (the walk is done with it): the D x D
@@ -175,8 +183,9 @@ struct plan {
   bool kahan = false;
   bool sort = false;             // options::vocab_sort
   bool baseline = false;         // near-uniform rows take a baseline (options::uniform_tolerance)
-  // ... and to first order where they qualify: its per-row buffers (no softcap, no bias), and its products (their
-  // buffers fit in the region the passes leave free once done) on slabs of this many columns of E.
+  // ... and to first order where they qualify: its per-row buffers (no softcap, no bias; then the rows that take a
+  // baseline also leave their one-hot term to the products), and its products (their buffers fit in the region the
+  // passes leave free once done) on slabs of this many columns of E.
   bool linear_rows = false;
   std::int64_t linear_slab_cols = 0;
   bool linear() const { return linear_slab_cols > 0; }
@@ -301,7 +310,12 @@ struct plan {
     b.linear_scale = c.take<float>(linear_rows ? n : 0);
     b.class_mean = c.take<float>(linear_rows ? d : 0);
     b.gram_term = c.take<float>(linear_rows ? d : 0);
-    b.state = c.take<int>(4);
+    b.target_scale = c.take<float>(linear_rows ? n : 0);
+    b.target_class = c.take<std::int32_t>(linear_rows ? n : 0);
+    b.class_offsets = c.take<std::int32_t>(linear_rows ? v + 1 : 0);
+    b.class_fill = c.take<std::int32_t>(linear_rows ? v : 0);
+    b.class_rows = c.take<std::int32_t>(linear_rows ? n : 0);
+    b.state = c.take<int>(3);
     return b;
   }
 

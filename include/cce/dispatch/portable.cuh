@@ -226,7 +226,7 @@ class portable_path {
   // near-uniform row seen.
   status start_backward(const backward_buffers<T>& bw, unsigned long long* counts, cudaStream_t stream) const {
     if (baseline() && (cudaMemsetAsync(bw.baseline.class_sum, 0, sizeof(float) * p_.d, stream) != cudaSuccess ||
-                       cudaMemsetAsync(bw.baseline.state, 0, 4 * sizeof(int), stream) != cudaSuccess)) {
+                       cudaMemsetAsync(bw.baseline.state, 0, 3 * sizeof(int), stream) != cudaSuccess)) {
       return status::cuda_error;
     }
     if (p_.has_lora()) {
@@ -492,11 +492,20 @@ class portable_path {
         cp.linear = filter::near_uniform_linear_of<T>(o_, p_.v);
         cp.linear_scale = bw.baseline.linear_scale + r0;
       }
+      if (linear()) {  // the rows that take a baseline leave their one-hot term to the share's products
+        cp.target_scale = bw.baseline.target_scale + r0;
+        cp.target_class = bw.baseline.target_class + r0;
+      }
     }
     coefficients_kernel<><<<blocks_for(count, 256), 256, 0, stream>>>(cp);
     CCE_TRY(launch_status());
-    if (!linear()) return status::success;
-    // The first-order test, once a row may pass it: it needs the class sums.
+    return linear() ? linear_rows(bw, cp, r0, count, stream) : status::success;
+  }
+
+  // The first-order test of rows [r0, r0 + count) (linear_rows_kernel) after the coefficients `cp`, once a row may
+  // pass it: it needs the class sums.
+  status linear_rows(const backward_buffers<T>& bw, const coefficient_params& cp, std::int64_t r0,
+                     std::int64_t count, cudaStream_t stream) const {
     CCE_TRY(class_sums(bw, stream));
     linear_rows_params lp;
     lp.e = p_.e + r0 * p_.e_stride();
@@ -511,8 +520,31 @@ class portable_path {
     lp.coef = cp.coef;
     lp.row_scale = cp.row_scale;
     lp.linear_scale = cp.linear_scale;
+    lp.target_scale = cp.target_scale;
+    lp.target_class = cp.target_class;
     lp.state = bw.baseline.state;
     linear_rows_kernel<T><<<blocks_for(32 * count, 256), 256, 0, stream>>>(lp);
+    return launch_status();
+  }
+
+  // The rows of each class whose one-hot term the products add (uniform_baseline.cuh).
+  status class_index(const backward_buffers<T>& bw, cudaStream_t stream) const {
+    const uniform_baseline_buffers& b = bw.baseline;
+    const std::int64_t n = p_.n, v = p_.v;
+    if (cudaMemsetAsync(b.class_offsets, 0, sizeof(std::int32_t) * (v + 1), stream) != cudaSuccess ||
+        cudaMemsetAsync(b.class_fill, 0, sizeof(std::int32_t) * v, stream) != cudaSuccess) {
+      return status::cuda_error;
+    }
+    const float* scale = b.target_scale;
+    const std::int32_t* cls = b.target_class;
+    class_count_kernel<><<<blocks_for(n, 256), 256, 0, stream>>>(scale, cls, n, b.class_offsets, b.state);
+    CCE_TRY(launch_status());
+    class_offsets_kernel<1024><<<1, 1024, 0, stream>>>(b.class_offsets, v, b.state);
+    CCE_TRY(launch_status());
+    class_place_kernel<><<<blocks_for(n, 256), 256, 0, stream>>>(scale, cls, n, 0, b.class_offsets, b.class_fill,
+                                                                  b.class_rows, b.state);
+    CCE_TRY(launch_status());
+    class_sort_kernel<><<<blocks_for(v, 256), 256, 0, stream>>>(b.class_offsets, v, b.class_rows, b.state);
     return launch_status();
   }
 
@@ -715,17 +747,19 @@ class portable_path {
   template <class G>
   using product_params = grad_gemm_params<T, G, Policy::bm>;
 
-  // The first-order baseline's share of the gradients (row_loss.hpp), added once the walk is done with the region
-  // that holds `lb`; nothing runs unless a row took it (state[3]). With s the column sums of C and l the rows'
-  // linear_scale: dE += diag(l) E (C^T C - s s^T / V), the symmetric matrix formed on and above its diagonal, then
-  // dC += C H - (s / V) H with H = E^T diag(l) E, formed over slabs of its columns. Each adds to the output rounded as it is (a 16-bit gradient is rounded twice).
+  // The first-order baseline's share of the gradients (row_loss.hpp) and the one-hot terms of the rows that take a
+  // baseline, added once the walk is done with the region that holds `lb`; nothing runs unless a row took one
+  // (state[0]). With s the column sums of C, l the rows' linear_scale and t their target_scale: dE += diag(l) E
+  // (C^T C - s s^T / V) - t_i c_y (the symmetric matrix formed on and above its diagonal), then dC += C H - (s / V)
+  // H - sum over class y's rows of t_i e_i with H = E^T diag(l) E, formed over slabs of its columns. Each adds to
+  // the output rounded as it is (a 16-bit gradient is rounded twice).
   template <class G>
   status linear_baseline_products(const backward_buffers<T>& bw, const linear_baseline_buffers<T>& lb,
                                   const gradients<G>& out, cudaStream_t stream) const {
     if (!linear() || p_.n == 0) return status::success;
     const uniform_baseline_buffers& b = bw.baseline;
     const std::int64_t n = p_.n, d = p_.d, v = p_.v;
-    const int* any = b.state + 3;
+    const int* any = b.state;
     auto product = [&](auto* to, std::int64_t ld, operand<T> a, operand<T> bop, std::int64_t m, std::int64_t cols,
                        std::int64_t k, bool add) {
       product_params<std::remove_pointer_t<decltype(to)>> prm;
@@ -752,9 +786,14 @@ class portable_path {
       auto de = product(out.de, out.ld_de ? out.ld_de : d, {p_.e, p_.e_stride(), n, d}, {lb.gram, d, d, d}, n, d, d,
                         true);
       de.row_scale = b.linear_scale;
+      de.onehot_scale = b.target_scale;  // -t_i c_y
+      de.onehot_index = b.target_class;
+      de.onehot_src = p_.c;
+      de.onehot_ld = p_.c_stride();
       CCE_TRY((gemm<G, major::k, major::mn>(de, stream)));
     }
     if (!out.dc) return status::success;
+    CCE_TRY(class_index(bw, stream));
     const std::int64_t w = pl_.linear_slab_cols;
     for (std::int64_t j0 = 0; j0 < d; j0 += w) {
       const std::int64_t cols = std::min(w, d - j0);
@@ -776,6 +815,11 @@ class portable_path {
     auto dc = product(out.dc, out.ld_dc ? out.ld_dc : d, {p_.c, p_.c_stride(), v, d}, {lb.gram, d, d, d}, v, d, d,
                       true);
     dc.baseline_term = b.gram_term;
+    dc.onehot_scale = b.target_scale;  // -t_i e_i over the class's rows
+    dc.onehot_offsets = b.class_offsets;
+    dc.onehot_rows = b.class_rows;
+    dc.onehot_src = p_.e;
+    dc.onehot_ld = p_.e_stride();
     return gemm<G, major::k, major::mn>(dc, stream);
   }
 

@@ -134,8 +134,8 @@ class tiled_executor {
       bw.coef[row] = rc;
     }
     // Over the whole vocabulary only: a shard's tile maxima do not bound the other shards' probabilities.
-    bool linear_rows = false;  // rows near-uniform to first order, whose share is added after the walk
-    if (pl.baseline && p.total_classes() == p.v) linear_rows = take_baselines(p, x, pl, sv, bw.baseline, bw.coef);
+    bool apart = false;  // rows whose first-order share and one-hot term are added after the walk
+    if (pl.baseline && p.total_classes() == p.v) apart = take_baselines(p, x, pl, sv, bw.baseline, bw.coef);
     else bw.baseline = {};
     if (p.has_lora()) {
       lora_project(p, bw.lora_p);
@@ -204,7 +204,7 @@ class tiled_executor {
         if (out.dbias) dbias_update(s, pl, bw, dc, out);
       }
     }
-    if (linear_rows) add_linear_baselines(p, x, bw.baseline, out);
+    if (apart) add_linear_baselines(p, x, bw.baseline, out);
     if (out.da) da_update(p, bw, out);
     return status::success;
   }
@@ -494,7 +494,8 @@ class tiled_executor {
   // The near-uniform rows' baseline (row_loss.hpp, as kernel/portable/uniform_baseline.cuh computes it): the rows
   // whose row tile's largest tile max passes filter::near_uniform with their lse, their baseline on the
   // draw's scale (0 for the other rows), the column sums of C and, for all rows, of row_scale[i] e_i and row_scale;
-  // with plan::linear, first the rows near-uniform to first order. Returns whether there are such rows.
+  // with plan::linear, first the rows near-uniform to first order, and the rows that take a baseline leave their
+  // one-hot term to the share's products. Returns whether there are such rows.
   bool take_baselines(const problem<T>& p, const dense_inputs& x, const detail::plan& pl,
                       const detail::saved_buffers& sv, const detail::uniform_baseline_buffers& b,
                       detail::row_coefficients* coef) const {
@@ -518,25 +519,33 @@ class tiled_executor {
       for (std::int64_t c = 0; c < p.v; ++c) classes += x.c[std::size_t(c * p.d + d)];
       b.class_sum[d] = classes;
     }
-    const bool linear_rows = pl.linear() && take_linear_baselines(p, x, linear, plausible, b, coef);
+    if (pl.linear()) take_linear_baselines(p, x, linear, plausible, b, coef);
+    bool apart = false;  // rows that leave their one-hot term to the share's products (plan::linear)
+    for (std::int64_t row = 0; pl.linear() && row < p.n; ++row) {
+      detail::row_coefficients& rc = coef[row];
+      const bool take = rc.kept && rc.dz.baseline != 0.f;
+      b.target_scale[row] = take ? rc.dz.ce / opt_.temperature : 0.f;
+      b.target_class[row] = take ? rc.target : -1;
+      if (take) rc.target = -1;
+      apart = apart || take;
+    }
     for (std::int64_t d = 0; d <= p.d; ++d) {
       float rows = 0.f;
       for (std::int64_t row = 0; row < p.n; ++row)
         rows += b.row_scale[row] * (d < p.d ? x.e[std::size_t(row * p.d + d)] : 1.f);
       b.row_sums[d] = rows;
     }
-    return linear_rows;
+    return apart;
   }
 
   // The first-order test (as kernel/portable/uniform_baseline.cuh's linear_rows_kernel), run when some kept row is
-  // `plausible`; returns whether a row passed.
-  bool take_linear_baselines(const problem<T>& p, const dense_inputs& x, const filter::near_uniform_linear& test,
+  // `plausible`.
+  void take_linear_baselines(const problem<T>& p, const dense_inputs& x, const filter::near_uniform_linear& test,
                              bool plausible, const detail::uniform_baseline_buffers& b,
                              detail::row_coefficients* coef) const {
     const float inv_classes = 1.f / float(p.v), s = 1.f / opt_.temperature;
     std::fill(b.linear_scale, b.linear_scale + p.n, 0.f);
     for (std::int64_t d = 0; d < p.d; ++d) b.class_mean[d] = -b.class_sum[d] * inv_classes;
-    bool any = false;
     for (std::int64_t row = 0; plausible && row < p.n; ++row) {
       detail::row_coefficients& rc = coef[row];
       float dot = 0.f;
@@ -548,14 +557,13 @@ class tiled_executor {
       rc.dz.mean_logit = zbar;
       b.row_scale[row] = rc.dz.slope;
       b.linear_scale[row] = rc.dz.slope * s;
-      any = true;
     }
-    return any;
   }
 
-  // The first-order baseline's share, once the walk is done (dispatch/portable.cuh, linear_baseline_products): with
-  // l = linear_scale and s = class_sum, dE += diag(l) E G, G = C^T C - s s^T / V, and dC += C H - (s / V) H,
-  // H = E^T (diag(l) E), the matrices and the scaled rows rounded to T as the GPU stores them.
+  // The first-order baseline's share and the one-hot terms, once the walk is done (dispatch/portable.cuh,
+  // linear_baseline_products): with l = linear_scale, t = target_scale and s = class_sum, dE += diag(l) E G - t_i c_y,
+  // G = C^T C - s s^T / V, and dC += C H - (s / V) H - sum over the class's rows of t_i e_i, H = E^T (diag(l) E),
+  // the matrices and the scaled rows rounded to T as the GPU stores them.
   template <class G>
   void add_linear_baselines(const problem<T>& p, const dense_inputs& x, const detail::uniform_baseline_buffers& b,
                             const gradients<G>& out) const {
@@ -574,7 +582,9 @@ class tiled_executor {
         for (std::int64_t j = 0; j < dd; ++j) {
           float acc = 0.f;
           for (std::int64_t k = 0; k < dd; ++k) acc += x.e[std::size_t(row * dd + k)] * m[std::size_t(k * dd + j)];
-          out.de[row * ld + j] = store_as<G>(load_g(out.de, row * ld + j) + b.linear_scale[row] * acc);
+          float onehot = 0.f;
+          if (b.target_scale[row] != 0.f) onehot = -b.target_scale[row] * x.c[std::size_t(b.target_class[row] * dd + j)];
+          out.de[row * ld + j] = store_as<G>(load_g(out.de, row * ld + j) + (b.linear_scale[row] * acc + onehot));
         }
     }
     if (!out.dc) return;
@@ -591,12 +601,18 @@ class tiled_executor {
     std::vector<float> term(std::size_t(dd), 0.f);
     for (std::int64_t k = 0; k < dd; ++k)
       for (std::int64_t j = 0; j < dd; ++j) term[std::size_t(j)] += b.class_mean[k] * m[std::size_t(k * dd + j)];
+    std::vector<float> onehot(std::size_t(v * dd), 0.f);  // the rows of each class in row order
+    for (std::int64_t row = 0; row < n; ++row)
+      if (b.target_scale[row] != 0.f)
+        for (std::int64_t j = 0; j < dd; ++j)
+          onehot[std::size_t(b.target_class[row] * dd + j)] -= b.target_scale[row] * x.e[std::size_t(row * dd + j)];
     const std::int64_t ld = out.ld_dc ? out.ld_dc : dd;
     for (std::int64_t c = 0; c < v; ++c)
       for (std::int64_t j = 0; j < dd; ++j) {
         float acc = 0.f;
         for (std::int64_t k = 0; k < dd; ++k) acc += x.c[std::size_t(c * dd + k)] * m[std::size_t(k * dd + j)];
-        out.dc[c * ld + j] = store_as<G>(load_g(out.dc, c * ld + j) + acc + term[std::size_t(j)]);
+        const std::size_t cj = std::size_t(c * dd + j);
+        out.dc[c * ld + j] = store_as<G>(load_g(out.dc, c * ld + j) + (acc + term[std::size_t(j)] + onehot[cj]));
       }
   }
 

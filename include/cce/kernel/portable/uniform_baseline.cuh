@@ -6,6 +6,7 @@
 #pragma once
 
 #include <cub/block/block_reduce.cuh>
+#include <cub/block/block_scan.cuh>
 
 #include <algorithm>
 #include <cstdint>
@@ -85,7 +86,7 @@ __global__ void baseline_total_kernel(const float* partial, std::int64_t d, std:
 // The first-order test of rows [0, n) (filter::near_uniform_linear), once some row may pass it (state[2]), with
 // the class sums taken: a warp per row forms zbar = (e . class_sum / V + mean bias = 0) / T and, where the row
 // passes, gives it the first-order baseline (row_loss.hpp) in place of any other, its scales for the products
-// (row_scale, linear_scale) and marks state[0] and state[3]. Then class_sum holds the column sums (state[1]), and
+// (row_scale, linear_scale) and marks state[0]. Then class_sum holds the column sums (state[1]), and
 // class_mean their negated mean.
 struct linear_rows_params {
   const void* e = nullptr;  // of T
@@ -97,6 +98,8 @@ struct linear_rows_params {
   row_coefficients* coef = nullptr;
   float* row_scale = nullptr;
   float* linear_scale = nullptr;
+  float* target_scale = nullptr;  // the row's one-hot term left to the products (coefficients_kernel)
+  std::int32_t* target_class = nullptr;
   int* state = nullptr;
 };
 
@@ -128,15 +131,17 @@ __global__ void linear_rows_kernel(const __grid_constant__ linear_rows_params pr
   rc.dz.mean_logit = zbar;
   prm.row_scale[row] = rc.dz.slope;
   prm.linear_scale[row] = rc.dz.slope * prm.inv_temperature;
+  if (rc.target >= 0) prm.target_class[row] = rc.target;  // not already left to the products
+  prm.target_scale[row] = rc.dz.ce * prm.inv_temperature;
+  rc.target = -1;
   prm.state[0] = 1;
-  prm.state[3] = 1;
 }
 
-// The strictly lower triangle of the d x d matrix m from the upper one, when state[3]: 32 x 32 blocks on or below
+// The strictly lower triangle of the d x d matrix m from the upper one, when state[0]: 32 x 32 blocks on or below
 // the diagonal, each read transposed through shared memory.
 template <class T>
 __global__ void mirror_lower_kernel(T* m, std::int64_t d, const int* state) {
-  if (!state[3] || blockIdx.x > blockIdx.y) return;
+  if (!state[0] || blockIdx.x > blockIdx.y) return;
   __shared__ T tile[32][33];
   const std::int64_t r0 = std::int64_t(blockIdx.y) * 32, c0 = std::int64_t(blockIdx.x) * 32;
   for (int i = threadIdx.y; i < 32; i += blockDim.y) {  // the upper block (c0.., r0..), row by row
@@ -150,15 +155,72 @@ __global__ void mirror_lower_kernel(T* m, std::int64_t d, const int* state) {
   }
 }
 
-// slab[i][j] = linear_scale[i] e[i][col0 + j] for j < cols (ld: the slab's pitch), rows [0, n), when state[3].
+// slab[i][j] = linear_scale[i] e[i][col0 + j] for j < cols (ld: the slab's pitch), rows [0, n), when state[0].
 template <class T>
 __global__ void scaled_slab_kernel(const T* e, std::int64_t lde, std::int64_t n, std::int64_t col0, std::int64_t cols,
                                    std::int64_t ld, const float* linear_scale, const int* state, T* slab) {
-  if (!state[3]) return;
+  if (!state[0]) return;
   const std::int64_t i = std::int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= n * cols) return;
   const std::int64_t row = i / cols, col = i % cols;
   slab[row * ld + col] = from_float<T>(linear_scale[row] * to_float(e[row * lde + col0 + col]));
+}
+
+// The rows of each class whose one-hot term the products add (uniform_baseline_buffers::class_rows), for the rows
+// [0, n) of a walk (from row0), when a row took a baseline (state[0]): counted per class, offsets by one block's
+// scan, placed, then each class's rows sorted into row order, so that the sums do not depend on timing.
+// class_offsets and class_fill start at 0.
+template <class = void>
+__global__ void class_count_kernel(const float* target_scale, const std::int32_t* target_class, std::int64_t n,
+                                   std::int32_t* class_offsets, const int* state) {
+  const std::int64_t row = std::int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (!state[0] || row >= n || target_scale[row] == 0.f) return;
+  atomicAdd(class_offsets + target_class[row], 1);
+}
+
+// class_offsets[0 .. v] = the exclusive scan of the counts it holds (v + 1 entries: the last is the total).
+template <int Threads>
+__global__ void __launch_bounds__(Threads) class_offsets_kernel(std::int32_t* class_offsets, std::int64_t v,
+                                                                const int* state) {
+  if (!state[0]) return;
+  using scan = cub::BlockScan<std::int32_t, Threads>;
+  __shared__ typename scan::TempStorage tmp;
+  const std::int64_t per = ceil_div(v + 1, std::int64_t(Threads)), last = v + 1;
+  const std::int64_t begin = per * threadIdx.x < last ? per * threadIdx.x : last;
+  const std::int64_t end = begin + per < last ? begin + per : last;
+  std::int32_t sum = 0;
+  for (std::int64_t i = begin; i < end; ++i) sum += class_offsets[i];
+  std::int32_t run = 0;
+  scan(tmp).ExclusiveSum(sum, run);
+  for (std::int64_t i = begin; i < end; ++i) {
+    const std::int32_t count = class_offsets[i];
+    class_offsets[i] = run;
+    run += count;
+  }
+}
+
+template <class = void>
+__global__ void class_place_kernel(const float* target_scale, const std::int32_t* target_class, std::int64_t n,
+                                   std::int64_t row0, const std::int32_t* class_offsets, std::int32_t* class_fill,
+                                   std::int32_t* class_rows, const int* state) {
+  const std::int64_t row = std::int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (!state[0] || row >= n || target_scale[row] == 0.f) return;
+  const std::int32_t c = target_class[row];
+  class_rows[class_offsets[c] + atomicAdd(class_fill + c, 1)] = std::int32_t(row0 + row);
+}
+
+template <class = void>
+__global__ void class_sort_kernel(const std::int32_t* class_offsets, std::int64_t v, std::int32_t* class_rows,
+                                  const int* state) {
+  const std::int64_t c = std::int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (!state[0] || c >= v) return;
+  const std::int32_t lo = class_offsets[c], hi = class_offsets[c + 1];
+  for (std::int32_t i = lo + 1; i < hi; ++i) {  // insertion sort: a class has few rows
+    const std::int32_t r = class_rows[i];
+    std::int32_t j = i;
+    for (; j > lo && class_rows[j - 1] > r; --j) class_rows[j] = class_rows[j - 1];
+    class_rows[j] = r;
+  }
 }
 
 }  // namespace cce::detail

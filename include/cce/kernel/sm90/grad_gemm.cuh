@@ -168,6 +168,17 @@ struct vector_run {
       const float4 t = *reinterpret_cast<const float4*>(p.baseline_term + col0);
       total = make_float4(sum.x + s * t.x, sum.y + s * t.y, sum.z + s * t.z, sum.w + s * t.w);
     }
+    if (p.onehot_scale) {
+      const auto terms = p.onehot_terms(row);
+      for (std::int32_t k = terms.begin; k < terms.end; ++k) {
+        const float w = p.onehot_weight(row, k);
+        const T* src = p.onehot_source(row, k) + col0;
+        total.x += w * to_float(src[0]);
+        total.y += w * to_float(src[1]);
+        total.z += w * to_float(src[2]);
+        total.w += w * to_float(src[3]);
+      }
+    }
     store4(gradient_run<4, G>::output(p, row, col0),
            make_float4(prev.x + total.x, prev.y + total.y, prev.z + total.z, prev.w + total.w));
   }
@@ -259,6 +270,30 @@ __device__ __forceinline__ void add_baseline(const grad_gemm_params<T, G, KTile>
   }
 }
 
+// The one-hot terms of grad_gemm_params into the thread's accumulators of the tile at (row0, col0).
+template <class T, class G, int KTile>
+__device__ __forceinline__ void add_onehot(const grad_gemm_params<T, G, KTile>& p, float (&acc)[128], int cw, int lane,
+                                           std::int64_t row0, std::int64_t col0) {
+  const accumulator_origin origin(cw, lane);
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const std::int64_t row = row0 + origin.row + 8 * r;
+    if (row >= p.m) continue;
+    const auto terms = p.onehot_terms(row);
+    for (std::int32_t k = terms.begin; k < terms.end; ++k) {
+      const float w = p.onehot_weight(row, k);
+      const T* src = p.onehot_source(row, k);
+#pragma unroll
+      for (int j = 0; j < 32; ++j)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const std::int64_t col = col0 + origin.col + 8 * j + e;
+          if (col < p.n) acc[4 * j + 2 * r + e] += w * to_float(src[col]);
+        }
+    }
+  }
+}
+
 // The thread's accumulators of the tile at row0 times grad_gemm_params::row_scale.
 template <class T, class G, int KTile>
 __device__ __forceinline__ void scale_rows(const grad_gemm_params<T, G, KTile>& p, float (&acc)[128], int cw,
@@ -275,20 +310,24 @@ __device__ __forceinline__ void scale_rows(const grad_gemm_params<T, G, KTile>& 
   }
 }
 
-// The TMA epilogue of a tile of `prm` (prm.tma != none), staged in `staged`.
-template <std::uint32_t StagingBytes, class T, class G>
+// The TMA epilogue of a tile of `prm` (prm.tma != none), staged in `staged`; the one-hot terms only in the kernels
+// that may be given them (single products: the paired ones keep their accumulators in registers without them).
+template <std::uint32_t StagingBytes, bool Onehot, class T, class G>
 __device__ __forceinline__ void tma_epilogue(const grad_gemm_params_sm90<T, G>& prm, const grad_tile& t,
                                              unsigned char* staged, float (&acc)[128], int cw, int lane) {
   if (prm.tma == tma_write::carry) {
     tma_store_tile<float, StagingBytes>(&prm.out_map, staged, acc, cw, lane, t.row0(), t.col0(), !prm.base.first);
   } else {
     if (prm.base.baseline_term) add_baseline(prm.base, acc, cw, lane, t.row0(), t.col0());
+    if constexpr (Onehot) {
+      if (prm.base.onehot_scale) add_onehot(prm.base, acc, cw, lane, t.row0(), t.col0());
+    }
     tma_store_tile<G, StagingBytes>(&prm.out_map, staged, acc, cw, lane, t.row0(), t.col0(), prm.base.accumulate);
   }
 }
 
-// Output tile `tile` (in launch order) of the product `prm`, by the whole CTA.
-template <class T, class G, major MajorA>
+// Output tile `tile` (in launch order) of the product `prm`, by the whole CTA (Onehot: tma_epilogue).
+template <class T, class G, major MajorA, bool Onehot>
 __device__ __forceinline__ void grad_gemm_tile(const grad_gemm_params_sm90<T, G>& prm, int tile) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using S = grad_gemm_shape;
@@ -324,7 +363,8 @@ __device__ __forceinline__ void grad_gemm_tile(const grad_gemm_params_sm90<T, G>
   if (p.row_scale) scale_rows(p, acc, cw, lane, t.row0());
 
   if (prm.tma != tma_write::none) {  // staged in the ring, which every consumer is done with
-    tma_epilogue<ring_type::bytes>(prm, t, reinterpret_cast<unsigned char*>(ring.staging_area()), acc, cw, lane);
+    tma_epilogue<ring_type::bytes, Onehot>(prm, t, reinterpret_cast<unsigned char*>(ring.staging_area()), acc, cw,
+                                           lane);
     if (cw == 0 && lane == 0) staging_read();
     return;
   }
@@ -358,7 +398,7 @@ __device__ __forceinline__ void grad_gemm_tile(const grad_gemm_params_sm90<T, G>
 template <class T, class G, major MajorA>
 __global__ void __launch_bounds__(grad_gemm_shape::threads, 1)
     grad_gemm_kernel(const __grid_constant__ grad_gemm_params_sm90<T, G> prm) {
-  grad_gemm_tile<T, G, MajorA>(prm, int(blockIdx.x));
+  grad_gemm_tile<T, G, MajorA, true>(prm, int(blockIdx.x));
 }
 
 // dE = dZ C and dC = dZ^T E of one dZ block in one launch: the dE tiles first (each runs the whole vocabulary deep),
@@ -376,9 +416,9 @@ template <class T, class G>
 __global__ void __launch_bounds__(grad_gemm_shape::threads, 1)
     grad_gemm_pair_kernel(const __grid_constant__ grad_gemm_pair_params_sm90<T, G> prm) {
   if (int(blockIdx.x) < prm.de_tiles())
-    grad_gemm_tile<T, G, major::k>(prm.de, int(blockIdx.x));
+    grad_gemm_tile<T, G, major::k, false>(prm.de, int(blockIdx.x));
   else
-    grad_gemm_tile<T, G, major::mn>(prm.dc, int(blockIdx.x) - prm.de_tiles());
+    grad_gemm_tile<T, G, major::mn, false>(prm.dc, int(blockIdx.x) - prm.de_tiles());
 }
 
 // The pair when TMA writes every tile of both products: one CTA per SM takes tiles from a queue in launch order (an
@@ -464,7 +504,7 @@ __global__ void __launch_bounds__(grad_gemm_shape::threads, 1)
     const int computed = de ? ring_de.compute_tile(acc, at, t.k_blocks, cw / 4, t)
                             : ring_dc.compute_tile(acc, at, t.k_blocks, cw / 4, t);
     if (adds_nothing(q.base, k_tile_census{computed > 0, computed == t.k_blocks})) continue;
-    tma_epilogue<P::staging_bytes>(q, t, staged, acc, cw, lane);
+    tma_epilogue<P::staging_bytes, false>(q, t, staged, acc, cw, lane);
   }
   if (cw == 0 && lane == 0) staging_read();  // before the CTA's shared memory goes
 #endif
