@@ -26,7 +26,8 @@ inline const char* to_string(regime r) {
     case regime::lm_like: return "lm-like";
     case regime::uniform: return "uniform";
     case regime::peaked: return "peaked";
-    case regime::near_flat: return "near-flat";
+    case regime::near_flat:
+      return "near-flat";
   }
   return "?";
 }
@@ -134,11 +135,13 @@ host_problem<T> make_problem(const case_config& cfg) {
     for (float& x : w) x = normal(rng) / sd;
     for (std::int64_t i = 0; i < cfg.v; ++i) {
       const float g = normal(rng);
-      for (std::int64_t k = 0; k < cfg.d; ++k) cf[std::size_t(i * ldc + k)] = g * w[std::size_t(k)] + 0.05f * normal(rng) / sd;
+      for (std::int64_t k = 0; k < cfg.d; ++k)
+        cf[std::size_t(i * ldc + k)] = g * w[std::size_t(k)] + 0.05f * normal(rng) / sd;
     }
     for (std::int64_t i = 0; i < cfg.n; ++i) {
       const float h = 0.1f * (1.f + 0.3f * normal(rng));
-      for (std::int64_t k = 0; k < cfg.d; ++k) ef[std::size_t(i * lde + k)] = h * w[std::size_t(k)] + 0.01f * normal(rng) / sd;
+      for (std::int64_t k = 0; k < cfg.d; ++k)
+        ef[std::size_t(i * lde + k)] = h * w[std::size_t(k)] + 0.01f * normal(rng) / sd;
     }
   }
   if (cfg.data == regime::peaked) {  // classifier row i equals embedding i: one dominant logit per row

@@ -356,8 +356,10 @@ TEST_CASE("tiled executor: rows near-uniform to first order skip their other til
     if (variant == 1) linear_minimal_plan(h, budget);
     const test::case_results r = run_executor<__nv_bfloat16, __nv_bfloat16>(h, budget, true);
     test::check_case<__nv_bfloat16, __nv_bfloat16>(h, r, true, test::gradient_check::relative);
-    if (variant < 2) CHECK(r.filter_tiles[1] == 5 * 19);
-    else CHECK(r.filter_tiles[1] == 0);
+    if (variant < 2)
+      CHECK(r.filter_tiles[1] == 5 * 19);
+    else
+      CHECK(r.filter_tiles[1] == 0);
   }
 }
 

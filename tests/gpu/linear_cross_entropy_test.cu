@@ -372,8 +372,8 @@ TEST_CASE("GPU: rows near-uniform to first order skip their other tiles", "[gpu]
       if (minimal) {  // at the least budget (in 16 KiB steps) that plans the products
         cfg.opts.backward_mode = backward_mode::minimal;
         auto make = [&](std::size_t b) {
-          return detail::make_plan<__nv_bfloat16>(cfg.n, cfg.d, cfg.v, 0, false, cfg.opts, policy::bm, policy::bn,
-                                                  dev, b, false, 0, policy::forward_ctas_per_sm);
+          return detail::make_plan<__nv_bfloat16>(cfg.n, cfg.d, cfg.v, 0, false, cfg.opts, policy::bm, policy::bn, dev,
+                                                  b, false, 0, policy::forward_ctas_per_sm);
         };
         // What the call plans: from the workspace the size query reports.
         auto plan = [&] { return make(make(budget).workspace_bytes<__nv_bfloat16>()); };

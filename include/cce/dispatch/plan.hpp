@@ -183,9 +183,9 @@ struct plan {
   bool kahan = false;
   bool sort = false;             // options::vocab_sort
   bool baseline = false;         // near-uniform rows take a baseline (options::uniform_tolerance)
-  // ... and to first order where they qualify: its per-row buffers (no softcap, no bias; then the rows that take a
-  // baseline also leave their one-hot term to the products), and its products (their buffers fit in the region the
-  // passes leave free once done) on slabs of this many columns of E.
+  // ... and to first order where they qualify: its per-row buffers (no softcap, no bias), and its products (their
+  // buffers fit in the region the passes leave free once done) on slabs of this many columns of E, which then also
+  // take the one-hot terms of the rows that take a baseline.
   bool linear_rows = false;
   std::int64_t linear_slab_cols = 0;
   bool linear() const { return linear_slab_cols > 0; }
@@ -635,8 +635,8 @@ void plan_linear_baseline(plan& p) {
   if (!p.linear_rows) return;
   std::size_t region = p.pass_region_bytes<T>();
   if (p.kept_rows > 0) {
-    region = std::min(region, std::size_t(std::min(p.kept_rows, p.n) * round_up(p.v, std::int64_t(p.grid.bn))) *
-                                  sizeof(T));
+    region =
+        std::min(region, std::size_t(std::min(p.kept_rows, p.n) * round_up(p.v, std::int64_t(p.grid.bn))) * sizeof(T));
   }
   const std::int64_t unit = p.grid.bn, widest = round_up(p.d, unit);
   auto fits = [&](std::int64_t cols) {

@@ -488,11 +488,9 @@ class portable_path {
       cp.inv_temperature = 1.f / o_.temperature;
       cp.row_scale = bw.baseline.row_scale + r0;
       cp.baseline_state = bw.baseline.state;
-      if (linear()) {
+      if (linear()) {  // the rows that take a baseline also leave their one-hot term to the share's products
         cp.linear = filter::near_uniform_linear_of<T>(o_, p_.v);
         cp.linear_scale = bw.baseline.linear_scale + r0;
-      }
-      if (linear()) {  // the rows that take a baseline leave their one-hot term to the share's products
         cp.target_scale = bw.baseline.target_scale + r0;
         cp.target_class = bw.baseline.target_class + r0;
       }
@@ -504,8 +502,8 @@ class portable_path {
 
   // The first-order test of rows [r0, r0 + count) (linear_rows_kernel) after the coefficients `cp`, once a row may
   // pass it: it needs the class sums.
-  status linear_rows(const backward_buffers<T>& bw, const coefficient_params& cp, std::int64_t r0,
-                     std::int64_t count, cudaStream_t stream) const {
+  status linear_rows(const backward_buffers<T>& bw, const coefficient_params& cp, std::int64_t r0, std::int64_t count,
+                     cudaStream_t stream) const {
     CCE_TRY(class_sums(bw, stream));
     linear_rows_params lp;
     lp.e = p_.e + r0 * p_.e_stride();
@@ -542,7 +540,7 @@ class portable_path {
     class_offsets_kernel<1024><<<1, 1024, 0, stream>>>(b.class_offsets, v, b.state);
     CCE_TRY(launch_status());
     class_place_kernel<><<<blocks_for(n, 256), 256, 0, stream>>>(scale, cls, n, 0, b.class_offsets, b.class_fill,
-                                                                  b.class_rows, b.state);
+                                                                 b.class_rows, b.state);
     CCE_TRY(launch_status());
     class_sort_kernel<><<<blocks_for(v, 256), 256, 0, stream>>>(b.class_offsets, v, b.class_rows, b.state);
     return launch_status();
@@ -570,8 +568,7 @@ class portable_path {
 
   // The baseline's column sums for the products of rows [r0, r0 + count) (uniform_baseline.cuh): C's, once a row is
   // near-uniform, and these rows' baselines times E.
-  status baseline_sums(const backward_buffers<T>& bw, std::int64_t r0, std::int64_t count,
-                       cudaStream_t stream) const {
+  status baseline_sums(const backward_buffers<T>& bw, std::int64_t r0, std::int64_t count, cudaStream_t stream) const {
     if (!baseline()) return status::success;
     const uniform_baseline_buffers& b = bw.baseline;
     const std::int64_t d = p_.d;
@@ -783,8 +780,8 @@ class portable_path {
       const unsigned blocks = unsigned(ceil_div(d, std::int64_t(32)));
       mirror_lower_kernel<T><<<dim3(blocks, blocks), dim3(32, 8), 0, stream>>>(lb.gram, d, b.state);
       CCE_TRY(launch_status());
-      auto de = product(out.de, out.ld_de ? out.ld_de : d, {p_.e, p_.e_stride(), n, d}, {lb.gram, d, d, d}, n, d, d,
-                        true);
+      auto de =
+          product(out.de, out.ld_de ? out.ld_de : d, {p_.e, p_.e_stride(), n, d}, {lb.gram, d, d, d}, n, d, d, true);
       de.row_scale = b.linear_scale;
       de.onehot_scale = b.target_scale;  // -t_i c_y
       de.onehot_index = b.target_class;
@@ -798,22 +795,22 @@ class portable_path {
     for (std::int64_t j0 = 0; j0 < d; j0 += w) {
       const std::int64_t cols = std::min(w, d - j0);
       scaled_slab_kernel<T><<<blocks_for(n * cols, 256), 256, 0, stream>>>(p_.e, p_.e_stride(), n, j0, cols, w,
-                                                                          b.linear_scale, b.state, lb.slab);
+                                                                           b.linear_scale, b.state, lb.slab);
       CCE_TRY(launch_status());
       auto h = product(lb.gram + j0, d, {p_.e, p_.e_stride(), d, n}, {lb.slab, w, cols, n}, d, cols, n, false);
       CCE_TRY((gemm<T, major::mn, major::mn>(h, stream)));
     }
     // gram_term = -(s / V) H: H's rows weighted by class_mean, in the baseline's column sums.
     const std::int64_t splits = baseline_splits(d);
-    baseline_partial_kernel<T, baseline_sum::rows><<<dim3(unsigned(ceil_div(d + 1, std::int64_t(256))),
-                                                          unsigned(splits)), 256, 0, stream>>>(
-        lb.gram, d, d, d, b.class_mean, splits, b.state, b.partial);
+    baseline_partial_kernel<T, baseline_sum::rows>
+        <<<dim3(unsigned(ceil_div(d + 1, std::int64_t(256))), unsigned(splits)), 256, 0, stream>>>(
+            lb.gram, d, d, d, b.class_mean, splits, b.state, b.partial);
     CCE_TRY(launch_status());
-    baseline_total_kernel<baseline_sum::rows><<<blocks_for(d, 256), 256, 0, stream>>>(b.partial, d, d, splits,
-                                                                                    b.state, b.gram_term);
+    baseline_total_kernel<baseline_sum::rows>
+        <<<blocks_for(d, 256), 256, 0, stream>>>(b.partial, d, d, splits, b.state, b.gram_term);
     CCE_TRY(launch_status());
-    auto dc = product(out.dc, out.ld_dc ? out.ld_dc : d, {p_.c, p_.c_stride(), v, d}, {lb.gram, d, d, d}, v, d, d,
-                      true);
+    auto dc =
+        product(out.dc, out.ld_dc ? out.ld_dc : d, {p_.c, p_.c_stride(), v, d}, {lb.gram, d, d, d}, v, d, d, true);
     dc.baseline_term = b.gram_term;
     dc.onehot_scale = b.target_scale;  // -t_i e_i over the class's rows
     dc.onehot_offsets = b.class_offsets;

@@ -13,10 +13,10 @@
 // deviation from 1/V, which the filter may skip, and the products add the baseline's share back for every class
 // (baseline times the column sums of C into dE, the rows' baselines times E into every class of dC).
 // A row near enough to flat takes the baseline to first order instead (no softcap, no bias): with zbar the row's
-// mean logit and kappa = exp(zbar - lse) V, p_v = (kappa / V) e^(z_v - zbar) >= (kappa / V)(1 + z_v - zbar), so
-// the draw less baseline = (ce + extra) kappa / V and slope = baseline / T times (z_v - zbar) leaves a deviation
+// mean logit and kappa = exp(zbar - lse) V, p_v = (kappa / V) e^(z_v - zbar) >= (kappa / V)(1 + z_v - zbar), so a
+// draw less the baseline (ce + extra) kappa / V and less slope (z_v - zbar), slope = baseline / T, leaves a deviation
 // that is nowhere negative and adds up to 1 - kappa exactly; the products add the linear share through C^T C (dE)
-// and E^T E (dC) after the walk (dispatch/portable.cuh, linear_baseline_products).
+// and E^T E (dC) after the walk (dispatch/portable.cuh, linear_baseline_products), with the row's one-hot term.
 #pragma once
 
 #include <cce/detail/math.hpp>

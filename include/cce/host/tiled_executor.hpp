@@ -135,7 +135,8 @@ class tiled_executor {
     }
     // Over the whole vocabulary only: a shard's tile maxima do not bound the other shards' probabilities.
     bool apart = false;  // rows whose first-order share and one-hot term are added after the walk
-    if (pl.baseline && p.total_classes() == p.v) apart = take_baselines(p, x, pl, sv, bw.baseline, bw.coef);
+    if (pl.baseline && p.total_classes() == p.v)
+      apart = take_baselines(p, x, pl, sv, bw.baseline, bw.coef);
     else bw.baseline = {};
     if (p.has_lora()) {
       lora_project(p, bw.lora_p);
@@ -583,7 +584,8 @@ class tiled_executor {
           float acc = 0.f;
           for (std::int64_t k = 0; k < dd; ++k) acc += x.e[std::size_t(row * dd + k)] * m[std::size_t(k * dd + j)];
           float onehot = 0.f;
-          if (b.target_scale[row] != 0.f) onehot = -b.target_scale[row] * x.c[std::size_t(b.target_class[row] * dd + j)];
+          if (b.target_scale[row] != 0.f)
+            onehot = -b.target_scale[row] * x.c[std::size_t(b.target_class[row] * dd + j)];
           out.de[row * ld + j] = store_as<G>(load_g(out.de, row * ld + j) + (b.linear_scale[row] * acc + onehot));
         }
     }
@@ -595,7 +597,8 @@ class tiled_executor {
     for (std::int64_t i = 0; i < dd; ++i)
       for (std::int64_t j = 0; j < dd; ++j) {
         float acc = 0.f;
-        for (std::int64_t row = 0; row < n; ++row) acc += x.e[std::size_t(row * dd + i)] * scaled[std::size_t(row * dd + j)];
+        for (std::int64_t row = 0; row < n; ++row)
+          acc += x.e[std::size_t(row * dd + i)] * scaled[std::size_t(row * dd + j)];
         m[std::size_t(i * dd + j)] = rounded(acc);
       }
     std::vector<float> term(std::size_t(dd), 0.f);

@@ -110,7 +110,8 @@ __global__ void linear_rows_kernel(const __grid_constant__ linear_rows_params pr
   const std::int64_t row = (std::int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
   if (blockIdx.x == 0) {
     if (threadIdx.x == 0) prm.state[1] = 1;
-    for (std::int64_t k = threadIdx.x; k < prm.d; k += blockDim.x) prm.class_mean[k] = -prm.class_sum[k] * prm.inv_classes;
+    for (std::int64_t k = threadIdx.x; k < prm.d; k += blockDim.x)
+      prm.class_mean[k] = -prm.class_sum[k] * prm.inv_classes;
   }
   if (row >= prm.n) return;
   const T* e = static_cast<const T*>(prm.e) + row * prm.lde;
@@ -180,8 +181,8 @@ __global__ void class_count_kernel(const float* target_scale, const std::int32_t
 
 // class_offsets[0 .. v] = the exclusive scan of the counts it holds (v + 1 entries: the last is the total).
 template <int Threads>
-__global__ void __launch_bounds__(Threads) class_offsets_kernel(std::int32_t* class_offsets, std::int64_t v,
-                                                                const int* state) {
+__global__ void __launch_bounds__(Threads)
+    class_offsets_kernel(std::int32_t* class_offsets, std::int64_t v, const int* state) {
   if (!state[0]) return;
   using scan = cub::BlockScan<std::int32_t, Threads>;
   __shared__ typename scan::TempStorage tmp;

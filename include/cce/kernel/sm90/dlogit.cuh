@@ -232,8 +232,9 @@ __global__ void __launch_bounds__(logit_tile_shape::threads, 1)
     // The common tile of a warp: its 16 rows have gradient and no target here, every class is inside the
     // vocabulary, no class weights. Then draw = (a p + b) f(z) + c with a softcap (f its factor), a p + b + c z
     // without, with the row's a, b and c (dlogit_coefficients::non_target, 1/T in them; c z only where a row of the
-    // warp is near-uniform to first order): a few instructions per logit where the general form below takes about 28. With the 8-byte stores it shortens the epilogue, which no product overlaps; either
-    // alone did not (docs/performance.md).
+    // warp is near-uniform to first order): a few instructions per logit where the general form below takes about
+    // 28. With the 8-byte stores it shortens the epilogue, which no product overlaps; either alone did not
+    // (docs/performance.md).
     const bool plain =
         __all_sync(0xffffffffu, !weighted && out[0] != nullptr && out[1] != nullptr && slot[0].target < 0 &&
                                     slot[1].target < 0 && slot[0].limit == S::bn && slot[1].limit == S::bn);
@@ -261,8 +262,7 @@ __global__ void __launch_bounds__(logit_tile_shape::threads, 1)
       emit([&](int r, int c, float z) {
         const float prob = exp2_approx((z - slot[r].rc.lse) * log2e);  // exactly 1 at z = lse
         const float w = weighted && c < slot[r].limit ? weights[c] : 1.f;
-        const float d =
-            slot[r].rc.dz.draw(prob, c == slot[r].target, w, derivative(z), derivative.inv_temperature, z);
+        const float d = slot[r].rc.dz.draw(prob, c == slot[r].target, w, derivative(z), derivative.inv_temperature, z);
         return c < slot[r].limit ? d : 0.f;
       });
     }

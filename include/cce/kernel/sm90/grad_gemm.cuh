@@ -296,8 +296,8 @@ __device__ __forceinline__ void add_onehot(const grad_gemm_params<T, G, KTile>& 
 
 // The thread's accumulators of the tile at row0 times grad_gemm_params::row_scale.
 template <class T, class G, int KTile>
-__device__ __forceinline__ void scale_rows(const grad_gemm_params<T, G, KTile>& p, float (&acc)[128], int cw,
-                                           int lane, std::int64_t row0) {
+__device__ __forceinline__ void scale_rows(const grad_gemm_params<T, G, KTile>& p, float (&acc)[128], int cw, int lane,
+                                           std::int64_t row0) {
   const accumulator_origin origin(cw, lane);
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
