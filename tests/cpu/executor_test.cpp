@@ -300,7 +300,7 @@ detail::plan linear_minimal_plan(const test::host_problem<__nv_bfloat16>& h, std
 // gradients stay within the tolerance, in both modes (minimal at the least budget that plans the share: the carried
 // pass, or two passes when gradients accumulate), with the per-row terms of the baseline, fp32 gradients and Kahan
 // sums. On lm-like data no row qualifies and nothing is skipped.
-TEST_CASE("tiled executor: rows near-uniform to first order skip their other tiles", "[executor][filter]") {
+TEST_CASE("tiled executor: rows near-uniform to first order skip every tile", "[executor][filter]") {
   int carried = 0;  // minimal plans of the carried pass
   for (bool minimal : {false, true}) {
     for (int variant = 0; variant < 6; ++variant) {

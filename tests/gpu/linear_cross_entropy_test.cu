@@ -351,7 +351,7 @@ TEST_CASE("GPU: near-uniform rows take a baseline and skip their other tiles", "
 // budget that plans it (N = 300, D = 1,024: its D x D matrix then leaves room for slabs narrower than D), with
 // accumulating gradients (minimal's two passes), fp32 gradients, a D that TMA cannot address (the portable
 // products), and loss_and_grad over two row blocks with class weights.
-TEST_CASE("GPU: rows near-uniform to first order skip their other tiles", "[gpu][baseline]") {
+TEST_CASE("GPU: rows near-uniform to first order skip every tile", "[gpu][baseline]") {
   using policy = tile::default_policy_t<__nv_bfloat16>;
   device_info dev;
   REQUIRE(current_device(dev) == status::success);
