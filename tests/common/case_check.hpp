@@ -110,7 +110,8 @@ void check_case(const host_problem<T>& h, const case_results& got, bool with_bac
   INFO("case: " << cfg.describe() << " | T=" << detail::element_traits<T>::name
                 << " G=" << detail::element_traits<G>::name);
   const problem<T> p = h.view();
-  const auto ref = host::reference_forward(p, cfg.opts);
+  const host::dense_problem dense = host::to_dense(p, cfg.opts);
+  const auto ref = host::reference_forward(dense, cfg.opts);
 
   CHECK(got.error == (ref.invalid_target ? int(status::invalid_target) : 0));
   if (ref.invalid_target) return;  // the loss is NaN by contract; the gradients are unspecified
@@ -144,7 +145,7 @@ void check_case(const host_problem<T>& h, const case_results& got, bool with_bac
   if (!with_backward) return;
   const std::vector<float> grad_f = make_grad_loss(cfg);
   const std::vector<double> grad(grad_f.begin(), grad_f.end());
-  const auto rg = host::reference_backward(p, cfg.opts, grad);
+  const auto rg = host::reference_backward(dense, cfg.opts, grad, ref);
   const double tol = gradient_tolerance<T>(cfg.opts);
   const double k = cfg.opts.filter == filter_mode::none ? 1.0 : 2.0;
   const bool acc = cfg.opts.accumulate;
