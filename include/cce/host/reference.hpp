@@ -227,7 +227,7 @@ inline reference_forward_result reference_forward(const dense_problem& x, const 
 
 // grad_loss: 1 value (mean, sum) or N values (none): the upstream gradient of the loss.
 // Rows go in blocks whose draws take a few tens of MB: each row's draw and dE row (in groups of rows), then each
-// class's dC, dBias and dB over the block's rows, then dA.
+// class's dC, dBias and dB over the block's rows, then the low-rank head's terms of dE and dA.
 // `fw`: this problem's reference_forward.
 inline reference_gradients reference_backward(const dense_problem& x, const options& o,
                                               const std::vector<double>& grad_loss,
@@ -309,15 +309,6 @@ inline reference_gradients reference_backward(const dense_problem& x, const opti
             }
           }
         }
-        for (std::int64_t i = i0; i < i0 + rows; ++i) {
-          if (!kept(i)) continue;
-          for (std::int64_t r = 0; r < x.rank; ++r)
-            for (std::int64_t k = 0; k < x.d; ++k) {
-              const double a = x.a[std::size_t(r * x.d + k)], qr = q[std::size_t((i - b0) * x.rank + r)];
-              g.de[std::size_t(i * x.d + k)] += x.scale * qr * a;
-              g.de_scale[std::size_t(i * x.d + k)] += std::abs(x.scale * a) * qa[std::size_t((i - b0) * x.rank + r)];
-            }
-        }
       }
     });
     // dC, dBias and dB of each class over the block's rows, in row order, 64 rows of E at a time read by all the
@@ -347,13 +338,17 @@ inline reference_gradients reference_backward(const dense_problem& x, const opti
           }
         }
     });
+    // The low-rank head's terms of dE (after its classes) and dA, in row order.
     for (std::int64_t i = b0; i < b1; ++i) {
       if (!kept(i)) continue;
       for (std::int64_t r = 0; r < x.rank; ++r)
         for (std::int64_t k = 0; k < x.d; ++k) {
-          const double e = x.e[std::size_t(i * x.d + k)], qr = q[std::size_t((i - b0) * x.rank + r)];
+          const double a = x.a[std::size_t(r * x.d + k)], e = x.e[std::size_t(i * x.d + k)];
+          const double qr = q[std::size_t((i - b0) * x.rank + r)], qar = qa[std::size_t((i - b0) * x.rank + r)];
+          g.de[std::size_t(i * x.d + k)] += x.scale * qr * a;
           g.da[std::size_t(r * x.d + k)] += x.scale * qr * e;
-          g.da_scale[std::size_t(r * x.d + k)] += std::abs(x.scale * e) * qa[std::size_t((i - b0) * x.rank + r)];
+          g.de_scale[std::size_t(i * x.d + k)] += std::abs(x.scale * a) * qar;
+          g.da_scale[std::size_t(r * x.d + k)] += std::abs(x.scale * e) * qar;
         }
     }
   }
