@@ -44,8 +44,9 @@ def build(build_dir=None, verbose=False, with_cuda=None) -> pathlib.Path:
         name=_NAME,
         sources=[str(s) for s in sources],
         extra_include_paths=includes,
-        extra_cflags=["-O2", "-std=c++17"],
-        extra_cuda_cflags=["-O3", "-std=c++17", "--expt-relaxed-constexpr"] + _HALF_FLAGS + CUDA_ARCH_FLAGS,
+        # the C++ standard is torch's own (C++17 or later: newer releases need C++20), which the library supports
+        extra_cflags=["-O2"],
+        extra_cuda_cflags=["-O3", "--expt-relaxed-constexpr"] + _HALF_FLAGS + CUDA_ARCH_FLAGS,
         build_directory=str(build_dir),
         with_cuda=with_cuda,
         is_python_module=False,
