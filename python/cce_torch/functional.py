@@ -40,6 +40,16 @@ def _workspace(workspace, one_call=False):
     return _ops.MODE["loss_and_grad" if one_call else "auto"], int(workspace)
 
 
+def _autocast(*tensors):
+    """Under torch.autocast the floating inputs go to its dtype, as nn.Linear's would; the casts carry gradients back
+    to the original dtypes."""
+    device = tensors[0].device.type
+    if not torch.is_autocast_enabled(device):
+        return tensors
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(None if t is None else t.to(dtype) for t in tensors)
+
+
 def _prepare(e, c, targets, bias, ignore_index, softcap, reduction, shift, filter_eps, accum, label_smoothing, z_loss,
              weight, temperature, lora, deterministic, workspace, uniform_tolerance, one_call=False):
     if e.dim() < 1 or c.dim() != 2 or e.shape[-1] != c.shape[1]:
@@ -60,6 +70,7 @@ def _prepare(e, c, targets, bias, ignore_index, softcap, reduction, shift, filte
     lora_scale = 1.0
     if lora is not None:
         lora_a, lora_b, lora_scale = lora
+    e, c, bias, lora_a, lora_b = _autocast(e, c, bias, lora_a, lora_b)
     iopt = dict(ignore_index=int(ignore_index), reduction=_ops.REDUCTION[reduction], shift=k, seq_len=seq_len,
                 filter=filter_mode, kahan=int(accum == "kahan"), deterministic=int(bool(deterministic)), mode=mode,
                 budget=budget)
@@ -116,7 +127,8 @@ def linear_cross_entropy(
     softmaxes such as a small random head at initialisation, dropping their deviation from flat. Without softcap
     and bias a row may also take the baseline to first order, dropping at most 2 * uniform_tolerance of its mass:
     by default rows within a few per cent of flat (docs/api.md).
-    accum 'kahan' compensates the sums across tiles. workspace: 'chunked', 'minimal' or a budget in bytes
+    Under torch.autocast, e, c, bias and the low-rank factors are cast to its dtype (gradients reach the originals in
+    theirs). accum 'kahan' compensates the sums across tiles. workspace: 'chunked', 'minimal' or a budget in bytes
     (docs/api.md). With any return_* the result is a LinearCrossEntropyOutput; otherwise the loss tensor.
     """
     args = _prepare(e, c, targets, bias, ignore_index, softcap, reduction, shift, filter_eps, accum, label_smoothing,
@@ -149,7 +161,9 @@ def loss_and_grad(e, c, targets, bias=None, ignore_index=-100, softcap=None, red
         loss, *grads = _ops.loss_and_grad(args, needs)
     if reduction == "none":
         loss = _per_row(loss, targets.shape, int(shift))
-    de, dc, dbias, da, db = (g if need else None for g, need in zip(grads, needs))
+    # each gradient in its input's dtype (under autocast the call ran in autocast's)
+    inputs = (e, c, bias) + (tuple(lora[:2]) if lora is not None else (None, None))
+    de, dc, dbias, da, db = (g.to(x.dtype) if need else None for g, need, x in zip(grads, needs, inputs))
     return loss, de.view(e.shape), dc, dbias, da, db
 
 

@@ -295,6 +295,29 @@ def test_deterministic_is_bitwise_repeatable(cce_torch, device):
         assert all(torch.equal(a, b) for a, b in zip(runs[0], other))
 
 
+def test_autocast(cce_torch, device):
+    """Under torch.autocast the inputs run in its dtype, as nn.Linear's would, and the gradients reach the fp32
+    leaves: the values of a bf16 call, in fp32. loss_and_grad returns its gradients in the inputs' dtype."""
+    e, c, y = make_inputs(64, 32, 500, torch.float32, device)
+    bias = extra_inputs(500, 32, torch.float32, device, bias=True)["bias"]
+    leaves = [t.clone().requires_grad_(True) for t in (e, c, bias)]
+    with torch.autocast(device_type=device, dtype=torch.bfloat16):
+        loss = cce_torch.linear_cross_entropy(leaves[0], leaves[1], y, leaves[2], deterministic=True)
+    grads = torch.autograd.grad(loss, leaves)
+    low = [t.bfloat16().requires_grad_(True) for t in (e, c, bias)]
+    ref = cce_torch.linear_cross_entropy(low[0], low[1], y, low[2], deterministic=True)
+    ref_grads = torch.autograd.grad(ref, low)
+    assert torch.equal(loss, ref)
+    assert all(g.dtype == torch.float32 and torch.equal(g, r.float()) for g, r in zip(grads, ref_grads))
+    with torch.autocast(device_type=device, dtype=torch.bfloat16):
+        one_call = cce_torch.loss_and_grad(e, c, y, bias, deterministic=True, workspace="chunked")
+    ref_one_call = cce_torch.loss_and_grad(e.bfloat16(), c.bfloat16(), y, bias.bfloat16(), deterministic=True,
+                                           workspace="chunked")
+    assert torch.equal(one_call[0], ref_one_call[0])
+    for got, want in zip(one_call[1:4], ref_one_call[1:4]):
+        assert got.dtype == torch.float32 and torch.equal(got, want.float())
+
+
 def test_loss_and_grad_matches_autograd(cce_torch, device):
     """In the chunked workspace the one call is the forward and backward of autograd, bit for bit."""
     e, c, y = make_inputs(64, 32, 500, torch.bfloat16, device, ignore_every=5)
