@@ -124,9 +124,10 @@ def linear_cross_entropy(
     mass is below eps(dtype)/32, None computes every tile, a float sets the threshold. uniform_tolerance: with the
     filter on, rows whose every probability is at most (1 + uniform_tolerance) / V draw their gradient relative to
     1/V and skip the tiles without their target; 0 means eps/2 (exactly flat rows), 1/16 also takes nearly flat
-    softmaxes such as a small random head at initialisation, dropping their deviation from flat. Without softcap
-    and bias a row may also take the baseline to first order, dropping at most 2 * uniform_tolerance of its mass:
-    by default rows within a few per cent of flat (docs/api.md).
+    softmaxes such as a small random head at initialisation, dropping their deviation from flat. Without a bias a
+    row may also take the baseline to first order, dropping at most 2 * uniform_tolerance of its mass: by default
+    rows within a few per cent of flat (with a softcap, whose curvature counts against the tolerance, too; see
+    docs/api.md).
     Under torch.autocast, e, c, bias and the low-rank factors are cast to its dtype (gradients reach the originals in
     theirs). accum 'kahan' compensates the sums across tiles. workspace: 'chunked', 'minimal' or a budget in bytes
     (docs/api.md). With any return_* the result is a LinearCrossEntropyOutput; otherwise the loss tensor.

@@ -50,6 +50,8 @@ struct case_config {
   std::int64_t extra_class_roundings = 0;
   // The same for dE (the first-order baseline's share, added after the walk, rounds dE and dC once more each).
   std::int64_t extra_row_roundings = 0;
+  // Every third row of E below this many scaled by 20: rows far from flat beside near-flat ones in the same tiles.
+  std::int64_t sharp_rows = 0;
   options opts{};
   int index = -1;  // position in a randomized loop: CCE_CASE=<index> reruns that case alone
 
@@ -57,8 +59,8 @@ struct case_config {
     std::ostringstream s;
     if (index >= 0) s << "CCE_CASE=" << index << " ";
     s << "n=" << n << " d=" << d << " v=" << v << " rank=" << rank << " e_pad=" << e_pad << " c_pad=" << c_pad
-      << " bias=" << bias << " weights=" << class_weights << " int32=" << int32_targets
-      << " ignore=" << ignore_fraction << " seq_len=" << seq_len << " data=" << to_string(data) << " seed=" << seed
+      << " bias=" << bias << " weights=" << class_weights << " int32=" << int32_targets << " ignore=" << ignore_fraction
+      << " seq_len=" << seq_len << " data=" << to_string(data) << " sharp_rows=" << sharp_rows << " seed=" << seed
       << " | reduction=" << int(opts.reduction) << " softcap=" << opts.softcap << " T=" << opts.temperature
       << " smoothing=" << opts.label_smoothing << " z_loss=" << opts.z_loss << " filter=" << int(opts.filter)
       << " kahan=" << (opts.accum == accumulation::kahan) << " shift=" << opts.shift
@@ -148,6 +150,8 @@ host_problem<T> make_problem(const case_config& cfg) {
     for (std::int64_t i = 0; i < std::min(cfg.n, cfg.v); ++i)
       for (std::int64_t k = 0; k < cfg.d; ++k) cf[std::size_t(i * ldc + k)] = ef[std::size_t(i * lde + k)];
   }
+  for (std::int64_t i = 0; i < std::min(cfg.sharp_rows, cfg.n); i += 3)
+    for (std::int64_t k = 0; k < cfg.d; ++k) ef[std::size_t(i * lde + k)] *= 20.f;
   // Padding elements hold loud values: a kernel that reads them corrupts the result.
   for (std::int64_t i = 0; i < cfg.v; ++i)
     for (std::int64_t k = cfg.d; k < ldc; ++k) cf[std::size_t(i * ldc + k)] = 1e4f;

@@ -248,6 +248,7 @@ TEST_CASE("tiled executor: near-uniform rows take a baseline and skip their othe
       cfg.opts.uniform_tolerance = 1.f / 16;
       cfg.class_weights = variant == 1;
       cfg.opts.temperature = variant == 2 ? 0.7f : 1.f;
+      cfg.opts.softcap = variant == 2 || variant == 5 ? 30.f : 0.f;
       cfg.opts.z_loss = variant == 2 ? 1e-2f : 0.f;
       cfg.opts.reduction = variant == 3 ? reduction::none : reduction::mean;
       cfg.opts.softcap = variant == 4 ? 30.f : 0.f;
@@ -268,7 +269,7 @@ TEST_CASE("tiled executor: near-uniform rows take a baseline and skip their othe
     cfg.v = 300;
     cfg.data = test::regime::uniform;
     cfg.seed = 45;
-    cfg.bias = variant == 0;
+    cfg.bias = true;     // which keeps the first order out (under the softcap it would take these rows)
     if (variant == 1) {  // |z* - 2| = 2 against cap sqrt(1/16) / 2 = 1
       cfg.opts.uniform_tolerance = 1.f / 16;
       cfg.opts.softcap = 8.f;
@@ -295,11 +296,11 @@ detail::plan linear_minimal_plan(const test::host_problem<__nv_bfloat16>& h, std
 
 }  // namespace
 
-// Rows near-uniform to first order (the default tolerance; no bias, no softcap): every tile is skipped (the one-hot
-// terms go to the products), the linear share is added after the walk (one more rounding of dE and dC in T), and the
-// gradients stay within the tolerance, in both modes (minimal at the least budget that plans the share: the carried
-// pass, or two passes when gradients accumulate), with the per-row terms of the baseline, fp32 gradients and Kahan
-// sums. On lm-like data no row qualifies and nothing is skipped.
+// Rows near-uniform to first order (the default tolerance; no bias): every tile is skipped (the one-hot terms go to
+// the products), the linear share is added after the walk (one more rounding of dE and dC in T), and the gradients
+// stay within the tolerance, in both modes (minimal at the least budget that plans the share: the carried pass, or
+// two passes when gradients accumulate), with the per-row terms of the baseline, a softcap (with a temperature),
+// fp32 gradients and Kahan sums. On lm-like data no row qualifies and nothing is skipped.
 TEST_CASE("tiled executor: rows near-uniform to first order skip every tile", "[executor][filter]") {
   int carried = 0;  // minimal plans of the carried pass
   for (bool minimal : {false, true}) {
@@ -313,6 +314,7 @@ TEST_CASE("tiled executor: rows near-uniform to first order skip every tile", "[
       if (minimal) cfg.opts.backward_mode = backward_mode::minimal;
       cfg.class_weights = variant == 1;
       cfg.opts.temperature = variant == 2 ? 0.7f : 1.f;
+      cfg.opts.softcap = variant == 2 || variant == 5 ? 30.f : 0.f;
       cfg.opts.z_loss = variant == 2 ? 1e-2f : 0.f;
       cfg.opts.reduction = variant == 3 ? reduction::none : reduction::mean;
       cfg.opts.accum = variant == 4 ? accumulation::kahan : accumulation::fp32;
@@ -339,27 +341,36 @@ TEST_CASE("tiled executor: rows near-uniform to first order skip every tile", "[
   }
   CHECK(carried > 0);
   // Logits a tenth from flat, whose first-order share is about a tenth of the gradient: they pass at tolerance
-  // 1/16 (1 - kappa about 0.005), not at the default, nor on lm-like data.
-  for (int variant = 0; variant < 4; ++variant) {
+  // 1/16 (1 - kappa about 0.005), with a softcap of 30 too, not at the default, nor on lm-like data, nor under a
+  // softcap of 0.2 (whose curvature over logits of up to a few tenths exceeds the tolerance). With every third row of
+  // the first row tile far from flat, its tiles are computed with the other rows' first-order draws in them.
+  for (int variant = 0; variant < 8; ++variant) {
     test::case_config cfg;
     cfg.n = 72;
     cfg.d = 48;
     cfg.v = 300;
     cfg.seed = 67 + variant;
     cfg.data = variant == 3 ? test::regime::lm_like : test::regime::near_flat;
-    if (variant < 2) cfg.opts.uniform_tolerance = 1.f / 16;
+    if (variant != 2 && variant != 3) cfg.opts.uniform_tolerance = 1.f / 16;
     if (variant == 1) cfg.opts.backward_mode = backward_mode::minimal;
+    cfg.opts.softcap = variant == 4 || variant == 7 ? 30.f : variant == 5 ? 0.2f : 0.f;
     cfg.extra_row_roundings = cfg.extra_class_roundings = 1;
     INFO("near-flat variant " << variant);
+    const bool mixed = variant >= 6;
+    if (mixed) cfg.sharp_rows = 16;
     const auto h = test::make_problem<__nv_bfloat16>(cfg);
     std::size_t budget = 0;
     if (variant == 1) linear_minimal_plan(h, budget);
     const test::case_results r = run_executor<__nv_bfloat16, __nv_bfloat16>(h, budget, true);
     test::check_case<__nv_bfloat16, __nv_bfloat16>(h, r, true, test::gradient_check::relative);
-    if (variant < 2)
+    if (mixed) {
+      CHECK(r.filter_tiles[0] == 19);
+      CHECK(r.filter_tiles[1] == 4 * 19);
+    } else if (variant < 2 || variant == 4) {
       CHECK(r.filter_tiles[1] == 5 * 19);
-    else
+    } else {
       CHECK(r.filter_tiles[1] == 0);
+    }
   }
 }
 

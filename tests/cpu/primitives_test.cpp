@@ -968,6 +968,37 @@ TEST_CASE("filter::near_uniform with a softcap: 3/4 of the tolerance, and a fact
   CHECK(filter::near_uniform::make(tol, v, 1e30f).holds(20.f, 20.f + log_v));
 }
 
+TEST_CASE("filter::near_uniform_linear: 1 - kappa within 2 tolerance, less the softcap's terms under a cap",
+          "[primitives][filter]") {
+  const float tol = 1.f / 16;
+  const long long v = 32000;
+  const float log_v = float(std::log(double(v)));
+  const auto kappa_row = [&](const filter::near_uniform_linear& f, double one_minus_kappa, float bound) {
+    const float lse = 1.5f;  // zbar = lse - log V + log kappa
+    return f.holds(lse - log_v + float(std::log1p(-one_minus_kappa)), lse, bound);
+  };
+  const filter::near_uniform_linear plain = filter::near_uniform_linear::make(tol, v);
+  CHECK(kappa_row(plain, 0.0, 0.f));
+  CHECK(kappa_row(plain, 0.99 * 2 * tol, 1e30f));  // the bound counts only under a cap
+  CHECK_FALSE(kappa_row(plain, 1.01 * 2 * tol, 0.f));
+  CHECK_FALSE(plain.holds(std::nanf(""), 0.f));
+
+  const float cap = 2.f;
+  const filter::near_uniform_linear f = filter::near_uniform_linear::make(tol, v, cap);
+  CHECK(f.softcap_drop(0.f) == 0.f);
+  // bound 0.4: x2 = 0.04, delta = 0.4 x2 / 3; the drop is 2 delta e^delta + delta + 2 x2, about 0.0907
+  const double x2 = 0.04, delta = 0.4 * x2 / 3, drop = 2 * delta * std::exp(delta) + delta + 2 * x2;
+  CHECK(double(f.softcap_drop(0.4f)) == Approx(drop).epsilon(1e-5));
+  CHECK(kappa_row(f, 0.0, 0.f));
+  CHECK(kappa_row(f, 0.99 * (2 * tol - drop), 0.4f));
+  CHECK_FALSE(kappa_row(f, 1.01 * (2 * tol - drop), 0.4f));
+  CHECK_FALSE(kappa_row(f, 0.0, 0.6f));  // the softcap's terms alone exceed 2 tolerance
+  CHECK_FALSE(kappa_row(f, 0.0, std::nanf("")));
+  CHECK_FALSE(kappa_row(f, 0.0, INFINITY));
+  // Even a flat row keeps out where the logits may reach the cap's curvature.
+  CHECK_FALSE(kappa_row(filter::near_uniform_linear::make(filter::auto_eps<__nv_bfloat16>() / 2, v, 30.f), 0.0, 1.f));
+}
+
 TEST_CASE("filter::auto_eps: machine epsilon of the element type / 32", "[primitives][filter]") {
   CHECK(filter::auto_eps<__nv_bfloat16>() == std::ldexp(1.f, -12));
   CHECK(filter::auto_eps<__half>() == std::ldexp(1.f, -15));

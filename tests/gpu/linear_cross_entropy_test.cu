@@ -344,27 +344,31 @@ TEST_CASE("GPU: near-uniform rows take a baseline and skip their other tiles", "
   }
 }
 
-// Rows near-uniform to first order (no bias, no softcap): logits a tenth from flat at uniform_tolerance 1/16, whose
-// first-order share is a tenth of the gradient, and the benchmark's uniform data at the default tolerance. Every
-// tile is skipped and the share and the rows' one-hot terms (a gathered row of C into dE, the class's rows of E into
-// dC) are added after the walk (one more rounding of dE and dC), on both kernel paths: chunked, minimal at the least
-// budget that plans it (N = 300, D = 1,024: its D x D matrix then leaves room for slabs narrower than D), with
-// accumulating gradients (minimal's two passes), fp32 gradients, a D that TMA cannot address (the portable
-// products), and loss_and_grad over two row blocks with class weights.
+// Rows near-uniform to first order (no bias): logits a tenth from flat at uniform_tolerance 1/16, whose first-order
+// share is a tenth of the gradient, and the benchmark's uniform data at the default tolerance. Every tile is skipped
+// and the share and the rows' one-hot terms (a gathered row of C into dE, the class's rows of E into dC) are added
+// after the walk (one more rounding of dE and dC), on both kernel paths: chunked, minimal at the least budget that
+// plans it (N = 300, D = 1,024: its D x D matrix then leaves room for slabs narrower than D), with accumulating
+// gradients (minimal's two passes), fp32 gradients, a D that TMA cannot address (the portable products), a softcap,
+// and loss_and_grad over two row blocks with class weights. With every third row of the first row tile far from
+// flat (sharp_rows), that tile's classes are computed with the first-order draws of the other rows in them: without
+// and with a softcap, and in loss_and_grad's logit-keeping path.
 TEST_CASE("GPU: rows near-uniform to first order skip every tile", "[gpu][baseline]") {
   using policy = tile::default_policy_t<__nv_bfloat16>;
   device_info dev;
   REQUIRE(current_device(dev) == status::success);
   for (bool hopper : {true, false}) {
-    for (int variant = 0; variant < 6; ++variant) {
+    for (int variant = 0; variant < 8; ++variant) {
       test::case_config cfg;
-      const bool minimal = variant == 1 || variant == 2;
+      const bool minimal = variant == 1 || variant == 2, mixed = variant >= 6;
       cfg.n = minimal ? 300 : 200;
       cfg.d = variant == 4 ? 97 : minimal ? 1024 : 256;
       cfg.v = minimal ? 8000 : 16000;
-      cfg.data = variant == 5 ? test::regime::uniform : test::regime::near_flat;
+      cfg.data = variant == 5 || variant == 7 ? test::regime::uniform : test::regime::near_flat;
       cfg.seed = 29 + variant;
-      if (variant != 5) cfg.opts.uniform_tolerance = 1.f / 16;
+      if (variant != 5 && variant != 7) cfg.opts.uniform_tolerance = 1.f / 16;
+      cfg.opts.softcap = variant == 3 || variant == 7 ? 30.f : 0.f;
+      cfg.sharp_rows = mixed ? 128 : 0;
       cfg.opts.hopper_kernels = hopper;
       cfg.opts.accumulate = variant == 2;
       cfg.extra_row_roundings = cfg.extra_class_roundings = 1;
@@ -389,27 +393,33 @@ TEST_CASE("GPU: rows near-uniform to first order skip every tile", "[gpu][baseli
       const auto h = test::make_problem<__nv_bfloat16>(cfg);
       const test::case_results r = run_device<__nv_bfloat16, __nv_bfloat16>(h, budget);
       test::check_case<__nv_bfloat16, __nv_bfloat16>(h, r, true, test::gradient_check::relative);
-      // Every row takes the baseline and leaves its one-hot term to the products: no tile is computed.
-      CHECK(r.filter_tiles[0] == 0);
-      CHECK(r.filter_tiles[1] == (cfg.n + 127) / 128 * ((cfg.v + 127) / 128));
+      // Every row takes the baseline and leaves its one-hot term to the products: no tile is computed (but the
+      // first row tile's where it holds sharp rows).
+      const std::int64_t col_tiles = (cfg.v + 127) / 128, row_tiles = (cfg.n + 127) / 128;
+      CHECK(r.filter_tiles[0] == (mixed ? col_tiles : 0));
+      CHECK(r.filter_tiles[1] == (mixed ? row_tiles - 1 : row_tiles) * col_tiles);
       if (variant == 0) {
         const test::case_results f = run_device<__nv_bfloat16, float>(h, budget);
         test::check_case<__nv_bfloat16, float>(h, f, true, test::gradient_check::relative);
       }
     }
   }
-  test::case_config cfg;
-  cfg.n = 1500;
-  cfg.d = 128;
-  cfg.v = 6000;
-  cfg.data = test::regime::near_flat;
-  cfg.seed = 37;
-  cfg.class_weights = true;
-  cfg.opts.uniform_tolerance = 1.f / 16;
-  cfg.extra_row_roundings = cfg.extra_class_roundings = 1;
-  const test::case_results r =
-      run_loss_and_grad_case<__nv_bfloat16, __nv_bfloat16>(cfg, 1024, test::gradient_check::relative);
-  CHECK(r.filter_tiles[0] == 0);
+  for (bool mixed : {false, true}) {
+    test::case_config cfg;
+    cfg.n = 1500;
+    cfg.d = 128;
+    cfg.v = 6000;
+    cfg.data = test::regime::near_flat;
+    cfg.seed = 37;
+    cfg.class_weights = !mixed;  // the general draw; mixed, the common one with a softcap
+    cfg.opts.softcap = mixed ? 30.f : 0.f;
+    cfg.sharp_rows = mixed ? 128 : 0;
+    cfg.opts.uniform_tolerance = 1.f / 16;
+    cfg.extra_row_roundings = cfg.extra_class_roundings = 1;
+    const test::case_results r =
+        run_loss_and_grad_case<__nv_bfloat16, __nv_bfloat16>(cfg, 1024, test::gradient_check::relative);
+    CHECK(r.filter_tiles[0] == (mixed ? 47 : 0));
+  }
 }
 
 // Minimal mode's two passes take their own blocks: over a range of budgets the plans carry dE across chunks, carry

@@ -112,8 +112,9 @@ struct uniform_baseline_buffers {
   std::int32_t* class_offsets = nullptr;  // V + 1
   std::int32_t* class_fill = nullptr;     // V: rows placed so far
   std::int32_t* class_rows = nullptr;     // N
-  int* state = nullptr;  // 3: [0] a near-uniform row was seen, [1] class_sum holds the column sums, [2] a row may
-                         // be near-uniform to first order
+  int* state = nullptr;  // 4: [0] a near-uniform row was seen, [1] class_sum holds the column sums, [2] a row may
+                         // be near-uniform to first order, [3] with a softcap: the largest squared norm of C's rows
+                         // (float bits), taken with the column sums
 };
 
 // The first-order baseline's products after the walk, in the passes' region (the walk is done with it): the D x D
@@ -315,7 +316,7 @@ struct plan {
     b.class_offsets = c.take<std::int32_t>(linear_rows ? v + 1 : 0);
     b.class_fill = c.take<std::int32_t>(linear_rows ? v : 0);
     b.class_rows = c.take<std::int32_t>(linear_rows ? n : 0);
-    b.state = c.take<int>(3);
+    b.state = c.take<int>(4);
     return b;
   }
 
@@ -457,7 +458,7 @@ plan plan_operating_point(std::int64_t n, std::int64_t d, std::int64_t v, std::i
   // classifier is C + s B A), smoothing (no filter) or the sorted walk (whose tiles are decided from the recomputed
   // logits); nor with one class tile, which holds every target.
   p.baseline = p.filter && opt.label_smoothing == 0.f && rank == 0 && !opt.vocab_sort && p.grid.col_tiles() > 1;
-  p.linear_rows = p.baseline && !(opt.softcap > 0.f) && !bias;  // plan_linear_baseline
+  p.linear_rows = p.baseline && !bias;  // plan_linear_baseline
   p.weights = weights;
   p.sort_temp = opt.vocab_sort ? std::max<std::size_t>(sort_temp, 1) : 0;  // a null scratch means a size query
   p.mean_splits = std::clamp<std::int64_t>(ceil_div(n, mean_rows_per_split), 1, 64);
@@ -627,7 +628,7 @@ void plan_kept_logits(plan& p, const options& opt, const device_info& dev, std::
 }
 
 // The first-order baseline's products (plan::linear_slab_cols), where its per-row buffers are planned (with the
-// baseline, no softcap, whose derivative is not linear in the logit, and no bias): when the D x D matrix and a slab
+// baseline and no bias): when the D x D matrix and a slab
 // of at least one tile of columns fit in the region the passes (or loss_and_grad's dZ block) leave once done; the
 // widest such slab, up to all of D. They add nothing to the workspace.
 template <class T>

@@ -226,7 +226,7 @@ class portable_path {
   // near-uniform row seen.
   status start_backward(const backward_buffers<T>& bw, unsigned long long* counts, cudaStream_t stream) const {
     if (baseline() && (cudaMemsetAsync(bw.baseline.class_sum, 0, sizeof(float) * p_.d, stream) != cudaSuccess ||
-                       cudaMemsetAsync(bw.baseline.state, 0, 3 * sizeof(int), stream) != cudaSuccess)) {
+                       cudaMemsetAsync(bw.baseline.state, 0, 4 * sizeof(int), stream) != cudaSuccess)) {
       return status::cuda_error;
     }
     if (p_.has_lora()) {
@@ -560,6 +560,11 @@ class portable_path {
     baseline_partial_kernel<T, baseline_sum::classes><<<dim3(col_blocks, unsigned(class_splits)), 256, 0, stream>>>(
         p_.c, p_.c_stride(), p_.v, d, nullptr, class_splits, b.state, b.partial);
     CCE_TRY(launch_status());
+    if (linear() && o_.softcap > 0.f) {  // the first-order test's bound on the logits
+      const unsigned blocks = unsigned(std::min<std::int64_t>(ceil_div(p_.v, 8), 8 * std::int64_t(pl_.sm_count)));
+      class_norm_kernel<T><<<blocks, 256, 0, stream>>>(p_.c, p_.c_stride(), p_.v, d, b.state);
+      CCE_TRY(launch_status());
+    }
     baseline_total_kernel<baseline_sum::classes><<<blocks_for(d, 256), 256, 0, stream>>>(b.partial, d, d,
                                                                                        class_splits, b.state,
                                                                                        b.class_sum);

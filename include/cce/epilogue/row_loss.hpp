@@ -12,11 +12,13 @@
 // softcap's factor of dz/draw (1 without softcap): the tiles without its target then hold only the softmax's
 // deviation from 1/V, which the filter may skip, and the products add the baseline's share back for every class
 // (baseline times the column sums of C into dE, the rows' baselines times E into every class of dC).
-// A row near enough to flat takes the baseline to first order instead (no softcap, no bias): with zbar the row's
-// mean logit and kappa = exp(zbar - lse) V, p_v = (kappa / V) e^(z_v - zbar) >= (kappa / V)(1 + z_v - zbar), so a
-// draw less the baseline (ce + extra) kappa / V and less slope (z_v - zbar), slope = baseline / T, leaves a deviation
-// that is nowhere negative and adds up to 1 - kappa exactly; the products add the linear share through C^T C (dE)
-// and E^T E (dC) after the walk (dispatch/portable.cuh, linear_baseline_products), with the row's one-hot term.
+// A row near enough to flat takes the baseline to first order instead (no bias): with zbar the row's mean logit and
+// kappa = exp(zbar - lse) V, p_v = (kappa / V) e^(z_v - zbar) >= (kappa / V)(1 + z_v - zbar), so a draw less the
+// baseline (ce + extra) kappa / V and less slope (z_v - zbar), slope = baseline / T, leaves a deviation that is
+// nowhere negative and adds up to 1 - kappa exactly; the products add the linear share through C^T C (dE) and E^T E
+// (dC) after the walk (dispatch/portable.cuh, linear_baseline_products), with the row's one-hot term. The share is
+// linear in raw / T; with a softcap the walk's draws take the logit z they have, and filter::near_uniform_linear
+// bounds what that and the softcap's curvature add.
 #pragma once
 
 #include <cce/detail/math.hpp>
@@ -59,15 +61,16 @@ struct dlogit_coefficients {
     return (*this)(p, is_target, class_weight) * derivative - baseline * inv_temperature - slope * (z - mean_logit);
   }
 
-  // The common case in three coefficients: at a class that is not the target, of weight 1, with the derivative's
-  // constant factor s = 1/T, the draw is (a p + b) f + c, f the softcap's factor when `capped`; without softcap the
-  // baseline joins b and the draw is a p + b + c z (c = -slope: 0 unless the row is near-uniform to first order).
+  // The common case in four coefficients: at a class that is not the target, of weight 1, with the derivative's
+  // constant factor s = 1/T, the draw is (a p + b) f + c + l z, f the softcap's factor when `capped` (without
+  // softcap c joins b and is 0); l = -slope is 0 unless the row is near-uniform to first order.
   struct affine {
-    float a, b, c;
+    float a, b, c, l;
   };
   CCE_HOST_DEVICE affine non_target(float s, bool capped) const {
-    return capped ? affine{(ce + extra) * s, -gamma * s, -baseline * s}
-                  : affine{(ce + extra) * s, slope * mean_logit - (gamma + baseline) * s, -slope};
+    const float c = slope * mean_logit - baseline * s;
+    return capped ? affine{(ce + extra) * s, -gamma * s, c, -slope}
+                  : affine{(ce + extra) * s, c - gamma * s, 0.f, -slope};
   }
 };
 

@@ -65,21 +65,31 @@ struct near_uniform {
   }
 };
 
-// To first order (row_loss.hpp; no softcap) a row with mean logit zbar drops 1 - kappa, kappa = exp(zbar - lse) V:
+// To first order (row_loss.hpp; no bias) a row with mean logit zbar drops 1 - kappa, kappa = exp(zbar - lse) V:
 // it qualifies when that is at most 2 tolerance, the bound of the baseline 1/V. The column sums that zbar needs are
 // taken only once some row is `plausible`: its largest logit within a few standard deviations of flat (1 - kappa is
 // about half the logits' variance), a heuristic that decides only whether the test runs.
+// With a softcap the share is linear in z = raw / T while the softmax sees y = c tanh(z / c) (c = k / T) and a class
+// draws p f, f = 1 - (y / c)^2. If every |z| is at most `bound` (|e| max_v |c_v| / T), then |z - y| <= bound^3 / (3
+// c^2) = delta and 1 - f <= (bound / c)^2 = x2, and the drop grows by at most 2 (e^delta - 1) (the softmax of y
+// against that of z, twice: its mass and its deviation), delta (the walk's draws take y where the share takes z) and
+// 2 x2 (the factor at the other classes and at the target, whose one-hot term the share takes at f = 1).
 struct near_uniform_linear {
   float log_kappa_floor = detail::inf_f();  // log(1 - 2 tolerance): nothing qualifies at +inf
   float log_classes = 0.f;
   float plausible_bound = -detail::inf_f();  // on z_max - (lse - log V)
+  float twice_tolerance = 0.f;
+  float inv_cap2 = 0.f;  // 1 / c^2 with a softcap, else 0
 
-  CCE_HOST_DEVICE static near_uniform_linear make(float tolerance, long long classes) {
+  // `cap`: the logits' saturation k / T with a softcap, infinite without.
+  CCE_HOST_DEVICE static near_uniform_linear make(float tolerance, long long classes, float cap = detail::inf_f()) {
     near_uniform_linear f;
     if (!(tolerance > 0.f)) return f;
     f.log_classes = detail::log_f(float(classes));
     f.log_kappa_floor = 2.f * tolerance < 1.f ? detail::log1p_f(-2.f * tolerance) : -detail::inf_f();
     f.plausible_bound = detail::log_f(2.f) + 8.f * detail::sqrt_f(tolerance);
+    f.twice_tolerance = 2.f * tolerance;
+    if (cap < detail::inf_f()) f.inv_cap2 = 1.f / (cap * cap);
     return f;
   }
   CCE_HOST_DEVICE bool plausible(float z_max, float lse) const {
@@ -87,8 +97,17 @@ struct near_uniform_linear {
   }
   // log kappa of a row with mean logit zbar; the row qualifies when it is at least log_kappa_floor (NaN fails).
   CCE_HOST_DEVICE float log_kappa(float mean_logit, float lse) const { return mean_logit - (lse - log_classes); }
-  CCE_HOST_DEVICE bool holds(float mean_logit, float lse) const {
-    return log_kappa(mean_logit, lse) >= log_kappa_floor;
+  // What the softcap adds to the drop of a row whose |z| stay within `bound` (e^delta - 1 <= delta e^delta).
+  CCE_HOST_DEVICE float softcap_drop(float bound) const {
+    const float x2 = bound * bound * inv_cap2, delta = bound * x2 / 3.f;
+    return 2.f * delta * detail::exp_f(delta) + delta + 2.f * x2;
+  }
+  // `bound`: on every |z| of the row, needed with a softcap only.
+  CCE_HOST_DEVICE bool holds(float mean_logit, float lse, float bound = 0.f) const {
+    const float log_k = log_kappa(mean_logit, lse);
+    if (inv_cap2 == 0.f) return log_k >= log_kappa_floor;
+    const float room = twice_tolerance - softcap_drop(bound);  // NaN fails
+    return room > 0.f && (room >= 1.f || log_k >= detail::log1p_f(-room));
   }
 };
 
@@ -116,7 +135,8 @@ near_uniform near_uniform_of(const options& o, long long classes) {
 }
 template <class T>
 near_uniform_linear near_uniform_linear_of(const options& o, long long classes) {
-  return near_uniform_linear::make(uniform_tolerance_of<T>(o), classes);
+  const float cap = o.softcap > 0.f ? o.softcap / o.temperature : detail::inf_f();
+  return near_uniform_linear::make(uniform_tolerance_of<T>(o), classes, cap);
 }
 
 }  // namespace cce::filter

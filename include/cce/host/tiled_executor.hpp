@@ -539,20 +539,30 @@ class tiled_executor {
     return apart;
   }
 
-  // The first-order test (as kernel/portable/uniform_baseline.cuh's linear_rows_kernel), run when some kept row is
-  // `plausible`.
+  // The first-order test (as kernel/portable/uniform_baseline.cuh's class_norm_kernel and linear_rows_kernel), run
+  // when some kept row is `plausible`.
   void take_linear_baselines(const problem<T>& p, const dense_inputs& x, const filter::near_uniform_linear& test,
                              bool plausible, const detail::uniform_baseline_buffers& b,
                              detail::row_coefficients* coef) const {
     const float inv_classes = 1.f / float(p.v), s = 1.f / opt_.temperature;
     std::fill(b.linear_scale, b.linear_scale + p.n, 0.f);
     for (std::int64_t d = 0; d < p.d; ++d) b.class_mean[d] = -b.class_sum[d] * inv_classes;
+    float class_norm2 = 0.f;  // with a softcap: the largest squared norm of C's rows
+    for (std::int64_t c = 0; plausible && opt_.softcap > 0.f && c < p.v; ++c) {
+      float ss = 0.f;
+      for (std::int64_t d = 0; d < p.d; ++d) ss += x.c[std::size_t(c * p.d + d)] * x.c[std::size_t(c * p.d + d)];
+      class_norm2 = detail::max_f(class_norm2, ss);
+    }
     for (std::int64_t row = 0; plausible && row < p.n; ++row) {
       detail::row_coefficients& rc = coef[row];
-      float dot = 0.f;
-      for (std::int64_t d = 0; d < p.d; ++d) dot += x.e[std::size_t(row * p.d + d)] * b.class_sum[d];
-      const float zbar = dot * inv_classes * s;
-      if (!rc.kept || !test.holds(zbar, rc.lse)) continue;
+      float dot = 0.f, ss = 0.f;
+      for (std::int64_t d = 0; d < p.d; ++d) {
+        const float e = x.e[std::size_t(row * p.d + d)];
+        dot += e * b.class_sum[d];
+        ss += e * e;
+      }
+      const float zbar = dot * inv_classes * s, bound = detail::sqrt_f(ss * class_norm2) * s;
+      if (!rc.kept || !test.holds(zbar, rc.lse, bound)) continue;
       rc.dz.baseline = (rc.dz.ce + rc.dz.extra) * inv_classes * detail::exp_f(test.log_kappa(zbar, rc.lse));
       rc.dz.slope = rc.dz.baseline * s;
       rc.dz.mean_logit = zbar;

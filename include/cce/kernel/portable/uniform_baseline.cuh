@@ -83,11 +83,44 @@ __global__ void baseline_total_kernel(const float* partial, std::int64_t d, std:
   out[col] = s;
 }
 
+// state[3] = the largest squared norm of the classifier's rows (its float bits: nonnegative floats order as their
+// bits; NaN as a NaN), which bounds the logits of the first-order test under a softcap; with the class sums
+// (whenever they are taken, so that a later row block's test finds it), from a state[3] of 0. A warp per row, 16-byte
+// loads where rows allow them. The maximum does not depend on the order in which the rows arrive.
+template <class T>
+__global__ void class_norm_kernel(const T* c, std::int64_t ldc, std::int64_t v, std::int64_t d, int* state) {
+  if (!(state[0] || state[2]) || state[1]) return;
+  constexpr int vec = 16 / sizeof(T);
+  const bool vectors = d % vec == 0 && ldc % vec == 0 && reinterpret_cast<std::uintptr_t>(c) % 16 == 0;
+  const int lane = threadIdx.x % 32;
+  const std::int64_t warps = std::int64_t(gridDim.x) * blockDim.x / 32;
+  float largest = 0.f;
+  for (std::int64_t row = (std::int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32; row < v; row += warps) {
+    const T* x = c + row * ldc;
+    float ss = 0.f;
+    if (vectors) {
+#pragma unroll 4
+      for (std::int64_t k = vec * lane; k < d; k += 32 * vec) {
+        const uint4 raw = *reinterpret_cast<const uint4*>(x + k);
+        const T* part = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+        for (int e = 0; e < vec; ++e) ss += to_float(part[e]) * to_float(part[e]);
+      }
+    } else {
+      for (std::int64_t k = lane; k < d; k += 32) ss += to_float(x[k]) * to_float(x[k]);
+    }
+#pragma unroll
+    for (int mask = 16; mask > 0; mask /= 2) ss += __shfl_xor_sync(0xffffffffu, ss, mask);
+    largest = max_f(largest, ss);
+  }
+  if (lane == 0) atomicMax(state + 3, largest == largest ? __float_as_int(largest) : 0x7fffffff);  // NaN wins
+}
+
 // The first-order test of rows [0, n) (filter::near_uniform_linear), once some row may pass it (state[2]), with
-// the class sums taken: a warp per row forms zbar = (e . class_sum / V + mean bias = 0) / T and, where the row
-// passes, gives it the first-order baseline (row_loss.hpp) in place of any other, its scales for the products
-// (row_scale, linear_scale) and marks state[0]. Then class_sum holds the column sums (state[1]), and
-// class_mean their negated mean.
+// the class sums taken: a warp per row forms zbar = (e . class_sum / V + mean bias = 0) / T (with a softcap also
+// the bound |e| max_v |c_v| / T on its logits, from state[3]) and, where the row passes, gives it the first-order
+// baseline (row_loss.hpp) in place of any other, its scales for the products (row_scale, linear_scale) and marks
+// state[0]. Then class_sum holds the column sums (state[1]), and class_mean their negated mean.
 struct linear_rows_params {
   const void* e = nullptr;  // of T
   std::int64_t lde = 0, n = 0, d = 0;
@@ -115,14 +148,22 @@ __global__ void linear_rows_kernel(const __grid_constant__ linear_rows_params pr
   }
   if (row >= prm.n) return;
   const T* e = static_cast<const T*>(prm.e) + row * prm.lde;
-  float dot = 0.f;
-  for (std::int64_t k = lane; k < prm.d; k += 32) dot += to_float(e[k]) * prm.class_sum[k];
+  float dot = 0.f, ss = 0.f;
+  for (std::int64_t k = lane; k < prm.d; k += 32) {
+    const float x = to_float(e[k]);
+    dot += x * prm.class_sum[k];
+    ss += x * x;
+  }
 #pragma unroll
-  for (int mask = 16; mask > 0; mask /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, mask);
+  for (int mask = 16; mask > 0; mask /= 2) {
+    dot += __shfl_xor_sync(0xffffffffu, dot, mask);
+    ss += __shfl_xor_sync(0xffffffffu, ss, mask);
+  }
   if (lane != 0) return;
   row_coefficients& rc = prm.coef[row];
   const float zbar = dot * prm.inv_classes * prm.inv_temperature;
-  if (!rc.kept || !prm.test.holds(zbar, rc.lse)) {
+  const float bound = sqrt_f(ss * __int_as_float(prm.state[3])) * prm.inv_temperature;
+  if (!rc.kept || !prm.test.holds(zbar, rc.lse, bound)) {
     prm.linear_scale[row] = 0.f;
     return;
   }

@@ -230,9 +230,9 @@ __global__ void __launch_bounds__(logit_tile_shape::threads, 1)
       }
     };
     // The common tile of a warp: its 16 rows have gradient and no target here, every class is inside the
-    // vocabulary, no class weights. Then draw = (a p + b) f(z) + c with a softcap (f its factor), a p + b + c z
-    // without, with the row's a, b and c (dlogit_coefficients::non_target, 1/T in them; c z only where a row of the
-    // warp is near-uniform to first order): a few instructions per logit where the general form below takes about
+    // vocabulary, no class weights. Then draw = (a p + b) f(z) + c with a softcap (f its factor), a p + b without,
+    // with the row's a, b and c (dlogit_coefficients::non_target, 1/T in them), and + l z where a row of the warp is
+    // near-uniform to first order: a few instructions per logit where the general form below takes about
     // 28. With the 8-byte stores it shortens the epilogue, which no product overlaps; either alone did not
     // (docs/performance.md).
     const bool plain =
@@ -248,13 +248,18 @@ __global__ void __launch_bounds__(logit_tile_shape::threads, 1)
       return [&, af, shift](int r, int, float z) {
         float d = fmaf(af[r].a, exp2_approx(fmaf(z, log2e, -shift[r])), af[r].b);
         if constexpr (capped) d = fmaf(d, derivative.softcap_factor(z), af[r].c);
-        if constexpr (linear) d = fmaf(af[r].c, z, d);
+        if constexpr (linear) d = fmaf(af[r].l, z, d);
         return d;
       };
     };
+    const bool linear = plain && __any_sync(0xffffffffu, slot[0].rc.dz.slope != 0.f || slot[1].rc.dz.slope != 0.f);
     if (plain && p.terms.transform.softcap > 0.f) {
-      emit(plain_value(std::true_type{}, std::false_type{}));
-    } else if (plain && __any_sync(0xffffffffu, slot[0].rc.dz.slope != 0.f || slot[1].rc.dz.slope != 0.f)) {
+      if (linear) {
+        emit(plain_value(std::true_type{}, std::true_type{}));
+      } else {
+        emit(plain_value(std::true_type{}, std::false_type{}));
+      }
+    } else if (linear) {
       emit(plain_value(std::false_type{}, std::true_type{}));
     } else if (plain) {
       emit(plain_value(std::false_type{}, std::false_type{}));

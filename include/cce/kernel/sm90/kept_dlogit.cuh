@@ -81,9 +81,10 @@ __global__ void __launch_bounds__(kept_dlogit_threads, 3)
     uint4 out;
     auto* draw = reinterpret_cast<T*>(&out);
     // The common run: a row with gradient, no target among the 8 classes, all inside the vocabulary, no class
-    // weights. Then draw = (a p + b) f(z) + c with a softcap (f its factor), a p + b + c z without, with the row's
-    // a, b and c (dlogit_coefficients::non_target, the derivative's factor 1/T in them). The general form below has
-    // several times the instructions, enough to bound this pass by them rather than by memory (docs/performance.md).
+    // weights. Then draw = (a p + b) f(z) + c + l z with a softcap (f its factor), a p + b + l z without, with the
+    // row's coefficients (dlogit_coefficients::non_target, the derivative's factor 1/T in them). The general form below
+    // has several times the instructions, enough to bound this pass by them rather than by memory
+    // (docs/performance.md).
     const bool plain =
         rc.kept && !prm.class_weights && (rc.target < col0 || rc.target >= col0 + vec) && col0 + vec <= g.cols;
     const auto convert_plain = [&](auto capped_constant) {
@@ -93,11 +94,8 @@ __global__ void __launch_bounds__(kept_dlogit_threads, 3)
       for (int e = 0; e < vec; ++e) {
         const float z = ref + __half2float(logit[e]);
         float d = fmaf(af.a, exp2_approx((z - rc.lse) * log2e), af.b);
-        if constexpr (capped) {
-          d = fmaf(d, derivative.softcap_factor(z), af.c);
-        } else {
-          d = fmaf(af.c, z, d);
-        }
+        if constexpr (capped) d = fmaf(d, derivative.softcap_factor(z), af.c);
+        d = fmaf(af.l, z, d);
         col_sum[e] += d;
         draw[e] = from_float<T>(d);
       }
