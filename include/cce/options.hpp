@@ -33,6 +33,11 @@ struct options {
   float z_loss = 0.f;           // lambda of lambda * lse^2, >= 0
   filter_mode filter = filter_mode::automatic;
   float filter_eps = 0.f;       // used with filter_mode::threshold
+  // The gradients the filter applies to (apple's filter_e_grad, filter_c_grad). With only one of them, the backward
+  // computes every tile's dZ and only that gradient's product skips the negligible ones; dBias and the low-rank
+  // factors' gradients then take every tile, and vocab_sort has no effect. With neither, the filter is off.
+  bool filter_de = true;
+  bool filter_dc = true;
   // With the filter on, rows whose every probability is at most (1 + tolerance) / V take 1/V as a baseline and the
   // filter skips their deviations from it (docs/api.md; with a softcap the test is stricter, filter/predicates.hpp).
   // 0: tolerance = eps / 2, which keeps the filter's bound;

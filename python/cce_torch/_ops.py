@@ -11,7 +11,8 @@ from . import _ext
 _ext.load()
 
 # Positions of the option lists (python/cce_torch/csrc/binding.hpp).
-IOPT = ("ignore_index", "reduction", "shift", "seq_len", "filter", "kahan", "deterministic", "mode", "budget")
+IOPT = ("ignore_index", "reduction", "shift", "seq_len", "filter", "kahan", "deterministic", "mode", "budget",
+        "filter_de", "filter_dc")
 FOPT = ("softcap", "temperature", "label_smoothing", "z_loss", "filter_eps", "uniform_tolerance", "lora_scale")
 # Values of the enumerations in include/cce/options.hpp.
 REDUCTION = {"none": 0, "sum": 1, "mean": 2}

@@ -51,7 +51,8 @@ def _autocast(*tensors):
 
 
 def _prepare(e, c, targets, bias, ignore_index, softcap, reduction, shift, filter_eps, accum, label_smoothing, z_loss,
-             weight, temperature, lora, deterministic, workspace, uniform_tolerance, one_call=False):
+             weight, temperature, lora, deterministic, workspace, uniform_tolerance, filter_e_grad, filter_c_grad,
+             one_call=False):
     if e.dim() < 1 or c.dim() != 2 or e.shape[-1] != c.shape[1]:
         raise ValueError(f"e is (..., D) and c is (V, D): got {tuple(e.shape)} and {tuple(c.shape)}")
     if e.shape[:-1] != targets.shape:
@@ -65,6 +66,8 @@ def _prepare(e, c, targets, bias, ignore_index, softcap, reduction, shift, filte
         raise ValueError("shift needs targets with a sequence dimension")
     seq_len = targets.shape[-1] if k else 0
     filter_mode, eps = _filter(filter_eps)
+    if not (filter_e_grad or filter_c_grad):
+        filter_mode = _ops.FILTER_NONE  # the filter applies to neither gradient: off
     mode, budget = _workspace(workspace, one_call)
     lora_a = lora_b = None
     lora_scale = 1.0
@@ -73,7 +76,7 @@ def _prepare(e, c, targets, bias, ignore_index, softcap, reduction, shift, filte
     e, c, bias, lora_a, lora_b = _autocast(e, c, bias, lora_a, lora_b)
     iopt = dict(ignore_index=int(ignore_index), reduction=_ops.REDUCTION[reduction], shift=k, seq_len=seq_len,
                 filter=filter_mode, kahan=int(accum == "kahan"), deterministic=int(bool(deterministic)), mode=mode,
-                budget=budget)
+                budget=budget, filter_de=int(bool(filter_e_grad)), filter_dc=int(bool(filter_c_grad)))
     fopt = dict(softcap=float(softcap or 0.0), temperature=float(temperature), label_smoothing=float(label_smoothing),
                 z_loss=float(z_loss), filter_eps=eps, uniform_tolerance=float(uniform_tolerance),
                 lora_scale=float(lora_scale))
@@ -112,6 +115,8 @@ def linear_cross_entropy(
     deterministic: bool = False,
     workspace: Union[str, int] = "chunked",
     uniform_tolerance: float = 0.0,
+    filter_e_grad: bool = True,
+    filter_c_grad: bool = True,
 ):
     """Softmax cross-entropy of the logits softcap(e @ c.T + bias) / temperature against `targets`, without
     forming the logits. e is (..., D), c is (V, D), targets (...) int64 or int32 with `ignore_index` for positions
@@ -127,13 +132,15 @@ def linear_cross_entropy(
     softmaxes such as a small random head at initialisation, dropping their deviation from flat. Without a bias a
     row may also take the baseline to first order, dropping at most 2 * uniform_tolerance of its mass: by default
     rows within a few per cent of flat (with a softcap, whose curvature counts against the tolerance, too; see
-    docs/api.md).
+    docs/api.md). filter_e_grad, filter_c_grad (as apple's cut_cross_entropy): the gradients the filter applies to;
+    with one of them, every tile's dZ is computed and only that gradient's product skips the negligible ones.
     Under torch.autocast, e, c, bias and the low-rank factors are cast to its dtype (gradients reach the originals in
     theirs). accum 'kahan' compensates the sums across tiles. workspace: 'chunked', 'minimal' or a budget in bytes
     (docs/api.md). With any return_* the result is a LinearCrossEntropyOutput; otherwise the loss tensor.
     """
     args = _prepare(e, c, targets, bias, ignore_index, softcap, reduction, shift, filter_eps, accum, label_smoothing,
-                    z_loss, weight, temperature, lora, deterministic, workspace, uniform_tolerance)
+                    z_loss, weight, temperature, lora, deterministic, workspace, uniform_tolerance, filter_e_grad,
+                    filter_c_grad)
     wanted = (return_lse, return_entropy, return_logprob, return_correct)
     bits = (_ops.WANT_LSE, _ops.WANT_ENTROPY, _ops.WANT_LOGPROB, _ops.WANT_CORRECT)
     outputs = sum(bit for bit, want in zip(bits, wanted) if want)
@@ -149,14 +156,16 @@ def linear_cross_entropy(
 
 def loss_and_grad(e, c, targets, bias=None, ignore_index=-100, softcap=None, reduction="mean", shift=False,
                   filter_eps="auto", accum="fp32", *, label_smoothing=0.0, z_loss=0.0, weight=None, temperature=1.0,
-                  lora=None, deterministic=False, workspace="loss_and_grad", uniform_tolerance=0.0):
+                  lora=None, deterministic=False, workspace="loss_and_grad", uniform_tolerance=0.0,
+                  filter_e_grad=True, filter_c_grad=True):
     """The loss and its gradients (upstream gradient 1) in one call, outside autograd: returns (loss, de, dc,
     dbias, da, db) with None for what the call has no input for. Arguments as linear_cross_entropy, but the
     workspace defaults to 'loss_and_grad': up to 1 GiB (a byte count sets another budget), in which the Hopper
     kernels keep the logits of row blocks instead of computing them twice (docs/api.md); 'chunked' and 'minimal'
     run the forward and backward of those modes."""
     args = _prepare(e, c, targets, bias, ignore_index, softcap, reduction, shift, filter_eps, accum, label_smoothing,
-                    z_loss, weight, temperature, lora, deterministic, workspace, uniform_tolerance, one_call=True)
+                    z_loss, weight, temperature, lora, deterministic, workspace, uniform_tolerance, filter_e_grad,
+                    filter_c_grad, one_call=True)
     needs = [True, True, bias is not None, lora is not None, lora is not None]
     with torch.no_grad():
         loss, *grads = _ops.loss_and_grad(args, needs)

@@ -74,6 +74,8 @@ CASES = {
     "sum": dict(reduction="sum", ignore_every=5),
     "none": dict(reduction="none", ignore_every=5),
     "no_filter": dict(filter_eps=None),
+    "filter_e_grad_only": dict(filter_c_grad=False),
+    "filter_c_grad_only": dict(filter_e_grad=False),
     "filter_threshold": dict(filter_eps=1e-6),
     "kahan": dict(accum="kahan"),
     "deterministic_exact": dict(deterministic=True, filter_eps=None),
@@ -293,6 +295,31 @@ def test_deterministic_is_bitwise_repeatable(cce_torch, device):
         runs.append((loss, *torch.autograd.grad(loss, [e, c])))
     for other in runs[1:]:
         assert all(torch.equal(a, b) for a, b in zip(runs[0], other))
+
+
+def test_filter_on_one_gradient(cce_torch, device):
+    """filter_e_grad / filter_c_grad: at a threshold that skips tiles holding visible mass, the gradient left out of
+    the filter is that of the unfiltered call and the other that of the call filtering both, bit for bit."""
+    g = torch.Generator().manual_seed(3)
+    n, d, v = 256, 256, 1000
+    c = torch.randn(v, d, generator=g) / d**0.25
+    e = c[:n].clone()  # each row's own class dominates: tiles far from it are negligible
+    y = torch.randint(0, v, (n,), generator=g)
+    e, c, y = e.bfloat16().to(device), c.bfloat16().to(device), y.to(device)
+
+    def grads(**options):
+        leaves = [t.clone().requires_grad_(True) for t in (e, c)]
+        loss = cce_torch.linear_cross_entropy(*leaves, y, deterministic=True, **options)
+        return torch.autograd.grad(loss, leaves)
+
+    none, both = grads(filter_eps=None), grads(filter_eps=0.5)
+    assert not torch.equal(both[0], none[0]) and not torch.equal(both[1], none[1])
+    de_only = grads(filter_eps=0.5, filter_c_grad=False)
+    assert torch.equal(de_only[0], both[0]) and torch.equal(de_only[1], none[1])
+    dc_only = grads(filter_eps=0.5, filter_e_grad=False)
+    assert torch.equal(dc_only[0], none[0]) and torch.equal(dc_only[1], both[1])
+    neither = grads(filter_eps=0.5, filter_e_grad=False, filter_c_grad=False)
+    assert torch.equal(neither[0], none[0]) and torch.equal(neither[1], none[1])
 
 
 def test_autocast(cce_torch, device):

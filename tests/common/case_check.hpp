@@ -66,9 +66,18 @@ std::vector<double> expected_gradient(const std::vector<double>& ref, bool accum
   return e;
 }
 
+// Which gradient the filter may drop part of: dE, dC, or those that follow the walk's tiles (dBias and the
+// low-rank factors': filtered with both gradients, computed from every tile when only one is filtered).
+enum class gradient_kind { de, dc, walk };
+inline bool filter_applies(const options& o, gradient_kind g) {
+  if (o.filter == filter_mode::none || (!o.filter_de && !o.filter_dc)) return false;
+  if (o.filter_de == o.filter_dc) return true;
+  return g == gradient_kind::de ? o.filter_de : g == gradient_kind::dc ? o.filter_dc : false;
+}
+
 template <class T>
-double gradient_tolerance(const options& o) {
-  return (o.filter == filter_mode::none ? 1.0 : 2.0) * double(detail::unit_roundoff<T>());
+double gradient_tolerance(const options& o, gradient_kind g = gradient_kind::walk) {
+  return (filter_applies(o, g) ? 2.0 : 1.0) * double(detail::unit_roundoff<T>());
 }
 
 // How a gradient is judged.
@@ -146,13 +155,14 @@ void check_case(const host_problem<T>& h, const case_results& got, bool with_bac
   const std::vector<float> grad_f = make_grad_loss(cfg);
   const std::vector<double> grad(grad_f.begin(), grad_f.end());
   const auto rg = host::reference_backward(dense, cfg.opts, grad, ref);
-  const double tol = gradient_tolerance<T>(cfg.opts);
-  const double k = cfg.opts.filter == filter_mode::none ? 1.0 : 2.0;
   const bool acc = cfg.opts.accumulate;
   // `terms`: how many rounded dZ values each element of the gradient sums.
-  auto check_grad = [&](const char* name, const std::vector<float>& have, const std::vector<double>& want,
-                        const std::vector<double>& scale, double terms, std::uint64_t salt, double roundings = 0) {
+  auto check_grad = [&](const char* name, gradient_kind kind, const std::vector<float>& have,
+                        const std::vector<double>& want, const std::vector<double>& scale, double terms,
+                        std::uint64_t salt, double roundings = 0) {
     if (have.empty()) return;
+    const double tol = gradient_tolerance<T>(cfg.opts, kind);
+    const double k = filter_applies(cfg.opts, kind) ? 2.0 : 1.0;
     const auto expected = expected_gradient<G>(want, acc, cfg.seed + salt);
     const double err = relative_l2(have, expected);
     if (mode == gradient_check::relative) {
@@ -168,12 +178,13 @@ void check_case(const host_problem<T>& h, const case_results& got, bool with_bac
   };
   const double n = double(cfg.n), v = double(cfg.v);
   const double row_roundings = std::is_same_v<G, float> ? 0.0 : double(cfg.extra_row_roundings);
-  check_grad("dE", got.de, rg.de, rg.de_scale, v + double(cfg.rank), 1, row_roundings);
+  using kind = gradient_kind;
+  check_grad("dE", kind::de, got.de, rg.de, rg.de_scale, v + double(cfg.rank), 1, row_roundings);
   const double class_roundings = std::is_same_v<G, float> ? 0.0 : double(cfg.extra_class_roundings);
-  check_grad("dC", got.dc, rg.dc, rg.dc_scale, n, 2, class_roundings);
-  check_grad("dBias", got.dbias, rg.dbias, rg.dbias_scale, n, 3, class_roundings);
-  check_grad("dA", got.da, rg.da, rg.da_scale, n * v, 4);
-  check_grad("dB", got.db, rg.db, rg.db_scale, n, 5);
+  check_grad("dC", kind::dc, got.dc, rg.dc, rg.dc_scale, n, 2, class_roundings);
+  check_grad("dBias", kind::walk, got.dbias, rg.dbias, rg.dbias_scale, n, 3, class_roundings);
+  check_grad("dA", kind::walk, got.da, rg.da, rg.da_scale, n * v, 4);
+  check_grad("dB", kind::walk, got.db, rg.db, rg.db_scale, n, 5);
 }
 
 }  // namespace cce::test

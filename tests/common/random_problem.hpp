@@ -63,6 +63,7 @@ struct case_config {
       << " seq_len=" << seq_len << " data=" << to_string(data) << " sharp_rows=" << sharp_rows << " seed=" << seed
       << " | reduction=" << int(opts.reduction) << " softcap=" << opts.softcap << " T=" << opts.temperature
       << " smoothing=" << opts.label_smoothing << " z_loss=" << opts.z_loss << " filter=" << int(opts.filter)
+      << " filter_de=" << opts.filter_de << " filter_dc=" << opts.filter_dc
       << " kahan=" << (opts.accum == accumulation::kahan) << " shift=" << opts.shift
       << " ignore_index=" << opts.ignore_index << " accumulate=" << opts.accumulate
       << " hopper_kernels=" << opts.hopper_kernels << " vocab_sort=" << opts.vocab_sort << " accuracy=" << accuracy;
@@ -214,6 +215,7 @@ inline case_config random_config(std::mt19937_64& rng, std::int64_t max_n, std::
   if (coin(0.2)) o.label_smoothing = 0.1f;
   if (coin(0.2)) o.z_loss = 1e-3f;
   o.filter = coin(0.5) ? filter_mode::automatic : filter_mode::none;
+  if (coin(0.2)) (coin(0.5) ? o.filter_de : o.filter_dc) = false;  // one gradient filtered (or none)
   if (coin(0.2)) o.accum = accumulation::kahan;
   if (coin(0.1)) o.ignore_index = -1;
   if (coin(0.2)) {

@@ -538,6 +538,44 @@ TEST_CASE("GPU: results are bitwise repeatable", "[gpu][determinism]") {
   }
 }
 
+// The filter on one gradient alone, as the executor test of the same name: at a threshold that skips tiles holding a
+// visible share of the gradient, deterministic runs in one chunk (the same plan for every variant), on both paths.
+TEST_CASE("GPU: the filter on dE or dC alone", "[gpu][filter]") {
+  for (bool hopper : {true, false}) {
+    test::case_config cfg;
+    cfg.n = 512;
+    cfg.d = 256;
+    cfg.v = 2000;
+    cfg.bias = true;
+    cfg.data = test::regime::peaked;  // tiles far from the rows' dominant logits are negligible
+    cfg.opts = options::exact();
+    cfg.opts.filter_eps = 0.5f;
+    cfg.opts.hopper_kernels = hopper;
+    auto run = [&](filter_mode filter, bool de, bool dc) {
+      test::case_config c = cfg;
+      c.opts.filter = filter;
+      c.opts.filter_de = de;
+      c.opts.filter_dc = dc;
+      return run_device<__nv_bfloat16, float>(test::make_problem<__nv_bfloat16>(c), 0);
+    };
+    const auto none = run(filter_mode::none, true, true);
+    const auto both = run(filter_mode::threshold, true, true);
+    INFO("hopper " << hopper << ", tiles computed " << both.filter_tiles[0] << ", skipped " << both.filter_tiles[1]);
+    REQUIRE(both.filter_tiles[1] > 0);
+    REQUIRE(test::relative_l2(both.de, none.de) > 1e-4);
+    REQUIRE(test::relative_l2(both.dc, none.dc) > 1e-4);
+    const auto de_only = run(filter_mode::threshold, true, false);
+    CHECK(test::bitwise_equal(de_only.de, both.de));
+    CHECK(test::bitwise_equal(de_only.dc, none.dc));
+    CHECK(test::bitwise_equal(de_only.dbias, none.dbias));
+    CHECK(de_only.filter_tiles[1] == both.filter_tiles[1]);
+    const auto dc_only = run(filter_mode::threshold, false, true);
+    CHECK(test::bitwise_equal(dc_only.de, none.de));
+    CHECK(test::bitwise_equal(dc_only.dc, both.dc));
+    CHECK(test::bitwise_equal(dc_only.dbias, none.dbias));
+  }
+}
+
 TEST_CASE("GPU: an invalid target is reported and nothing is read out of bounds", "[gpu][errors]") {
   test::case_config cfg;
   cfg.n = 40;

@@ -79,6 +79,9 @@ struct pass_buffers {
   pass_shape shape{};
   T* dz = nullptr;                 // rows x cols
   std::uint8_t* active = nullptr;  // (rows / bm) x (cols / bn): tile computed (not filtered)
+  // With one gradient filtered (plan::split_filter): the filter's decision, for that gradient's product; `active`
+  // then marks every tile with gradient.
+  std::uint8_t* significant = nullptr;
   float* acc = nullptr;            // the pass's fp32 carry: dE (rows x D) over chunks, or dC (cols x D) over row blocks
   float* comp = nullptr;           // Kahan compensation of acc
   float* dbias_partial = nullptr;  // row_tiles x cols, the passes that write dBias
@@ -180,6 +183,7 @@ struct plan {
   pass_shape carried_pass{};
   std::int64_t chunks_under_carry = 0;
   bool filter = false;
+  bool split_filter = false;     // the filter applies to dE or to dC only (options::filter_de, filter_dc)
   bool bias = false;
   bool kahan = false;
   bool sort = false;             // options::vocab_sort
@@ -331,6 +335,7 @@ struct plan {
     const std::int64_t rows = std::min(s.rows, n);
     b.dz = c.take<T>(rows * s.cols);
     b.active = c.take<std::uint8_t>(ceil_div(rows, grid.bm) * (s.cols / grid.bn));
+    b.significant = c.take<std::uint8_t>(split_filter ? ceil_div(rows, grid.bm) * (s.cols / grid.bn) : 0);
     // dE is carried across chunks unless one chunk holds every class, dC across row blocks unless one holds all N.
     const std::int64_t carry =
         own_carry ? (de && chunks(s) > 1 ? rows * d : 0) + (!de && dc && row_blocks(s) > 1 ? s.cols * d : 0) : 0;
@@ -369,6 +374,7 @@ struct plan {
     pb.shape = {rows, cols};
     pb.dz = c.take<T>(rows * cols);
     pb.active = c.take<std::uint8_t>(ceil_div(rows, grid.bm) * (cols / grid.bn));
+    pb.significant = c.take<std::uint8_t>(split_filter ? ceil_div(rows, grid.bm) * (cols / grid.bn) : 0);
     pb.db_acc = c.take<float>(cols * rank);
     pb.dbias_partial = c.take<float>(bias ? ceil_div(rows, grid.bm) * cols : 0);
     pb.tile_queue = c.take<int>(1);
@@ -450,17 +456,22 @@ plan plan_operating_point(std::int64_t n, std::int64_t d, std::int64_t v, std::i
   p.v = v;
   p.rank = rank;
   p.grid = tile::tile_grid{n, v, bm, bn};
-  p.filter = opt.filter != filter_mode::none;
+  p.filter = opt.filter != filter_mode::none && (opt.filter_de || opt.filter_dc);
+  p.split_filter = p.filter && opt.filter_de != opt.filter_dc;
   p.bias = bias;
   p.kahan = opt.accum == accumulation::kahan;
-  p.sort = opt.vocab_sort;
+  // With one gradient filtered the walk computes every tile with gradient; the filtered product's flags come from
+  // the forward's maxima, which describe the original order: the walk stays unsorted.
+  p.sort = opt.vocab_sort && !p.split_filter;
   // The baseline's share is added for every class through C's column sums: not with the low-rank head (its
   // classifier is C + s B A), smoothing (no filter) or the sorted walk (whose tiles are decided from the recomputed
-  // logits); nor with one class tile, which holds every target.
-  p.baseline = p.filter && opt.label_smoothing == 0.f && rank == 0 && !opt.vocab_sort && p.grid.col_tiles() > 1;
+  // logits); nor with one class tile, which holds every target; nor with one gradient filtered, whose walk computes
+  // every tile anyway.
+  p.baseline = p.filter && !p.split_filter && opt.label_smoothing == 0.f && rank == 0 && !p.sort &&
+               p.grid.col_tiles() > 1;
   p.linear_rows = p.baseline && !bias;  // plan_linear_baseline
   p.weights = weights;
-  p.sort_temp = opt.vocab_sort ? std::max<std::size_t>(sort_temp, 1) : 0;  // a null scratch means a size query
+  p.sort_temp = p.sort ? std::max<std::size_t>(sort_temp, 1) : 0;  // a null scratch means a size query
   p.mean_splits = std::clamp<std::int64_t>(ceil_div(n, mean_rows_per_split), 1, 64);
   p.elem_bytes = sizeof(T);
   p.sm_count = std::max(dev.sm_count, 1);
@@ -598,7 +609,7 @@ plan plan_operating_point(std::int64_t n, std::int64_t d, std::int64_t v, std::i
 template <class T>
 void plan_kept_logits(plan& p, const options& opt, const device_info& dev, std::size_t budget) {
   if (opt.backward_mode != backward_mode::loss_and_grad || !opt.hopper_kernels || dev.arch != 90 ||
-      sizeof(T) != 2 || opt.vocab_sort || p.n == 0 || p.v == 0) {
+      sizeof(T) != 2 || p.sort || p.n == 0 || p.v == 0) {
     return;
   }
   auto with_rows = [&](std::int64_t rows) {

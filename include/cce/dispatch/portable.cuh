@@ -627,10 +627,9 @@ class portable_path {
       flags.tile_counts = counts;
       flags.chunk_cols = pb.shape.cols;
       flags.active = pb.active;
+      flags.significant = pb.significant;
       flags.dbias_partial = pb.dbias_partial;
-      const unsigned row_tiles = unsigned(grid.row_tiles());
-      sm90::active_tiles_kernel<T><<<dim3(row_tiles, unsigned(ceil_div(pb.shape.cols, std::int64_t(2 * grid.bn)))),
-                                     128, 0, stream>>>(flags);
+      tile_flags_kernel<T><<<tile_flags_grid(rows, pb.shape.cols, grid), 128, 0, stream>>>(flags);
       CCE_TRY(launch_status());
       sm90::kept_dlogit_params<T> prm;
       prm.dz = pb.dz;
@@ -643,8 +642,8 @@ class portable_path {
       prm.grid = grid;
       prm.active = pb.active;
       prm.dbias_partial = pb.dbias_partial;
-      sm90::kept_dlogit_kernel<T><<<dim3(row_tiles, unsigned(grid.col_tiles())), sm90::kept_dlogit_threads, 0,
-                                    stream>>>(prm);
+      sm90::kept_dlogit_kernel<T><<<dim3(unsigned(grid.row_tiles()), unsigned(grid.col_tiles())),
+                                    sm90::kept_dlogit_threads, 0, stream>>>(prm);
       return launch_status();
     }
   }
@@ -712,6 +711,14 @@ class portable_path {
     prm.active = pb.active;
     prm.dbias_partial = pb.dbias_partial;  // null in the dE pass
     prm.tile_counts = counts;
+    if (pl_.split_filter) {  // the filter's decision into its own flags, then every tile with gradient is computed
+      prm.significant = pb.significant;
+      tile_flags_kernel<T><<<tile_flags_grid(rows, pb.shape.cols, pl_.grid), 128, 0, stream>>>(prm);
+      CCE_TRY(launch_status());
+      prm.tile_max = nullptr;
+      prm.tile_counts = nullptr;
+      prm.significant = nullptr;
+    }
     // The sm_90a kernel takes its flags from the forward's maxima before loading; the sorted walk runs the
     // portable kernel, which decides from the recomputed tile (docs/api.md).
     if (hopper_ && !pl_.sort) {
@@ -723,9 +730,11 @@ class portable_path {
                 : launch_tile_kernel<dlogit_kernel<T, Policy, false>>(grid, Policy::threads, dz_smem, stream, prm);
   }
 
-  static active_k_tiles<Policy::bm> flags(const pass_buffers<T>& pb, bool k_is_vocab) {
+  // The dZ tiles a product reads: those computed, or with one gradient filtered (options::filter_de, filter_dc),
+  // those the filter keeps for that gradient's product.
+  static active_k_tiles<Policy::bm> flags(const pass_buffers<T>& pb, bool k_is_vocab, bool filtered) {
     active_k_tiles<Policy::bm> a;  // bm == bn: one flag covers bm rows or bn classes along K
-    a.flags = pb.active;
+    a.flags = filtered && pb.significant ? pb.significant : pb.active;
     a.chunk_tiles = pb.shape.cols / Policy::bn;
     a.k_is_vocab = k_is_vocab;
     return a;
@@ -843,7 +852,7 @@ class portable_path {
     prm.m = rows;
     prm.n = p_.d;
     prm.k = cols;
-    prm.active = flags(pb, true);
+    prm.active = flags(pb, true, o_.filter_de);
     prm.acc = pb.acc;  // null when one chunk holds every class
     prm.comp = pb.comp;
     prm.first = first;
@@ -884,7 +893,7 @@ class portable_path {
     prm.m = cols;
     prm.n = p_.d;
     prm.k = rows;
-    prm.active = flags(pb, false);
+    prm.active = flags(pb, false, o_.filter_dc);
     const bool carry = !(first && last);
     prm.acc = carry ? pb.acc : nullptr;
     prm.comp = carry ? pb.comp : nullptr;

@@ -111,7 +111,7 @@ status launch_dlogits(const dlogit_params<T>& base, std::int64_t rows, std::int6
     if (row_tiles == 0 || wide_tiles == 0) return status::success;
     const std::int64_t tiles = row_tiles * wide_tiles, ctas = std::min<std::int64_t>(tiles, sms);  // one per SM
     if (ceil_div(tiles, ctas) > dlogit_tiles_per_cta) return status::unsupported_arch;
-    active_tiles_kernel<T><<<dim3(unsigned(row_tiles), unsigned(wide_tiles)), 128, 0, stream>>>(base);
+    tile_flags_kernel<T><<<dim3(unsigned(row_tiles), unsigned(wide_tiles)), 128, 0, stream>>>(base);
     if (cudaGetLastError() != cudaSuccess) return status::cuda_error;
 
     dlogit_params_sm90<T> prm;

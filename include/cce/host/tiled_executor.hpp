@@ -675,9 +675,13 @@ class tiled_executor {
     for (std::int64_t rt = r0 / g.bm; rt < detail::ceil_div(r0 + rows, g.bm); ++rt) {
       for (std::int64_t ct = v0 / g.bn; ct < detail::ceil_div(v0 + cols, g.bn); ++ct) {
         bool computed = false;
-        const bool active = tile_active(p, x, s, pl, sv, bw, rt, ct, z, computed);
-        pb.active[(rt - r0 / g.bm) * chunk_tiles + (ct - v0 / g.bn)] = active;
-        if (counts) ++counts[active ? 0 : 1];
+        const bool significant = tile_active(p, x, s, pl, sv, bw, rt, ct, z, computed);
+        // With one gradient filtered, every tile with gradient is computed and the filter's decision kept apart.
+        const bool active = pl.split_filter ? carries_gradient(bw, g, rt) : significant;
+        const std::int64_t flag = (rt - r0 / g.bm) * chunk_tiles + (ct - v0 / g.bn);
+        pb.active[flag] = active;
+        if (pb.significant) pb.significant[flag] = significant;
+        if (counts) ++counts[significant ? 0 : 1];
         std::vector<float> col_sum(std::size_t(g.bn), 0.f);
         if (active) {
           if (!computed) tile_logits(p, x, s, bw.lora_p, g, rt, ct, z);
@@ -704,14 +708,20 @@ class tiled_executor {
     }
   }
 
-  bool dz_active(const detail::plan& pl, const detail::pass_buffers<T>& pb, std::int64_t r0, std::int64_t row,
-                 std::int64_t v0, std::int64_t col) const {
-    const std::int64_t chunk_tiles = pb.shape.cols / pl.grid.bn;
-    return pb.active[(row / pl.grid.bm - r0 / pl.grid.bm) * chunk_tiles + (col - v0) / pl.grid.bn] != 0;
+  static bool carries_gradient(const detail::backward_buffers<T>& bw, const tile::tile_grid& g, std::int64_t rt) {
+    for (std::int64_t r = 0; r < g.rows_in(rt); ++r)
+      if (bw.coef[g.row_begin(rt) + r].kept) return true;
+    return false;
   }
+
+  // dZ as a product reads it: the tiles computed, or with one gradient filtered, those the filter keeps for that
+  // gradient's product (`filtered`).
   float dz_at(const detail::plan& pl, const detail::pass_buffers<T>& pb, std::int64_t r0, std::int64_t row,
-              std::int64_t v0, std::int64_t col) const {
-    return dz_active(pl, pb, r0, row, v0, col) ? load(pb.dz, (row - r0) * pb.shape.cols + (col - v0)) : 0.f;
+              std::int64_t v0, std::int64_t col, bool filtered = false) const {
+    const std::uint8_t* flags = filtered && pb.significant ? pb.significant : pb.active;
+    const std::int64_t chunk_tiles = pb.shape.cols / pl.grid.bn;
+    const bool live = flags[(row / pl.grid.bm - r0 / pl.grid.bm) * chunk_tiles + (col - v0) / pl.grid.bn] != 0;
+    return live ? load(pb.dz, (row - r0) * pb.shape.cols + (col - v0)) : 0.f;
   }
 
   // acc (fp32, optionally compensated) += x; on the last contribution, out = (accumulate ? out : 0) + acc.
@@ -743,7 +753,7 @@ class tiled_executor {
     for (std::int64_t row = r0; row < r0 + rows; ++row) {
       std::fill(acc.begin(), acc.end(), 0.f);
       for (std::int64_t col = v0; col < v0 + cols; ++col) {
-        const float dz = dz_at(pl, pb, r0, row, v0, col);
+        const float dz = dz_at(pl, pb, r0, row, v0, col, opt_.filter_de);
         const float* cr = s.c_row(col, p.d);
         for (std::int64_t d = 0; d < p.d; ++d) acc[std::size_t(d)] += dz * cr[d];
       }
@@ -771,7 +781,7 @@ class tiled_executor {
     for (std::int64_t col = v0; col < v0 + cols; ++col) {
       std::fill(acc.begin(), acc.end(), 0.f);
       for (std::int64_t row = r0; row < r0 + rows; ++row) {
-        const float dz = dz_at(pl, pb, r0, row, v0, col);
+        const float dz = dz_at(pl, pb, r0, row, v0, col, opt_.filter_dc);
         const float* er = &x.e[std::size_t(row * p.d)];
         for (std::int64_t d = 0; d < p.d; ++d) acc[std::size_t(d)] += dz * er[d];
       }

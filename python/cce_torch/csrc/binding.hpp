@@ -24,7 +24,9 @@ namespace cce_torch {
 
 // Positions in the integer option list.
 namespace iopt {
-enum : int { ignore_index, reduction, shift, seq_len, filter, kahan, deterministic, mode, budget, count };
+enum : int {
+  ignore_index, reduction, shift, seq_len, filter, kahan, deterministic, mode, budget, filter_de, filter_dc, count
+};
 }
 // Positions in the float option list.
 namespace fopt {
@@ -52,6 +54,8 @@ inline cce::options make_options(at::IntArrayRef io, at::ArrayRef<double> fo) {
   o.reduction = static_cast<cce::reduction>(io[iopt::reduction]);
   o.shift = io[iopt::shift];
   o.filter = static_cast<cce::filter_mode>(io[iopt::filter]);
+  o.filter_de = io[iopt::filter_de] != 0;
+  o.filter_dc = io[iopt::filter_dc] != 0;
   o.accum = io[iopt::kahan] ? cce::accumulation::kahan : cce::accumulation::fp32;
   o.deterministic = io[iopt::deterministic] != 0;
   o.backward_mode = static_cast<cce::backward_mode>(io[iopt::mode]);

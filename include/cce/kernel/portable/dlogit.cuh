@@ -41,6 +41,9 @@ struct dlogit_params {
   T* dz = nullptr;                         // rows x chunk_cols
   std::uint8_t* active = nullptr;          // (rows / bm) x (chunk_cols / bn)
   float* dbias_partial = nullptr;          // row_tiles x chunk_cols (absolute row tile), or null
+  // With one gradient filtered (tile_flags_kernel only): the filter's decision per tile, while `active` marks every
+  // tile with gradient.
+  std::uint8_t* significant = nullptr;
 };
 
 // What a tile's rows say about it: whether any row carries gradient, whether a target lies in its columns, whether
@@ -104,6 +107,35 @@ __device__ __forceinline__ bool tile_is_active(const row_coefficients* coef, con
   if (t.near_uniform) return false;
   // NaN in either operand makes the comparison false: the tile is kept.
   return !filter.skip(tile_max[rt * g.col_tiles() + ct] - t.min_floor);
+}
+
+// The flags of a (row block, chunk)'s tiles before any is computed, two filter tiles per CTA: for the sm_90a dlogit
+// kernel, whose producer must not load a skipped tile, and with one gradient filtered, where the walk computes every
+// tile with gradient (`active`) and the filter's decision goes to `significant` (and to the counts). Tiles not
+// computed get their bias column sums (zero) here.
+template <class T>
+__global__ void __launch_bounds__(128) tile_flags_kernel(const __grid_constant__ dlogit_params<T> prm) {
+  const tile::tile_grid& g = prm.grid;
+  const std::int64_t filter_tiles = prm.chunk_cols / g.bn;
+  for (int h = 0; h < 2; ++h) {
+    const std::int64_t ft = 2 * std::int64_t(blockIdx.y) + h;       // filter tile in the chunk
+    if (ft >= filter_tiles || prm.v0 + ft * g.bn >= g.cols) break;  // past the chunk or the vocabulary
+    const std::int64_t rt = prm.row0 / g.bm + blockIdx.x, ct = prm.v0 / g.bn + ft;
+    const bool significant = tile_is_active<128>(prm.coef, g, rt, ct, prm.tile_max, prm.filter);
+    const bool computed =
+        prm.significant ? tile_is_active<128>(prm.coef, g, rt, ct, nullptr, prm.filter) : significant;
+    if (!computed && prm.dbias_partial) {
+      for (int c = threadIdx.x; c < g.bn; c += 128) prm.dbias_partial[rt * prm.chunk_cols + ft * g.bn + c] = 0.f;
+    }
+    if (threadIdx.x == 0) {
+      prm.active[blockIdx.x * filter_tiles + ft] = computed;
+      if (prm.significant) prm.significant[blockIdx.x * filter_tiles + ft] = significant;
+      if (prm.tile_counts) atomicAdd(prm.tile_counts + (significant ? 0 : 1), 1ull);
+    }
+  }
+}
+inline dim3 tile_flags_grid(std::int64_t rows, std::int64_t chunk_cols, const tile::tile_grid& g) {
+  return dim3(unsigned(ceil_div(rows, g.bm)), unsigned(ceil_div(chunk_cols, 2 * g.bn)));
 }
 
 // The block-wide max of one value per thread (NaN wins). Every thread gets it.

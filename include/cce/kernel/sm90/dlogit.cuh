@@ -29,26 +29,6 @@ struct dlogit_params_sm90 {
 // Tiles a dlogit CTA can take (dispatch/sm90.cuh falls back to the portable kernel past it).
 inline constexpr int dlogit_tiles_per_cta = 2048;
 
-// One CTA per 128 x 256 tile of the (row block, chunk): the flags of its two 128 x 128 filter tiles, as the portable
-// kernel decides them. Inactive halves get their bias column sums (zero) here, as the dlogit kernel visits only
-// tiles with an active half.
-template <class T>
-__global__ void __launch_bounds__(128) active_tiles_kernel(const __grid_constant__ dlogit_params<T> prm) {
-  const tile::tile_grid& g = prm.grid;
-  const std::int64_t filter_tiles = prm.chunk_cols / g.bn;
-  for (int h = 0; h < 2; ++h) {
-    const std::int64_t ft = 2 * std::int64_t(blockIdx.y) + h;       // filter tile in the chunk
-    if (ft >= filter_tiles || prm.v0 + ft * g.bn >= g.cols) break;  // past the chunk or the vocabulary
-    const std::int64_t rt = prm.row0 / g.bm + blockIdx.x, ct = prm.v0 / g.bn + ft;
-    const bool active = tile_is_active<128>(prm.coef, g, rt, ct, prm.tile_max, prm.filter);
-    if (!active && prm.dbias_partial) prm.dbias_partial[rt * prm.chunk_cols + ft * g.bn + threadIdx.x] = 0.f;
-    if (threadIdx.x == 0) {
-      prm.active[blockIdx.x * filter_tiles + ft] = active;
-      if (prm.tile_counts) atomicAdd(prm.tile_counts + (active ? 0 : 1), 1ull);
-    }
-  }
-}
-
 // One row slot's constants for a tile's epilogue (a thread holds 2 rows x 64 columns, wgmma.cuh). Column offsets
 // are relative to the thread's first column, so that the per-logit tests compare with compile-time constants.
 struct dlogit_row {

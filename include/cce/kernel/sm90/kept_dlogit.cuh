@@ -1,7 +1,7 @@
 // loss_and_grad's backward step 1 when the forward kept the logits (dispatch/plan.hpp, `kept`): each logit the
 // logit-keeping forward stored (fp16, relative to its tile row's max: forward.cuh) becomes draw = dz * dz/draw in T,
 // in place. The contract of the dlogit kernels (kernel/portable/dlogit.cuh) without their products: the filter's
-// tile flags come first, from sm90/dlogit.cuh's active_tiles_kernel (which also zeroes the bias sums of skipped
+// tile flags come first, from portable/dlogit.cuh's tile_flags_kernel (which also zeroes the bias sums of skipped
 // tiles), so that this kernel reads only live tiles and starts loading at once; it writes their bias gradient's
 // column sums per row tile. Plain CUDA, memory-bound: one CTA per 128 x 128 filter tile, each thread 8 adjacent
 // classes (16 bytes) of 8 rows.
