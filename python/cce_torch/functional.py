@@ -27,6 +27,28 @@ def _filter(filter_eps):
     return _ops.FILTER_THRESHOLD, float(filter_eps)
 
 
+# apple's cut_cross_entropy implementations by name: what each sets of the filter (filter_eps, filter_e_grad,
+# filter_c_grad). Their "kahan" asks for fp32 accumulation, which cce always does; "torch_compile" is not cce.
+_IMPL = {
+    "cce": None,
+    "cce_kahan": None,
+    "cce_kahan_full_c": ("auto", True, False),
+    "cce_kahan_full_e": ("auto", False, True),
+    "cce_kahan_full_c_full_e": (None, True, True),
+    "cce_kahan_full": (None, True, True),
+    "cce_exact": (None, True, True),
+}
+
+
+def _impl_filter(impl, filter_eps, filter_e_grad, filter_c_grad):
+    """The filter arguments after `impl`, which overrides them as apple's presets do."""
+    name = getattr(impl, "name", impl)  # an enum member (apple's LinearCrossEntropyImpl) or its lower-case name
+    name = str(name).lower()
+    if name not in _IMPL:
+        raise ValueError(f"impl is one of {sorted(_IMPL)}, not {impl!r}")
+    return _IMPL[name] or (filter_eps, filter_e_grad, filter_c_grad)
+
+
 def _workspace(workspace, one_call=False):
     """'chunked' (the default 256 MiB plan), 'minimal' (64 MiB), or a budget in bytes that picks the widest plan.
     For one call of loss_and_grad also 'loss_and_grad' (1 GiB), and a byte count is that mode's budget."""
@@ -52,7 +74,7 @@ def _autocast(*tensors):
 
 def _prepare(e, c, targets, bias, ignore_index, softcap, reduction, shift, filter_eps, accum, label_smoothing, z_loss,
              weight, temperature, lora, deterministic, workspace, uniform_tolerance, filter_e_grad, filter_c_grad,
-             one_call=False):
+             impl, one_call=False):
     if e.dim() < 1 or c.dim() != 2 or e.shape[-1] != c.shape[1]:
         raise ValueError(f"e is (..., D) and c is (V, D): got {tuple(e.shape)} and {tuple(c.shape)}")
     if e.shape[:-1] != targets.shape:
@@ -65,6 +87,7 @@ def _prepare(e, c, targets, bias, ignore_index, softcap, reduction, shift, filte
     if k and targets.dim() == 0:
         raise ValueError("shift needs targets with a sequence dimension")
     seq_len = targets.shape[-1] if k else 0
+    filter_eps, filter_e_grad, filter_c_grad = _impl_filter(impl, filter_eps, filter_e_grad, filter_c_grad)
     filter_mode, eps = _filter(filter_eps)
     if not (filter_e_grad or filter_c_grad):
         filter_mode = _ops.FILTER_NONE  # the filter applies to neither gradient: off
@@ -117,6 +140,7 @@ def linear_cross_entropy(
     uniform_tolerance: float = 0.0,
     filter_e_grad: bool = True,
     filter_c_grad: bool = True,
+    impl: str = "cce",
 ):
     """Softmax cross-entropy of the logits softcap(e @ c.T + bias) / temperature against `targets`, without
     forming the logits. e is (..., D), c is (V, D), targets (...) int64 or int32 with `ignore_index` for positions
@@ -133,14 +157,16 @@ def linear_cross_entropy(
     row may also take the baseline to first order, dropping at most 2 * uniform_tolerance of its mass: by default
     rows within a few per cent of flat (with a softcap, whose curvature counts against the tolerance, too; see
     docs/api.md). filter_e_grad, filter_c_grad (as apple's cut_cross_entropy): the gradients the filter applies to;
-    with one of them, every tile's dZ is computed and only that gradient's product skips the negligible ones.
+    with one of them, every tile's dZ is computed and only that gradient's product skips the negligible ones. impl:
+    apple's implementation names, which set those three as apple's presets do ('cce_kahan_full_c': no filter on the
+    classifier's gradient; 'cce_exact': none at all; cce always accumulates in fp32).
     Under torch.autocast, e, c, bias and the low-rank factors are cast to its dtype (gradients reach the originals in
     theirs). accum 'kahan' compensates the sums across tiles. workspace: 'chunked', 'minimal' or a budget in bytes
     (docs/api.md). With any return_* the result is a LinearCrossEntropyOutput; otherwise the loss tensor.
     """
     args = _prepare(e, c, targets, bias, ignore_index, softcap, reduction, shift, filter_eps, accum, label_smoothing,
                     z_loss, weight, temperature, lora, deterministic, workspace, uniform_tolerance, filter_e_grad,
-                    filter_c_grad)
+                    filter_c_grad, impl)
     wanted = (return_lse, return_entropy, return_logprob, return_correct)
     bits = (_ops.WANT_LSE, _ops.WANT_ENTROPY, _ops.WANT_LOGPROB, _ops.WANT_CORRECT)
     outputs = sum(bit for bit, want in zip(bits, wanted) if want)
@@ -157,7 +183,7 @@ def linear_cross_entropy(
 def loss_and_grad(e, c, targets, bias=None, ignore_index=-100, softcap=None, reduction="mean", shift=False,
                   filter_eps="auto", accum="fp32", *, label_smoothing=0.0, z_loss=0.0, weight=None, temperature=1.0,
                   lora=None, deterministic=False, workspace="loss_and_grad", uniform_tolerance=0.0,
-                  filter_e_grad=True, filter_c_grad=True):
+                  filter_e_grad=True, filter_c_grad=True, impl="cce"):
     """The loss and its gradients (upstream gradient 1) in one call, outside autograd: returns (loss, de, dc,
     dbias, da, db) with None for what the call has no input for. Arguments as linear_cross_entropy, but the
     workspace defaults to 'loss_and_grad': up to 1 GiB (a byte count sets another budget), in which the Hopper
@@ -165,7 +191,7 @@ def loss_and_grad(e, c, targets, bias=None, ignore_index=-100, softcap=None, red
     run the forward and backward of those modes."""
     args = _prepare(e, c, targets, bias, ignore_index, softcap, reduction, shift, filter_eps, accum, label_smoothing,
                     z_loss, weight, temperature, lora, deterministic, workspace, uniform_tolerance, filter_e_grad,
-                    filter_c_grad, one_call=True)
+                    filter_c_grad, impl, one_call=True)
     needs = [True, True, bias is not None, lora is not None, lora is not None]
     with torch.no_grad():
         loss, *grads = _ops.loss_and_grad(args, needs)

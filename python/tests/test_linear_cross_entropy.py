@@ -320,6 +320,13 @@ def test_filter_on_one_gradient(cce_torch, device):
     assert torch.equal(dc_only[0], none[0]) and torch.equal(dc_only[1], both[1])
     neither = grads(filter_eps=0.5, filter_e_grad=False, filter_c_grad=False)
     assert torch.equal(neither[0], none[0]) and torch.equal(neither[1], none[1])
+    # apple's implementation names set the same arguments (and override them)
+    presets = {"cce_kahan_full_c": dict(filter_c_grad=False), "cce_kahan_full_e": dict(filter_e_grad=False),
+               "cce_exact": dict(filter_eps=None)}
+    for impl, options in presets.items():
+        assert all(torch.equal(a, b) for a, b in zip(grads(impl=impl, filter_eps=0.5), grads(**options)))
+    with pytest.raises(ValueError, match="impl"):
+        cce_torch.linear_cross_entropy(e, c, y, impl="torch_compile")
 
 
 def test_autocast(cce_torch, device):
