@@ -3,8 +3,8 @@
 shapes and data regimes of the benchmark specification, in one process on the same inputs.
 
 Methods: cce (forward; forward + backward with the `minimal` and `chunked` workspaces; one-call loss_and_grad;
-exact mode), torch with materialised logits, a torch.compile'd chunked implementation, apple's Cut Cross-Entropy
-(`cut_cross_entropy`, default and exact), Liger's fused linear cross-entropy (`liger_kernel`), and the cuBLAS bf16
+exact mode; no filter on dC), torch with materialised logits, a torch.compile'd chunked implementation, apple's Cut
+Cross-Entropy (`cut_cross_entropy`, default, exact and its `cce_kahan_full_c` preset), Liger's fused linear cross-entropy (`liger_kernel`), and the cuBLAS bf16
 GEMM E·Cᵀ that every time is divided by. Each time is the median of --reps CUDA-event timings after warm-up; extra
 memory is the peak allocated during one call minus what was allocated before it (the inputs) and the gradient
 outputs themselves. A method that fails or runs out of memory is reported as such.
@@ -141,11 +141,11 @@ def torch_compile_chunked(e, c, y, softcap):
     return _CompiledChunked.apply(e, c, y, softcap)
 
 
-def apple_cce(filter_eps):
+def apple_cce(**options):
     def run(e, c, y, softcap):
         from cut_cross_entropy import linear_cross_entropy as apple
 
-        return apple(e, c, y, softcap=softcap, filter_eps=filter_eps)
+        return apple(e, c, y, softcap=softcap, **options)
 
     return run
 
@@ -183,15 +183,17 @@ METHODS = {
     "cce chunked": cce(workspace="chunked"),
     "cce loss_and_grad": cce_loss_and_grad(),
     "cce exact minimal": cce(workspace="minimal", filter_eps=None, deterministic=True),
+    "cce full-c": cce(workspace="chunked", impl="cce_kahan_full_c"),  # no filter on dC, as apple's preset
     "torch materialised": torch_materialised,
     "torch.compile chunked": torch_compile_chunked,
-    "apple cce": apple_cce("auto"),
-    "apple cce exact": apple_cce(None),  # its gradient filter off
+    "apple cce": apple_cce(filter_eps="auto"),
+    "apple cce exact": apple_cce(filter_eps=None),  # its gradient filter off
+    "apple cce full-c": apple_cce(impl="cce_kahan_full_c"),  # its pretraining preset: no filter on dC
     "liger flce": liger_flce,
 }
 # Which parts each method is timed in: cce's own forward does not depend on the workspace, so it is timed once.
 FW_ONLY = {"cce"}
-FWBW_ONLY = {"cce minimal", "cce chunked", "cce loss_and_grad", "cce exact minimal"}
+FWBW_ONLY = {"cce minimal", "cce chunked", "cce loss_and_grad", "cce exact minimal", "cce full-c"}
 
 
 # ---------------------------------------------------------------------------------------------------- measuring
