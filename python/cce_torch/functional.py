@@ -73,8 +73,8 @@ def _autocast(*tensors):
 
 
 def _prepare(e, c, targets, bias, ignore_index, softcap, reduction, shift, filter_eps, accum, label_smoothing, z_loss,
-             weight, temperature, lora, deterministic, workspace, uniform_tolerance, filter_e_grad, filter_c_grad,
-             impl, one_call=False):
+             weight, temperature, lora, deterministic, workspace, uniform_tolerance, filter_e_grad=True,
+             filter_c_grad=True, impl="cce", one_call=False):
     if e.dim() < 1 or c.dim() != 2 or e.shape[-1] != c.shape[1]:
         raise ValueError(f"e is (..., D) and c is (V, D): got {tuple(e.shape)} and {tuple(c.shape)}")
     if e.shape[:-1] != targets.shape:
