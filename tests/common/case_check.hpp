@@ -187,4 +187,32 @@ void check_case(const host_problem<T>& h, const case_results& got, bool with_bac
   check_grad("dB", kind::walk, got.db, rg.db, rg.db_scale, n, 5);
 }
 
+// The filter on one gradient (options::filter_de, filter_dc) against the runs filtering neither gradient and both:
+// the gradient left out is the unfiltered run's and the filtered one the doubly filtered run's (the same tiles of the
+// same dZ); dBias takes every tile; with neither the filter is off. `run(filter, de, dc)` gives a case's results,
+// `same` compares two of them. The doubly filtered run must drop a visible share of every gradient, or the
+// comparisons would say nothing.
+template <class Run, class Same>
+void check_one_gradient_filter(Run run, Same same) {
+  const case_results none = run(filter_mode::none, true, true), both = run(filter_mode::threshold, true, true);
+  INFO("tiles computed " << both.filter_tiles[0] << ", skipped " << both.filter_tiles[1]);
+  REQUIRE(both.filter_tiles[1] > 0);
+  REQUIRE(relative_l2(both.de, none.de) > 1e-4);
+  REQUIRE(relative_l2(both.dc, none.dc) > 1e-4);
+  REQUIRE(relative_l2(both.dbias, none.dbias) > 1e-4);
+  const case_results de_only = run(filter_mode::threshold, true, false);
+  CHECK(same(de_only.de, both.de));
+  CHECK(same(de_only.dc, none.dc));
+  CHECK(same(de_only.dbias, none.dbias));
+  CHECK(de_only.filter_tiles[1] == both.filter_tiles[1]);
+  const case_results dc_only = run(filter_mode::threshold, false, true);
+  CHECK(same(dc_only.de, none.de));
+  CHECK(same(dc_only.dc, both.dc));
+  CHECK(same(dc_only.dbias, none.dbias));
+  const case_results neither = run(filter_mode::threshold, false, false);
+  CHECK(same(neither.de, none.de));
+  CHECK(same(neither.dc, none.dc));
+  CHECK(neither.filter_tiles[1] == 0);
+}
+
 }  // namespace cce::test

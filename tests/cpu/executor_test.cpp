@@ -230,11 +230,10 @@ TEST_CASE("tiled executor: the design's relative tolerances on every data regime
   }
 }
 
-// The filter on one gradient alone (options::filter_de, filter_dc): at a threshold that skips tiles holding a
-// visible share of the gradient, the gradient left out matches that of the unfiltered run and the filtered one that
-// of the run filtering both (the same tiles of the same dZ); dBias takes every tile. With neither, the filter is
-// off. In one chunk (the default budget) the plans match and so do the sums, bit for bit; minimal's plans depend
-// on the buffers each option needs, so its sums may be grouped otherwise and agree to fp32's rounding.
+// The filter on one gradient alone (options::filter_de, filter_dc; test::check_one_gradient_filter), at a threshold
+// that skips tiles holding a visible share of the gradient. In one chunk (the default budget) the plans match and so
+// do the sums, bit for bit; minimal's plans depend on the buffers each option needs, so its sums may be grouped
+// otherwise and agree to fp32's rounding.
 TEST_CASE("tiled executor: the filter on dE or dC alone", "[executor][filter]") {
   for (std::size_t budget : {std::size_t(0), std::size_t(1)}) {
     test::case_config cfg;
@@ -251,29 +250,10 @@ TEST_CASE("tiled executor: the filter on dE or dC alone", "[executor][filter]") 
       c.opts.filter_dc = dc;
       return run_executor<float, float>(test::make_problem<float>(c), budget, true);
     };
-    auto same = [&](const std::vector<float>& a, const std::vector<float>& b) {
+    INFO("budget " << budget);
+    test::check_one_gradient_filter(run, [&](const std::vector<float>& a, const std::vector<float>& b) {
       return budget == 0 ? test::bitwise_equal(a, b) : test::relative_l2(a, b) <= 1e-6;
-    };
-    const auto none = run(filter_mode::none, true, true);
-    const auto both = run(filter_mode::threshold, true, true);
-    INFO("budget " << budget << ", tiles computed " << both.filter_tiles[0] << ", skipped " << both.filter_tiles[1]);
-    REQUIRE(both.filter_tiles[1] > 0);
-    REQUIRE(test::relative_l2(both.de, none.de) > 1e-4);
-    REQUIRE(test::relative_l2(both.dc, none.dc) > 1e-4);
-    REQUIRE(test::relative_l2(both.dbias, none.dbias) > 1e-4);
-    const auto de_only = run(filter_mode::threshold, true, false);
-    CHECK(same(de_only.de, both.de));
-    CHECK(same(de_only.dc, none.dc));
-    CHECK(same(de_only.dbias, none.dbias));
-    CHECK(de_only.filter_tiles[1] == both.filter_tiles[1]);
-    const auto dc_only = run(filter_mode::threshold, false, true);
-    CHECK(same(dc_only.de, none.de));
-    CHECK(same(dc_only.dc, both.dc));
-    CHECK(same(dc_only.dbias, none.dbias));
-    const auto neither = run(filter_mode::threshold, false, false);
-    CHECK(same(neither.de, none.de));
-    CHECK(same(neither.dc, none.dc));
-    CHECK(neither.filter_tiles[1] == 0);
+    });
   }
 }
 
