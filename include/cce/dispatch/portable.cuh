@@ -722,7 +722,7 @@ class portable_path {
     // The sm_90a kernel takes its flags from the forward's maxima before loading; the sorted walk runs the
     // portable kernel, which decides from the recomputed tile (docs/api.md).
     if (hopper_ && !pl_.sort) {
-      const status st = sm90::launch_dlogits(prm, rows, cols, pl_.sm_count, stream);
+      const status st = sm90::launch_dlogits(prm, rows, cols, pl_.sm_count, pl_.split_filter, stream);
       if (st != status::unsupported_arch) return st;
     }
     const dim3 grid(unsigned(ceil_div(rows, Policy::bm)), unsigned(ceil_div(cols, Policy::bn)));

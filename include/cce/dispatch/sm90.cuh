@@ -99,9 +99,10 @@ status launch_forward(const forward_params<T>& base, int sms, cudaStream_t strea
   }
 }
 
-// The backward's dlogit step for one (row block, chunk): the filter flags, then the tiles on (at most) `sms` CTAs.
+// The backward's dlogit step for one (row block, chunk): the filter flags (unless the caller wrote them), then the
+// tiles on (at most) `sms` CTAs.
 template <class T>
-status launch_dlogits(const dlogit_params<T>& base, std::int64_t rows, std::int64_t cols, int sms,
+status launch_dlogits(const dlogit_params<T>& base, std::int64_t rows, std::int64_t cols, int sms, bool flags_written,
                       cudaStream_t stream) {
   if constexpr (!tensor_core_type<T>) {
     return status::unsupported_arch;
@@ -111,8 +112,10 @@ status launch_dlogits(const dlogit_params<T>& base, std::int64_t rows, std::int6
     if (row_tiles == 0 || wide_tiles == 0) return status::success;
     const std::int64_t tiles = row_tiles * wide_tiles, ctas = std::min<std::int64_t>(tiles, sms);  // one per SM
     if (ceil_div(tiles, ctas) > dlogit_tiles_per_cta) return status::unsupported_arch;
-    tile_flags_kernel<T><<<dim3(unsigned(row_tiles), unsigned(wide_tiles)), 128, 0, stream>>>(base);
-    if (cudaGetLastError() != cudaSuccess) return status::cuda_error;
+    if (!flags_written) {
+      tile_flags_kernel<T><<<dim3(unsigned(row_tiles), unsigned(wide_tiles)), 128, 0, stream>>>(base);
+      if (cudaGetLastError() != cudaSuccess) return status::cuda_error;
+    }
 
     dlogit_params_sm90<T> prm;
     prm.base = base;
