@@ -401,6 +401,56 @@ TEST_CASE("tiled executor: rows near-uniform to first order skip every tile", "[
   }
 }
 
+// Lone targets (kernel/portable/lone_targets.cuh): on peaked data each row's mass sits on its own class and no
+// target is there, so the filter skips every tile but the 5 that hold the dominant classes, the 72 rows' target tiles
+// included; their terms are added after the walk (one more rounding of dE and dC in T). At D = 128 with T = 0.1
+// (dominant logits of about 110 against N(0, 10)) the chunked plan has the first-order share's products, which then
+// do not run, and minimal's smallest plan has not; class weights with a z-loss, reduction none, fp32 gradients; at
+// D = 512 a softcap of 5 at T = 0.1 (dominant logits of 50; the target's factor dz/draw, 0.7 to 1 over the targets'
+// logits, is not left out of their terms). With the last 36 rows near-uniform (E scaled by 1e-3) and the share
+// planned, those rows take it to first order and its products take the lone targets' terms too; row tile 2, which
+// holds both kinds, computes its tiles. Without the share the near-uniform rows' tiles are computed.
+TEST_CASE("tiled executor: lone targets skip their tiles", "[executor][filter]") {
+  for (bool minimal : {false, true}) {
+    for (int variant = 0; variant < 5; ++variant) {
+      test::case_config cfg;
+      cfg.n = 72;
+      cfg.d = variant == 3 ? 512 : 128;
+      cfg.v = 300;
+      cfg.data = test::regime::peaked;
+      cfg.targets_off_peak = true;
+      cfg.seed = 71 + variant;
+      cfg.class_weights = variant == 1;
+      cfg.opts.z_loss = variant == 1 ? 1e-2f : 0.f;
+      cfg.opts.reduction = variant == 2 ? reduction::none : reduction::mean;
+      cfg.opts.softcap = variant == 3 ? 5.f : 0.f;
+      cfg.opts.temperature = 0.1f;
+      cfg.extra_row_roundings = cfg.extra_class_roundings = 1;
+      if (minimal) cfg.opts.backward_mode = backward_mode::minimal;
+      const std::size_t budget = minimal ? 1 : 0;
+      auto h = test::make_problem<__nv_bfloat16>(cfg);
+      const bool mixed = variant == 4;
+      for (std::int64_t i = 36; mixed && i < cfg.n; ++i)
+        for (std::int64_t k = 0; k < cfg.d; ++k)
+          h.e[std::size_t(i * cfg.d + k)] =
+              detail::from_float<__nv_bfloat16>(1e-3f * detail::to_float(h.e[std::size_t(i * cfg.d + k)]));
+      const host::tiled_executor<__nv_bfloat16> ex(cfg.opts, 16, 16, device_info{80, 4});
+      const detail::plan pl = ex.plan_for(h.view(), ex.workspace_bytes(h.view(), budget));
+      INFO("variant " << variant << " minimal " << minimal);
+      CHECK(pl.linear_rows);
+      CHECK(pl.linear() == (!minimal && cfg.d == 128));
+      const test::case_results r = run_executor<__nv_bfloat16, __nv_bfloat16>(h, budget, true);
+      test::check_case<__nv_bfloat16, __nv_bfloat16>(h, r, true, test::gradient_check::bound);
+      CHECK(r.filter_tiles[0] == (!mixed ? 5 : pl.linear() ? 2 + 19 : 2 + 3 * 19));
+      CHECK(r.filter_tiles[0] + r.filter_tiles[1] == 5 * 19);
+      if (variant == 0) {
+        const test::case_results f = run_executor<__nv_bfloat16, float>(h, budget, true);
+        test::check_case<__nv_bfloat16, float>(h, f, true, test::gradient_check::bound);
+      }
+    }
+  }
+}
+
 TEST_CASE("tiled executor: low-rank head of rank 1 and 16", "[executor]") {
   for (std::int64_t rank : {1, 16}) {
     test::case_config cfg;

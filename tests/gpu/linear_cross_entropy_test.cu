@@ -422,6 +422,53 @@ TEST_CASE("GPU: rows near-uniform to first order skip every tile", "[gpu][baseli
   }
 }
 
+// Lone targets (kernel/portable/lone_targets.cuh): on peaked data at D = 1,024 (dominant logits of 32 against N(0, 1))
+// with no target on its row's own class, the walk computes only the 3 tiles that hold the 300 rows' dominant classes
+// and skips their target tiles, whose terms are added after it (one more rounding of dE and dC). On both kernel
+// paths: chunked, minimal, fp32 gradients, a softcap of 5 at T = 0.05 (dominant logits of 100; the target's factor
+// dz/draw, 0.7 to 1 over the targets' logits, is not left out of their terms), class weights; and loss_and_grad over
+// two row blocks, 12 row tiles of 47 class tiles.
+TEST_CASE("GPU: lone targets skip their tiles", "[gpu][baseline]") {
+  for (bool hopper : {true, false}) {
+    for (int variant = 0; variant < 4; ++variant) {
+      test::case_config cfg;
+      cfg.n = 300;
+      cfg.d = 1024;
+      cfg.v = 8000;
+      cfg.data = test::regime::peaked;
+      cfg.targets_off_peak = true;
+      cfg.seed = 43 + variant;
+      cfg.opts.hopper_kernels = hopper;
+      if (variant == 1) cfg.opts.backward_mode = backward_mode::minimal;
+      cfg.opts.softcap = variant == 2 ? 5.f : 0.f;
+      cfg.opts.temperature = variant == 2 ? 0.05f : 1.f;
+      cfg.class_weights = variant == 3;
+      cfg.extra_row_roundings = cfg.extra_class_roundings = 1;
+      INFO("hopper " << hopper << " variant " << variant);
+      const auto h = test::make_problem<__nv_bfloat16>(cfg);
+      const test::case_results r = run_device<__nv_bfloat16, __nv_bfloat16>(h, 0);
+      test::check_case<__nv_bfloat16, __nv_bfloat16>(h, r, true, test::gradient_check::relative);
+      CHECK(r.filter_tiles[0] == 3);
+      CHECK(r.filter_tiles[1] == 3 * 63 - 3);
+      if (variant == 0) {
+        const test::case_results f = run_device<__nv_bfloat16, float>(h, 0);
+        test::check_case<__nv_bfloat16, float>(h, f, true, test::gradient_check::relative);
+      }
+    }
+  }
+  test::case_config cfg;
+  cfg.n = 1500;
+  cfg.d = 1024;
+  cfg.v = 6000;
+  cfg.data = test::regime::peaked;
+  cfg.targets_off_peak = true;
+  cfg.seed = 47;
+  cfg.extra_row_roundings = cfg.extra_class_roundings = 1;
+  const test::case_results r =
+      run_loss_and_grad_case<__nv_bfloat16, __nv_bfloat16>(cfg, 1024, test::gradient_check::relative);
+  CHECK(r.filter_tiles[0] == 12);
+}
+
 // Minimal mode's two passes take their own blocks: over a range of budgets the plans carry dE across chunks, carry
 // dC across row blocks, or hold all rows in one dC block; each distinct plan is checked on both kernel paths.
 TEST_CASE("GPU: minimal's passes at many budgets", "[gpu][minimal]") {

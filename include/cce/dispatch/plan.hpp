@@ -98,6 +98,8 @@ struct pass_buffers {
 // to dE row i and row_sums[0..D) to every class of dC, the bias gradient row_sums[D].
 // With plan::linear, rows near-uniform to first order add linear_scale[i] e_i (C^T C - s s^T / V) to dE row i
 // (s = class_sum) and c (sum_i linear_scale[i] e_i^T e_i) + gram_term to class c of dC.
+inline constexpr int baseline_state_count = 5;  // uniform_baseline_buffers::state
+
 struct uniform_baseline_buffers {
   float* row_scale = nullptr;   // N: the baseline on the draw's scale (baseline / T), 0 for other rows
   float* block_max = nullptr;   // row_tiles: the largest tile max of each row tile
@@ -115,9 +117,10 @@ struct uniform_baseline_buffers {
   std::int32_t* class_offsets = nullptr;  // V + 1
   std::int32_t* class_fill = nullptr;     // V: rows placed so far
   std::int32_t* class_rows = nullptr;     // N
-  int* state = nullptr;  // 4: [0] a near-uniform row was seen, [1] class_sum holds the column sums, [2] a row may
+  int* state = nullptr;  // 5: [0] a near-uniform row was seen, [1] class_sum holds the column sums, [2] a row may
                          // be near-uniform to first order, [3] with a softcap: the largest squared norm of C's rows
-                         // (float bits), taken with the column sums
+                         // (float bits), taken with the column sums, [4] a row's target is apart without a
+                         // baseline (kernel/portable/lone_targets.cuh)
 };
 
 // The first-order baseline's products after the walk, in the passes' region (the walk is done with it): the D x D
@@ -320,7 +323,7 @@ struct plan {
     b.class_offsets = c.take<std::int32_t>(linear_rows ? v + 1 : 0);
     b.class_fill = c.take<std::int32_t>(linear_rows ? v : 0);
     b.class_rows = c.take<std::int32_t>(linear_rows ? n : 0);
-    b.state = c.take<int>(4);
+    b.state = c.take<int>(baseline_state_count);
     return b;
   }
 

@@ -17,6 +17,7 @@
 #include <cce/kernel/portable/dlogit.cuh>
 #include <cce/kernel/portable/forward.cuh>
 #include <cce/kernel/portable/grad_gemm.cuh>
+#include <cce/kernel/portable/lone_targets.cuh>
 #include <cce/kernel/portable/row_kernels.cuh>
 #include <cce/kernel/portable/uniform_baseline.cuh>
 #include <cce/kernel/portable/vocab_sort.cuh>
@@ -166,7 +167,7 @@ class portable_path {
         }
       }
     }
-    CCE_TRY(linear_baseline_products(bw, bw.linear, out, stream));
+    CCE_TRY(after_walk_products(bw, bw.linear, out, stream));
     if (out.da) CCE_TRY(da_product(bw, out.da, stream));
     return status::success;
   }
@@ -210,7 +211,7 @@ class portable_path {
       if (grads.db) CCE_TRY(db_product(bw, pb, s, grads.db, r0, rows, first, last, stream));
     }
     CCE_TRY(loss_total(out, sv, kb.fw.block_sums, stream));
-    CCE_TRY(linear_baseline_products(bw, bw.linear, grads, stream));
+    CCE_TRY(after_walk_products(bw, bw.linear, grads, stream));
     if (grads.da) CCE_TRY(da_product(bw, grads.da, stream));
     return status::success;
   }
@@ -225,8 +226,9 @@ class portable_path {
   // What a backward starts from: the low-rank head's lora_p = scale * E A^T and a zero q, zero filter counts, no
   // near-uniform row seen.
   status start_backward(const backward_buffers<T>& bw, unsigned long long* counts, cudaStream_t stream) const {
-    if (baseline() && (cudaMemsetAsync(bw.baseline.class_sum, 0, sizeof(float) * p_.d, stream) != cudaSuccess ||
-                       cudaMemsetAsync(bw.baseline.state, 0, 4 * sizeof(int), stream) != cudaSuccess)) {
+    if (baseline() &&
+        (cudaMemsetAsync(bw.baseline.class_sum, 0, sizeof(float) * p_.d, stream) != cudaSuccess ||
+         cudaMemsetAsync(bw.baseline.state, 0, baseline_state_count * sizeof(int), stream) != cudaSuccess)) {
       return status::cuda_error;
     }
     if (p_.has_lora()) {
@@ -488,16 +490,44 @@ class portable_path {
       cp.inv_temperature = 1.f / o_.temperature;
       cp.row_scale = bw.baseline.row_scale + r0;
       cp.baseline_state = bw.baseline.state;
-      if (linear()) {  // the rows that take a baseline also leave their one-hot term to the share's products
-        cp.linear = filter::near_uniform_linear_of<T>(o_, p_.v);
-        cp.linear_scale = bw.baseline.linear_scale + r0;
+      if (lone()) {  // with the share, the rows that take a baseline also leave their one-hot term to its products
         cp.target_scale = bw.baseline.target_scale + r0;
         cp.target_class = bw.baseline.target_class + r0;
+        cp.baseline_targets_apart = linear();
+      }
+      if (linear()) {
+        cp.linear = filter::near_uniform_linear_of<T>(o_, p_.v);
+        cp.linear_scale = bw.baseline.linear_scale + r0;
       }
     }
     coefficients_kernel<><<<blocks_for(count, 256), 256, 0, stream>>>(cp);
     CCE_TRY(launch_status());
-    return linear() ? linear_rows(bw, cp, r0, count, stream) : status::success;
+    if (linear()) CCE_TRY(linear_rows(bw, cp, r0, count, stream));
+    return lone() ? lone_targets(sv, bw, r0, count, stream) : status::success;
+  }
+
+  // The rows of [r0, r0 + count) whose target tile the filter skips but for the target leave its term to the
+  // updates after the walk (lone_targets.cuh).
+  status lone_targets(const saved_buffers& sv, const backward_buffers<T>& bw, std::int64_t r0, std::int64_t count,
+                      cudaStream_t stream) const {
+    lone_target_params prm;
+    prm.e = p_.e + r0 * p_.e_stride();
+    prm.c = p_.c;
+    prm.lde = p_.e_stride();
+    prm.ldc = p_.c_stride();
+    prm.n = count;
+    prm.d = p_.d;
+    prm.grid = pl_.grid;
+    prm.first_tile = r0 / pl_.grid.bm;
+    prm.tile_max = sv.tile_max;
+    prm.filter = filter_predicate();
+    prm.transform = {o_.softcap, 1.f / o_.temperature};
+    prm.coef = bw.coef + r0;
+    prm.target_scale = bw.baseline.target_scale + r0;
+    prm.target_class = bw.baseline.target_class + r0;
+    prm.state = bw.baseline.state;
+    lone_targets_kernel<T, 128><<<unsigned(ceil_div(count, std::int64_t(pl_.grid.bm))), 128, 0, stream>>>(prm);
+    return launch_status();
   }
 
   // The first-order test of rows [r0, r0 + count) (linear_rows_kernel) after the coefficients `cp`, once a row may
@@ -550,6 +580,8 @@ class portable_path {
   // do not bound the other shards' probabilities); and to first order where they qualify (linear_rows_kernel).
   bool baseline() const { return pl_.baseline && p_.total_classes() == p_.v; }
   bool linear() const { return baseline() && pl_.linear(); }
+  // Whether rows may leave their target's term to the updates after the walk (lone_targets.cuh).
+  bool lone() const { return baseline() && pl_.linear_rows; }
 
   // The column sums of C (uniform_baseline.cuh), once a row is near-uniform or may be to first order.
   status class_sums(const backward_buffers<T>& bw, cudaStream_t stream) const {
@@ -758,19 +790,27 @@ class portable_path {
   template <class G>
   using product_params = grad_gemm_params<T, G, Policy::bm>;
 
-  // The first-order baseline's share of the gradients (row_loss.hpp) and the one-hot terms of the rows that take a
-  // baseline, added once the walk is done with the region that holds `lb`; nothing runs unless a row took one
-  // (state[0]). With s the column sums of C, l the rows' linear_scale and t their target_scale: dE += diag(l) E
-  // (C^T C - s s^T / V) - t_i c_y (the symmetric matrix formed on and above its diagonal), then dC += C H - (s / V)
-  // H - sum over class y's rows of t_i e_i with H = E^T diag(l) E, formed over slabs of its columns. Each adds to
-  // the output rounded as it is (a 16-bit gradient is rounded twice).
+  // What is added once the walk is done with the region that holds `lb`: the first-order baseline's share of the
+  // gradients (row_loss.hpp) and the one-hot terms of the rows that take a baseline, when a row took one (state[0]);
+  // the lone targets' terms (lone_targets.cuh), in those products then, else on their own. With s the column sums of
+  // C, l the rows' linear_scale and t their target_scale: dE += diag(l) E (C^T C - s s^T / V) - t_i c_y (the
+  // symmetric matrix formed on and above its diagonal), then dC += C H - (s / V) H - sum over class y's rows of
+  // t_i e_i with H = E^T diag(l) E, formed over slabs of its columns. Each adds to the output rounded as it is (a
+  // 16-bit gradient is rounded twice).
   template <class G>
-  status linear_baseline_products(const backward_buffers<T>& bw, const linear_baseline_buffers<T>& lb,
-                                  const gradients<G>& out, cudaStream_t stream) const {
-    if (!linear() || p_.n == 0) return status::success;
+  status after_walk_products(const backward_buffers<T>& bw, const linear_baseline_buffers<T>& lb,
+                             const gradients<G>& out, cudaStream_t stream) const {
+    if (!lone() || p_.n == 0) return status::success;
     const uniform_baseline_buffers& b = bw.baseline;
     const std::int64_t n = p_.n, d = p_.d, v = p_.v;
     const int* any = b.state;
+    const bool share = linear();
+    const std::int64_t ld_de = out.ld_de ? out.ld_de : d, ld_dc = out.ld_dc ? out.ld_dc : d;
+    if (out.de) {
+      lone_rows_kernel<T><<<blocks_for(32 * n, 256), 256, 0, stream>>>(b.target_scale, b.target_class, n, p_.c,
+                                                                       p_.c_stride(), d, out.de, ld_de, share, b.state);
+      CCE_TRY(launch_status());
+    }
     auto product = [&](auto* to, std::int64_t ld, operand<T> a, operand<T> bop, std::int64_t m, std::int64_t cols,
                        std::int64_t k, bool add) {
       product_params<std::remove_pointer_t<decltype(to)>> prm;
@@ -785,7 +825,7 @@ class portable_path {
       prm.enabled = any;
       return prm;
     };
-    if (out.de) {
+    if (out.de && share) {
       auto gram = product(lb.gram, d, {p_.c, p_.c_stride(), d, v}, {p_.c, p_.c_stride(), d, v}, d, d, v, false);
       gram.baseline_rows = b.class_sum;
       gram.baseline_term = b.class_mean;
@@ -794,8 +834,7 @@ class portable_path {
       const unsigned blocks = unsigned(ceil_div(d, std::int64_t(32)));
       mirror_lower_kernel<T><<<dim3(blocks, blocks), dim3(32, 8), 0, stream>>>(lb.gram, d, b.state);
       CCE_TRY(launch_status());
-      auto de =
-          product(out.de, out.ld_de ? out.ld_de : d, {p_.e, p_.e_stride(), n, d}, {lb.gram, d, d, d}, n, d, d, true);
+      auto de = product(out.de, ld_de, {p_.e, p_.e_stride(), n, d}, {lb.gram, d, d, d}, n, d, d, true);
       de.row_scale = b.linear_scale;
       de.onehot_scale = b.target_scale;  // -t_i c_y
       de.onehot_index = b.target_class;
@@ -805,6 +844,10 @@ class portable_path {
     }
     if (!out.dc) return status::success;
     CCE_TRY(class_index(bw, stream));
+    lone_classes_kernel<T><<<blocks_for(32 * v, 256), 256, 0, stream>>>(
+        b.target_scale, b.class_offsets, b.class_rows, v, p_.e, p_.e_stride(), d, out.dc, ld_dc, share, b.state);
+    CCE_TRY(launch_status());
+    if (!share) return status::success;
     const std::int64_t w = pl_.linear_slab_cols;
     for (std::int64_t j0 = 0; j0 < d; j0 += w) {
       const std::int64_t cols = std::min(w, d - j0);
@@ -823,8 +866,7 @@ class portable_path {
     baseline_total_kernel<baseline_sum::rows>
         <<<blocks_for(d, 256), 256, 0, stream>>>(b.partial, d, d, splits, b.state, b.gram_term);
     CCE_TRY(launch_status());
-    auto dc =
-        product(out.dc, out.ld_dc ? out.ld_dc : d, {p_.c, p_.c_stride(), v, d}, {lb.gram, d, d, d}, v, d, d, true);
+    auto dc = product(out.dc, ld_dc, {p_.c, p_.c_stride(), v, d}, {lb.gram, d, d, d}, v, d, d, true);
     dc.baseline_term = b.gram_term;
     dc.onehot_scale = b.target_scale;  // -t_i e_i over the class's rows
     dc.onehot_offsets = b.class_offsets;

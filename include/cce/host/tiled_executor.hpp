@@ -134,7 +134,7 @@ class tiled_executor {
       bw.coef[row] = rc;
     }
     // Over the whole vocabulary only: a shard's tile maxima do not bound the other shards' probabilities.
-    bool apart = false;  // rows whose first-order share and one-hot term are added after the walk
+    onehots_after_walk apart;  // rows whose first-order share or one-hot term are added after the walk
     if (pl.baseline && p.total_classes() == p.v)
       apart = take_baselines(p, x, pl, sv, bw.baseline, bw.coef);
     else bw.baseline = {};
@@ -205,7 +205,10 @@ class tiled_executor {
         if (out.dbias) dbias_update(s, pl, bw, dc, out);
       }
     }
-    if (apart) add_linear_baselines(p, x, bw.baseline, out);
+    if (apart.share)
+      add_linear_baselines(p, x, bw.baseline, out);
+    else if (apart.lone)
+      add_lone_targets(p, x, bw.baseline, out);
     if (out.da) da_update(p, bw, out);
     return status::success;
   }
@@ -496,10 +499,14 @@ class tiled_executor {
   // whose row tile's largest tile max passes filter::near_uniform with their lse, their baseline on the
   // draw's scale (0 for the other rows), the column sums of C and, for all rows, of row_scale[i] e_i and row_scale;
   // with plan::linear, first the rows near-uniform to first order, and the rows that take a baseline leave their
-  // one-hot term to the share's products. Returns whether there are such rows.
-  bool take_baselines(const problem<T>& p, const dense_inputs& x, const detail::plan& pl,
-                      const detail::saved_buffers& sv, const detail::uniform_baseline_buffers& b,
-                      detail::row_coefficients* coef) const {
+  // one-hot term to the share's products, and so do the lone targets. Says which updates follow the walk: the share's
+  // products when a row took a baseline (the GPU's state[0]), else the lone targets' (state[4]).
+  struct onehots_after_walk {
+    bool share = false, lone = false;
+  };
+  onehots_after_walk take_baselines(const problem<T>& p, const dense_inputs& x, const detail::plan& pl,
+                                    const detail::saved_buffers& sv, const detail::uniform_baseline_buffers& b,
+                                    detail::row_coefficients* coef) const {
     const tile::tile_grid& g = pl.grid;
     const auto uniform = filter::near_uniform_of<T>(opt_, p.total_classes());
     const auto linear = filter::near_uniform_linear_of<T>(opt_, p.v);
@@ -522,21 +529,85 @@ class tiled_executor {
     }
     if (pl.linear()) take_linear_baselines(p, x, linear, plausible, b, coef);
     bool apart = false;  // rows that leave their one-hot term to the share's products (plan::linear)
-    for (std::int64_t row = 0; pl.linear() && row < p.n; ++row) {
+    for (std::int64_t row = 0; pl.linear_rows && row < p.n; ++row) {
       detail::row_coefficients& rc = coef[row];
-      const bool take = rc.kept && rc.dz.baseline != 0.f;
+      const bool take = pl.linear() && rc.kept && rc.dz.baseline != 0.f;
       b.target_scale[row] = take ? rc.dz.ce / opt_.temperature : 0.f;
       b.target_class[row] = take ? rc.target : -1;
       if (take) rc.target = -1;
       apart = apart || take;
     }
+    const bool lone = pl.linear_rows && take_lone_targets(p, x, pl, sv, b, coef);
     for (std::int64_t d = 0; d <= p.d; ++d) {
       float rows = 0.f;
       for (std::int64_t row = 0; row < p.n; ++row)
         rows += b.row_scale[row] * (d < p.d ? x.e[std::size_t(row * p.d + d)] : 1.f);
       b.row_sums[d] = rows;
     }
-    return apart;
+    return {apart, lone};
+  }
+
+  // The lone targets (as kernel/portable/lone_targets.cuh): rows whose target tile the filter skips but for the
+  // target leave -ce target_residual dz/draw(z_y) to the updates after the walk. Returns whether there are any.
+  bool take_lone_targets(const problem<T>& p, const dense_inputs& x, const detail::plan& pl,
+                         const detail::saved_buffers& sv, const detail::uniform_baseline_buffers& b,
+                         detail::row_coefficients* coef) const {
+    const tile::tile_grid& g = pl.grid;
+    const auto f =
+        filter::mass_threshold::make(filter::eps_of<T>(opt_), g.bn, detail::filter_tiles(g, p.total_classes()));
+    const logit_transform tf = transform();
+    bool any = false;
+    for (std::int64_t rt = 0; rt < g.row_tiles(); ++rt) {
+      float min_floor = detail::inf_f();
+      for (std::int64_t row = g.row_begin(rt); row < g.row_begin(rt) + g.rows_in(rt); ++row)
+        if (coef[row].kept) min_floor = detail::min_f(min_floor, coef[row].lse_others);
+      for (std::int64_t row = g.row_begin(rt); row < g.row_begin(rt) + g.rows_in(rt); ++row) {
+        detail::row_coefficients& rc = coef[row];
+        if (!rc.kept || rc.target < 0 || rc.dz.baseline != 0.f) continue;
+        if (!f.skip(sv.tile_max[rt * g.col_tiles() + rc.target / g.bn] - min_floor)) continue;
+        float derivative = tf.inv_temperature;
+        if (opt_.softcap > 0.f) {
+          float raw = 0.f;
+          for (std::int64_t k = 0; k < p.d; ++k)
+            raw += x.e[std::size_t(row * p.d + k)] * x.c[std::size_t(rc.target * p.d + k)];
+          derivative = tf.derivative(raw);
+        }
+        b.target_scale[row] = -rc.dz.ce * rc.dz.target_residual * derivative;
+        b.target_class[row] = rc.target;
+        rc.target = -1;
+        any = true;
+      }
+    }
+    return any;
+  }
+
+  // The lone targets' terms when no row took a baseline (lone_targets.cuh's lone_rows_kernel and
+  // lone_classes_kernel): dE row i -= t_i c_y and dC row y -= the sum over its rows of t_i e_i, in row order, each
+  // added to the gradient as written.
+  template <class G>
+  void add_lone_targets(const problem<T>& p, const dense_inputs& x, const detail::uniform_baseline_buffers& b,
+                        const gradients<G>& out) const {
+    const std::int64_t n = p.n, dd = p.d;
+    if (out.de) {
+      const std::int64_t ld = out.ld_de ? out.ld_de : dd;
+      for (std::int64_t row = 0; row < n; ++row)
+        for (std::int64_t j = 0; b.target_scale[row] != 0.f && j < dd; ++j)
+          out.de[row * ld + j] = store_as<G>(load_g(out.de, row * ld + j) +
+                                             -b.target_scale[row] * x.c[std::size_t(b.target_class[row] * dd + j)]);
+    }
+    if (!out.dc) return;
+    const std::int64_t ld = out.ld_dc ? out.ld_dc : dd;
+    std::vector<float> sum(std::size_t(p.v * dd), 0.f);
+    std::vector<bool> has_rows(std::size_t(p.v), false);
+    for (std::int64_t row = 0; row < n; ++row) {
+      if (b.target_scale[row] == 0.f) continue;
+      has_rows[std::size_t(b.target_class[row])] = true;
+      for (std::int64_t j = 0; j < dd; ++j)
+        sum[std::size_t(b.target_class[row] * dd + j)] -= b.target_scale[row] * x.e[std::size_t(row * dd + j)];
+    }
+    for (std::int64_t c = 0; c < p.v; ++c)
+      for (std::int64_t j = 0; has_rows[std::size_t(c)] && j < dd; ++j)
+        out.dc[c * ld + j] = store_as<G>(load_g(out.dc, c * ld + j) + sum[std::size_t(c * dd + j)]);
   }
 
   // The first-order test (as kernel/portable/uniform_baseline.cuh's class_norm_kernel and linear_rows_kernel), run
@@ -572,7 +643,7 @@ class tiled_executor {
   }
 
   // The first-order baseline's share and the one-hot terms, once the walk is done (dispatch/portable.cuh,
-  // linear_baseline_products): with l = linear_scale, t = target_scale and s = class_sum, dE += diag(l) E G - t_i c_y,
+  // after_walk_products): with l = linear_scale, t = target_scale and s = class_sum, dE += diag(l) E G - t_i c_y,
   // G = C^T C - s s^T / V, and dC += C H - (s / V) H - sum over the class's rows of t_i e_i, H = E^T (diag(l) E),
   // the matrices and the scaled rows rounded to T as the GPU stores them.
   template <class G>

@@ -184,10 +184,12 @@ struct coefficient_params {
   // first_row) starts at 0 (linear_rows_kernel sets the rows that pass).
   filter::near_uniform_linear linear{};
   float* linear_scale = nullptr;
-  // With plan::linear_rows: a row that takes the baseline leaves its one-hot term to the products (ce / T into
-  // target_scale, its target into target_class, none in its coefficients); 0 for the other rows. From first_row.
+  // With plan::linear_rows: 0 for every row (lone_targets.cuh may set it next) but, with `baseline_targets_apart`
+  // (plan::linear), a row that takes the baseline, which leaves its one-hot term to the share's products (ce / T into
+  // target_scale, its target into target_class, none in its coefficients). From first_row.
   float* target_scale = nullptr;
   std::int32_t* target_class = nullptr;
+  bool baseline_targets_apart = false;
 };
 
 template <class = void>
@@ -217,7 +219,7 @@ __global__ void coefficients_kernel(const __grid_constant__ coefficient_params p
   if (prm.row_scale) prm.row_scale[row] = rc.dz.baseline * prm.inv_temperature;
   if (prm.linear_scale) prm.linear_scale[row] = 0.f;
   if (prm.target_scale) {
-    const bool apart = rc.dz.baseline != 0.f;
+    const bool apart = prm.baseline_targets_apart && rc.dz.baseline != 0.f;
     prm.target_scale[row] = apart ? rc.dz.ce * prm.inv_temperature : 0.f;
     prm.target_class[row] = apart ? rc.target : -1;
     if (apart) rc.target = -1;

@@ -208,15 +208,19 @@ __global__ void scaled_slab_kernel(const T* e, std::int64_t lde, std::int64_t n,
   slab[row * ld + col] = from_float<T>(linear_scale[row] * to_float(e[row * lde + col0 + col]));
 }
 
-// The rows of each class whose one-hot term the products add (uniform_baseline_buffers::class_rows), for the rows
-// [0, n) of a walk (from row0), when a row took a baseline (state[0]): counted per class, offsets by one block's
-// scan, placed, then each class's rows sorted into row order, so that the sums do not depend on timing.
+// Whether a row's one-hot term is added after the walk: it took a baseline, or its target is apart (lone_targets.cuh).
+__device__ __forceinline__ bool onehots_apart(const int* state) { return state[0] || state[4]; }
+
+// The rows of each class whose one-hot term is added after the walk (uniform_baseline_buffers::class_rows), for the
+// rows [0, n) of a walk (from row0), when a row took a baseline or has its target apart (state[0], state[4]): counted
+// per class, offsets by one block's scan, placed, then each class's rows sorted into row order, so that the sums do
+// not depend on timing.
 // class_offsets and class_fill start at 0.
 template <class = void>
 __global__ void class_count_kernel(const float* target_scale, const std::int32_t* target_class, std::int64_t n,
                                    std::int32_t* class_offsets, const int* state) {
   const std::int64_t row = std::int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (!state[0] || row >= n || target_scale[row] == 0.f) return;
+  if (!onehots_apart(state) || row >= n || target_scale[row] == 0.f) return;
   atomicAdd(class_offsets + target_class[row], 1);
 }
 
@@ -224,7 +228,7 @@ __global__ void class_count_kernel(const float* target_scale, const std::int32_t
 template <int Threads>
 __global__ void __launch_bounds__(Threads)
     class_offsets_kernel(std::int32_t* class_offsets, std::int64_t v, const int* state) {
-  if (!state[0]) return;
+  if (!onehots_apart(state)) return;
   using scan = cub::BlockScan<std::int32_t, Threads>;
   __shared__ typename scan::TempStorage tmp;
   const std::int64_t per = ceil_div(v + 1, std::int64_t(Threads)), last = v + 1;
@@ -246,7 +250,7 @@ __global__ void class_place_kernel(const float* target_scale, const std::int32_t
                                    std::int64_t row0, const std::int32_t* class_offsets, std::int32_t* class_fill,
                                    std::int32_t* class_rows, const int* state) {
   const std::int64_t row = std::int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (!state[0] || row >= n || target_scale[row] == 0.f) return;
+  if (!onehots_apart(state) || row >= n || target_scale[row] == 0.f) return;
   const std::int32_t c = target_class[row];
   class_rows[class_offsets[c] + atomicAdd(class_fill + c, 1)] = std::int32_t(row0 + row);
 }
@@ -255,7 +259,7 @@ template <class = void>
 __global__ void class_sort_kernel(const std::int32_t* class_offsets, std::int64_t v, std::int32_t* class_rows,
                                   const int* state) {
   const std::int64_t c = std::int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (!state[0] || c >= v) return;
+  if (!onehots_apart(state) || c >= v) return;
   const std::int32_t lo = class_offsets[c], hi = class_offsets[c + 1];
   for (std::int32_t i = lo + 1; i < hi; ++i) {  // insertion sort: a class has few rows
     const std::int32_t r = class_rows[i];

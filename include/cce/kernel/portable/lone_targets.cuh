@@ -1,0 +1,135 @@
+// Lone targets: a row whose target lies in a tile the filter would skip but for that target (the tile's largest
+// logit, the target's included, is negligible against the row tile's log-sum-exp) leaves the target's term
+// ce (p_y - 1) dz/draw(z_y) to two sparse updates after the walk, and the tile is skipped like any other. On data
+// whose mass sits away from the targets (a classifier early in training, the benchmark's peaked data) the target
+// tiles are most of what the walk would otherwise compute: with 128-row tiles and random targets, each row tile
+// holds a target in 1 - (1 - 128/V)^128 of its 128-class tiles, 40 % at V = 32,064.
+//
+// The decision uses the forward's tile maxima and the same floor as the walk's (dlogit.cuh, tile_row_summary), so
+// that a row's target is apart exactly when its tile is skipped. The terms go where those of the rows taking a
+// baseline go (uniform_baseline_buffers::target_scale): into the first-order share's products when a row took a
+// baseline (state[0]), otherwise into the two kernels below, which add them to the gradients as written (a 16-bit
+// gradient is rounded twice, as with the share's products).
+#pragma once
+
+#include <cub/block/block_reduce.cuh>
+
+#include <cstdint>
+
+#include <cce/detail/element_type.hpp>
+#include <cce/detail/math.hpp>
+#include <cce/dispatch/plan.hpp>
+#include <cce/epilogue/logit_transform.hpp>
+#include <cce/filter/predicates.hpp>
+#include <cce/tile/tile_grid.hpp>
+
+namespace cce::detail {
+
+struct lone_target_params {
+  const void* e = nullptr;  // of T, row r0 first
+  const void* c = nullptr;  // of T
+  std::int64_t lde = 0, ldc = 0, n = 0, d = 0;
+  tile::tile_grid grid;             // N x V
+  std::int64_t first_tile = 0;      // r0 / bm
+  const float* tile_max = nullptr;  // the forward's
+  filter::mass_threshold filter{};
+  logit_transform transform{};
+  row_coefficients* coef = nullptr;  // from r0
+  float* target_scale = nullptr;     // from r0
+  std::int32_t* target_class = nullptr;
+  int* state = nullptr;
+};
+
+// One CTA per row tile: the floor of its kept rows, then each row whose target tile passes the filter's skip test
+// gives its target term to target_scale (-ce target_residual dz/draw(z_y), z_y recomputed by a warp) and no longer
+// names a target to the walk.
+template <class T, int Threads>
+__global__ void __launch_bounds__(Threads) lone_targets_kernel(const __grid_constant__ lone_target_params prm) {
+  using reduce = cub::BlockReduce<float, Threads>;
+  __shared__ typename reduce::TempStorage tmp;
+  __shared__ float floor_of_tile;
+  const tile::tile_grid& g = prm.grid;
+  const std::int64_t rt = prm.first_tile + blockIdx.x, first = std::int64_t(blockIdx.x) * g.bm;
+  const std::int64_t rows = g.rows_in(rt);
+  float m = inf_f();
+  for (std::int64_t r = threadIdx.x; r < rows; r += Threads) {
+    const row_coefficients& rc = prm.coef[first + r];
+    if (rc.kept) m = min_f(m, rc.lse_others);
+  }
+  m = reduce(tmp).Reduce(m, [](float a, float b) { return min_f(a, b); });
+  if (threadIdx.x == 0) floor_of_tile = m;
+  __syncthreads();
+  const float min_floor = floor_of_tile;
+  const T* c = static_cast<const T*>(prm.c);
+  const int lane = threadIdx.x % 32;
+  for (std::int64_t r = threadIdx.x / 32; r < rows; r += Threads / 32) {  // a warp per row
+    row_coefficients& rc = prm.coef[first + r];
+    // A row that takes a baseline keeps its target (without the share) or has left it already (with it).
+    if (!rc.kept || rc.target < 0 || rc.dz.baseline != 0.f) continue;
+    const float log_p_max = prm.tile_max[rt * g.col_tiles() + rc.target / g.bn] - min_floor;
+    if (!prm.filter.skip(log_p_max)) continue;  // NaN: not skipped
+    const std::int32_t target = rc.target;
+    float derivative = prm.transform.inv_temperature;
+    if (prm.transform.softcap > 0.f) {
+      const T* e = static_cast<const T*>(prm.e) + (first + r) * prm.lde;
+      const T* cy = c + std::int64_t(target) * prm.ldc;
+      float raw = 0.f;
+      for (std::int64_t k = lane; k < prm.d; k += 32) raw += to_float(e[k]) * to_float(cy[k]);
+#pragma unroll
+      for (int mask = 16; mask > 0; mask /= 2) raw += __shfl_xor_sync(0xffffffffu, raw, mask);
+      derivative = prm.transform.derivative(raw);
+    }
+    __syncwarp();
+    if (lane == 0) {
+      prm.target_scale[first + r] = -rc.dz.ce * rc.dz.target_residual * derivative;
+      prm.target_class[first + r] = target;
+      rc.target = -1;
+      prm.state[4] = 1;
+    }
+  }
+}
+
+// Whether the kernels below add the terms: there are some, and the share's products, when planned (`share`), do not
+// run (no row took a baseline).
+__device__ __forceinline__ bool lone_terms_alone(bool share, const int* state) {
+  return state[4] && !(share && state[0]);
+}
+
+// dE row i += -target_scale[i] c_(target_class[i]) for the rows with a term. A warp per row.
+template <class T, class G>
+__global__ void lone_rows_kernel(const float* target_scale, const std::int32_t* target_class, std::int64_t n,
+                                 const T* c, std::int64_t ldc, std::int64_t d, G* de, std::int64_t ld, bool share,
+                                 const int* state) {
+  if (!lone_terms_alone(share, state)) return;
+  const std::int64_t row = (std::int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+  if (row >= n || target_scale[row] == 0.f) return;
+  const float t = -target_scale[row];
+  const T* cy = c + std::int64_t(target_class[row]) * ldc;
+  G* out = de + row * ld;
+  for (std::int64_t k = threadIdx.x % 32; k < d; k += 32)
+    out[k] = from_float<G>(to_float(out[k]) + t * to_float(cy[k]));
+}
+
+// dC row y += the sum of -target_scale[i] e_i over class y's rows in row order (class_rows, uniform_baseline.cuh).
+// A warp per class.
+template <class T, class G>
+__global__ void lone_classes_kernel(const float* target_scale, const std::int32_t* class_offsets,
+                                    const std::int32_t* class_rows, std::int64_t v, const T* e, std::int64_t lde,
+                                    std::int64_t d, G* dc, std::int64_t ld, bool share, const int* state) {
+  if (!lone_terms_alone(share, state)) return;
+  const std::int64_t cls = (std::int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+  if (cls >= v) return;
+  const std::int32_t lo = class_offsets[cls], hi = class_offsets[cls + 1];
+  if (lo == hi) return;
+  G* out = dc + cls * ld;
+  for (std::int64_t k = threadIdx.x % 32; k < d; k += 32) {
+    float s = 0.f;
+    for (std::int32_t i = lo; i < hi; ++i) {
+      const std::int64_t row = class_rows[i];
+      s -= target_scale[row] * to_float(e[row * lde + k]);
+    }
+    out[k] = from_float<G>(to_float(out[k]) + s);
+  }
+}
+
+}  // namespace cce::detail
