@@ -6,10 +6,11 @@
 // holds a target in 1 - (1 - 128/V)^128 of its 128-class tiles, 40 % at V = 32,064.
 //
 // The decision uses the forward's tile maxima and the same floor as the walk's (dlogit.cuh, tile_row_summary), so
-// that a row's target is apart exactly when its tile is skipped. The terms go where those of the rows taking a
-// baseline go (uniform_baseline_buffers::target_scale): into the first-order share's products when a row took a
-// baseline (state[0]), otherwise into the two kernels below, which add them to the gradients as written (a 16-bit
-// gradient is rounded twice, as with the share's products).
+// that a row's target is apart exactly when its tile is skipped. Rows that take a baseline are not lone (their
+// draws are deviations from it). The terms go where those of the rows taking a baseline go
+// (uniform_baseline_buffers::target_scale): into the first-order share's products when they run (planned, and a row
+// took a baseline: state[0]), otherwise into the two kernels below, which add them to the gradients as written (a
+// 16-bit gradient is rounded twice, as with the share's products).
 #pragma once
 
 #include <cub/block/block_reduce.cuh>
