@@ -597,17 +597,26 @@ class tiled_executor {
     }
     if (!out.dc) return;
     const std::int64_t ld = out.ld_dc ? out.ld_dc : dd;
-    std::vector<float> sum(std::size_t(p.v * dd), 0.f);
-    std::vector<bool> has_rows(std::size_t(p.v), false);
-    for (std::int64_t row = 0; row < n; ++row) {
-      if (b.target_scale[row] == 0.f) continue;
-      has_rows[std::size_t(b.target_class[row])] = true;
-      for (std::int64_t j = 0; j < dd; ++j)
-        sum[std::size_t(b.target_class[row] * dd + j)] -= b.target_scale[row] * x.e[std::size_t(row * dd + j)];
-    }
+    const std::vector<float> sum = class_onehots(p, x, b);
+    std::vector<bool> has_rows(std::size_t(p.v), false);  // the classes the GPU's kernel writes
+    for (std::int64_t row = 0; row < n; ++row)
+      if (b.target_scale[row] != 0.f) has_rows[std::size_t(b.target_class[row])] = true;
     for (std::int64_t c = 0; c < p.v; ++c)
       for (std::int64_t j = 0; has_rows[std::size_t(c)] && j < dd; ++j)
         out.dc[c * ld + j] = store_as<G>(load_g(out.dc, c * ld + j) + sum[std::size_t(c * dd + j)]);
+  }
+
+  // The one-hot terms left to after the walk, per class (V x D): -sum of target_scale[i] e_i over the class's rows,
+  // in row order.
+  static std::vector<float> class_onehots(const problem<T>& p, const dense_inputs& x,
+                                          const detail::uniform_baseline_buffers& b) {
+    const std::int64_t dd = p.d;
+    std::vector<float> sum(std::size_t(p.v * dd), 0.f);
+    for (std::int64_t row = 0; row < p.n; ++row)
+      if (b.target_scale[row] != 0.f)
+        for (std::int64_t j = 0; j < dd; ++j)
+          sum[std::size_t(b.target_class[row] * dd + j)] -= b.target_scale[row] * x.e[std::size_t(row * dd + j)];
+    return sum;
   }
 
   // The first-order test (as kernel/portable/uniform_baseline.cuh's class_norm_kernel and linear_rows_kernel), run
@@ -685,11 +694,7 @@ class tiled_executor {
     std::vector<float> term(std::size_t(dd), 0.f);
     for (std::int64_t k = 0; k < dd; ++k)
       for (std::int64_t j = 0; j < dd; ++j) term[std::size_t(j)] += b.class_mean[k] * m[std::size_t(k * dd + j)];
-    std::vector<float> onehot(std::size_t(v * dd), 0.f);  // the rows of each class in row order
-    for (std::int64_t row = 0; row < n; ++row)
-      if (b.target_scale[row] != 0.f)
-        for (std::int64_t j = 0; j < dd; ++j)
-          onehot[std::size_t(b.target_class[row] * dd + j)] -= b.target_scale[row] * x.e[std::size_t(row * dd + j)];
+    const std::vector<float> onehot = class_onehots(p, x, b);
     const std::int64_t ld = out.ld_dc ? out.ld_dc : dd;
     for (std::int64_t c = 0; c < v; ++c)
       for (std::int64_t j = 0; j < dd; ++j) {
