@@ -24,17 +24,22 @@ struct active_k_tiles {
   std::int64_t fixed_tile = 0;   // this CTA's row tile (dE) or vocab tile (dC)
   bool k_is_vocab = true;        // dE: K runs over classes; dC: K runs over rows
 
-  __device__ __forceinline__ bool operator()(std::int64_t k) const {
-    if (flags == nullptr) return true;
-    const std::int64_t kt = k / KTile;
-    return flags[k_is_vocab ? fixed_tile * chunk_tiles + kt : kt * chunk_tiles + fixed_tile] != 0;
+  __host__ __device__ __forceinline__ bool operator()(std::int64_t k) const {
+    return flags == nullptr || *flag_of(k / KTile) != 0;
   }
+  // The flag of K tile kt (non-null flags), and the distance to the next K tile's.
+  __host__ __device__ __forceinline__ const std::uint8_t* flag_of(std::int64_t kt) const {
+    return flags + (k_is_vocab ? fixed_tile * chunk_tiles + kt : kt * chunk_tiles + fixed_tile);
+  }
+  __host__ __device__ __forceinline__ std::int64_t flag_step() const { return k_is_vocab ? 1 : chunk_tiles; }
 
-  // The mainloop's walk over live tiles of Bk elements (Bk divides KTile; K starts at a multiple of KTile). Each
-  // warp reads 32 flags at a time into a ballot, so that the next live tile is a bit scan, not a dependent load
-  // and a branch per tile. Every lane of the warp calls next() with the same t. Two registers of state: the
-  // mainloop runs at the register cap.
-  template <int Bk>
+  // A walk over the live tiles of Bk elements (Bk divides KTile; K starts at a multiple of KTile): next(t) is the
+  // first live tile at or after t, or k_tiles. Flags are read 32 at a time into a mask, so that the next live tile is
+  // a bit scan, not a dependent load and a branch per tile (a dead tile would cost a round trip to L2 each). A warp
+  // reads its window as a ballot, one flag per lane, and every lane calls next() with the same t; a thread alone
+  // (OneThread: a producer that issues the loads by itself; the host) reads all 32 with independent loads. Two
+  // registers of state: the mainloops run at the register cap.
+  template <int Bk, bool OneThread = false>
   struct cursor {
     static_assert(KTile % Bk == 0, "a flag covers whole K tiles");
     static constexpr int per_flag = KTile / Bk;
@@ -44,27 +49,65 @@ struct active_k_tiles {
     int base = -32;  // first flag of the window, relative to k_begin
     unsigned mask = 0;
 
-    __device__ __forceinline__ int next(int t) {
+    __host__ __device__ __forceinline__ int next(int t) {
       while (t < k_tiles) {
         const int f = t / per_flag;
         if (f < base || f >= base + 32) {
           base = f;
-          const int lane = int(threadIdx.x % 32), flags_in_range = (k_tiles + per_flag - 1) / per_flag;
-          mask = __ballot_sync(0xffffffffu,
-                               base + lane < flags_in_range && tiles(k_begin + std::int64_t(base + lane) * KTile));
+          mask = window();
         }
         const unsigned bits = mask >> (f - base);
         if (bits != 0) {
-          const int live = (f + __ffs(int(bits)) - 1) * per_flag;
+          const int live = (f + lowest_bit(bits)) * per_flag;
           return live > t ? live : t;
         }
         t = (base + 32) * per_flag;
       }
       return k_tiles;
     }
+
+   private:
+#if defined(__CUDA_ARCH__)
+    static constexpr bool by_ballot = !OneThread;
+#else
+    static constexpr bool by_ballot = false;  // the host reads alone
+#endif
+    // Bit i: flag base + i is live and in range (base is).
+    __host__ __device__ __forceinline__ unsigned window() const {
+      const int in_range = (k_tiles + per_flag - 1) / per_flag - base;
+      if (tiles.flags == nullptr) return in_range >= 32 ? ~0u : (1u << in_range) - 1;
+      const std::uint8_t* first = tiles.flag_of(k_begin / KTile + base);
+      const std::int64_t step = tiles.flag_step();
+      if constexpr (by_ballot) {
+        const int lane = int(threadIdx.x % 32);
+        return __ballot_sync(0xffffffffu, lane < in_range && first[lane * step] != 0);
+      } else {
+        // Every load issued before any is used: the addresses are clamped into range rather than guarded.
+        std::uint8_t live[32];
+        const std::uint8_t* at = first;
+        const std::uint8_t* const last = first + (in_range - 1) * step;
+#pragma unroll
+        for (int i = 0; i < 32; ++i, at += step) live[i] = *(at < last ? at : last);
+        unsigned m = 0;
+#pragma unroll
+        for (int i = 0; i < 32; ++i) m |= unsigned(i < in_range && live[i] != 0) << i;
+        return m;
+      }
+    }
+    __host__ __device__ __forceinline__ static int lowest_bit(unsigned bits) {
+#if defined(__CUDA_ARCH__)
+      return __ffs(int(bits)) - 1;
+#else
+      return __builtin_ctz(bits);
+#endif
+    }
   };
   template <int Bk>
   __device__ __forceinline__ cursor<Bk> walk(std::int64_t k_begin, int k_tiles) const {
+    return {*this, k_begin, k_tiles};
+  }
+  template <int Bk>
+  __host__ __device__ __forceinline__ cursor<Bk, true> walk_alone(std::int64_t k_begin, int k_tiles) const {
     return {*this, k_begin, k_tiles};
   }
 };

@@ -246,8 +246,11 @@ struct grad_tile {
   }
   __device__ __forceinline__ int row0() const { return pos.m * grad_gemm_shape::bm; }
   __device__ __forceinline__ int col0() const { return pos.n * grad_gemm_shape::bn; }
-  // k-block kb is live (2 k-blocks per filter tile).
-  __device__ __forceinline__ bool operator()(int kb) const { return active(std::int64_t(kb) * grad_gemm_shape::bk); }
+  // The live k-blocks (2 per filter tile), walked by the producer thread alone or by every lane of a consumer warp.
+  __device__ __forceinline__ auto loads() const {
+    return active.template walk_alone<grad_gemm_shape::bk>(0, k_blocks);
+  }
+  __device__ __forceinline__ auto computes() const { return active.template walk<grad_gemm_shape::bk>(0, k_blocks); }
 };
 
 // The baseline term of grad_gemm_params into the thread's accumulators of the tile at (row0, col0).
@@ -349,7 +352,7 @@ __device__ __forceinline__ void grad_gemm_tile(const grad_gemm_params_sm90<T, G>
     shrink_registers<S::producer_registers>();
     if (threadIdx.x == 0) {
       ring_position<S::stages> at;
-      ring.load_tile(at, &prm.maps, t.row0(), t.col0(), t.k_blocks, t);
+      ring.load_tile(at, &prm.maps, t.row0(), t.col0(), t.k_blocks, t.loads());
     }
     return;
   }
@@ -359,7 +362,7 @@ __device__ __forceinline__ void grad_gemm_tile(const grad_gemm_params_sm90<T, G>
   const int lane = threadIdx.x % 32;
   float acc[128];
   ring_position<S::stages> at;
-  ring.compute_tile(acc, at, t.k_blocks, cw / 4, t);
+  ring.compute_tile(acc, at, t.k_blocks, cw / 4, t.computes());
   if (p.row_scale) scale_rows(p, acc, cw, lane, t.row0());
 
   if (prm.tma != tma_write::none) {  // staged in the ring, which every consumer is done with
@@ -476,10 +479,10 @@ __global__ void __launch_bounds__(grad_gemm_shape::threads, 1)
         if (tile >= tiles) break;
         if (tile < de_tiles) {
           const grad_tile t(prm.de, tile);
-          ring_de.load_tile(at, &prm.de.maps, t.row0(), t.col0(), t.k_blocks, t);
+          ring_de.load_tile(at, &prm.de.maps, t.row0(), t.col0(), t.k_blocks, t.loads());
         } else {
           const grad_tile t(prm.dc, tile - de_tiles);
-          ring_dc.load_tile(at, &prm.dc.maps, t.row0(), t.col0(), t.k_blocks, t);
+          ring_dc.load_tile(at, &prm.dc.maps, t.row0(), t.col0(), t.k_blocks, t.loads());
         }
       }
     }
@@ -501,8 +504,8 @@ __global__ void __launch_bounds__(grad_gemm_shape::threads, 1)
     const bool de = tile < de_tiles;
     const grad_gemm_params_sm90<T, G>& q = de ? prm.de : prm.dc;
     const grad_tile t(q, de ? tile : tile - de_tiles);
-    const int computed = de ? ring_de.compute_tile(acc, at, t.k_blocks, cw / 4, t)
-                            : ring_dc.compute_tile(acc, at, t.k_blocks, cw / 4, t);
+    const int computed = de ? ring_de.compute_tile(acc, at, t.k_blocks, cw / 4, t.computes())
+                            : ring_dc.compute_tile(acc, at, t.k_blocks, cw / 4, t.computes());
     if (adds_nothing(q.base, k_tile_census{computed > 0, computed == t.k_blocks})) continue;
     tma_epilogue<P::staging_bytes, false>(q, t, staged, acc, cw, lane);
   }

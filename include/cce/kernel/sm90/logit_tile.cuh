@@ -3,8 +3,8 @@
 // A and B with TMA through a ring of 64-deep stages (4 unless a kernel asks for fewer); each consumer warpgroup
 // multiplies its 64 rows of A by the 256 rows of B on wgmma (m64n256k16, fp32 accumulators in registers, wgmma.cuh
 // gives their layout) and hands each stage back as soon as its products are done. Operands are K-major (E, C in the
-// logits; dZ in dE) or MN-major (C and E as right-hand sides, dZ^T); k-blocks a predicate rejects (the gradient filter)
-// are neither loaded nor computed. Kernels differ only in which tiles they visit and in their epilogues. When the CTAs
+// logits; dZ in dE) or MN-major (C and E as right-hand sides, dZ^T); k-blocks a cursor passes over (the gradient
+// filter's dead tiles) are neither loaded nor computed. Kernels differ only in which tiles they visit and in their epilogues. When the CTAs
 // of a cluster share their B tiles (cluster.cuh), each copies one part of every B stage and multicasts it to all of
 // them; a stage is then free once the consumers of every CTA of the cluster are done with it.
 #pragma once
@@ -63,8 +63,10 @@ struct operand_maps {
   CUtensorMap b;
 };
 
+// The k-blocks a tile multiplies, walked by a cursor: next(kb) is the first at or after kb, or the tile's k-block
+// count (active_k_tiles::cursor for the gradient filter's).
 struct every_k_block {
-  __device__ __forceinline__ bool operator()(int) const { return true; }
+  __device__ __forceinline__ int next(int kb) const { return kb; }
 };
 
 template <class T, major MajorA = major::k, major MajorB = major::k, int Cluster = 1,
@@ -97,12 +99,11 @@ class tile_ring {
   // Arrivals that free a stage: every consumer warp of the CTAs sharing it.
   __device__ __forceinline__ std::uint32_t stage_readers() const { return S::consumer_warps * sharers_; }
 
-  // Producer (one thread): the k-blocks `active` accepts of the tile whose A rows start at a0 and B rows at b0.
-  template <class Active = every_k_block>
+  // Producer (one thread): the k-blocks `live` visits of the tile whose A rows start at a0 and B rows at b0.
+  template <class Cursor = every_k_block>
   __device__ __forceinline__ void load_tile(ring_position<Stages>& at, const operand_maps* maps, int a0, int b0,
-                                            int k_blocks, const Active& active = {}) const {
-    for (int kb = 0; kb < k_blocks; ++kb) {
-      if (!active(kb)) continue;
+                                            int k_blocks, Cursor live = {}) const {
+    for (int kb = live.next(0); kb < k_blocks; kb = live.next(kb + 1)) {
       acquire_for_write(bars_, at, a_bytes + b_bytes);
       std::uint64_t* full = &bars_.full[at.stage];
       load_operand<MajorA, S::bm, 1>(smem_ + at.stage * a_bytes, &maps->a, a0, kb, full);
@@ -128,10 +129,11 @@ class tile_ring {
   }
 
   // Consumer warpgroup `wg` (0 or 1): acc = its 64 rows x 256 columns of the next tile in the ring, over the same
-  // k-blocks the producer loaded (zero when there are none); returns how many there were.
-  template <class Active = every_k_block>
+  // k-blocks the producer loaded (`live`, walked by every lane of the warp; zero when there are none); returns how
+  // many there were.
+  template <class Cursor = every_k_block>
   __device__ __forceinline__ int compute_tile(float (&acc)[128], ring_position<Stages>& at, int k_blocks, int wg,
-                                              const Active& active = {}) const {
+                                              Cursor live = {}) const {
     // Zeros first and every product accumulating: a zero tile without k-blocks then needs no branch after the loop,
     // which would make the compiler keep both versions of the accumulators, in local memory (2.7 KB of spills in the
     // forward, most of them in its per-tile path).
@@ -139,8 +141,7 @@ class tile_ring {
     for (int i = 0; i < 128; ++i) acc[i] = 0.f;
     int previous = -1, computed = 0;
 #pragma unroll 1
-    for (int kb = 0; kb < k_blocks; ++kb) {
-      if (!active(kb)) continue;
+    for (int kb = live.next(0); kb < k_blocks; kb = live.next(kb + 1)) {
       ++computed;
       wait_parity(&bars_.full[at.stage], at.phase);
       fence();
