@@ -567,7 +567,7 @@ class portable_path {
     const std::int32_t* cls = b.target_class;
     class_count_kernel<><<<blocks_for(n, 256), 256, 0, stream>>>(scale, cls, n, b.class_offsets, b.state);
     CCE_TRY(launch_status());
-    class_offsets_kernel<1024><<<1, 1024, 0, stream>>>(b.class_offsets, v, b.state);
+    class_offsets_kernel<1024, 8><<<1, 1024, 0, stream>>>(b.class_offsets, v, b.state);
     CCE_TRY(launch_status());
     class_place_kernel<><<<blocks_for(n, 256), 256, 0, stream>>>(scale, cls, n, 0, b.class_offsets, b.class_fill,
                                                                  b.class_rows, b.state);
@@ -851,8 +851,9 @@ class portable_path {
     const std::int64_t w = pl_.linear_slab_cols;
     for (std::int64_t j0 = 0; j0 < d; j0 += w) {
       const std::int64_t cols = std::min(w, d - j0);
-      scaled_slab_kernel<T><<<blocks_for(n * cols, 256), 256, 0, stream>>>(p_.e, p_.e_stride(), n, j0, cols, w,
-                                                                           b.linear_scale, b.state, lb.slab);
+      const unsigned rows = unsigned(std::min<std::int64_t>(n, 8 * std::int64_t(pl_.sm_count)));
+      scaled_slab_kernel<T><<<rows, 256, 0, stream>>>(p_.e, p_.e_stride(), n, j0, cols, w, b.linear_scale, b.state,
+                                                      lb.slab);
       CCE_TRY(launch_status());
       auto h = product(lb.gram + j0, d, {p_.e, p_.e_stride(), d, n}, {lb.slab, w, cols, n}, d, cols, n, false);
       CCE_TRY((gemm<T, major::mn, major::mn>(h, stream)));

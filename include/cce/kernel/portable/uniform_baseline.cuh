@@ -5,8 +5,10 @@
 // is computed while no row is near-uniform (uniform_baseline_buffers::state), and the classifier's sums once.
 #pragma once
 
+#include <cub/block/block_load.cuh>
 #include <cub/block/block_reduce.cuh>
 #include <cub/block/block_scan.cuh>
+#include <cub/block/block_store.cuh>
 
 #include <algorithm>
 #include <cstdint>
@@ -38,7 +40,7 @@ __global__ void __launch_bounds__(Threads)
 enum class baseline_sum : int { classes, rows };
 
 // Rows the baseline's column sums add per split: the split count follows from the row count alone.
-inline constexpr std::int64_t baseline_rows_per_split = 512;
+inline constexpr std::int64_t baseline_rows_per_split = 128;
 inline std::int64_t baseline_splits(std::int64_t rows) {
   return std::clamp<std::int64_t>(ceil_div(rows, baseline_rows_per_split), 1, plan::max_baseline_splits);
 }
@@ -59,11 +61,24 @@ __global__ void baseline_partial_kernel(const T* x, std::int64_t ldx, std::int64
   if (col > d) return;
   const std::int64_t r0 = tile::split_begin(rows, splits, blockIdx.y);
   const std::int64_t r1 = tile::split_begin(rows, splits, blockIdx.y + 1);
+  const auto weight = [&](std::int64_t i) { return Sum == baseline_sum::classes ? 1.f : weights[i]; };
+  const auto value = [&](std::int64_t i) { return col < d ? to_float(x[i * ldx + col]) : 1.f; };
+  // Added in row order, the loads of `ahead` rows issued before their sums: one dependent load per row would leave
+  // the kernel waiting on memory.
+  constexpr int ahead = 8;
   float s = 0.f;
-  for (std::int64_t i = r0; i < r1; ++i) {
-    const float w = Sum == baseline_sum::classes ? 1.f : weights[i];
-    s += w * (col < d ? to_float(x[i * ldx + col]) : 1.f);
+  std::int64_t i = r0;
+  for (; i + ahead <= r1; i += ahead) {
+    float w[ahead], v[ahead];
+#pragma unroll
+    for (int u = 0; u < ahead; ++u) {
+      w[u] = weight(i + u);
+      v[u] = value(i + u);
+    }
+#pragma unroll
+    for (int u = 0; u < ahead; ++u) s += w[u] * v[u];
   }
+  for (; i < r1; ++i) s += weight(i) * value(i);
   partial[std::int64_t(blockIdx.y) * (d + 1) + col] = s;
 }
 
@@ -149,10 +164,27 @@ __global__ void linear_rows_kernel(const __grid_constant__ linear_rows_params pr
   if (row >= prm.n) return;
   const T* e = static_cast<const T*>(prm.e) + row * prm.lde;
   float dot = 0.f, ss = 0.f;
-  for (std::int64_t k = lane; k < prm.d; k += 32) {
-    const float x = to_float(e[k]);
-    dot += x * prm.class_sum[k];
-    ss += x * x;
+  constexpr int vec = 16 / sizeof(T);  // 16-byte runs of the row where it allows them
+  const auto aligned = [](const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; };
+  if (prm.d % vec == 0 && prm.lde % vec == 0 && aligned(prm.e) && aligned(prm.class_sum)) {
+    for (std::int64_t k = vec * lane; k < prm.d; k += 32 * vec) {
+      const uint4 raw = *reinterpret_cast<const uint4*>(e + k);
+      const T* x = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+      for (int q = 0; q < vec / 4; ++q) {
+        const float4 s = *reinterpret_cast<const float4*>(prm.class_sum + k + 4 * q);
+        const float xs[4] = {to_float(x[4 * q]), to_float(x[4 * q + 1]), to_float(x[4 * q + 2]),
+                             to_float(x[4 * q + 3])};
+        dot += xs[0] * s.x + xs[1] * s.y + xs[2] * s.z + xs[3] * s.w;
+        ss += xs[0] * xs[0] + xs[1] * xs[1] + xs[2] * xs[2] + xs[3] * xs[3];
+      }
+    }
+  } else {
+    for (std::int64_t k = lane; k < prm.d; k += 32) {
+      const float x = to_float(e[k]);
+      dot += x * prm.class_sum[k];
+      ss += x * x;
+    }
   }
 #pragma unroll
   for (int mask = 16; mask > 0; mask /= 2) {
@@ -197,15 +229,32 @@ __global__ void mirror_lower_kernel(T* m, std::int64_t d, const int* state) {
   }
 }
 
-// slab[i][j] = linear_scale[i] e[i][col0 + j] for j < cols (ld: the slab's pitch), rows [0, n), when state[0].
+// slab[i][j] = linear_scale[i] e[i][col0 + j] for j < cols (ld: the slab's pitch), rows [0, n), when state[0]. A block
+// per row, rows strided by the grid (a thread per element would launch ~10^5 blocks, also where no row took the
+// share), 16-byte runs where the rows allow them.
 template <class T>
 __global__ void scaled_slab_kernel(const T* e, std::int64_t lde, std::int64_t n, std::int64_t col0, std::int64_t cols,
                                    std::int64_t ld, const float* linear_scale, const int* state, T* slab) {
   if (!state[0]) return;
-  const std::int64_t i = std::int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= n * cols) return;
-  const std::int64_t row = i / cols, col = i % cols;
-  slab[row * ld + col] = from_float<T>(linear_scale[row] * to_float(e[row * lde + col0 + col]));
+  constexpr int vec = 16 / sizeof(T);
+  const auto aligned = [](const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; };
+  const bool vectors = (lde | ld | col0 | cols) % vec == 0 && aligned(e) && aligned(slab);
+  for (std::int64_t row = blockIdx.x; row < n; row += gridDim.x) {
+    const float s = linear_scale[row];
+    const T* from = e + row * lde + col0;
+    T* to = slab + row * ld;
+    if (vectors) {
+      for (std::int64_t j = vec * std::int64_t(threadIdx.x); j < cols; j += vec * std::int64_t(blockDim.x)) {
+        uint4 raw = *reinterpret_cast<const uint4*>(from + j);
+        T* x = reinterpret_cast<T*>(&raw);
+#pragma unroll
+        for (int k = 0; k < vec; ++k) x[k] = from_float<T>(s * to_float(x[k]));
+        *reinterpret_cast<uint4*>(to + j) = raw;
+      }
+    } else {
+      for (std::int64_t j = threadIdx.x; j < cols; j += blockDim.x) to[j] = from_float<T>(s * to_float(from[j]));
+    }
+  }
 }
 
 // Whether a row's one-hot term is added after the walk: it took a baseline, or its target is apart (lone_targets.cuh).
@@ -224,24 +273,35 @@ __global__ void class_count_kernel(const float* target_scale, const std::int32_t
   atomicAdd(class_offsets + target_class[row], 1);
 }
 
-// class_offsets[0 .. v] = the exclusive scan of the counts it holds (v + 1 entries: the last is the total).
-template <int Threads>
-__global__ void __launch_bounds__(Threads)
-    class_offsets_kernel(std::int32_t* class_offsets, std::int64_t v, const int* state) {
+// class_offsets[0 .. v] = the exclusive scan of the counts it holds (v + 1 entries: the last is the total), by one
+// block in tiles of Threads x Items entries, each loaded and stored coalesced and scanned on top of the tiles before.
+template <int Threads, int Items>
+__global__ void __launch_bounds__(Threads) class_offsets_kernel(std::int32_t* class_offsets, std::int64_t v,
+                                                                const int* state) {
   if (!onehots_apart(state)) return;
+  using load = cub::BlockLoad<std::int32_t, Threads, Items, cub::BLOCK_LOAD_TRANSPOSE>;
+  using store = cub::BlockStore<std::int32_t, Threads, Items, cub::BLOCK_STORE_TRANSPOSE>;
   using scan = cub::BlockScan<std::int32_t, Threads>;
-  __shared__ typename scan::TempStorage tmp;
-  const std::int64_t per = ceil_div(v + 1, std::int64_t(Threads)), last = v + 1;
-  const std::int64_t begin = per * threadIdx.x < last ? per * threadIdx.x : last;
-  const std::int64_t end = begin + per < last ? begin + per : last;
-  std::int32_t sum = 0;
-  for (std::int64_t i = begin; i < end; ++i) sum += class_offsets[i];
-  std::int32_t run = 0;
-  scan(tmp).ExclusiveSum(sum, run);
-  for (std::int64_t i = begin; i < end; ++i) {
-    const std::int32_t count = class_offsets[i];
-    class_offsets[i] = run;
-    run += count;
+  __shared__ union {
+    typename load::TempStorage load;
+    typename store::TempStorage store;
+    typename scan::TempStorage scan;
+  } tmp;
+  constexpr std::int64_t tile = std::int64_t(Threads) * Items;
+  std::int32_t before = 0;  // the counts of the tiles before
+  for (std::int64_t first = 0; first <= v; first += tile) {
+    const int valid = int(v + 1 - first < tile ? v + 1 - first : tile);
+    std::int32_t x[Items];
+    load(tmp.load).Load(class_offsets + first, x, valid, 0);
+    __syncthreads();
+    std::int32_t total = 0;
+    scan(tmp.scan).ExclusiveSum(x, x, total);
+#pragma unroll
+    for (int i = 0; i < Items; ++i) x[i] += before;
+    __syncthreads();
+    store(tmp.store).Store(class_offsets + first, x, valid);
+    __syncthreads();
+    before += total;
   }
 }
 
