@@ -522,7 +522,7 @@ class portable_path {
     prm.tile_max = sv.tile_max;
     prm.filter = filter_predicate();
     prm.transform = {o_.softcap, 1.f / o_.temperature};
-    prm.coef = bw.coef + r0;
+    prm.coef = bw.coef;
     prm.target_scale = bw.baseline.target_scale + r0;
     prm.target_class = bw.baseline.target_class + r0;
     prm.state = bw.baseline.state;

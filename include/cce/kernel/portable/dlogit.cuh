@@ -94,19 +94,24 @@ __device__ __forceinline__ tile_rows tile_row_summary(const row_coefficients* co
   return {(flags & 1) != 0, (flags & 2) != 0, (flags & 5) == 1, min_floor};
 }
 
-// Does tile (rt, ct) contribute? Rows that carry no gradient do not count; a tile holding a target is kept, and
-// so is every tile when the filter is off; without a target, a tile whose rows all take the near-uniform baseline
-// holds only their deviations from it and is skipped. Every thread returns the same answer.
-template <int Threads>
-__device__ __forceinline__ bool tile_is_active(const row_coefficients* coef, const tile::tile_grid& g,
-                                               std::int64_t rt, std::int64_t ct, const float* tile_max,
+// Does tile (rt, ct), whose rows say `t`, contribute? Rows that carry no gradient do not count; a tile holding a
+// target is kept, and so is every tile when the filter is off; without a target, a tile whose rows all take the
+// near-uniform baseline holds only their deviations from it and is skipped.
+__device__ __forceinline__ bool tile_is_active(const tile_rows& t, const tile::tile_grid& g, std::int64_t rt,
+                                               std::int64_t ct, const float* tile_max,
                                                const filter::mass_threshold& filter) {
-  const tile_rows t = tile_row_summary<Threads>(coef, g, rt, ct);
   if (!t.kept) return false;
   if (t.target || tile_max == nullptr) return true;
   if (t.near_uniform) return false;
   // NaN in either operand makes the comparison false: the tile is kept.
   return !filter.skip(tile_max[rt * g.col_tiles() + ct] - t.min_floor);
+}
+// The same from the rows themselves. Every thread returns the same answer.
+template <int Threads>
+__device__ __forceinline__ bool tile_is_active(const row_coefficients* coef, const tile::tile_grid& g,
+                                               std::int64_t rt, std::int64_t ct, const float* tile_max,
+                                               const filter::mass_threshold& filter) {
+  return tile_is_active(tile_row_summary<Threads>(coef, g, rt, ct), g, rt, ct, tile_max, filter);
 }
 
 // The flags of a (row block, chunk)'s tiles before any is computed, two filter tiles per CTA: for the sm_90a dlogit
@@ -121,9 +126,9 @@ __global__ void __launch_bounds__(128) tile_flags_kernel(const __grid_constant__
     const std::int64_t ft = 2 * std::int64_t(blockIdx.y) + h;       // filter tile in the chunk
     if (ft >= filter_tiles || prm.v0 + ft * g.bn >= g.cols) break;  // past the chunk or the vocabulary
     const std::int64_t rt = prm.row0 / g.bm + blockIdx.x, ct = prm.v0 / g.bn + ft;
-    const bool significant = tile_is_active<128>(prm.coef, g, rt, ct, prm.tile_max, prm.filter);
-    const bool computed =
-        prm.significant ? tile_is_active<128>(prm.coef, g, rt, ct, nullptr, prm.filter) : significant;
+    const tile_rows rows = tile_row_summary<128>(prm.coef, g, rt, ct);
+    const bool significant = tile_is_active(rows, g, rt, ct, prm.tile_max, prm.filter);
+    const bool computed = prm.significant ? tile_is_active(rows, g, rt, ct, nullptr, prm.filter) : significant;
     if (!computed && prm.dbias_partial) {
       for (int c = threadIdx.x; c < g.bn; c += 128) prm.dbias_partial[rt * prm.chunk_cols + ft * g.bn + c] = 0.f;
     }

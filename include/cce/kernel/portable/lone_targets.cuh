@@ -13,8 +13,6 @@
 // 16-bit gradient is rounded twice, as with the share's products).
 #pragma once
 
-#include <cub/block/block_reduce.cuh>
-
 #include <cstdint>
 
 #include <cce/detail/element_type.hpp>
@@ -22,6 +20,7 @@
 #include <cce/dispatch/plan.hpp>
 #include <cce/epilogue/logit_transform.hpp>
 #include <cce/filter/predicates.hpp>
+#include <cce/kernel/portable/dlogit.cuh>
 #include <cce/tile/tile_grid.hpp>
 
 namespace cce::detail {
@@ -35,36 +34,25 @@ struct lone_target_params {
   const float* tile_max = nullptr;  // the forward's
   filter::mass_threshold filter{};
   logit_transform transform{};
-  row_coefficients* coef = nullptr;  // from r0
+  row_coefficients* coef = nullptr;  // of every row (from row 0, as the walk's)
   float* target_scale = nullptr;     // from r0
   std::int32_t* target_class = nullptr;
   int* state = nullptr;
 };
 
-// One CTA per row tile: the floor of its kept rows, then each row whose target tile passes the filter's skip test
-// gives its target term to target_scale (-ce target_residual dz/draw(z_y), z_y recomputed by a warp) and no longer
-// names a target to the walk.
+// One CTA per row tile: the floor of its kept rows (the walk's, tile_row_summary), then each row whose target tile
+// passes the filter's skip test gives its target term to target_scale (-ce target_residual dz/draw(z_y), z_y
+// recomputed by a warp) and no longer names a target to the walk.
 template <class T, int Threads>
 __global__ void __launch_bounds__(Threads) lone_targets_kernel(const __grid_constant__ lone_target_params prm) {
-  using reduce = cub::BlockReduce<float, Threads>;
-  __shared__ typename reduce::TempStorage tmp;
-  __shared__ float floor_of_tile;
   const tile::tile_grid& g = prm.grid;
   const std::int64_t rt = prm.first_tile + blockIdx.x, first = std::int64_t(blockIdx.x) * g.bm;
   const std::int64_t rows = g.rows_in(rt);
-  float m = inf_f();
-  for (std::int64_t r = threadIdx.x; r < rows; r += Threads) {
-    const row_coefficients& rc = prm.coef[first + r];
-    if (rc.kept) m = min_f(m, rc.lse_others);
-  }
-  m = reduce(tmp).Reduce(m, [](float a, float b) { return min_f(a, b); });
-  if (threadIdx.x == 0) floor_of_tile = m;
-  __syncthreads();
-  const float min_floor = floor_of_tile;
+  const float min_floor = tile_row_summary<Threads>(prm.coef, g, rt, 0).min_floor;  // any column tile: the same
   const T* c = static_cast<const T*>(prm.c);
   const int lane = threadIdx.x % 32;
   for (std::int64_t r = threadIdx.x / 32; r < rows; r += Threads / 32) {  // a warp per row
-    row_coefficients& rc = prm.coef[first + r];
+    row_coefficients& rc = prm.coef[g.row_begin(rt) + r];
     // A row that takes a baseline keeps its target (without the share) or has left it already (with it).
     if (!rc.kept || rc.target < 0 || rc.dz.baseline != 0.f) continue;
     const float log_p_max = prm.tile_max[rt * g.col_tiles() + rc.target / g.bn] - min_floor;
