@@ -40,8 +40,9 @@ status combine(const linear_cross_entropy<T, Tile>& op, const problem<T>& p, con
 // Attributes of the bf16 portable forward kernel (default policy, vectorized loads) on the current device.
 cudaFuncAttributes portable_forward_attributes();
 
-// Local-memory bytes of the bf16 sm_90a kernels (forward, dlogit, the dE and dC products); empty when this build has
-// no sm_90a image of them or the device is not compute capability 9.0.
+// Local-memory bytes of the bf16 sm_90a kernels (forward, dlogit, the dE and dC products, the persistent products with
+// bf16 and fp32 gradients); empty when this build has no sm_90a image of them or the device is not compute
+// capability 9.0.
 std::vector<std::size_t> sm90_local_bytes();
 
 }  // namespace cce::test

@@ -48,7 +48,8 @@ struct case_config {
   // Times the schedule adds to dC and dBias in T beyond the output's own rounding (loss_and_grad's row blocks
   // after the first): each rounds within u of a partial sum, itself within the gradient's scale.
   std::int64_t extra_class_roundings = 0;
-  // The same for dE (the first-order baseline's share, added after the walk, rounds dE and dC once more each).
+  // The same for dE (the first-order baseline's share and the one-hot terms, each added after the walk, round dE and
+  // dC once more each).
   std::int64_t extra_row_roundings = 0;
   // Every third row of E below this many scaled by 20: rows far from flat beside near-flat ones in the same tiles.
   std::int64_t sharp_rows = 0;
@@ -231,10 +232,10 @@ inline case_config random_config(std::mt19937_64& rng, std::int64_t max_n, std::
   }
   o.accumulate = coin(0.15);
   c.accuracy = coin(0.7);
-  // Where rows may leave their target's term (and a first-order share) to the updates after the walk (both gradients
-  // filtered, no bias, smoothing or low-rank head: plan::linear_rows), dE and dC may be rounded once more.
+  // Where rows may leave a first-order share and their target's term to the updates after the walk (both gradients
+  // filtered, no bias, smoothing or low-rank head: plan::linear_rows), dE and dC may be rounded twice more.
   if (o.filter != filter_mode::none && o.filter_de && o.filter_dc && !c.bias && o.label_smoothing == 0.f && c.rank == 0)
-    c.extra_row_roundings = c.extra_class_roundings = 1;
+    c.extra_row_roundings = c.extra_class_roundings = 2;
   return c;
 }
 

@@ -260,7 +260,7 @@ TEST_CASE("GPU: the sm_90a kernels keep their state in registers", "[gpu][hopper
     WARN("no sm_90a device and image: nothing to check");
     return;
   }
-  REQUIRE(local.size() == 4);  // forward, dlogit, dE product, dC product
+  REQUIRE(local.size() == 6);  // forward, dlogit, dE product, dC product, persistent products (both grad types)
   for (std::size_t bytes : local) CHECK(bytes == 0);
 }
 
@@ -346,8 +346,8 @@ TEST_CASE("GPU: near-uniform rows take a baseline and skip their other tiles", "
 
 // Rows near-uniform to first order (no bias): logits a tenth from flat at uniform_tolerance 1/16, whose first-order
 // share is a tenth of the gradient, and the benchmark's uniform data at the default tolerance. Every tile is skipped
-// and the share and the rows' one-hot terms (a gathered row of C into dE, the class's rows of E into dC) are added
-// after the walk (one more rounding of dE and dC), on both kernel paths: chunked, minimal at the least budget that
+// and the share, then the rows' one-hot terms (a gathered row of C into dE, the class's rows of E into dC) are added
+// after the walk (two more roundings of dE and dC), on both kernel paths: chunked, minimal at the least budget that
 // plans it (N = 300, D = 1,024: its D x D matrix then leaves room for slabs narrower than D), with accumulating
 // gradients (minimal's two passes), fp32 gradients, a D that TMA cannot address (the portable products), a softcap,
 // and loss_and_grad over two row blocks with class weights. With every third row of the first row tile far from
@@ -371,7 +371,7 @@ TEST_CASE("GPU: rows near-uniform to first order skip every tile", "[gpu][baseli
       cfg.sharp_rows = mixed ? 128 : 0;
       cfg.opts.hopper_kernels = hopper;
       cfg.opts.accumulate = variant == 2;
-      cfg.extra_row_roundings = cfg.extra_class_roundings = 1;
+      cfg.extra_row_roundings = cfg.extra_class_roundings = 2;
       std::size_t budget = 0;
       if (minimal) {  // at the least budget (in 16 KiB steps) that plans the products
         cfg.opts.backward_mode = backward_mode::minimal;
@@ -393,7 +393,7 @@ TEST_CASE("GPU: rows near-uniform to first order skip every tile", "[gpu][baseli
       const auto h = test::make_problem<__nv_bfloat16>(cfg);
       const test::case_results r = run_device<__nv_bfloat16, __nv_bfloat16>(h, budget);
       test::check_case<__nv_bfloat16, __nv_bfloat16>(h, r, true, test::gradient_check::relative);
-      // Every row takes the baseline and leaves its one-hot term to the products: no tile is computed (but the
+      // Every row takes the baseline and leaves its one-hot term to after the walk: no tile is computed (but the
       // first row tile's where it holds sharp rows).
       const std::int64_t col_tiles = (cfg.v + 127) / 128, row_tiles = (cfg.n + 127) / 128;
       CHECK(r.filter_tiles[0] == (mixed ? col_tiles : 0));
@@ -415,7 +415,7 @@ TEST_CASE("GPU: rows near-uniform to first order skip every tile", "[gpu][baseli
     cfg.opts.softcap = mixed ? 30.f : 0.f;
     cfg.sharp_rows = mixed ? 128 : 0;
     cfg.opts.uniform_tolerance = 1.f / 16;
-    cfg.extra_row_roundings = cfg.extra_class_roundings = 1;
+    cfg.extra_row_roundings = cfg.extra_class_roundings = 2;
     const test::case_results r =
         run_loss_and_grad_case<__nv_bfloat16, __nv_bfloat16>(cfg, 1024, test::gradient_check::relative);
     CHECK(r.filter_tiles[0] == (mixed ? 47 : 0));

@@ -109,9 +109,10 @@ struct uniform_baseline_buffers {
   float* linear_scale = nullptr;  // N: the slope on the product's scale (slope / T), 0 for other rows; plan::linear
   float* class_mean = nullptr;    // D: -class_sum / V; plan::linear
   float* gram_term = nullptr;     // D: -class_sum / V times the rows' Gram matrix; plan::linear
-  // With plan::linear a row that takes a baseline leaves its one-hot term to the first-order share's products:
-  // -target_scale[i] c_y into dE row i, -target_scale[i] e_i into dC row y (its target tiles are then skipped like
-  // the others). They find the rows of class y in class_rows[class_offsets[y] .. class_offsets[y + 1]), in row order.
+  // With plan::linear a row that takes a baseline leaves its one-hot term to after the walk, as lone targets do
+  // (kernel/portable/lone_targets.cuh): -target_scale[i] c_y into dE row i, -target_scale[i] e_i into dC row y (its
+  // target tiles are then skipped like the others), through the rows of class y in
+  // class_rows[class_offsets[y] .. class_offsets[y + 1]), in row order.
   float* target_scale = nullptr;          // N: ce / T of such a row, 0 for the others
   std::int32_t* target_class = nullptr;   // N: its target
   std::int32_t* class_offsets = nullptr;  // V + 1
@@ -129,6 +130,7 @@ template <class T>
 struct linear_baseline_buffers {
   T* gram = nullptr;  // D x D
   T* slab = nullptr;  // N x plan::linear_slab_cols
+  int* tile_queue = nullptr;  // 1: the tile counter of the sm_90a persistent products
 };
 
 template <class T>
@@ -192,8 +194,8 @@ struct plan {
   bool sort = false;             // options::vocab_sort
   bool baseline = false;         // near-uniform rows take a baseline (options::uniform_tolerance)
   // ... and to first order where they qualify: its per-row buffers (no softcap, no bias), and its products (their
-  // buffers fit in the region the passes leave free once done) on slabs of this many columns of E, which then also
-  // take the one-hot terms of the rows that take a baseline.
+  // buffers fit in the region the passes leave free once done) on slabs of this many columns of E; the rows that
+  // take a baseline then leave their one-hot terms to after the walk too.
   bool linear_rows = false;
   std::int64_t linear_slab_cols = 0;
   bool linear() const { return linear_slab_cols > 0; }
@@ -284,6 +286,7 @@ struct plan {
     linear_baseline_buffers<T> b;
     b.gram = c.take<T>(slab_cols > 0 ? d * d : 0);
     b.slab = c.take<T>(n * slab_cols);
+    b.tile_queue = c.take<int>(slab_cols > 0 ? 1 : 0);
     if (bytes) *bytes = c.bytes();
     return b;
   }

@@ -490,7 +490,7 @@ class portable_path {
       cp.inv_temperature = 1.f / o_.temperature;
       cp.row_scale = bw.baseline.row_scale + r0;
       cp.baseline_state = bw.baseline.state;
-      if (lone()) {  // with the share, the rows that take a baseline also leave their one-hot term to its products
+      if (lone()) {  // with the share, the rows that take a baseline also leave their one-hot term to after the walk
         cp.target_scale = bw.baseline.target_scale + r0;
         cp.target_class = bw.baseline.target_class + r0;
         cp.baseline_targets_apart = linear();
@@ -555,7 +555,7 @@ class portable_path {
     return launch_status();
   }
 
-  // The rows of each class whose one-hot term the products add (uniform_baseline.cuh).
+  // The rows of each class whose one-hot term is added after the walk (uniform_baseline.cuh).
   status class_index(const backward_buffers<T>& bw, cudaStream_t stream) const {
     const uniform_baseline_buffers& b = bw.baseline;
     const std::int64_t n = p_.n, v = p_.v;
@@ -772,10 +772,11 @@ class portable_path {
     return a;
   }
 
+  // `queue`: the tile counter the sm_90a product may run persistent with.
   template <class G, major MajorA, major MajorB>
-  status gemm(grad_gemm_params<T, G, Policy::bm>& prm, cudaStream_t stream) const {
+  status gemm(grad_gemm_params<T, G, Policy::bm>& prm, cudaStream_t stream, int* queue = nullptr) const {
     if (hopper_) {
-      const status st = sm90::launch_grad_gemm<T, G, Policy::bm, MajorA, MajorB>(prm, stream);
+      const status st = sm90::launch_grad_gemm<T, G, Policy::bm, MajorA, MajorB>(prm, stream, queue, pl_.sm_count);
       if (st != status::unsupported_arch) return st;
     }
     using loop = mainloop_for<T, Policy, MajorA, MajorB>;
@@ -791,26 +792,40 @@ class portable_path {
   using product_params = grad_gemm_params<T, G, Policy::bm>;
 
   // What is added once the walk is done with the region that holds `lb`: the first-order baseline's share of the
-  // gradients (row_loss.hpp) and the one-hot terms of the rows that take a baseline, when a row took one (state[0]);
-  // the lone targets' terms (lone_targets.cuh), in those products then, else on their own. With s the column sums of
-  // C, l the rows' linear_scale and t their target_scale: dE += diag(l) E (C^T C - s s^T / V) - t_i c_y (the
-  // symmetric matrix formed on and above its diagonal), then dC += C H - (s / V) H - sum over class y's rows of
-  // t_i e_i with H = E^T diag(l) E, formed over slabs of its columns. Each adds to the output rounded as it is (a
-  // 16-bit gradient is rounded twice).
+  // gradients (row_loss.hpp), when a row took one (state[0]); then the one-hot terms left to after the walk, by the
+  // rows that take a baseline and by the lone targets (lone_targets.cuh). With s the column sums of C, l the rows'
+  // linear_scale and t their target_scale: dE += diag(l) E (C^T C - s s^T / V) (the symmetric matrix formed on and
+  // above its diagonal), dC += C H - (s / V) H with H = E^T diag(l) E, formed over slabs of its columns; then
+  // dE row i -= t_i c_y and dC row y -= the sum over class y's rows of t_i e_i. Each adds to the output rounded as
+  // it is (a 16-bit gradient is rounded once more per update).
   template <class G>
   status after_walk_products(const backward_buffers<T>& bw, const linear_baseline_buffers<T>& lb,
                              const gradients<G>& out, cudaStream_t stream) const {
     if (!lone() || p_.n == 0) return status::success;
+    if (linear()) CCE_TRY(share_products(bw, lb, out, stream));
     const uniform_baseline_buffers& b = bw.baseline;
     const std::int64_t n = p_.n, d = p_.d, v = p_.v;
-    const int* any = b.state;
-    const bool share = linear();
-    const std::int64_t ld_de = out.ld_de ? out.ld_de : d, ld_dc = out.ld_dc ? out.ld_dc : d;
     if (out.de) {
-      lone_rows_kernel<T><<<blocks_for(32 * n, 256), 256, 0, stream>>>(b.target_scale, b.target_class, n, p_.c,
-                                                                       p_.c_stride(), d, out.de, ld_de, share, b.state);
+      const std::int64_t ld = out.ld_de ? out.ld_de : d;
+      onehot_rows_kernel<T><<<blocks_for(32 * n, 256), 256, 0, stream>>>(b.target_scale, b.target_class, n, p_.c,
+                                                                         p_.c_stride(), d, out.de, ld, b.state);
       CCE_TRY(launch_status());
     }
+    if (!out.dc) return status::success;
+    CCE_TRY(class_index(bw, stream));
+    const std::int64_t ld = out.ld_dc ? out.ld_dc : d;
+    onehot_classes_kernel<T><<<blocks_for(32 * v, 256), 256, 0, stream>>>(
+        b.target_scale, b.class_offsets, b.class_rows, v, p_.e, p_.e_stride(), d, out.dc, ld, b.state);
+    return launch_status();
+  }
+
+  // The first-order share's products of after_walk_products, each run only where a row took the baseline (state[0]);
+  // persistent on sm_90a.
+  template <class G>
+  status share_products(const backward_buffers<T>& bw, const linear_baseline_buffers<T>& lb, const gradients<G>& out,
+                        cudaStream_t stream) const {
+    const uniform_baseline_buffers& b = bw.baseline;
+    const std::int64_t n = p_.n, d = p_.d, v = p_.v;
     auto product = [&](auto* to, std::int64_t ld, operand<T> a, operand<T> bop, std::int64_t m, std::int64_t cols,
                        std::int64_t k, bool add) {
       product_params<std::remove_pointer_t<decltype(to)>> prm;
@@ -822,32 +837,24 @@ class portable_path {
       prm.accumulate = add;
       prm.out = to;
       prm.ld_out = ld;
-      prm.enabled = any;
+      prm.enabled = b.state;
       return prm;
     };
-    if (out.de && share) {
+    if (out.de) {
       auto gram = product(lb.gram, d, {p_.c, p_.c_stride(), d, v}, {p_.c, p_.c_stride(), d, v}, d, d, v, false);
       gram.baseline_rows = b.class_sum;
       gram.baseline_term = b.class_mean;
       gram.upper = true;
-      CCE_TRY((gemm<T, major::mn, major::mn>(gram, stream)));
+      CCE_TRY((gemm<T, major::mn, major::mn>(gram, stream, lb.tile_queue)));
       const unsigned blocks = unsigned(ceil_div(d, std::int64_t(32)));
       mirror_lower_kernel<T><<<dim3(blocks, blocks), dim3(32, 8), 0, stream>>>(lb.gram, d, b.state);
       CCE_TRY(launch_status());
-      auto de = product(out.de, ld_de, {p_.e, p_.e_stride(), n, d}, {lb.gram, d, d, d}, n, d, d, true);
+      auto de = product(out.de, out.ld_de ? out.ld_de : d, {p_.e, p_.e_stride(), n, d}, {lb.gram, d, d, d}, n, d, d,
+                        true);
       de.row_scale = b.linear_scale;
-      de.onehot_scale = b.target_scale;  // -t_i c_y
-      de.onehot_index = b.target_class;
-      de.onehot_src = p_.c;
-      de.onehot_ld = p_.c_stride();
-      CCE_TRY((gemm<G, major::k, major::mn>(de, stream)));
+      CCE_TRY((gemm<G, major::k, major::mn>(de, stream, lb.tile_queue)));
     }
     if (!out.dc) return status::success;
-    CCE_TRY(class_index(bw, stream));
-    lone_classes_kernel<T><<<blocks_for(32 * v, 256), 256, 0, stream>>>(
-        b.target_scale, b.class_offsets, b.class_rows, v, p_.e, p_.e_stride(), d, out.dc, ld_dc, share, b.state);
-    CCE_TRY(launch_status());
-    if (!share) return status::success;
     const std::int64_t w = pl_.linear_slab_cols;
     for (std::int64_t j0 = 0; j0 < d; j0 += w) {
       const std::int64_t cols = std::min(w, d - j0);
@@ -856,7 +863,7 @@ class portable_path {
                                                       lb.slab);
       CCE_TRY(launch_status());
       auto h = product(lb.gram + j0, d, {p_.e, p_.e_stride(), d, n}, {lb.slab, w, cols, n}, d, cols, n, false);
-      CCE_TRY((gemm<T, major::mn, major::mn>(h, stream)));
+      CCE_TRY((gemm<T, major::mn, major::mn>(h, stream, lb.tile_queue)));
     }
     // gram_term = -(s / V) H: H's rows weighted by class_mean, in the baseline's column sums.
     const std::int64_t splits = baseline_splits(d);
@@ -867,14 +874,10 @@ class portable_path {
     baseline_total_kernel<baseline_sum::rows>
         <<<blocks_for(d, 256), 256, 0, stream>>>(b.partial, d, d, splits, b.state, b.gram_term);
     CCE_TRY(launch_status());
-    auto dc = product(out.dc, ld_dc, {p_.c, p_.c_stride(), v, d}, {lb.gram, d, d, d}, v, d, d, true);
+    auto dc = product(out.dc, out.ld_dc ? out.ld_dc : d, {p_.c, p_.c_stride(), v, d}, {lb.gram, d, d, d}, v, d, d,
+                      true);
     dc.baseline_term = b.gram_term;
-    dc.onehot_scale = b.target_scale;  // -t_i e_i over the class's rows
-    dc.onehot_offsets = b.class_offsets;
-    dc.onehot_rows = b.class_rows;
-    dc.onehot_src = p_.e;
-    dc.onehot_ld = p_.e_stride();
-    return gemm<G, major::k, major::mn>(dc, stream);
+    return gemm<G, major::k, major::mn>(dc, stream, lb.tile_queue);
   }
 
   // dE[r0 : r0 + rows] (+)= dZ C[slice] (+ scale * q A on the last chunk).

@@ -145,26 +145,47 @@ bool encode_grad_gemm(grad_gemm_params_sm90<T, G>& prm, const grad_gemm_params<T
          encode_operand_map<T, major::mn>(prm.maps.b, base.b, S::bn);
 }
 
-// A gradient product (dE or dC) of the backward on wgmma; unsupported_arch when TMA cannot address an operand (the
-// caller then runs the portable kernel).
+// The persistent kernel on at most `sms` CTAs; unsupported_arch when it cannot have its shared memory (the caller then
+// runs a CTA per tile).
+template <class T, class G>
+status launch_persistent(grad_gemm_pair_params_sm90<T, G>& prm, int* queue, int sms, cudaStream_t stream) {
+  constexpr std::size_t smem = persistent_shape::smem_bytes<T>;
+  if (!allow_dynamic_smem<grad_gemm_persistent_kernel<T, G>>(smem)) return status::unsupported_arch;
+  prm.queue = queue;
+  if (cudaMemsetAsync(queue, 0, sizeof(int), stream) != cudaSuccess) return status::cuda_error;
+  grad_gemm_persistent_kernel<T, G>
+      <<<unsigned(std::min(prm.tiles(), sms)), grad_gemm_shape::threads, smem, stream>>>(prm);
+  return cudaGetLastError() == cudaSuccess ? status::success : status::cuda_error;
+}
+
+// A gradient product (dE or dC) of the backward on wgmma: persistent (on at most `sms` CTAs, taking tiles through
+// `queue`) where the caller gives a queue and TMA writes its tiles, else a CTA per tile; unsupported_arch when TMA
+// cannot address an operand (the caller then runs the portable kernel).
 template <class T, class G, int KTile, major MajorA, major MajorB>
-status launch_grad_gemm(const grad_gemm_params<T, G, KTile>& base, cudaStream_t stream) {
+status launch_grad_gemm(const grad_gemm_params<T, G, KTile>& base, cudaStream_t stream, int* queue = nullptr,
+                        int sms = 0) {
   using S = grad_gemm_shape;
   if constexpr (!tensor_core_type<T> || KTile != S::filter_bn || MajorB != major::mn) {
     return status::unsupported_arch;
   } else {
     if (base.m == 0 || base.n == 0) return status::success;
     grad_gemm_params_sm90<T, G> prm;
-    constexpr std::size_t smem = S::smem_bytes<T>;
-    if (!encode_grad_gemm<MajorA>(prm, base) || !allow_dynamic_smem<grad_gemm_kernel<T, G, MajorA>>(smem)) {
-      return status::unsupported_arch;
+    if (!encode_grad_gemm<MajorA>(prm, base)) return status::unsupported_arch;
+    const int tiles = prm.m_tiles * prm.n_tiles;
+    if (queue != nullptr && prm.tma != tma_write::none) {
+      grad_gemm_pair_params_sm90<T, G> single;
+      (MajorA == major::k ? single.de : single.dc) = prm;
+      const status st = launch_persistent(single, queue, sms, stream);
+      if (st != status::unsupported_arch) return st;
     }
-    grad_gemm_kernel<T, G, MajorA><<<unsigned(prm.m_tiles * prm.n_tiles), S::threads, smem, stream>>>(prm);
+    constexpr std::size_t smem = S::smem_bytes<T>;
+    if (!allow_dynamic_smem<grad_gemm_kernel<T, G, MajorA>>(smem)) return status::unsupported_arch;
+    grad_gemm_kernel<T, G, MajorA><<<unsigned(tiles), S::threads, smem, stream>>>(prm);
     return cudaGetLastError() == cudaSuccess ? status::success : status::cuda_error;
   }
 }
 
-// dE and dC of one dZ block in one launch: persistent (grad_gemm_persistent_pair_kernel, on `sms` CTAs, taking tiles
+// dE and dC of one dZ block in one launch: persistent (grad_gemm_persistent_kernel, on `sms` CTAs, taking tiles
 // through `queue`) where TMA writes both, else grad_gemm_pair_kernel; unsupported_arch as launch_grad_gemm.
 template <class T, class G, int KTile>
 status launch_grad_gemm_pair(const grad_gemm_params<T, G, KTile>& de, const grad_gemm_params<T, G, KTile>& dc,
@@ -180,13 +201,8 @@ status launch_grad_gemm_pair(const grad_gemm_params<T, G, KTile>& de, const grad
     const int tiles = prm.tiles();
     if (tiles == 0) return status::success;
     if (queue != nullptr && prm.de.tma != tma_write::none && prm.dc.tma != tma_write::none) {
-      constexpr std::size_t smem = persistent_pair_shape::smem_bytes<T>;
-      if (allow_dynamic_smem<grad_gemm_persistent_pair_kernel<T, G>>(smem)) {
-        prm.queue = queue;
-        if (cudaMemsetAsync(queue, 0, sizeof(int), stream) != cudaSuccess) return status::cuda_error;
-        grad_gemm_persistent_pair_kernel<T, G><<<unsigned(std::min(tiles, sms)), S::threads, smem, stream>>>(prm);
-        return cudaGetLastError() == cudaSuccess ? status::success : status::cuda_error;
-      }
+      const status st = launch_persistent(prm, queue, sms, stream);
+      if (st != status::unsupported_arch) return st;
     }
     constexpr std::size_t smem = S::smem_bytes<T>;
     if (!allow_dynamic_smem<grad_gemm_pair_kernel<T, G>>(smem)) return status::unsupported_arch;

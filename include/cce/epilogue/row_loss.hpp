@@ -16,7 +16,7 @@
 // kappa = exp(zbar - lse) V, p_v = (kappa / V) e^(z_v - zbar) >= (kappa / V)(1 + z_v - zbar), so a draw less the
 // baseline (ce + extra) kappa / V and less slope (z_v - zbar), slope = baseline / T, leaves a deviation that is
 // nowhere negative and adds up to 1 - kappa exactly; the products add the linear share through C^T C (dE) and E^T E
-// (dC) after the walk (dispatch/portable.cuh, after_walk_products), with the row's one-hot term. The share is
+// (dC) after the walk (dispatch/portable.cuh, after_walk_products), then the row's one-hot term. The share is
 // linear in raw / T; with a softcap the walk's draws take the logit z they have, and filter::near_uniform_linear
 // bounds what that and the softcap's curvature add.
 #pragma once

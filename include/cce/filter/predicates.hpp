@@ -73,7 +73,7 @@ struct near_uniform {
 // draws p f, f = 1 - (y / c)^2. If every |z| is at most `bound` (|e| max_v |c_v| / T), then |z - y| <= bound^3 / (3
 // c^2) = delta and 1 - f <= (bound / c)^2 = x2, and the drop grows by at most 2 (e^delta - 1) (the softmax of y
 // against that of z, twice: its mass and its deviation), delta (the walk's draws take y where the share takes z) and
-// 2 x2 (the factor at the other classes and at the target, whose one-hot term the share takes at f = 1).
+// 2 x2 (the factor at the other classes and at the target, whose one-hot term is taken at f = 1).
 struct near_uniform_linear {
   float log_kappa_floor = detail::inf_f();  // log(1 - 2 tolerance): nothing qualifies at +inf
   float log_classes = 0.f;

@@ -205,10 +205,8 @@ class tiled_executor {
         if (out.dbias) dbias_update(s, pl, bw, dc, out);
       }
     }
-    if (apart.share)
-      add_linear_baselines(p, x, bw.baseline, out);
-    else if (apart.lone)
-      add_lone_targets(p, x, bw.baseline, out);
+    if (apart.share) add_linear_baselines(p, x, bw.baseline, out);
+    if (apart.share || apart.lone) add_onehots(p, x, bw.baseline, out);
     if (out.da) da_update(p, bw, out);
     return status::success;
   }
@@ -499,8 +497,8 @@ class tiled_executor {
   // whose row tile's largest tile max passes filter::near_uniform with their lse, their baseline on the
   // draw's scale (0 for the other rows), the column sums of C and, for all rows, of row_scale[i] e_i and row_scale;
   // with plan::linear, first the rows near-uniform to first order, and the rows that take a baseline leave their
-  // one-hot term to the share's products, and so do the lone targets. Says which updates follow the walk: the share's
-  // products when a row took a baseline (the GPU's state[0]), else the lone targets' (state[4]).
+  // one-hot term to after the walk, and so do the lone targets. Says which updates follow the walk: the share's
+  // products when a row took a baseline (the GPU's state[0]), the one-hot terms then or with lone targets (state[4]).
   struct onehots_after_walk {
     bool share = false, lone = false;
   };
@@ -528,7 +526,7 @@ class tiled_executor {
       b.class_sum[d] = classes;
     }
     if (pl.linear()) take_linear_baselines(p, x, linear, plausible, b, coef);
-    bool apart = false;  // rows that leave their one-hot term to the share's products (plan::linear)
+    bool apart = false;  // rows that take a baseline and leave their one-hot term to after the walk (plan::linear)
     for (std::int64_t row = 0; pl.linear_rows && row < p.n; ++row) {
       detail::row_coefficients& rc = coef[row];
       const bool take = pl.linear() && rc.kept && rc.dz.baseline != 0.f;
@@ -581,12 +579,12 @@ class tiled_executor {
     return any;
   }
 
-  // The lone targets' terms when no row took a baseline (lone_targets.cuh's lone_rows_kernel and
-  // lone_classes_kernel): dE row i -= t_i c_y and dC row y -= the sum over its rows of t_i e_i, in row order, each
-  // added to the gradient as written.
+  // The one-hot terms left to after the walk (uniform_baseline.cuh's onehot_rows_kernel and onehot_classes_kernel),
+  // once the share's products are done: dE row i -= t_i c_y and dC row y -= the sum over its rows of t_i e_i, in row
+  // order, each added to the gradient as written.
   template <class G>
-  void add_lone_targets(const problem<T>& p, const dense_inputs& x, const detail::uniform_baseline_buffers& b,
-                        const gradients<G>& out) const {
+  void add_onehots(const problem<T>& p, const dense_inputs& x, const detail::uniform_baseline_buffers& b,
+                   const gradients<G>& out) const {
     const std::int64_t n = p.n, dd = p.d;
     if (out.de) {
       const std::int64_t ld = out.ld_de ? out.ld_de : dd;
@@ -597,26 +595,17 @@ class tiled_executor {
     }
     if (!out.dc) return;
     const std::int64_t ld = out.ld_dc ? out.ld_dc : dd;
-    const std::vector<float> sum = class_onehots(p, x, b);
+    std::vector<float> sum(std::size_t(p.v * dd), 0.f);  // per class, over its rows in row order
     std::vector<bool> has_rows(std::size_t(p.v), false);  // the classes the GPU's kernel writes
-    for (std::int64_t row = 0; row < n; ++row)
-      if (b.target_scale[row] != 0.f) has_rows[std::size_t(b.target_class[row])] = true;
+    for (std::int64_t row = 0; row < n; ++row) {
+      if (b.target_scale[row] == 0.f) continue;
+      has_rows[std::size_t(b.target_class[row])] = true;
+      for (std::int64_t j = 0; j < dd; ++j)
+        sum[std::size_t(b.target_class[row] * dd + j)] -= b.target_scale[row] * x.e[std::size_t(row * dd + j)];
+    }
     for (std::int64_t c = 0; c < p.v; ++c)
       for (std::int64_t j = 0; has_rows[std::size_t(c)] && j < dd; ++j)
         out.dc[c * ld + j] = store_as<G>(load_g(out.dc, c * ld + j) + sum[std::size_t(c * dd + j)]);
-  }
-
-  // The one-hot terms left to after the walk, per class (V x D): -sum of target_scale[i] e_i over the class's rows,
-  // in row order.
-  static std::vector<float> class_onehots(const problem<T>& p, const dense_inputs& x,
-                                          const detail::uniform_baseline_buffers& b) {
-    const std::int64_t dd = p.d;
-    std::vector<float> sum(std::size_t(p.v * dd), 0.f);
-    for (std::int64_t row = 0; row < p.n; ++row)
-      if (b.target_scale[row] != 0.f)
-        for (std::int64_t j = 0; j < dd; ++j)
-          sum[std::size_t(b.target_class[row] * dd + j)] -= b.target_scale[row] * x.e[std::size_t(row * dd + j)];
-    return sum;
   }
 
   // The first-order test (as kernel/portable/uniform_baseline.cuh's class_norm_kernel and linear_rows_kernel), run
@@ -651,10 +640,9 @@ class tiled_executor {
     }
   }
 
-  // The first-order baseline's share and the one-hot terms, once the walk is done (dispatch/portable.cuh,
-  // after_walk_products): with l = linear_scale, t = target_scale and s = class_sum, dE += diag(l) E G - t_i c_y,
-  // G = C^T C - s s^T / V, and dC += C H - (s / V) H - sum over the class's rows of t_i e_i, H = E^T (diag(l) E),
-  // the matrices and the scaled rows rounded to T as the GPU stores them.
+  // The first-order baseline's share, once the walk is done (dispatch/portable.cuh, share_products): with
+  // l = linear_scale and s = class_sum, dE += diag(l) E G, G = C^T C - s s^T / V, and dC += C H - (s / V) H,
+  // H = E^T (diag(l) E), the matrices and the scaled rows rounded to T as the GPU stores them.
   template <class G>
   void add_linear_baselines(const problem<T>& p, const dense_inputs& x, const detail::uniform_baseline_buffers& b,
                             const gradients<G>& out) const {
@@ -673,10 +661,7 @@ class tiled_executor {
         for (std::int64_t j = 0; j < dd; ++j) {
           float acc = 0.f;
           for (std::int64_t k = 0; k < dd; ++k) acc += x.e[std::size_t(row * dd + k)] * m[std::size_t(k * dd + j)];
-          float onehot = 0.f;
-          if (b.target_scale[row] != 0.f)
-            onehot = -b.target_scale[row] * x.c[std::size_t(b.target_class[row] * dd + j)];
-          out.de[row * ld + j] = store_as<G>(load_g(out.de, row * ld + j) + (b.linear_scale[row] * acc + onehot));
+          out.de[row * ld + j] = store_as<G>(load_g(out.de, row * ld + j) + b.linear_scale[row] * acc);
         }
     }
     if (!out.dc) return;
@@ -694,14 +679,12 @@ class tiled_executor {
     std::vector<float> term(std::size_t(dd), 0.f);
     for (std::int64_t k = 0; k < dd; ++k)
       for (std::int64_t j = 0; j < dd; ++j) term[std::size_t(j)] += b.class_mean[k] * m[std::size_t(k * dd + j)];
-    const std::vector<float> onehot = class_onehots(p, x, b);
     const std::int64_t ld = out.ld_dc ? out.ld_dc : dd;
     for (std::int64_t c = 0; c < v; ++c)
       for (std::int64_t j = 0; j < dd; ++j) {
         float acc = 0.f;
         for (std::int64_t k = 0; k < dd; ++k) acc += x.c[std::size_t(c * dd + k)] * m[std::size_t(k * dd + j)];
-        const std::size_t cj = std::size_t(c * dd + j);
-        out.dc[c * ld + j] = store_as<G>(load_g(out.dc, c * ld + j) + (acc + term[std::size_t(j)] + onehot[cj]));
+        out.dc[c * ld + j] = store_as<G>(load_g(out.dc, c * ld + j) + (acc + term[std::size_t(j)]));
       }
   }
 

@@ -133,31 +133,6 @@ struct grad_gemm_params {
   // s: M values, null for all 1).
   const float* baseline_rows = nullptr;
   const float* baseline_term = nullptr;
-  // One-hot terms the rows that take a baseline leave to the products (uniform_baseline_buffers::target_scale), on
-  // the last contribution: dE row i -= onehot_scale[i] src[onehot_index[i]] (a gathered row of C); or dC row m -=
-  // the sum of onehot_scale[r] src[r] over the rows r of class m (onehot_offsets into onehot_rows, rows of E).
-  const float* onehot_scale = nullptr;
-  const std::int32_t* onehot_index = nullptr;
-  const std::int32_t* onehot_offsets = nullptr;
-  const std::int32_t* onehot_rows = nullptr;
-  const T* onehot_src = nullptr;
-  std::int64_t onehot_ld = 0;
-
-  // The one-hot terms of product row `row` are k in [begin, end): weight onehot_weight(row, k) times the source row
-  // onehot_source(row, k).
-  struct onehot_span {
-    std::int32_t begin, end;
-  };
-  __device__ __forceinline__ onehot_span onehot_terms(std::int64_t row) const {
-    if (onehot_offsets) return {onehot_offsets[row], onehot_offsets[row + 1]};
-    return {0, onehot_scale[row] != 0.f ? 1 : 0};
-  }
-  __device__ __forceinline__ float onehot_weight(std::int64_t row, std::int32_t k) const {
-    return -onehot_scale[onehot_offsets ? std::int64_t(onehot_rows[k]) : row];
-  }
-  __device__ __forceinline__ const T* onehot_source(std::int64_t row, std::int32_t k) const {
-    return onehot_src + (onehot_offsets ? std::int64_t(onehot_rows[k]) : std::int64_t(onehot_index[row])) * onehot_ld;
-  }
   // The product's row i scaled by row_scale[i] (null: 1), before it is folded in.
   const float* row_scale = nullptr;
   // Runs only if *enabled != 0 (null: always): products that the rows decide on the device (the first-order
@@ -238,11 +213,6 @@ struct gradient_run {
         total += prm.lora_scale * l;
       }
       if (prm.baseline_term) total += prm.baseline(row, col0 + q);
-      if (prm.onehot_scale) {
-        const auto terms = prm.onehot_terms(row);
-        for (std::int32_t k = terms.begin; k < terms.end; ++k)
-          total += prm.onehot_weight(row, k) * to_float(prm.onehot_source(row, k)[col0 + q]);
-      }
       if constexpr (std::is_same_v<G, float>) out[q] = prev[q] + total;
       else out[q] = from_float<G>(prev[q] + total);
     }

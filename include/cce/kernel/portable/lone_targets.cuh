@@ -8,9 +8,9 @@
 // The decision uses the forward's tile maxima and the same floor as the walk's (dlogit.cuh, tile_row_summary), so
 // that a row's target is apart exactly when its tile is skipped. Rows that take a baseline are not lone (their
 // draws are deviations from it). The terms go where those of the rows taking a baseline go
-// (uniform_baseline_buffers::target_scale): into the first-order share's products when they run (planned, and a row
-// took a baseline: state[0]), otherwise into the two kernels below, which add them to the gradients as written (a
-// 16-bit gradient is rounded twice, as with the share's products).
+// (uniform_baseline_buffers::target_scale): to onehot_rows_kernel and onehot_classes_kernel (uniform_baseline.cuh),
+// which add them to the gradients as written once the walk and the share's products are done (a 16-bit gradient is
+// rounded once more).
 #pragma once
 
 #include <cstdint>
@@ -75,49 +75,6 @@ __global__ void __launch_bounds__(Threads) lone_targets_kernel(const __grid_cons
       rc.target = -1;
       prm.state[4] = 1;
     }
-  }
-}
-
-// Whether the kernels below add the terms: there are some, and the share's products, when planned (`share`), do not
-// run (no row took a baseline).
-__device__ __forceinline__ bool lone_terms_alone(bool share, const int* state) {
-  return state[4] && !(share && state[0]);
-}
-
-// dE row i += -target_scale[i] c_(target_class[i]) for the rows with a term. A warp per row.
-template <class T, class G>
-__global__ void lone_rows_kernel(const float* target_scale, const std::int32_t* target_class, std::int64_t n,
-                                 const T* c, std::int64_t ldc, std::int64_t d, G* de, std::int64_t ld, bool share,
-                                 const int* state) {
-  if (!lone_terms_alone(share, state)) return;
-  const std::int64_t row = (std::int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
-  if (row >= n || target_scale[row] == 0.f) return;
-  const float t = -target_scale[row];
-  const T* cy = c + std::int64_t(target_class[row]) * ldc;
-  G* out = de + row * ld;
-  for (std::int64_t k = threadIdx.x % 32; k < d; k += 32)
-    out[k] = from_float<G>(to_float(out[k]) + t * to_float(cy[k]));
-}
-
-// dC row y += the sum of -target_scale[i] e_i over class y's rows in row order (class_rows, uniform_baseline.cuh).
-// A warp per class.
-template <class T, class G>
-__global__ void lone_classes_kernel(const float* target_scale, const std::int32_t* class_offsets,
-                                    const std::int32_t* class_rows, std::int64_t v, const T* e, std::int64_t lde,
-                                    std::int64_t d, G* dc, std::int64_t ld, bool share, const int* state) {
-  if (!lone_terms_alone(share, state)) return;
-  const std::int64_t cls = (std::int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
-  if (cls >= v) return;
-  const std::int32_t lo = class_offsets[cls], hi = class_offsets[cls + 1];
-  if (lo == hi) return;
-  G* out = dc + cls * ld;
-  for (std::int64_t k = threadIdx.x % 32; k < d; k += 32) {
-    float s = 0.f;
-    for (std::int32_t i = lo; i < hi; ++i) {
-      const std::int64_t row = class_rows[i];
-      s -= target_scale[row] * to_float(e[row * lde + k]);
-    }
-    out[k] = from_float<G>(to_float(out[k]) + s);
   }
 }
 

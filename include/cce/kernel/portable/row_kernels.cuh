@@ -185,7 +185,7 @@ struct coefficient_params {
   filter::near_uniform_linear linear{};
   float* linear_scale = nullptr;
   // With plan::linear_rows: 0 for every row (lone_targets.cuh may set it next) but, with `baseline_targets_apart`
-  // (plan::linear), a row that takes the baseline, which leaves its one-hot term to the share's products (ce / T into
+  // (plan::linear), a row that takes the baseline, which leaves its one-hot term to after the walk (ce / T into
   // target_scale, its target into target_class, none in its coefficients). From first_row.
   float* target_scale = nullptr;
   std::int32_t* target_class = nullptr;

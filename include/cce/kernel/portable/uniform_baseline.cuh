@@ -11,7 +11,9 @@
 #include <cub/block/block_store.cuh>
 
 #include <algorithm>
+#include <cstddef>
 #include <cstdint>
+#include <type_traits>
 
 #include <cce/detail/element_type.hpp>
 #include <cce/detail/math.hpp>
@@ -146,7 +148,7 @@ struct linear_rows_params {
   row_coefficients* coef = nullptr;
   float* row_scale = nullptr;
   float* linear_scale = nullptr;
-  float* target_scale = nullptr;  // the row's one-hot term left to the products (coefficients_kernel)
+  float* target_scale = nullptr;  // the row's one-hot term left to after the walk (coefficients_kernel)
   std::int32_t* target_class = nullptr;
   int* state = nullptr;
 };
@@ -327,6 +329,104 @@ __global__ void class_sort_kernel(const std::int32_t* class_offsets, std::int64_
     for (; j > lo && class_rows[j - 1] > r; --j) class_rows[j] = class_rows[j - 1];
     class_rows[j] = r;
   }
+}
+
+// The one-hot terms left to after the walk (uniform_baseline_buffers::target_scale), added to the gradients as
+// written once the share's products, if any, are done: dE row i -= target_scale[i] c_(target_class[i]) (a warp per
+// row), and dC row y -= the sum of target_scale[i] e_i over class y's rows in row order (class_rows; a warp per
+// class). Each lane takes runs of 4 columns (one 8- or 16-byte access per operand) where every row allows them.
+template <int Width, class X>
+__device__ __forceinline__ void load_run(const X* at, float (&x)[Width]) {
+  if constexpr (Width == 1) {
+    x[0] = to_float(*at);
+  } else if constexpr (sizeof(X) == 4) {
+    const float4 v = *reinterpret_cast<const float4*>(at);
+    x[0] = v.x, x[1] = v.y, x[2] = v.z, x[3] = v.w;
+  } else {
+    const uint2 v = *reinterpret_cast<const uint2*>(at);
+    const X* h = reinterpret_cast<const X*>(&v);
+#pragma unroll
+    for (int q = 0; q < 4; ++q) x[q] = to_float(h[q]);
+  }
+}
+template <int Width, class X>
+__device__ __forceinline__ void store_run(X* at, const float (&x)[Width]) {
+  if constexpr (Width == 1) {
+    *at = from_float<X>(x[0]);
+  } else if constexpr (sizeof(X) == 4) {
+    *reinterpret_cast<float4*>(at) = make_float4(x[0], x[1], x[2], x[3]);
+  } else {
+    uint2 v;
+    X* h = reinterpret_cast<X*>(&v);
+#pragma unroll
+    for (int q = 0; q < 4; ++q) h[q] = from_float<X>(x[q]);
+    *reinterpret_cast<uint2*>(at) = v;
+  }
+}
+// Whether runs of 4 fit every row: d and the pitches multiples of 4, the bases aligned to a run.
+template <class A, class B>
+__device__ __forceinline__ bool runs_of_4(const A* a, std::int64_t lda, const B* b, std::int64_t ldb, std::int64_t d) {
+  const auto aligned = [](const void* p, std::size_t bytes) {
+    return reinterpret_cast<std::uintptr_t>(p) % bytes == 0;
+  };
+  return (d | lda | ldb) % 4 == 0 && aligned(a, 4 * sizeof(A)) && aligned(b, 4 * sizeof(B));
+}
+
+template <class T, class G>
+__global__ void onehot_rows_kernel(const float* target_scale, const std::int32_t* target_class, std::int64_t n,
+                                   const T* c, std::int64_t ldc, std::int64_t d, G* de, std::int64_t ld,
+                                   const int* state) {
+  if (!onehots_apart(state)) return;
+  const std::int64_t row = (std::int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+  if (row >= n || target_scale[row] == 0.f) return;
+  const float t = -target_scale[row];
+  const T* cy = c + std::int64_t(target_class[row]) * ldc;
+  G* out = de + row * ld;
+  const auto add = [&](auto width) {
+    constexpr int w = decltype(width)::value;
+    for (std::int64_t k = w * (threadIdx.x % 32); k < d; k += 32 * w) {
+      float g[w], x[w];
+      load_run<w>(out + k, g);
+      load_run<w>(cy + k, x);
+#pragma unroll
+      for (int q = 0; q < w; ++q) g[q] += t * x[q];
+      store_run<w>(out + k, g);
+    }
+  };
+  if (runs_of_4(c, ldc, de, ld, d)) add(std::integral_constant<int, 4>{});
+  else add(std::integral_constant<int, 1>{});
+}
+
+template <class T, class G>
+__global__ void onehot_classes_kernel(const float* target_scale, const std::int32_t* class_offsets,
+                                      const std::int32_t* class_rows, std::int64_t v, const T* e, std::int64_t lde,
+                                      std::int64_t d, G* dc, std::int64_t ld, const int* state) {
+  if (!onehots_apart(state)) return;
+  const std::int64_t cls = (std::int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+  if (cls >= v) return;
+  const std::int32_t lo = class_offsets[cls], hi = class_offsets[cls + 1];
+  if (lo == hi) return;
+  G* out = dc + cls * ld;
+  const auto add = [&](auto width) {
+    constexpr int w = decltype(width)::value;
+    for (std::int64_t k = w * (threadIdx.x % 32); k < d; k += 32 * w) {
+      float s[w] = {}, x[w];
+      for (std::int32_t i = lo; i < hi; ++i) {
+        const std::int64_t row = class_rows[i];
+        const float t = target_scale[row];
+        load_run<w>(e + row * lde + k, x);
+#pragma unroll
+        for (int q = 0; q < w; ++q) s[q] -= t * x[q];
+      }
+      float g[w];
+      load_run<w>(out + k, g);
+#pragma unroll
+      for (int q = 0; q < w; ++q) g[q] += s[q];
+      store_run<w>(out + k, g);
+    }
+  };
+  if (runs_of_4(e, lde, dc, ld, d)) add(std::integral_constant<int, 4>{});
+  else add(std::integral_constant<int, 1>{});
 }
 
 }  // namespace cce::detail

@@ -168,17 +168,6 @@ struct vector_run {
       const float4 t = *reinterpret_cast<const float4*>(p.baseline_term + col0);
       total = make_float4(sum.x + s * t.x, sum.y + s * t.y, sum.z + s * t.z, sum.w + s * t.w);
     }
-    if (p.onehot_scale) {
-      const auto terms = p.onehot_terms(row);
-      for (std::int32_t k = terms.begin; k < terms.end; ++k) {
-        const float w = p.onehot_weight(row, k);
-        const T* src = p.onehot_source(row, k) + col0;
-        total.x += w * to_float(src[0]);
-        total.y += w * to_float(src[1]);
-        total.z += w * to_float(src[2]);
-        total.w += w * to_float(src[3]);
-      }
-    }
     store4(gradient_run<4, G>::output(p, row, col0),
            make_float4(prev.x + total.x, prev.y + total.y, prev.z + total.z, prev.w + total.w));
   }
@@ -273,30 +262,6 @@ __device__ __forceinline__ void add_baseline(const grad_gemm_params<T, G, KTile>
   }
 }
 
-// The one-hot terms of grad_gemm_params into the thread's accumulators of the tile at (row0, col0).
-template <class T, class G, int KTile>
-__device__ __forceinline__ void add_onehot(const grad_gemm_params<T, G, KTile>& p, float (&acc)[128], int cw, int lane,
-                                           std::int64_t row0, std::int64_t col0) {
-  const accumulator_origin origin(cw, lane);
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const std::int64_t row = row0 + origin.row + 8 * r;
-    if (row >= p.m) continue;
-    const auto terms = p.onehot_terms(row);
-    for (std::int32_t k = terms.begin; k < terms.end; ++k) {
-      const float w = p.onehot_weight(row, k);
-      const T* src = p.onehot_source(row, k);
-#pragma unroll
-      for (int j = 0; j < 32; ++j)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const std::int64_t col = col0 + origin.col + 8 * j + e;
-          if (col < p.n) acc[4 * j + 2 * r + e] += w * to_float(src[col]);
-        }
-    }
-  }
-}
-
 // The thread's accumulators of the tile at row0 times grad_gemm_params::row_scale.
 template <class T, class G, int KTile>
 __device__ __forceinline__ void scale_rows(const grad_gemm_params<T, G, KTile>& p, float (&acc)[128], int cw, int lane,
@@ -313,24 +278,20 @@ __device__ __forceinline__ void scale_rows(const grad_gemm_params<T, G, KTile>& 
   }
 }
 
-// The TMA epilogue of a tile of `prm` (prm.tma != none), staged in `staged`; the one-hot terms only in the kernels
-// that may be given them (single products: the paired ones keep their accumulators in registers without them).
-template <std::uint32_t StagingBytes, bool Onehot, class T, class G>
+// The TMA epilogue of a tile of `prm` (prm.tma != none), staged in `staged`.
+template <std::uint32_t StagingBytes, class T, class G>
 __device__ __forceinline__ void tma_epilogue(const grad_gemm_params_sm90<T, G>& prm, const grad_tile& t,
                                              unsigned char* staged, float (&acc)[128], int cw, int lane) {
   if (prm.tma == tma_write::carry) {
     tma_store_tile<float, StagingBytes>(&prm.out_map, staged, acc, cw, lane, t.row0(), t.col0(), !prm.base.first);
   } else {
     if (prm.base.baseline_term) add_baseline(prm.base, acc, cw, lane, t.row0(), t.col0());
-    if constexpr (Onehot) {
-      if (prm.base.onehot_scale) add_onehot(prm.base, acc, cw, lane, t.row0(), t.col0());
-    }
     tma_store_tile<G, StagingBytes>(&prm.out_map, staged, acc, cw, lane, t.row0(), t.col0(), prm.base.accumulate);
   }
 }
 
-// Output tile `tile` (in launch order) of the product `prm`, by the whole CTA (Onehot: tma_epilogue).
-template <class T, class G, major MajorA, bool Onehot>
+// Output tile `tile` (in launch order) of the product `prm`, by the whole CTA.
+template <class T, class G, major MajorA>
 __device__ __forceinline__ void grad_gemm_tile(const grad_gemm_params_sm90<T, G>& prm, int tile) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using S = grad_gemm_shape;
@@ -366,8 +327,7 @@ __device__ __forceinline__ void grad_gemm_tile(const grad_gemm_params_sm90<T, G>
   if (p.row_scale) scale_rows(p, acc, cw, lane, t.row0());
 
   if (prm.tma != tma_write::none) {  // staged in the ring, which every consumer is done with
-    tma_epilogue<ring_type::bytes, Onehot>(prm, t, reinterpret_cast<unsigned char*>(ring.staging_area()), acc, cw,
-                                           lane);
+    tma_epilogue<ring_type::bytes>(prm, t, reinterpret_cast<unsigned char*>(ring.staging_area()), acc, cw, lane);
     if (cw == 0 && lane == 0) staging_read();
     return;
   }
@@ -401,16 +361,17 @@ __device__ __forceinline__ void grad_gemm_tile(const grad_gemm_params_sm90<T, G>
 template <class T, class G, major MajorA>
 __global__ void __launch_bounds__(grad_gemm_shape::threads, 1)
     grad_gemm_kernel(const __grid_constant__ grad_gemm_params_sm90<T, G> prm) {
-  grad_gemm_tile<T, G, MajorA, true>(prm, int(blockIdx.x));
+  grad_gemm_tile<T, G, MajorA>(prm, int(blockIdx.x));
 }
 
 // dE = dZ C and dC = dZ^T E of one dZ block in one launch: the dE tiles first (each runs the whole vocabulary deep),
 // then the dC tiles, which fill the SMs the last wave of dE tiles leaves idle. Separate launches would idle them:
-// a row block of 2,048 rows at D = 2,304 has 144 dE tiles, 1.09 waves on 132 SMs.
+// a row block of 2,048 rows at D = 2,304 has 144 dE tiles, 1.09 waves on 132 SMs. The persistent kernel also runs
+// a single product, in the slot of its A operand's major (`de`: K-major, `dc`: MN-major), the other without tiles.
 template <class T, class G>
 struct grad_gemm_pair_params_sm90 {
   grad_gemm_params_sm90<T, G> de, dc;
-  int* queue = nullptr;  // grad_gemm_persistent_pair_kernel: the next tile to take, 0 at launch
+  int* queue = nullptr;  // grad_gemm_persistent_kernel: the next tile to take, 0 at launch
   __host__ __device__ int de_tiles() const { return de.m_tiles * de.n_tiles; }
   __host__ __device__ int tiles() const { return de_tiles() + dc.m_tiles * dc.n_tiles; }
 };
@@ -419,18 +380,18 @@ template <class T, class G>
 __global__ void __launch_bounds__(grad_gemm_shape::threads, 1)
     grad_gemm_pair_kernel(const __grid_constant__ grad_gemm_pair_params_sm90<T, G> prm) {
   if (int(blockIdx.x) < prm.de_tiles())
-    grad_gemm_tile<T, G, major::k, false>(prm.de, int(blockIdx.x));
+    grad_gemm_tile<T, G, major::k>(prm.de, int(blockIdx.x));
   else
-    grad_gemm_tile<T, G, major::mn, false>(prm.dc, int(blockIdx.x) - prm.de_tiles());
+    grad_gemm_tile<T, G, major::mn>(prm.dc, int(blockIdx.x) - prm.de_tiles());
 }
 
-// The pair when TMA writes every tile of both products: one CTA per SM takes tiles from a queue in launch order (an
-// atomic counter: dE tiles run the whole vocabulary deep, dC tiles a block of rows, so a fixed share per CTA would
-// leave the CTAs that drew two dE tiles running long after the others), on a ring of 3 stages with a staging area
-// of its own beside it. The producer then loads the next tile while the consumers stage and store one, and no CTA
-// launch, barrier setup or empty ring lies between tiles: each of loss_and_grad's dC tiles is 32 k-blocks deep on
-// gemma2, and those costs were about a tenth of its time (docs/performance.md).
-struct persistent_pair_shape {
+// The pair, or a single product (the first-order share's), when TMA writes every tile: one CTA per SM takes tiles
+// from a queue in launch order (an atomic counter: dE tiles run the whole vocabulary deep, dC tiles a block of rows,
+// so a fixed share per CTA would leave the CTAs that drew two dE tiles running long after the others), on a ring of
+// 3 stages with a staging area of its own beside it. The producer then loads the next tile while the consumers stage
+// and store one, and no CTA launch, barrier setup or empty ring lies between tiles: each of loss_and_grad's dC tiles
+// is 32 k-blocks deep on gemma2, and those costs were about a tenth of its time (docs/performance.md).
+struct persistent_shape {
   static constexpr int stages = 3;
   static constexpr std::uint32_t staging_bytes = 4 * grad_gemm_shape::bm * 128;  // the 16-bit tile; fp32 in halves
   template <class T>
@@ -443,17 +404,30 @@ struct tile_handoff {
   int tile[2];
 };
 
+// Whether tile t of product q is left alone: the product is off (as its rows decided on the device), or t lies below
+// the diagonal of a symmetric product's upper part. Producer and consumers pass over it alike.
+template <class T, class G>
+__device__ __forceinline__ bool left_alone(const grad_gemm_params_sm90<T, G>& q, const grad_tile& t) {
+  return q.base.disabled() || q.base.below_diagonal(t.row0(), t.col0(), grad_gemm_shape::bn);
+}
+
 template <class T, class G>
 __global__ void __launch_bounds__(grad_gemm_shape::threads, 1)
-    grad_gemm_persistent_pair_kernel(const __grid_constant__ grad_gemm_pair_params_sm90<T, G> prm) {
+    grad_gemm_persistent_kernel(const __grid_constant__ grad_gemm_pair_params_sm90<T, G> prm) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using S = grad_gemm_shape;
-  using P = persistent_pair_shape;
+  using P = persistent_shape;
   using de_ring = tile_ring<T, major::k, major::mn, 1, P::stages>;
   using dc_ring = tile_ring<T, major::mn, major::mn, 1, P::stages>;
   extern __shared__ unsigned char smem_raw[];
   __shared__ stage_barriers<P::stages> bars;
   __shared__ tile_handoff handoff;
+  // Nothing to walk through where the products have no tiles or the rows turned them off (every thread reads the
+  // same).
+  const auto idle = [](const grad_gemm_params_sm90<T, G>& q) {
+    return q.m_tiles * q.n_tiles == 0 || q.base.disabled();
+  };
+  if (idle(prm.de) && idle(prm.dc)) return;
 
   if (threadIdx.x == 0) {
     bars.init(S::consumer_warps);
@@ -479,10 +453,10 @@ __global__ void __launch_bounds__(grad_gemm_shape::threads, 1)
         if (tile >= tiles) break;
         if (tile < de_tiles) {
           const grad_tile t(prm.de, tile);
-          ring_de.load_tile(at, &prm.de.maps, t.row0(), t.col0(), t.k_blocks, t.loads());
+          if (!left_alone(prm.de, t)) ring_de.load_tile(at, &prm.de.maps, t.row0(), t.col0(), t.k_blocks, t.loads());
         } else {
           const grad_tile t(prm.dc, tile - de_tiles);
-          ring_dc.load_tile(at, &prm.dc.maps, t.row0(), t.col0(), t.k_blocks, t.loads());
+          if (!left_alone(prm.dc, t)) ring_dc.load_tile(at, &prm.dc.maps, t.row0(), t.col0(), t.k_blocks, t.loads());
         }
       }
     }
@@ -504,10 +478,12 @@ __global__ void __launch_bounds__(grad_gemm_shape::threads, 1)
     const bool de = tile < de_tiles;
     const grad_gemm_params_sm90<T, G>& q = de ? prm.de : prm.dc;
     const grad_tile t(q, de ? tile : tile - de_tiles);
+    if (left_alone(q, t)) continue;
     const int computed = de ? ring_de.compute_tile(acc, at, t.k_blocks, cw / 4, t.computes())
                             : ring_dc.compute_tile(acc, at, t.k_blocks, cw / 4, t.computes());
     if (adds_nothing(q.base, k_tile_census{computed > 0, computed == t.k_blocks})) continue;
-    tma_epilogue<P::staging_bytes, false>(q, t, staged, acc, cw, lane);
+    if (q.base.row_scale) scale_rows(q.base, acc, cw, lane, t.row0());
+    tma_epilogue<P::staging_bytes>(q, t, staged, acc, cw, lane);
   }
   if (cw == 0 && lane == 0) staging_read();  // before the CTA's shared memory goes
 #endif

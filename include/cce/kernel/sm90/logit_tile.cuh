@@ -4,9 +4,9 @@
 // multiplies its 64 rows of A by the 256 rows of B on wgmma (m64n256k16, fp32 accumulators in registers, wgmma.cuh
 // gives their layout) and hands each stage back as soon as its products are done. Operands are K-major (E, C in the
 // logits; dZ in dE) or MN-major (C and E as right-hand sides, dZ^T); k-blocks a cursor passes over (the gradient
-// filter's dead tiles) are neither loaded nor computed. Kernels differ only in which tiles they visit and in their epilogues. When the CTAs
-// of a cluster share their B tiles (cluster.cuh), each copies one part of every B stage and multicasts it to all of
-// them; a stage is then free once the consumers of every CTA of the cluster are done with it.
+// filter's dead tiles) are neither loaded nor computed. Kernels differ only in which tiles they visit and in their
+// epilogues. When the CTAs of a cluster share their B tiles (cluster.cuh), each copies one part of every B stage and
+// multicasts it to all of them; a stage is then free once the consumers of every CTA of the cluster are done with it.
 #pragma once
 
 #include <cuda.h>
