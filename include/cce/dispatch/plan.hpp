@@ -86,7 +86,7 @@ struct pass_buffers {
   float* comp = nullptr;           // Kahan compensation of acc
   float* dbias_partial = nullptr;  // row_tiles x cols, the passes that write dBias
   float* db_acc = nullptr;         // cols x r: dB carried over row blocks, the passes that write dB
-  int* tile_queue = nullptr;       // 1: the tile counter of the sm_90a paired products, the passes that run them
+  int* tile_queue = nullptr;       // 1: the tile counter of the sm_90a persistent products (the passes that pair them)
   // Vocabulary sorting only: the chunk's classifier rows, bias, class weights and B rows, in walk order.
   T* c_sorted = nullptr;            // cols x D
   T* bias_sorted = nullptr;         // cols

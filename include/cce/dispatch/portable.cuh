@@ -880,13 +880,14 @@ class portable_path {
     return gemm<G, major::k, major::mn>(dc, stream, lb.tile_queue);
   }
 
-  // dE[r0 : r0 + rows] (+)= dZ C[slice] (+ scale * q A on the last chunk).
+  // dE[r0 : r0 + rows] (+)= dZ C[slice] (+ scale * q A on the last chunk); persistent on sm_90a in the passes that
+  // have a tile queue (those that pair the products).
   template <class G>
   status de_product(const backward_buffers<T>& bw, const pass_buffers<T>& pb, const vocab_slice& s, G* de,
                     std::int64_t ld, std::int64_t r0, std::int64_t rows, bool first, bool last,
                     cudaStream_t stream) const {
     product_params<G> prm = de_params(bw, pb, s, de, ld, r0, rows, first, last);
-    return gemm<G, major::k, major::mn>(prm, stream);
+    return gemm<G, major::k, major::mn>(prm, stream, pb.tile_queue);
   }
   template <class G>
   product_params<G> de_params(const backward_buffers<T>& bw, const pass_buffers<T>& pb, const vocab_slice& s, G* de,
@@ -921,12 +922,13 @@ class portable_path {
   }
 
   // dC[slice's classes] (+)= dZ^T E[r0 : r0 + rows]; `onto_output`: added to dC whatever options::accumulate says.
+  // Persistent as de_product.
   template <class G>
   status dc_product(const backward_buffers<T>& bw, const pass_buffers<T>& pb, const vocab_slice& s, G* dc,
                     std::int64_t ld, std::int64_t r0, std::int64_t rows, bool first, bool last, cudaStream_t stream,
                     bool onto_output = false) const {
     product_params<G> prm = dc_params(bw, pb, s, dc, ld, r0, rows, first, last, onto_output);
-    return gemm<G, major::mn, major::mn>(prm, stream);
+    return gemm<G, major::mn, major::mn>(prm, stream, pb.tile_queue);
   }
   template <class G>
   product_params<G> dc_params(const backward_buffers<T>& bw, const pass_buffers<T>& pb, const vocab_slice& s, G* dc,
