@@ -46,10 +46,19 @@ struct split_rows {
   std::int64_t splits = 1;
   const float* target_logit = nullptr;    // N: z_y of kept rows
 
-  // target: the row's target, -1 when it has none.
+  // target: the row's target, -1 when it has none. The loads of `ahead` partials are issued before their merges (a
+  // thread per row merging each as it arrives waits on memory once per split).
   CCE_HOST_DEVICE bool read(std::int64_t row, std::int64_t target, row_partial& merged, float& z_target) const {
-    merged = partials[row * splits];
-    for (std::int64_t s = 1; s < splits; ++s) merged = merge(merged, partials[row * splits + s]);
+    constexpr int ahead = 8;
+    const row_partial* p = partials + row * splits;
+    merged = p[0];
+    std::int64_t s = 1;
+    for (; s + ahead <= splits; s += ahead) {
+      row_partial next[ahead];
+      for (int u = 0; u < ahead; ++u) next[u] = p[s + u];
+      for (int u = 0; u < ahead; ++u) merged = merge(merged, next[u]);
+    }
+    for (; s < splits; ++s) merged = merge(merged, p[s]);
     z_target = target >= 0 ? target_logit[row] : 0.f;
     return true;
   }
