@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cmath>
+#include <cstddef>
 #include <cstdint>
 
 #include <cce/config.hpp>
@@ -25,6 +26,10 @@ CCE_HOST_DEVICE float log1p_f(float x) { return std::log1p(x); }
 CCE_HOST_DEVICE float tanh_f(float x) { return std::tanh(x); }
 CCE_HOST_DEVICE float sqrt_f(float x) { return std::sqrt(x); }
 CCE_HOST_DEVICE float abs_f(float x) { return std::fabs(x); }
+
+CCE_HOST_DEVICE bool aligned_to(const void* p, std::size_t bytes) {
+  return reinterpret_cast<std::uintptr_t>(p) % bytes == 0;
+}
 
 CCE_HOST_DEVICE constexpr std::int64_t ceil_div(std::int64_t a, std::int64_t b) { return (a + b - 1) / b; }
 CCE_HOST_DEVICE constexpr std::int64_t round_up(std::int64_t a, std::int64_t b) { return ceil_div(a, b) * b; }

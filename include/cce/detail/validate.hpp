@@ -5,15 +5,12 @@
 #include <cmath>
 #include <cstdint>
 
+#include <cce/detail/math.hpp>
 #include <cce/options.hpp>
 #include <cce/problem.hpp>
 #include <cce/status.hpp>
 
 namespace cce::detail {
-
-inline bool aligned_to(const void* p, std::size_t bytes) {
-  return reinterpret_cast<std::uintptr_t>(p) % bytes == 0;
-}
 
 inline status validate_options(const options& o) {
   const auto finite = [](float x) { return std::isfinite(x); };

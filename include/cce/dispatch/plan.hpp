@@ -224,7 +224,7 @@ struct plan {
   // `ld_dc`) whose buffer can hold fp32 values.
   bool carries_in_dc(bool de, const void* dc, std::int64_t ld_dc) const {
     return mode == backward_mode::minimal && carried_pass.cols > 0 && de && dc != nullptr && ld_dc == d &&
-           reinterpret_cast<std::uintptr_t>(dc) % 16 == 0;
+           aligned_to(dc, 16);
   }
 
   saved_buffers carve_saved(void* base, std::size_t* bytes = nullptr) const {

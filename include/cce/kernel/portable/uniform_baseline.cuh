@@ -11,7 +11,6 @@
 #include <cub/block/block_store.cuh>
 
 #include <algorithm>
-#include <cstddef>
 #include <cstdint>
 #include <type_traits>
 
@@ -108,7 +107,7 @@ template <class T>
 __global__ void class_norm_kernel(const T* c, std::int64_t ldc, std::int64_t v, std::int64_t d, int* state) {
   if (!(state[0] || state[2]) || state[1]) return;
   constexpr int vec = 16 / sizeof(T);
-  const bool vectors = d % vec == 0 && ldc % vec == 0 && reinterpret_cast<std::uintptr_t>(c) % 16 == 0;
+  const bool vectors = d % vec == 0 && ldc % vec == 0 && aligned_to(c, 16);
   const int lane = threadIdx.x % 32;
   const std::int64_t warps = std::int64_t(gridDim.x) * blockDim.x / 32;
   float largest = 0.f;
@@ -167,8 +166,7 @@ __global__ void linear_rows_kernel(const __grid_constant__ linear_rows_params pr
   const T* e = static_cast<const T*>(prm.e) + row * prm.lde;
   float dot = 0.f, ss = 0.f;
   constexpr int vec = 16 / sizeof(T);  // 16-byte runs of the row where it allows them
-  const auto aligned = [](const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; };
-  if (prm.d % vec == 0 && prm.lde % vec == 0 && aligned(prm.e) && aligned(prm.class_sum)) {
+  if (prm.d % vec == 0 && prm.lde % vec == 0 && aligned_to(prm.e, 16) && aligned_to(prm.class_sum, 16)) {
     for (std::int64_t k = vec * lane; k < prm.d; k += 32 * vec) {
       const uint4 raw = *reinterpret_cast<const uint4*>(e + k);
       const T* x = reinterpret_cast<const T*>(&raw);
@@ -239,8 +237,7 @@ __global__ void scaled_slab_kernel(const T* e, std::int64_t lde, std::int64_t n,
                                    std::int64_t ld, const float* linear_scale, const int* state, T* slab) {
   if (!state[0]) return;
   constexpr int vec = 16 / sizeof(T);
-  const auto aligned = [](const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; };
-  const bool vectors = (lde | ld | col0 | cols) % vec == 0 && aligned(e) && aligned(slab);
+  const bool vectors = (lde | ld | col0 | cols) % vec == 0 && aligned_to(e, 16) && aligned_to(slab, 16);
   for (std::int64_t row = blockIdx.x; row < n; row += gridDim.x) {
     const float s = linear_scale[row];
     const T* from = e + row * lde + col0;
@@ -366,10 +363,7 @@ __device__ __forceinline__ void store_run(X* at, const float (&x)[Width]) {
 // Whether runs of 4 fit every row: d and the pitches multiples of 4, the bases aligned to a run.
 template <class A, class B>
 __device__ __forceinline__ bool runs_of_4(const A* a, std::int64_t lda, const B* b, std::int64_t ldb, std::int64_t d) {
-  const auto aligned = [](const void* p, std::size_t bytes) {
-    return reinterpret_cast<std::uintptr_t>(p) % bytes == 0;
-  };
-  return (d | lda | ldb) % 4 == 0 && aligned(a, 4 * sizeof(A)) && aligned(b, 4 * sizeof(B));
+  return (d | lda | ldb) % 4 == 0 && aligned_to(a, 4 * sizeof(A)) && aligned_to(b, 4 * sizeof(B));
 }
 
 template <class T, class G>

@@ -135,11 +135,8 @@ __device__ __forceinline__ void tma_store_tile(const CUtensorMap* map, unsigned 
 // of 4 columns that start 16-byte aligned in the carry and 4-element aligned in the output.
 template <class T, class G, int KTile>
 __device__ __forceinline__ bool vector_runs(const grad_gemm_params<T, G, KTile>& p) {
-  const auto aligned = [](const void* ptr, std::size_t bytes) {
-    return reinterpret_cast<std::uintptr_t>(ptr) % bytes == 0;
-  };
-  return p.comp == nullptr && p.rank == 0 && p.n % 4 == 0 && p.ld_out % 4 == 0 && aligned(p.acc, 16) &&
-         aligned(p.out, 4 * sizeof(G)) && aligned(p.baseline_term, 16);
+  return p.comp == nullptr && p.rank == 0 && p.n % 4 == 0 && p.ld_out % 4 == 0 && aligned_to(p.acc, 16) &&
+         aligned_to(p.out, 4 * sizeof(G)) && aligned_to(p.baseline_term, 16);
 }
 
 // gradient_run's contract (load what the store needs first, then fold 4 columns into the carry or the output)
