@@ -17,6 +17,7 @@
 #include <cce/detail/math.hpp>
 #include <cce/epilogue/logit_transform.hpp>
 #include <cce/epilogue/row_loss.hpp>
+#include <cce/epilogue/row_partial.hpp>
 #include <cce/filter/predicates.hpp>
 #include <cce/reduce/argmax.hpp>
 #include <cce/reduce/kahan.hpp>
@@ -611,6 +612,38 @@ TEST_CASE("argmax: merge is associative and commutative on data with ties", "[pr
     const argmax_state a = leaves[0], b = leaves[n / 2], c = leaves[n - 1];
     CHECK(same_argmax(argmax_merge(argmax_merge(a, b), c), argmax_merge(a, argmax_merge(b, c))));
     CHECK(same_argmax(argmax_merge(a, b), argmax_merge(b, a)));
+  }
+}
+
+// The finaliser's merge of a row's split partials (epilogue/row_partial.hpp, split_rows::read): the partials in
+// split order, whatever batches it loads them in, bit for bit, for every split count around its batch of 8.
+TEST_CASE("split partials merge in split order, bit for bit", "[primitives][softmax]") {
+  std::mt19937_64 rng(0x5eed0405);
+  std::normal_distribution<float> logit(0.f, 4.f);
+  for (std::int64_t splits = 1; splits <= 41; ++splits) {
+    const std::int64_t rows = 3;
+    std::vector<row_partial> partials(std::size_t(rows * splits));
+    for (std::int64_t i = 0; i < rows * splits; ++i)
+      for (int k = 0; k < 5; ++k)
+        partials[std::size_t(i)].push(logit(rng), 0.5f, std::int32_t(i * 5 + k));
+    std::vector<float> target_logit(std::size_t(rows), 1.5f);
+    detail::split_rows source;
+    source.partials = partials.data();
+    source.splits = splits;
+    source.target_logit = target_logit.data();
+    for (std::int64_t row = 0; row < rows; ++row) {
+      row_partial want = partials[std::size_t(row * splits)];
+      for (std::int64_t s = 1; s < splits; ++s) want = merge(want, partials[std::size_t(row * splits + s)]);
+      row_partial got;
+      float z = 0.f;
+      REQUIRE(source.read(row, 0, got, z));
+      INFO("splits " << splits << ", row " << row);
+      CHECK(same_stats(got.softmax, want.softmax));
+      CHECK(same_bits(got.weighted_logit_sum, want.weighted_logit_sum));
+      CHECK(same_bits(got.argmax_value, want.argmax_value));
+      CHECK(got.argmax_index == want.argmax_index);
+      CHECK(z == 1.5f);
+    }
   }
 }
 
