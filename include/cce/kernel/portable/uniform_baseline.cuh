@@ -18,6 +18,7 @@
 #include <cce/detail/math.hpp>
 #include <cce/dispatch/plan.hpp>
 #include <cce/filter/predicates.hpp>
+#include <cce/kernel/portable/element_run.cuh>
 #include <cce/tile/tile_grid.hpp>
 
 namespace cce::detail {
@@ -332,34 +333,6 @@ __global__ void class_sort_kernel(const std::int32_t* class_offsets, std::int64_
 // written once the share's products, if any, are done: dE row i -= target_scale[i] c_(target_class[i]) (a warp per
 // row), and dC row y -= the sum of target_scale[i] e_i over class y's rows in row order (class_rows; a warp per
 // class). Each lane takes runs of 4 columns (one 8- or 16-byte access per operand) where every row allows them.
-template <int Width, class X>
-__device__ __forceinline__ void load_run(const X* at, float (&x)[Width]) {
-  if constexpr (Width == 1) {
-    x[0] = to_float(*at);
-  } else if constexpr (sizeof(X) == 4) {
-    const float4 v = *reinterpret_cast<const float4*>(at);
-    x[0] = v.x, x[1] = v.y, x[2] = v.z, x[3] = v.w;
-  } else {
-    const uint2 v = *reinterpret_cast<const uint2*>(at);
-    const X* h = reinterpret_cast<const X*>(&v);
-#pragma unroll
-    for (int q = 0; q < 4; ++q) x[q] = to_float(h[q]);
-  }
-}
-template <int Width, class X>
-__device__ __forceinline__ void store_run(X* at, const float (&x)[Width]) {
-  if constexpr (Width == 1) {
-    *at = from_float<X>(x[0]);
-  } else if constexpr (sizeof(X) == 4) {
-    *reinterpret_cast<float4*>(at) = make_float4(x[0], x[1], x[2], x[3]);
-  } else {
-    uint2 v;
-    X* h = reinterpret_cast<X*>(&v);
-#pragma unroll
-    for (int q = 0; q < 4; ++q) h[q] = from_float<X>(x[q]);
-    *reinterpret_cast<uint2*>(at) = v;
-  }
-}
 // Whether runs of 4 fit every row: d and the pitches multiples of 4, the bases aligned to a run.
 template <class A, class B>
 __device__ __forceinline__ bool runs_of_4(const A* a, std::int64_t lda, const B* b, std::int64_t ldb, std::int64_t d) {

@@ -15,6 +15,7 @@
 #include <type_traits>
 
 #include <cce/detail/math.hpp>
+#include <cce/kernel/portable/element_run.cuh>
 #include <cce/kernel/portable/grad_gemm.cuh>
 #include <cce/kernel/sm90/logit_tile.cuh>
 #include <cce/tile/tile_grid.hpp>
@@ -143,54 +144,32 @@ __device__ __forceinline__ bool vector_runs(const grad_gemm_params<T, G, KTile>&
 // under vector_runs().
 template <class G>
 struct vector_run {
-  float4 carried, prev;
+  float4 carried;
+  float prev[4];
 
   template <class T, int KTile>
   __device__ __forceinline__ void load(const grad_gemm_params<T, G, KTile>& p, std::int64_t row, std::int64_t col0) {
     carried = p.acc && !p.first ? *reinterpret_cast<const float4*>(p.acc + row * p.n + col0) : float4{};
-    prev = p.accumulate && p.last ? load4(gradient_run<4, G>::output(p, row, col0)) : float4{};
+    if (p.accumulate && p.last) load_run<4>(gradient_run<4, G>::output(p, row, col0), prev);
+    else prev[0] = prev[1] = prev[2] = prev[3] = 0.f;
   }
 
   template <class T, int KTile>
   __device__ __forceinline__ void store(const grad_gemm_params<T, G, KTile>& p, std::int64_t row, std::int64_t col0,
                                         const float (&x)[4]) const {
-    const float4 sum = make_float4(carried.x + x[0], carried.y + x[1], carried.z + x[2], carried.w + x[3]);
+    const float sum[4] = {carried.x + x[0], carried.y + x[1], carried.z + x[2], carried.w + x[3]};
     if (p.acc && !p.last) {
-      *reinterpret_cast<float4*>(p.acc + row * p.n + col0) = sum;
+      *reinterpret_cast<float4*>(p.acc + row * p.n + col0) = make_float4(sum[0], sum[1], sum[2], sum[3]);
       return;
     }
-    float4 total = sum;
+    float4 total = make_float4(sum[0], sum[1], sum[2], sum[3]);
     if (p.baseline_term) {
       const float s = p.baseline_scale(row);
       const float4 t = *reinterpret_cast<const float4*>(p.baseline_term + col0);
-      total = make_float4(sum.x + s * t.x, sum.y + s * t.y, sum.z + s * t.z, sum.w + s * t.w);
+      total = make_float4(sum[0] + s * t.x, sum[1] + s * t.y, sum[2] + s * t.z, sum[3] + s * t.w);
     }
-    store4(gradient_run<4, G>::output(p, row, col0),
-           make_float4(prev.x + total.x, prev.y + total.y, prev.z + total.z, prev.w + total.w));
-  }
-
- private:
-  __device__ __forceinline__ static float4 load4(const G* g) {
-    if constexpr (std::is_same_v<G, float>) {
-      return *reinterpret_cast<const float4*>(g);
-    } else {
-      const uint2 v = *reinterpret_cast<const uint2*>(g);
-      const G* h = reinterpret_cast<const G*>(&v);
-      return make_float4(to_float(h[0]), to_float(h[1]), to_float(h[2]), to_float(h[3]));
-    }
-  }
-  __device__ __forceinline__ static void store4(G* g, float4 x) {
-    if constexpr (std::is_same_v<G, float>) {
-      *reinterpret_cast<float4*>(g) = x;
-    } else {
-      uint2 v;
-      G* h = reinterpret_cast<G*>(&v);
-      h[0] = from_float<G>(x.x);
-      h[1] = from_float<G>(x.y);
-      h[2] = from_float<G>(x.z);
-      h[3] = from_float<G>(x.w);
-      *reinterpret_cast<uint2*>(g) = v;
-    }
+    const float out[4] = {prev[0] + total.x, prev[1] + total.y, prev[2] + total.z, prev[3] + total.w};
+    store_run<4>(gradient_run<4, G>::output(p, row, col0), out);
   }
 };
 
