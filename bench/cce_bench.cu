@@ -46,12 +46,14 @@ double time_it(benchmark::State& st, Body&& body) {
   event_timer timer;
   body();  // warm-up
   CHECK_CUDA(cudaDeviceSynchronize());
-  std::vector<float> times;
+  std::vector<float> times, enqueue;
   for (auto _ : st) {
     const float ms = timer.ms(body);
     st.SetIterationTime(ms / 1e3);
     times.push_back(ms);
+    enqueue.push_back(timer.enqueue_ms());
   }
+  st.counters["enqueue_ms"] = median(enqueue);  // near the time itself: bound by the host's launches
   return median(times);
 }
 

@@ -4,13 +4,15 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <chrono>
 #include <vector>
 
 #include "bench_data.cuh"
 
 namespace cce_bench {
 
-// Times one call at a time: events recorded around it, then waited for.
+// Times one call at a time: events recorded around it, then waited for. Also keeps how long the host took to enqueue
+// the call: where that comes near the events' time, the GPU waited for launches.
 class event_timer {
  public:
   event_timer() {
@@ -28,16 +30,21 @@ class event_timer {
   template <class Body>
   float ms(Body&& body) {
     CHECK_CUDA(cudaEventRecord(start_));
+    const auto enqueue_start = std::chrono::steady_clock::now();
     body();
+    enqueue_ms_ = std::chrono::duration<float, std::milli>(std::chrono::steady_clock::now() - enqueue_start).count();
     CHECK_CUDA(cudaEventRecord(stop_));
     CHECK_CUDA(cudaEventSynchronize(stop_));
     float ms = 0.f;
     CHECK_CUDA(cudaEventElapsedTime(&ms, start_, stop_));
     return ms;
   }
+  // Host milliseconds spent in the last call's body.
+  float enqueue_ms() const { return enqueue_ms_; }
 
  private:
   cudaEvent_t start_{}, stop_{};
+  float enqueue_ms_ = 0.f;
 };
 
 inline double median(std::vector<float> times) {
