@@ -131,6 +131,8 @@ struct linear_baseline_buffers {
   T* gram = nullptr;  // D x D
   T* slab = nullptr;  // N x plan::linear_slab_cols
   int* tile_queue = nullptr;  // 1: the tile counter of the sm_90a persistent products
+  // D x D fp32 in the slab's place, where it fits (null otherwise): C^T C summed in parts before the slabs are used.
+  float* gram_sums = nullptr;
 };
 
 template <class T>
@@ -286,6 +288,8 @@ struct plan {
     linear_baseline_buffers<T> b;
     b.gram = c.take<T>(slab_cols > 0 ? d * d : 0);
     b.slab = c.take<T>(n * slab_cols);
+    if (std::size_t(n * slab_cols) * sizeof(T) >= std::size_t(d * d) * sizeof(float))
+      b.gram_sums = reinterpret_cast<float*>(b.slab);
     b.tile_queue = c.take<int>(slab_cols > 0 ? 1 : 0);
     if (bytes) *bytes = c.bytes();
     return b;

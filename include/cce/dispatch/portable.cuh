@@ -842,13 +842,17 @@ class portable_path {
     };
     if (out.de) {
       auto gram = product(lb.gram, d, {p_.c, p_.c_stride(), d, v}, {p_.c, p_.c_stride(), d, v}, d, d, v, false);
-      gram.baseline_rows = b.class_sum;
-      gram.baseline_term = b.class_mean;
       gram.upper = true;
-      CCE_TRY((gemm<T, major::mn, major::mn>(gram, stream, lb.tile_queue)));
-      const unsigned blocks = unsigned(ceil_div(d, std::int64_t(32)));
-      mirror_lower_kernel<T><<<dim3(blocks, blocks), dim3(32, 8), 0, stream>>>(lb.gram, d, b.state);
-      CCE_TRY(launch_status());
+      const status parts = gram_in_parts(gram, b, lb, stream);
+      if (parts == status::unsupported_arch) {
+        gram.baseline_rows = b.class_sum;
+        gram.baseline_term = b.class_mean;
+        CCE_TRY((gemm<T, major::mn, major::mn>(gram, stream, lb.tile_queue)));
+        mirror(lb.gram, b.state, stream);
+        CCE_TRY(launch_status());
+      } else {
+        CCE_TRY(parts);
+      }
       auto de = product(out.de, out.ld_de ? out.ld_de : d, {p_.e, p_.e_stride(), n, d}, {lb.gram, d, d, d}, n, d, d,
                         true);
       de.row_scale = b.linear_scale;
@@ -862,9 +866,16 @@ class portable_path {
       scaled_slab_kernel<T><<<rows, 256, 0, stream>>>(p_.e, p_.e_stride(), n, j0, cols, w, b.linear_scale, b.state,
                                                       lb.slab);
       CCE_TRY(launch_status());
-      auto h = product(lb.gram + j0, d, {p_.e, p_.e_stride(), d, n}, {lb.slab, w, cols, n}, d, cols, n, false);
+      // H is symmetric: the slab's rows up to its last column, on and above the diagonal; mirrored below.
+      const std::int64_t rows_needed = std::min(d, j0 + cols);
+      auto h = product(lb.gram + j0, d, {p_.e, p_.e_stride(), rows_needed, n}, {lb.slab, w, cols, n}, rows_needed,
+                       cols, n, false);
+      h.upper = true;
+      h.diagonal_col = j0;
       CCE_TRY((gemm<T, major::mn, major::mn>(h, stream, lb.tile_queue)));
     }
+    mirror(lb.gram, b.state, stream);
+    CCE_TRY(launch_status());
     // gram_term = -(s / V) H: H's rows weighted by class_mean, in the baseline's column sums.
     const std::int64_t splits = baseline_splits(d);
     baseline_partial_kernel<T, baseline_sum::rows>
@@ -878,6 +889,34 @@ class portable_path {
                       true);
     dc.baseline_term = b.gram_term;
     return gemm<G, major::k, major::mn>(dc, stream, lb.tile_queue);
+  }
+
+  // C^T C (`gram`, the upper product) in two halves of the vocabulary on the sm_90a persistent kernel, where that
+  // balances its tiles better and lb has room for their fp32 sums; then the matrix with the baseline's term, rounded
+  // and mirrored (finish_gram_kernel). unsupported_arch where it does not run that way (the zeros it may have written
+  // are then unused).
+  status gram_in_parts(product_params<T> gram, const uniform_baseline_buffers& b,
+                       const linear_baseline_buffers<T>& lb, cudaStream_t stream) const {
+    const std::int64_t d = p_.d;
+    if (!hopper_ || lb.gram_sums == nullptr || d % 4 != 0 || sm90::symmetric_k_splits(d, pl_.sm_count) < 2)
+      return status::unsupported_arch;
+    zero_if_kernel<<<unsigned(4 * pl_.sm_count), 256, 0, stream>>>(reinterpret_cast<float4*>(lb.gram_sums),
+                                                                    d * d / 4, b.state);
+    CCE_TRY(launch_status());
+    gram.acc = lb.gram_sums;  // each half adds its sum onto the zeros
+    gram.first = gram.last = false;
+    CCE_TRY((sm90::launch_grad_gemm<T, T, Policy::bm, major::mn, major::mn>(gram, stream, lb.tile_queue,
+                                                                             pl_.sm_count, 2)));
+    const unsigned blocks = unsigned(ceil_div(d, std::int64_t(32)));
+    finish_gram_kernel<T><<<dim3(blocks, blocks), dim3(32, 8), 0, stream>>>(lb.gram_sums, b.class_sum, b.class_mean,
+                                                                            lb.gram, d, b.state);
+    return launch_status();
+  }
+
+  // The strictly lower triangle of the D x D matrix m from its upper one, when a row took the share (state[0]).
+  void mirror(T* m, const int* state, cudaStream_t stream) const {
+    const unsigned blocks = unsigned(ceil_div(p_.d, std::int64_t(32)));
+    mirror_lower_kernel<T><<<dim3(blocks, blocks), dim3(32, 8), 0, stream>>>(m, p_.d, state);
   }
 
   // dE[r0 : r0 + rows] (+)= dZ C[slice] (+ scale * q A on the last chunk); persistent on sm_90a in the passes that

@@ -160,10 +160,11 @@ status launch_persistent(grad_gemm_pair_params_sm90<T, G>& prm, int* queue, int 
 
 // A gradient product (dE or dC) of the backward on wgmma: persistent (on at most `sms` CTAs, taking tiles through
 // `queue`) where the caller gives a queue and TMA writes its tiles, else a CTA per tile; unsupported_arch when TMA
-// cannot address an operand (the caller then runs the portable kernel).
+// cannot address an operand (the caller then runs the portable kernel). With `k_splits` > 1 (grad_gemm_params_sm90),
+// only persistent and onto a carry that TMA adds to; unsupported_arch otherwise.
 template <class T, class G, int KTile, major MajorA, major MajorB>
 status launch_grad_gemm(const grad_gemm_params<T, G, KTile>& base, cudaStream_t stream, int* queue = nullptr,
-                        int sms = 0) {
+                        int sms = 0, int k_splits = 1) {
   using S = grad_gemm_shape;
   if constexpr (!tensor_core_type<T> || KTile != S::filter_bn || MajorB != major::mn) {
     return status::unsupported_arch;
@@ -171,7 +172,14 @@ status launch_grad_gemm(const grad_gemm_params<T, G, KTile>& base, cudaStream_t 
     if (base.m == 0 || base.n == 0) return status::success;
     grad_gemm_params_sm90<T, G> prm;
     if (!encode_grad_gemm<MajorA>(prm, base)) return status::unsupported_arch;
-    const int tiles = prm.m_tiles * prm.n_tiles;
+    const int tiles = prm.tiles();
+    if (k_splits > 1) {
+      if (queue == nullptr || prm.tma != tma_write::carry || base.first) return status::unsupported_arch;
+      prm.k_splits = k_splits;
+      grad_gemm_pair_params_sm90<T, G> single;
+      (MajorA == major::k ? single.de : single.dc) = prm;
+      return launch_persistent(single, queue, sms, stream);
+    }
     if (queue != nullptr && prm.tma != tma_write::none) {
       grad_gemm_pair_params_sm90<T, G> single;
       (MajorA == major::k ? single.de : single.dc) = prm;
@@ -183,6 +191,18 @@ status launch_grad_gemm(const grad_gemm_params<T, G, KTile>& base, cudaStream_t 
     grad_gemm_kernel<T, G, MajorA><<<unsigned(tiles), S::threads, smem, stream>>>(prm);
     return cudaGetLastError() == cudaSuccess ? status::success : status::cuda_error;
   }
+}
+
+// Parts of K for the upper triangle of a symmetric d x d product on `sms` SMs: 2 where the tiles of both halves,
+// taken from the persistent queue, end sooner than the whole tiles (phi3.5: 156 tiles, 2 rounds of the full depth
+// against 3 of half), else 1.
+inline int symmetric_k_splits(std::int64_t d, int sms) {
+  using S = grad_gemm_shape;
+  std::int64_t tiles = 0;
+  for (std::int64_t rt = 0; rt < ceil_div(d, S::bm); ++rt)
+    for (std::int64_t ct = 0; ct < ceil_div(d, S::bn); ++ct) tiles += (ct + 1) * S::bn > rt * S::bm;
+  const std::int64_t s = std::max(sms, 1);
+  return ceil_div(2 * tiles, s) < 2 * ceil_div(tiles, s) ? 2 : 1;
 }
 
 // dE and dC of one dZ block in one launch: persistent (grad_gemm_persistent_kernel, on `sms` CTAs, taking tiles

@@ -642,7 +642,8 @@ class tiled_executor {
 
   // The first-order baseline's share, once the walk is done (dispatch/portable.cuh, share_products): with
   // l = linear_scale and s = class_sum, dE += diag(l) E G, G = C^T C - s s^T / V, and dC += C H - (s / V) H,
-  // H = E^T (diag(l) E), the matrices and the scaled rows rounded to T as the GPU stores them.
+  // H = E^T (diag(l) E), the matrices and the scaled rows rounded to T as the GPU stores them, each formed on and
+  // above its diagonal and mirrored.
   template <class G>
   void add_linear_baselines(const problem<T>& p, const dense_inputs& x, const detail::uniform_baseline_buffers& b,
                             const gradients<G>& out) const {
@@ -651,10 +652,10 @@ class tiled_executor {
     std::vector<float> m(std::size_t(dd * dd));
     if (out.de) {
       for (std::int64_t i = 0; i < dd; ++i)
-        for (std::int64_t j = 0; j < dd; ++j) {
+        for (std::int64_t j = i; j < dd; ++j) {
           float acc = 0.f;
           for (std::int64_t c = 0; c < v; ++c) acc += x.c[std::size_t(c * dd + i)] * x.c[std::size_t(c * dd + j)];
-          m[std::size_t(i * dd + j)] = rounded(acc + b.class_sum[i] * b.class_mean[j]);
+          m[std::size_t(i * dd + j)] = m[std::size_t(j * dd + i)] = rounded(acc + b.class_sum[i] * b.class_mean[j]);
         }
       const std::int64_t ld = out.ld_de ? out.ld_de : dd;
       for (std::int64_t row = 0; row < n; ++row)
@@ -670,11 +671,11 @@ class tiled_executor {
       for (std::int64_t k = 0; k < dd; ++k)
         scaled[std::size_t(row * dd + k)] = rounded(b.linear_scale[row] * x.e[std::size_t(row * dd + k)]);
     for (std::int64_t i = 0; i < dd; ++i)
-      for (std::int64_t j = 0; j < dd; ++j) {
+      for (std::int64_t j = i; j < dd; ++j) {  // the upper triangle, mirrored
         float acc = 0.f;
         for (std::int64_t row = 0; row < n; ++row)
           acc += x.e[std::size_t(row * dd + i)] * scaled[std::size_t(row * dd + j)];
-        m[std::size_t(i * dd + j)] = rounded(acc);
+        m[std::size_t(i * dd + j)] = m[std::size_t(j * dd + i)] = rounded(acc);
       }
     std::vector<float> term(std::size_t(dd), 0.f);
     for (std::int64_t k = 0; k < dd; ++k)

@@ -138,13 +138,15 @@ struct grad_gemm_params {
   // Runs only if *enabled != 0 (null: always): products that the rows decide on the device (the first-order
   // baseline's, dispatch/portable.cuh).
   const int* enabled = nullptr;
-  // A symmetric product (M = N): only the output tiles that reach the diagonal or above; the caller mirrors the rest.
+  // A symmetric product: only the output tiles that reach the diagonal or above; the caller mirrors the rest. The
+  // output's column 0 is column diagonal_col of the symmetric matrix (a slab of its columns).
   bool upper = false;
+  std::int64_t diagonal_col = 0;
 
   __device__ __forceinline__ bool disabled() const { return enabled != nullptr && *enabled == 0; }
   // Whether the output tile at (row0, col0) of `cols` columns is skipped: strictly below the diagonal of an upper one.
   __device__ __forceinline__ bool below_diagonal(std::int64_t row0, std::int64_t col0, int cols) const {
-    return upper && col0 + cols <= row0;
+    return upper && diagonal_col + col0 + cols <= row0;
   }
 
   __device__ __forceinline__ float baseline_scale(std::int64_t row) const {

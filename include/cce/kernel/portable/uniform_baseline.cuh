@@ -230,6 +230,38 @@ __global__ void mirror_lower_kernel(T* m, std::int64_t d, const int* state) {
   }
 }
 
+// The first-order share's C^T C in two halves of the vocabulary added onto zeros in fp32 (dispatch/portable.cuh): the
+// zeros, and the d x d matrix gram from the upper triangle of their sum plus class_sum_i class_mean_j (the term the
+// single product adds in its epilogue), rounded to T and mirrored; each when state[0]. 32 x 32 blocks on or above the
+// diagonal, the mirrored one written through shared memory.
+template <class X>
+__global__ void zero_if_kernel(X* x, std::int64_t count, const int* state) {
+  if (!state[0]) return;
+  for (std::int64_t i = std::int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < count;
+       i += std::int64_t(gridDim.x) * blockDim.x)
+    x[i] = X{};
+}
+template <class T>
+__global__ void finish_gram_kernel(const float* sums, const float* class_sum, const float* class_mean, T* gram,
+                                   std::int64_t d, const int* state) {
+  if (!state[0] || blockIdx.x < blockIdx.y) return;
+  __shared__ T tile[32][33];
+  const std::int64_t r0 = std::int64_t(blockIdx.y) * 32, c0 = std::int64_t(blockIdx.x) * 32;
+  for (int i = threadIdx.y; i < 32; i += blockDim.y) {
+    const std::int64_t r = r0 + i, c = c0 + threadIdx.x;
+    if (r < d && c < d && r <= c) {
+      const T x = from_float<T>(sums[r * d + c] + class_sum[r] * class_mean[c]);
+      gram[r * d + c] = x;
+      tile[threadIdx.x][i] = x;
+    }
+  }
+  __syncthreads();
+  for (int i = threadIdx.y; i < 32; i += blockDim.y) {
+    const std::int64_t r = c0 + i, c = r0 + threadIdx.x;
+    if (r < d && c < r) gram[r * d + c] = tile[i][threadIdx.x];
+  }
+}
+
 // slab[i][j] = linear_scale[i] e[i][col0 + j] for j < cols (ld: the slab's pitch), rows [0, n), when state[0]. A block
 // per row, rows strided by the grid (a thread per element would launch ~10^5 blocks, also where no row took the
 // share), 16-byte runs where the rows allow them.

@@ -41,8 +41,12 @@ struct grad_gemm_params_sm90 {
   operand_maps maps;
   grad_gemm_params<T, G, grad_gemm_shape::filter_bn> base;
   int m_tiles = 0, n_tiles = 0;
+  // The K range in this many parts, each a tile of its own (persistent kernel only): every part adds its sum to the
+  // carry (tma_write::carry onto zeros; two addends keep the sum independent of their order).
+  int k_splits = 1;
   tma_write tma = tma_write::none;
   CUtensorMap out_map;  // in boxes of 128 rows by 128 bytes
+  __host__ __device__ int tiles() const { return m_tiles * n_tiles * k_splits; }
 };
 
 // Where consumer warp cw's lane holds its accumulators in the 128 x 256 tile (wgmma.cuh): rows row and row + 8,
@@ -196,26 +200,29 @@ __device__ __forceinline__ void store_runs(const grad_gemm_params<T, G, KTile>& 
   }
 }
 
-// Tile `tile` (in launch order) of a product: where its output lies and which of its k-blocks are multiplied.
+// Tile `tile` (in launch order) of a product: where its output lies and which of its k-blocks are multiplied, the
+// part `tile / (m_tiles n_tiles)` of a split K range (in whole filter tiles).
 struct grad_tile {
   tile::grouped_order pos;
   active_k_tiles<grad_gemm_shape::filter_bn> active;
-  int k_blocks;
+  int k_first, k_end;
 
   template <class T, class G>
   __device__ __forceinline__ grad_tile(const grad_gemm_params_sm90<T, G>& prm, int tile)
-      : pos(tile, prm.m_tiles, prm.n_tiles, 8),
-        active(prm.base.active),
-        k_blocks(int(ceil_div(prm.base.k, std::int64_t(grad_gemm_shape::bk)))) {
+      : pos(tile % (prm.m_tiles * prm.n_tiles), prm.m_tiles, prm.n_tiles, 8), active(prm.base.active) {
+    constexpr int per_flag = grad_gemm_shape::filter_bn / grad_gemm_shape::bk;
+    const int k_blocks = int(ceil_div(prm.base.k, std::int64_t(grad_gemm_shape::bk)));
+    const int part = (k_blocks + prm.k_splits * per_flag - 1) / (prm.k_splits * per_flag) * per_flag;
+    k_first = min(k_blocks, tile / (prm.m_tiles * prm.n_tiles) * part);
+    k_end = min(k_blocks, k_first + part);
     active.fixed_tile = pos.m;
   }
   __device__ __forceinline__ int row0() const { return pos.m * grad_gemm_shape::bm; }
   __device__ __forceinline__ int col0() const { return pos.n * grad_gemm_shape::bn; }
+  __device__ __forceinline__ int k_blocks() const { return k_end - k_first; }
   // The live k-blocks (2 per filter tile), walked by the producer thread alone or by every lane of a consumer warp.
-  __device__ __forceinline__ auto loads() const {
-    return active.template walk_alone<grad_gemm_shape::bk>(0, k_blocks);
-  }
-  __device__ __forceinline__ auto computes() const { return active.template walk<grad_gemm_shape::bk>(0, k_blocks); }
+  __device__ __forceinline__ auto loads() const { return active.template walk_alone<grad_gemm_shape::bk>(0, k_end); }
+  __device__ __forceinline__ auto computes() const { return active.template walk<grad_gemm_shape::bk>(0, k_end); }
 };
 
 // The baseline term of grad_gemm_params into the thread's accumulators of the tile at (row0, col0).
@@ -289,7 +296,7 @@ __device__ __forceinline__ void grad_gemm_tile(const grad_gemm_params_sm90<T, G>
     shrink_registers<S::producer_registers>();
     if (threadIdx.x == 0) {
       ring_position<S::stages> at;
-      ring.load_tile(at, &prm.maps, t.row0(), t.col0(), t.k_blocks, t.loads());
+      ring.load_tile(at, &prm.maps, t.row0(), t.col0(), t.k_end, t.loads(), t.k_first);
     }
     return;
   }
@@ -299,7 +306,7 @@ __device__ __forceinline__ void grad_gemm_tile(const grad_gemm_params_sm90<T, G>
   const int lane = threadIdx.x % 32;
   float acc[128];
   ring_position<S::stages> at;
-  ring.compute_tile(acc, at, t.k_blocks, cw / 4, t.computes());
+  ring.compute_tile(acc, at, t.k_end, cw / 4, t.computes(), t.k_first);
   if (p.row_scale) scale_rows(p, acc, cw, lane, t.row0());
 
   if (prm.tma != tma_write::none) {  // staged in the ring, which every consumer is done with
@@ -348,8 +355,8 @@ template <class T, class G>
 struct grad_gemm_pair_params_sm90 {
   grad_gemm_params_sm90<T, G> de, dc;
   int* queue = nullptr;  // grad_gemm_persistent_kernel: the next tile to take, 0 at launch
-  __host__ __device__ int de_tiles() const { return de.m_tiles * de.n_tiles; }
-  __host__ __device__ int tiles() const { return de_tiles() + dc.m_tiles * dc.n_tiles; }
+  __host__ __device__ int de_tiles() const { return de.tiles(); }
+  __host__ __device__ int tiles() const { return de.tiles() + dc.tiles(); }
 };
 
 template <class T, class G>
@@ -401,7 +408,7 @@ __global__ void __launch_bounds__(grad_gemm_shape::threads, 1)
   // Nothing to walk through where the products have no tiles or the rows turned them off (every thread reads the
   // same).
   const auto idle = [](const grad_gemm_params_sm90<T, G>& q) {
-    return q.m_tiles * q.n_tiles == 0 || q.base.disabled();
+    return q.tiles() == 0 || q.base.disabled();
   };
   if (idle(prm.de) && idle(prm.dc)) return;
 
@@ -429,10 +436,12 @@ __global__ void __launch_bounds__(grad_gemm_shape::threads, 1)
         if (tile >= tiles) break;
         if (tile < de_tiles) {
           const grad_tile t(prm.de, tile);
-          if (!left_alone(prm.de, t)) ring_de.load_tile(at, &prm.de.maps, t.row0(), t.col0(), t.k_blocks, t.loads());
+          if (!left_alone(prm.de, t))
+            ring_de.load_tile(at, &prm.de.maps, t.row0(), t.col0(), t.k_end, t.loads(), t.k_first);
         } else {
           const grad_tile t(prm.dc, tile - de_tiles);
-          if (!left_alone(prm.dc, t)) ring_dc.load_tile(at, &prm.dc.maps, t.row0(), t.col0(), t.k_blocks, t.loads());
+          if (!left_alone(prm.dc, t))
+            ring_dc.load_tile(at, &prm.dc.maps, t.row0(), t.col0(), t.k_end, t.loads(), t.k_first);
         }
       }
     }
@@ -455,9 +464,9 @@ __global__ void __launch_bounds__(grad_gemm_shape::threads, 1)
     const grad_gemm_params_sm90<T, G>& q = de ? prm.de : prm.dc;
     const grad_tile t(q, de ? tile : tile - de_tiles);
     if (left_alone(q, t)) continue;
-    const int computed = de ? ring_de.compute_tile(acc, at, t.k_blocks, cw / 4, t.computes())
-                            : ring_dc.compute_tile(acc, at, t.k_blocks, cw / 4, t.computes());
-    if (adds_nothing(q.base, k_tile_census{computed > 0, computed == t.k_blocks})) continue;
+    const int computed = de ? ring_de.compute_tile(acc, at, t.k_end, cw / 4, t.computes(), t.k_first)
+                            : ring_dc.compute_tile(acc, at, t.k_end, cw / 4, t.computes(), t.k_first);
+    if (adds_nothing(q.base, k_tile_census{computed > 0, computed == t.k_blocks()})) continue;
     if (q.base.row_scale) scale_rows(q.base, acc, cw, lane, t.row0());
     tma_epilogue<P::staging_bytes>(q, t, staged, acc, cw, lane);
   }

@@ -99,11 +99,12 @@ class tile_ring {
   // Arrivals that free a stage: every consumer warp of the CTAs sharing it.
   __device__ __forceinline__ std::uint32_t stage_readers() const { return S::consumer_warps * sharers_; }
 
-  // Producer (one thread): the k-blocks `live` visits of the tile whose A rows start at a0 and B rows at b0.
+  // Producer (one thread): the k-blocks `live` visits in [k_first, k_blocks) of the tile whose A rows start at a0
+  // and B rows at b0.
   template <class Cursor = every_k_block>
   __device__ __forceinline__ void load_tile(ring_position<Stages>& at, const operand_maps* maps, int a0, int b0,
-                                            int k_blocks, Cursor live = {}) const {
-    for (int kb = live.next(0); kb < k_blocks; kb = live.next(kb + 1)) {
+                                            int k_blocks, Cursor live = {}, int k_first = 0) const {
+    for (int kb = live.next(k_first); kb < k_blocks; kb = live.next(kb + 1)) {
       acquire_for_write(bars_, at, a_bytes + b_bytes);
       std::uint64_t* full = &bars_.full[at.stage];
       load_operand<MajorA, S::bm, 1>(smem_ + at.stage * a_bytes, &maps->a, a0, kb, full);
@@ -133,7 +134,7 @@ class tile_ring {
   // many there were.
   template <class Cursor = every_k_block>
   __device__ __forceinline__ int compute_tile(float (&acc)[128], ring_position<Stages>& at, int k_blocks, int wg,
-                                              Cursor live = {}) const {
+                                              Cursor live = {}, int k_first = 0) const {
     // Zeros first and every product accumulating: a zero tile without k-blocks then needs no branch after the loop,
     // which would make the compiler keep both versions of the accumulators, in local memory (2.7 KB of spills in the
     // forward, most of them in its per-tile path).
@@ -141,7 +142,7 @@ class tile_ring {
     for (int i = 0; i < 128; ++i) acc[i] = 0.f;
     int previous = -1, computed = 0;
 #pragma unroll 1
-    for (int kb = live.next(0); kb < k_blocks; kb = live.next(kb + 1)) {
+    for (int kb = live.next(k_first); kb < k_blocks; kb = live.next(kb + 1)) {
       ++computed;
       wait_parity(&bars_.full[at.stage], at.phase);
       fence();
