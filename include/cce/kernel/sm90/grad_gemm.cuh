@@ -32,9 +32,11 @@ static_assert(std::size_t(grad_gemm_shape::bm) * staging_ld * sizeof(float) <=
               "the staged tile fits in the ring");
 
 // What TMA writes at the end of each tile of a launch (tma_store_tile), through grad_gemm_params_sm90::out_map: the
-// uncompensated fp32 carry of a contribution before the last, or an output without carry, compensation, low-rank
-// term or row scatter; nothing where the epilogue stages in fp32 and stores itself.
-enum class tma_write : std::uint8_t { none, carry, output };
+// uncompensated fp32 carry of a contribution before the last, or an output without compensation, low-rank term or
+// row scatter: without a carry, or after the last contribution's carry, which TMA reads first (carry_map; not when
+// gradients accumulate, whose 16-bit sum would then be rounded twice); nothing where the epilogue stages in fp32 and
+// stores itself.
+enum class tma_write : std::uint8_t { none, carry, output, output_after_carry };
 
 template <class T, class G>
 struct grad_gemm_params_sm90 {
@@ -45,7 +47,8 @@ struct grad_gemm_params_sm90 {
   // carry (tma_write::carry onto zeros; two addends keep the sum independent of their order).
   int k_splits = 1;
   tma_write tma = tma_write::none;
-  CUtensorMap out_map;  // in boxes of 128 rows by 128 bytes
+  CUtensorMap out_map;    // in boxes of 128 rows by 128 bytes
+  CUtensorMap carry_map;  // the same, of the carry read by tma_write::output_after_carry
   __host__ __device__ int tiles() const { return m_tiles * n_tiles * k_splits; }
 };
 
@@ -57,58 +60,108 @@ struct accumulator_origin {
       : row((cw / 4) * 64 + (cw % 4) * 16 + lane / 4), col(2 * (lane % 4)) {}
 };
 
-// What TMA writes in the launch of `base` (grad_gemm_params_sm90::tma), and the map it writes through.
+// What TMA writes in the launch of `base` (grad_gemm_params_sm90::tma), and the maps it writes through and reads.
 template <class T, class G, int KTile>
-tma_write encode_output_map(CUtensorMap& map, const grad_gemm_params<T, G, KTile>& base) {
+tma_write encode_output_map(CUtensorMap& map, CUtensorMap& carry_map, const grad_gemm_params<T, G, KTile>& base) {
   constexpr std::uint32_t rows = grad_gemm_shape::bm;
-  if (base.acc != nullptr && !base.last) {
-    const bool carry =
-        base.comp == nullptr && tma_addressable(base.acc, base.n, sizeof(float)) &&
-        encode_sw128(&map, base.acc, base.n, base.m, base.n, tensor_map_type<float>, sizeof(float), rows);
-    return carry ? tma_write::carry : tma_write::none;
-  }
-  const bool output = base.acc == nullptr && base.comp == nullptr && base.rank == 0 && base.out_rows == nullptr &&
+  const auto carry = [&](CUtensorMap& m) {
+    return base.comp == nullptr && tma_addressable(base.acc, base.n, sizeof(float)) &&
+           encode_sw128(&m, base.acc, base.n, base.m, base.n, tensor_map_type<float>, sizeof(float), rows);
+  };
+  if (base.acc != nullptr && !base.last) return carry(map) ? tma_write::carry : tma_write::none;
+  const bool output = base.comp == nullptr && base.rank == 0 && base.out_rows == nullptr &&
                       tma_addressable(base.out, base.ld_out, sizeof(G)) &&
                       encode_sw128(&map, base.out, base.n, base.m, base.ld_out, tensor_map_type<G>, sizeof(G), rows);
-  return output ? tma_write::output : tma_write::none;
+  if (!output) return tma_write::none;
+  if (base.acc == nullptr) return tma_write::output;
+  return !base.accumulate && carry(carry_map) ? tma_write::output_after_carry : tma_write::none;
 }
 
 // The thread that issued the bulk stores: returns once every group it committed has been read from shared memory.
 __device__ __forceinline__ void staging_read() { cuda::ptx::cp_async_bulk_wait_group_read(cuda::ptx::n32_t<0>{}); }
 
-// The consumers' epilogue under tma_write: the tile's 128 x 256 result in E (the output's G, or the carry's float) as
-// boxes of 128 rows by 128 bytes in TMA's 128-byte swizzle (16-byte chunk c of row r at chunk c ^ (r % 8), so that a
-// warp's fragment writes, 8 rows of 16 or 32 bytes, fill all 32 banks), in `staged`, as many boxes at a time as its
-// StagingBytes hold; one thread stores each group of boxes, or adds them to their target in L2 (`add`; a 16-bit tile
-// is rounded, then the sum, as a framework's `grad += g`). The consumers neither load the old values nor wait for
-// the stores: the issuing thread waits only until the last group is read from shared memory, before the staging is
-// written again (staging_read) and before the CTA exits. 4-10 % of the product launches of loss_and_grad, whose short
-// dC tiles each add to the output (docs/performance.md). Each element takes one store or add per launch, in launch
-// order, so the sums do not depend on timing (deterministic mode keeps them).
+// The layout of a 128 x 256 tile of E staged as TMA boxes of 128 rows by 128 bytes, as many at a time as
+// StagingBytes hold (a group), in TMA's 128-byte swizzle: 16-byte chunk c of row r at chunk c ^ (r % 8), so that a
+// warp's fragment accesses, 8 rows of 16 or 32 bytes, fill all 32 banks.
+template <class E, std::uint32_t StagingBytes>
+struct staged_boxes {
+  static constexpr int box_bytes = grad_gemm_shape::bm * 128, box_cols = 128 / sizeof(E);
+  static constexpr int boxes = grad_gemm_shape::bn / box_cols, fragments_per_box = box_cols / 8;
+  static constexpr int per_group = int(StagingBytes / box_bytes) < boxes ? int(StagingBytes / box_bytes) : boxes;
+  static_assert(per_group > 0 && boxes % per_group == 0, "whole groups of boxes");
+  static constexpr int groups = boxes / per_group, fragments_per_group = per_group * fragments_per_box;
+  // Where accumulator fragment j's column pair (accumulator_origin: the lane's columns col, col + 1 of each 8) of
+  // tile row `row` lies in its group's staging.
+  __device__ __forceinline__ static int offset(int j, int row, const accumulator_origin& origin) {
+    const int byte = (8 * (j % fragments_per_box) + origin.col) * int(sizeof(E));
+    return (j % fragments_per_group) / fragments_per_box * box_bytes + row * 128 + ((byte / 16) ^ (row % 8)) * 16 +
+           byte % 16;
+  }
+  __device__ __forceinline__ static std::int32_t box_col(int col0, int group, int b) {
+    return col0 + box_cols * (group * per_group + b);
+  }
+};
+
+// The tile's fp32 carry at (row0, col0), read by TMA through `staged` a group of boxes at a time (one thread arms
+// `loaded`, whose parity every consumer thread tracks in `phase`), added to the thread's accumulators: the carry plus
+// the last contribution, as the staged epilogue adds them.
+template <std::uint32_t StagingBytes>
+__device__ __forceinline__ void add_carry_tile(const CUtensorMap* map, unsigned char* staged, float (&acc)[128],
+                                               int cw, int lane, int row0, int col0, std::uint64_t* loaded,
+                                               std::uint32_t& phase) {
+  using L = staged_boxes<float, StagingBytes>;
+  const bool issuer = cw == 0 && lane == 0;
+  const accumulator_origin origin(cw, lane);
+#pragma unroll
+  for (int group = 0; group < L::groups; ++group) {
+    if (issuer) staging_read();
+    consumer_barrier();  // the staging is free: stores read from it, and every consumer done with the last group
+    if (issuer) {
+      cuda::ptx::mbarrier_arrive_expect_tx(cuda::ptx::sem_release, cuda::ptx::scope_cta, cuda::ptx::space_shared,
+                                           loaded, std::uint32_t(L::per_group * L::box_bytes));
+#pragma unroll
+      for (int b = 0; b < L::per_group; ++b)
+        tma_load_2d(staged + b * L::box_bytes, map, L::box_col(col0, group, b), row0, loaded);
+    }
+    wait_parity(loaded, phase);
+    phase ^= 1u;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int row = origin.row + 8 * r;
+#pragma unroll
+      for (int j = group * L::fragments_per_group; j < (group + 1) * L::fragments_per_group; ++j) {
+        const float2 c = *reinterpret_cast<const float2*>(staged + L::offset(j, row, origin));
+        acc[4 * j + 2 * r] += c.x;
+        acc[4 * j + 2 * r + 1] += c.y;
+      }
+    }
+  }
+  consumer_barrier();  // every consumer done reading before the staging is written again
+}
+
+// The consumers' epilogue under tma_write: the tile's 128 x 256 result in E (the output's G, or the carry's float)
+// staged as staged_boxes in `staged`; one thread stores each group of boxes, or adds them to their target in L2
+// (`add`; a 16-bit tile is rounded, then the sum, as a framework's `grad += g`). The consumers neither load the old
+// values nor wait for the stores: the issuing thread waits only until the last group is read from shared memory,
+// before the staging is written again (staging_read) and before the CTA exits. 4-10 % of the product launches of
+// loss_and_grad, whose short dC tiles each add to the output (docs/performance.md). Each element takes one store or
+// add per launch, in launch order, so the sums do not depend on timing (deterministic mode keeps them).
 template <class E, std::uint32_t StagingBytes>
 __device__ __forceinline__ void tma_store_tile(const CUtensorMap* map, unsigned char* staged, const float (&acc)[128],
                                                int cw, int lane, int row0, int col0, bool add) {
-  constexpr int box_bytes = grad_gemm_shape::bm * 128, box_cols = 128 / sizeof(E);
-  constexpr int boxes = grad_gemm_shape::bn / box_cols, fragments_per_box = box_cols / 8;
-  constexpr int boxes_per_group = int(StagingBytes / box_bytes) < boxes ? int(StagingBytes / box_bytes) : boxes;
-  static_assert(boxes_per_group > 0 && boxes % boxes_per_group == 0, "whole groups of boxes");
-  constexpr int fragments_per_group = boxes_per_group * fragments_per_box;
+  using L = staged_boxes<E, StagingBytes>;
   const bool issuer = cw == 0 && lane == 0;
   const accumulator_origin origin(cw, lane);
-  // Fragment j's column pair lies at byte 8 j sizeof(E) + lane_bytes of its box row.
-  const int lane_bytes = origin.col * int(sizeof(E));
 #pragma unroll
-  for (int group = 0; group < boxes / boxes_per_group; ++group) {
+  for (int group = 0; group < L::groups; ++group) {
     if (issuer) staging_read();
     consumer_barrier();  // the staging is free: read by TMA, and (in the ring) done with by every consumer
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const int row = origin.row + 8 * r;
 #pragma unroll
-      for (int j = group * fragments_per_group; j < (group + 1) * fragments_per_group; ++j) {
-        const int byte = 8 * (j % fragments_per_box) * int(sizeof(E)) + lane_bytes;
-        unsigned char* at = staged + (j % fragments_per_group) / fragments_per_box * box_bytes + row * 128 +
-                            ((byte / 16) ^ (row % 8)) * 16 + byte % 16;
+      for (int j = group * L::fragments_per_group; j < (group + 1) * L::fragments_per_group; ++j) {
+        unsigned char* at = staged + L::offset(j, row, origin);
         const float x0 = acc[4 * j + 2 * r], x1 = acc[4 * j + 2 * r + 1];
         if constexpr (std::is_same_v<E, float>) {
           *reinterpret_cast<float2*>(at) = make_float2(x0, x1);
@@ -122,14 +175,14 @@ __device__ __forceinline__ void tma_store_tile(const CUtensorMap* map, unsigned 
     consumer_barrier();
     if (issuer) {
 #pragma unroll
-      for (int b = 0; b < boxes_per_group; ++b) {
-        const std::int32_t coords[2] = {col0 + box_cols * (group * boxes_per_group + b), row0};
+      for (int b = 0; b < L::per_group; ++b) {
+        const std::int32_t coords[2] = {L::box_col(col0, group, b), row0};
         if (add)
           cuda::ptx::cp_reduce_async_bulk_tensor(cuda::ptx::space_global, cuda::ptx::space_shared, cuda::ptx::op_add,
-                                                 map, coords, staged + b * box_bytes);
+                                                 map, coords, staged + b * L::box_bytes);
         else
           cuda::ptx::cp_async_bulk_tensor(cuda::ptx::space_global, cuda::ptx::space_shared, map, coords,
-                                          staged + b * box_bytes);
+                                          staged + b * L::box_bytes);
       }
       cuda::ptx::cp_async_bulk_commit_group();
     }
@@ -261,13 +314,18 @@ __device__ __forceinline__ void scale_rows(const grad_gemm_params<T, G, KTile>& 
   }
 }
 
-// The TMA epilogue of a tile of `prm` (prm.tma != none), staged in `staged`.
+// The TMA epilogue of a tile of `prm` (prm.tma != none), staged in `staged`; the carry it reads completes on
+// `carry_loaded`, whose parity the consumer threads track in `carry_phase`.
 template <std::uint32_t StagingBytes, class T, class G>
 __device__ __forceinline__ void tma_epilogue(const grad_gemm_params_sm90<T, G>& prm, const grad_tile& t,
-                                             unsigned char* staged, float (&acc)[128], int cw, int lane) {
+                                             unsigned char* staged, float (&acc)[128], int cw, int lane,
+                                             std::uint64_t* carry_loaded, std::uint32_t& carry_phase) {
   if (prm.tma == tma_write::carry) {
     tma_store_tile<float, StagingBytes>(&prm.out_map, staged, acc, cw, lane, t.row0(), t.col0(), !prm.base.first);
   } else {
+    if (prm.tma == tma_write::output_after_carry)
+      add_carry_tile<StagingBytes>(&prm.carry_map, staged, acc, cw, lane, t.row0(), t.col0(), carry_loaded,
+                                   carry_phase);
     if (prm.base.baseline_term) add_baseline(prm.base, acc, cw, lane, t.row0(), t.col0());
     tma_store_tile<G, StagingBytes>(&prm.out_map, staged, acc, cw, lane, t.row0(), t.col0(), prm.base.accumulate);
   }
@@ -282,13 +340,17 @@ __device__ __forceinline__ void grad_gemm_tile(const grad_gemm_params_sm90<T, G>
   // Only the sm_90a image has this body (and static shared memory: the host checks for it, dispatch/sm90.cuh).
   extern __shared__ unsigned char smem_raw[];
   __shared__ stage_barriers<S::stages> bars;
+  __shared__ std::uint64_t carry_loaded;
 
   const auto& p = prm.base;
   if (p.disabled()) return;
   const grad_tile t(prm, tile);
   if (p.below_diagonal(t.row0(), t.col0(), S::bn) || adds_nothing(p, census(p, t.active))) return;
 
-  if (threadIdx.x == 0) bars.init(S::consumer_warps);
+  if (threadIdx.x == 0) {
+    cuda::ptx::mbarrier_init(&carry_loaded, 1);
+    bars.init(S::consumer_warps);  // and the fence that makes both visible
+  }
   __syncthreads();
   const ring_type ring(smem_raw, bars);
 
@@ -310,7 +372,9 @@ __device__ __forceinline__ void grad_gemm_tile(const grad_gemm_params_sm90<T, G>
   if (p.row_scale) scale_rows(p, acc, cw, lane, t.row0());
 
   if (prm.tma != tma_write::none) {  // staged in the ring, which every consumer is done with
-    tma_epilogue<ring_type::bytes>(prm, t, reinterpret_cast<unsigned char*>(ring.staging_area()), acc, cw, lane);
+    std::uint32_t carry_phase = 0;
+    tma_epilogue<ring_type::bytes>(prm, t, reinterpret_cast<unsigned char*>(ring.staging_area()), acc, cw, lane,
+                                   &carry_loaded, carry_phase);
     if (cw == 0 && lane == 0) staging_read();
     return;
   }
@@ -405,6 +469,7 @@ __global__ void __launch_bounds__(grad_gemm_shape::threads, 1)
   extern __shared__ unsigned char smem_raw[];
   __shared__ stage_barriers<P::stages> bars;
   __shared__ tile_handoff handoff;
+  __shared__ std::uint64_t carry_loaded;
   // Nothing to walk through where the products have no tiles or the rows turned them off (every thread reads the
   // same).
   const auto idle = [](const grad_gemm_params_sm90<T, G>& q) {
@@ -413,11 +478,12 @@ __global__ void __launch_bounds__(grad_gemm_shape::threads, 1)
   if (idle(prm.de) && idle(prm.dc)) return;
 
   if (threadIdx.x == 0) {
-    bars.init(S::consumer_warps);
     for (int s = 0; s < 2; ++s) {
       cuda::ptx::mbarrier_init(&handoff.full[s], 1);
       cuda::ptx::mbarrier_init(&handoff.empty[s], S::consumer_warps * 32);
     }
+    cuda::ptx::mbarrier_init(&carry_loaded, 1);
+    bars.init(S::consumer_warps);  // and the fence that makes every barrier visible
   }
   __syncthreads();
   const de_ring ring_de(smem_raw, bars);
@@ -454,6 +520,7 @@ __global__ void __launch_bounds__(grad_gemm_shape::threads, 1)
   unsigned char* staged = reinterpret_cast<unsigned char*>(ring_de.staging_area()) + de_ring::bytes;
   float acc[128];
   ring_position<P::stages> at;
+  std::uint32_t carry_phase = 0;
   for (int i = 0;; ++i) {
     const int slot = i % 2;
     wait_parity(&handoff.full[slot], (i / 2) & 1);
@@ -468,7 +535,7 @@ __global__ void __launch_bounds__(grad_gemm_shape::threads, 1)
                             : ring_dc.compute_tile(acc, at, t.k_end, cw / 4, t.computes(), t.k_first);
     if (adds_nothing(q.base, k_tile_census{computed > 0, computed == t.k_blocks()})) continue;
     if (q.base.row_scale) scale_rows(q.base, acc, cw, lane, t.row0());
-    tma_epilogue<P::staging_bytes>(q, t, staged, acc, cw, lane);
+    tma_epilogue<P::staging_bytes>(q, t, staged, acc, cw, lane, &carry_loaded, carry_phase);
   }
   if (cw == 0 && lane == 0) staging_read();  // before the CTA's shared memory goes
 #endif
