@@ -77,3 +77,33 @@ TEST_CASE("without flags the walk visits every K tile", "[walk]") {
     REQUIRE(walked<64>(every, 0, k_tiles) == all);
   }
 }
+
+TEST_CASE("K split in parts at whole flags: each part's walk from its first block, together every live tile once",
+          "[walk]") {
+  constexpr int bk = 64, per_flag = k_tile / bk;
+  std::mt19937 rng(7);
+  for (int trial = 0; trial < 200; ++trial) {
+    const int k_blocks = 1 + int(rng() % 600), parts = 1 + int(rng() % 4);
+    const std::int64_t flag_count = (k_blocks + per_flag - 1) / per_flag;
+    std::vector<std::uint8_t> flags(static_cast<std::size_t>(flag_count));
+    for (auto& f : flags) f = rng() % 3 != 0;
+    tiles a;
+    a.flags = flags.data();
+    a.chunk_tiles = flag_count;
+    INFO("k_blocks " << k_blocks << ", parts " << parts);
+    std::vector<int> seen;
+    int next_first = 0;
+    for (int part = 0; part < parts + 1; ++part) {  // one past the last: empty
+      const cce::detail::k_range r = cce::detail::k_part<k_tile, bk>(k_blocks, parts, part);
+      REQUIRE(r.first == next_first);
+      REQUIRE(r.first <= r.end);
+      REQUIRE((r.first % per_flag == 0 || r.first == k_blocks));
+      if (part == parts) REQUIRE(r.first == k_blocks);
+      auto cursor = a.walk_alone<bk>(0, r.end);  // as grad_tile walks a part
+      for (int t = cursor.next(r.first); t < r.end; t = cursor.next(t + 1)) seen.push_back(t);
+      next_first = r.end;
+    }
+    REQUIRE(next_first == k_blocks);
+    REQUIRE(seen == live<bk>(a, 0, k_blocks));
+  }
+}

@@ -112,6 +112,21 @@ struct active_k_tiles {
   }
 };
 
+// Part `part` of `parts` of a K range of k_blocks blocks of Bk elements, cut at whole flags of KTile so that no flag
+// is split: blocks [first, end), empty for the parts past the range. The parts cover the range once, in order.
+struct k_range {
+  int first, end;
+};
+template <int KTile, int Bk>
+__host__ __device__ __forceinline__ k_range k_part(int k_blocks, int parts, int part) {
+  static_assert(KTile % Bk == 0, "a flag covers whole blocks");
+  constexpr int per_flag = KTile / Bk;
+  const int flags = (k_blocks + per_flag - 1) / per_flag;
+  const int size = (flags + parts - 1) / parts * per_flag;
+  const int first = part * size < k_blocks ? part * size : k_blocks;
+  return {first, first + size < k_blocks ? first + size : k_blocks};
+}
+
 template <class T, class G, int KTile>
 struct grad_gemm_params {
   operand<T> a, b;             // a: M x K, b: N x K in their majors

@@ -263,11 +263,11 @@ struct grad_tile {
   template <class T, class G>
   __device__ __forceinline__ grad_tile(const grad_gemm_params_sm90<T, G>& prm, int tile)
       : pos(tile % (prm.m_tiles * prm.n_tiles), prm.m_tiles, prm.n_tiles, 8), active(prm.base.active) {
-    constexpr int per_flag = grad_gemm_shape::filter_bn / grad_gemm_shape::bk;
     const int k_blocks = int(ceil_div(prm.base.k, std::int64_t(grad_gemm_shape::bk)));
-    const int part = (k_blocks + prm.k_splits * per_flag - 1) / (prm.k_splits * per_flag) * per_flag;
-    k_first = min(k_blocks, tile / (prm.m_tiles * prm.n_tiles) * part);
-    k_end = min(k_blocks, k_first + part);
+    const k_range range = k_part<grad_gemm_shape::filter_bn, grad_gemm_shape::bk>(
+        k_blocks, prm.k_splits, tile / (prm.m_tiles * prm.n_tiles));
+    k_first = range.first;
+    k_end = range.end;
     active.fixed_tile = pos.m;
   }
   __device__ __forceinline__ int row0() const { return pos.m * grad_gemm_shape::bm; }
