@@ -226,6 +226,26 @@ TEST_CASE("loss_and_grad plans logit blocks within its budget", "[api][plan]") {
   CHECK(detail::make_plan<float>(8192, 4096, 32000, 0, false, o, 128, 128, h100, 0).kept_rows == 0);
 }
 
+// The first-order baseline's plan for the GPU case "rows near-uniform to first order skip every tile": at N = 600,
+// D = 256 (its variant 8) the fp32 sums of C^T C fit in the slab's place and the sm_90a path sums two halves of the
+// vocabulary; at N = 200 (its other variants) they do not, and the product takes the whole depth.
+TEST_CASE("the first-order baseline sums C^T C in halves at the GPU case's shape", "[api][plan]") {
+  using policy = tile::default_policy_t<bf16>;
+  const device_info h100{90, 132};
+  options o;
+  o.uniform_tolerance = 1.f / 16;
+  auto plan_for = [&](std::int64_t n) {
+    return detail::make_plan<bf16>(n, 256, 16000, 0, false, o, policy::bm, policy::bn, h100, 0, false, 0,
+                                   policy::forward_ctas_per_sm);
+  };
+  const detail::plan halves = plan_for(600), whole = plan_for(200);
+  REQUIRE(halves.linear());
+  CHECK(halves.gram_sums_fit<bf16>(halves.linear_slab_cols));
+  CHECK(detail::sm90::symmetric_k_splits(256, h100.sm_count) == 2);
+  REQUIRE(whole.linear());
+  CHECK_FALSE(whole.gram_sums_fit<bf16>(whole.linear_slab_cols));
+}
+
 TEST_CASE("every input of the reliability list is checked on the host", "[api][bad-input]") {
   fixture f;
   auto with = [&](auto change) {

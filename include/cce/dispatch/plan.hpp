@@ -278,6 +278,12 @@ struct plan {
     return total - c.bytes();
   }
 
+  // Whether the D x D fp32 sums of C^T C in parts fit in the place of a slab of `slab_cols` columns.
+  template <class T>
+  bool gram_sums_fit(std::int64_t slab_cols) const {
+    return std::size_t(n * slab_cols) * sizeof(T) >= std::size_t(d * d) * sizeof(float);
+  }
+
   template <class T>
   linear_baseline_buffers<T> carve_linear(void* region, std::size_t* bytes = nullptr) const {
     return carve_linear<T>(region, linear_slab_cols, bytes);
@@ -288,8 +294,7 @@ struct plan {
     linear_baseline_buffers<T> b;
     b.gram = c.take<T>(slab_cols > 0 ? d * d : 0);
     b.slab = c.take<T>(n * slab_cols);
-    if (std::size_t(n * slab_cols) * sizeof(T) >= std::size_t(d * d) * sizeof(float))
-      b.gram_sums = reinterpret_cast<float*>(b.slab);
+    if (gram_sums_fit<T>(slab_cols)) b.gram_sums = reinterpret_cast<float*>(b.slab);
     b.tile_queue = c.take<int>(slab_cols > 0 ? 1 : 0);
     if (bytes) *bytes = c.bytes();
     return b;
