@@ -46,7 +46,8 @@ def build(build_dir=None, verbose=False, with_cuda=None) -> pathlib.Path:
         extra_include_paths=includes,
         # the C++ standard is torch's own (C++17 or later: newer releases need C++20), which the library supports
         extra_cflags=["-O2"],
-        extra_cuda_cflags=["-O3", "--expt-relaxed-constexpr"] + _HALF_FLAGS + CUDA_ARCH_FLAGS,
+        # one translation unit: nvcc's threads compile its two images at once, where MAX_JOBS cannot
+        extra_cuda_cflags=["-O3", "--expt-relaxed-constexpr", "--threads=2"] + _HALF_FLAGS + CUDA_ARCH_FLAGS,
         build_directory=str(build_dir),
         with_cuda=with_cuda,
         is_python_module=False,
