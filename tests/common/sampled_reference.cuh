@@ -216,7 +216,7 @@ void run_sampled_case(const sampled_shape& s, options opts, std::size_t budget) 
   const std::size_t mode_budget = budget ? budget : std::size_t(256) << 20;
   CHECK(ws_bytes <= mode_budget);
   const std::int64_t tiles = (s.n / 128 + 1) * (s.v / 128 + 1);
-  CHECK(saved_bytes <= std::size_t(s.n) * 8 + std::size_t(tiles) * 4 + 4096);
+  CHECK(saved_bytes <= std::size_t(s.n) * 8 + std::size_t(tiles) * 8 + 4096);
   device_vector<unsigned char> saved(saved_bytes), ws(ws_bytes);
   device_vector<float> loss(1), lse(std::size_t(s.n));
   forward_outputs out;

@@ -926,6 +926,34 @@ TEST_CASE("filter::mass_threshold: skips exactly below tile_cols * p_max * n_til
   }
 }
 
+// The second bound: a tile whose split holds under eps t_s / n_tiles of the row's non-target mass (callers pass
+// log m_s - log t_s) is skipped whatever its maximum says; either bound alone skips, and NaN or +inf in the share
+// leaves the decision to the maximum.
+TEST_CASE("filter::mass_threshold: a split's share skips below eps / n_tiles per tile", "[primitives][filter]") {
+  std::mt19937_64 rng(0x5eed0502);
+  std::uniform_real_distribution<double> uni(-40.0, 2.0);
+  for (float eps : {filter::auto_eps<__nv_bfloat16>(), filter::auto_eps<float>(), 1e-3f}) {
+    for (long long nt : {1LL, 19LL, 2000LL}) {
+      const filter::mass_threshold f = filter::mass_threshold::make(eps, 128, nt);
+      const double boundary = std::log(double(eps) / double(nt));
+      const double delta = 1e-5 * std::max(1.0, std::fabs(boundary));
+      INFO("eps " << eps << ", tiles " << nt << ", boundary " << boundary);
+      CHECK(f.skip(0.f, float(boundary - delta)));
+      CHECK_FALSE(f.skip(0.f, float(boundary + delta)));
+      CHECK_FALSE(f.skip(0.f, kNaN));
+      CHECK_FALSE(f.skip(0.f, kInf));
+      CHECK_FALSE(f.skip(0.f));
+      CHECK_FALSE(f.skip(kNaN, kNaN));
+      for (int i = 0; i < 200; ++i) {
+        const double lp = double(float(uni(rng))), share = double(float(uni(rng)));
+        if (std::fabs(share - boundary) <= delta || std::fabs(lp - (boundary - std::log(128.0))) <= delta) continue;
+        CHECK(f.skip(float(lp), float(share)) ==
+              (128.0 * std::exp(lp) * double(nt) < double(eps) || std::exp(share) * double(nt) < double(eps)));
+      }
+    }
+  }
+}
+
 TEST_CASE("filter: eps = 0 and filter::none never skip", "[primitives][filter]") {
   const filter::mass_threshold zero = filter::mass_threshold::make(0.f, 128, 1000);
   const filter::none none{};

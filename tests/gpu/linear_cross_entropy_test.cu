@@ -471,6 +471,68 @@ TEST_CASE("GPU: lone targets skip their tiles", "[gpu][baseline]") {
   CHECK(r.filter_tiles[0] == 12);
 }
 
+// The splits' shares (kernel/portable/split_share.cuh) on the benchmark's gpt2 peaked data at V = 16,000: at D = 768 a
+// softcap of 30 holds the dominant logits near 21.8 against N(0, 1) elsewhere, where the tile maxima (about 4.3 over
+// 128 x 128) keep the other tiles (checked on the inputs against the rows' lse, which bounds their non-target one
+// from above). The walk computes only tiles of the splits that hold a row tile's dominant classes (two per row tile
+// at most), the target tiles elsewhere leaving their terms to after it: on both kernel paths, chunked and minimal,
+// and in loss_and_grad over two row blocks.
+TEST_CASE("GPU: splits whose share of the mass is negligible skip their tiles", "[gpu][filter]") {
+  using policy = tile::default_policy_t<__nv_bfloat16>;
+  device_info dev;
+  REQUIRE(current_device(dev) == status::success);
+  test::case_config cfg;
+  cfg.n = 512;
+  cfg.d = 768;
+  cfg.v = 16000;
+  cfg.data = test::regime::peaked;
+  cfg.targets_off_peak = true;
+  cfg.seed = 53;
+  cfg.opts.softcap = 30.f;
+  cfg.extra_row_roundings = cfg.extra_class_roundings = 1;  // the lone targets' terms
+  const detail::plan pl = detail::make_plan<__nv_bfloat16>(cfg.n, cfg.d, cfg.v, 0, false, cfg.opts, policy::bm,
+                                                           policy::bn, dev, 0, false, 0, policy::forward_ctas_per_sm);
+  const tile::tile_grid& g = pl.grid;
+  // Filter tiles of the widest split (of 256-class units, the widest any forward takes), two splits per row tile.
+  const std::int64_t most = g.row_tiles() * 2 * 2 * detail::ceil_div(detail::ceil_div(cfg.v, 256), pl.splits);
+  INFO("splits " << pl.splits << ", at most " << most << " of " << g.tiles() << " tiles");
+  REQUIRE(most < g.tiles() / 4);
+  for (bool hopper : {true, false}) {
+    for (bool minimal : {false, true}) {
+      cfg.opts.hopper_kernels = hopper;
+      cfg.opts.backward_mode = minimal ? backward_mode::minimal : backward_mode::chunked;
+      INFO("hopper " << hopper << " minimal " << minimal);
+      const auto h = test::make_problem<__nv_bfloat16>(cfg);
+      const test::case_results r = run_device<__nv_bfloat16, __nv_bfloat16>(h, 0);
+      test::check_case<__nv_bfloat16, __nv_bfloat16>(h, r, true, test::gradient_check::relative);
+      CHECK(r.filter_tiles[0] <= most);
+      CHECK(r.filter_tiles[0] + r.filter_tiles[1] == g.tiles());
+      if (hopper || minimal) continue;
+      // The first row tile against the last class tile: its maximum over the rows' lse, above the filter's bound.
+      double tile_max = -INFINITY, lse = INFINITY;
+      for (std::int64_t row = 0; row < g.bm; ++row) {
+        lse = std::min(lse, double(r.lse[std::size_t(row)]));
+        for (std::int64_t col = g.col_begin(g.col_tiles() - 1); col < cfg.v; ++col) {
+          double raw = 0.0;
+          for (std::int64_t k = 0; k < cfg.d; ++k)
+            raw += double(detail::to_float(h.e[std::size_t(row * cfg.d + k)])) *
+                   double(detail::to_float(h.c[std::size_t(col * cfg.d + k)]));
+          tile_max = std::max(tile_max, 30.0 * std::tanh(raw / 30.0));
+        }
+      }
+      const auto f =
+          filter::mass_threshold::make(filter::eps_of<__nv_bfloat16>(cfg.opts), g.bn, detail::filter_tiles(g, cfg.v));
+      INFO("log p_max " << tile_max - lse << ", threshold " << f.log_threshold);
+      CHECK_FALSE(f.skip(float(tile_max - lse)));
+    }
+  }
+  cfg.opts.hopper_kernels = true;
+  cfg.opts.backward_mode = backward_mode::chunked;
+  const test::case_results r =
+      run_loss_and_grad_case<__nv_bfloat16, __nv_bfloat16>(cfg, 256, test::gradient_check::relative);
+  CHECK(r.filter_tiles[0] <= most);
+}
+
 // Minimal mode's two passes take their own blocks: over a range of budgets the plans carry dE across chunks, carry
 // dC across row blocks, or hold all rows in one dC block; each distinct plan is checked on both kernel paths.
 TEST_CASE("GPU: minimal's passes at many budgets", "[gpu][minimal]") {

@@ -19,6 +19,7 @@
 #include <cce/kernel/portable/grad_gemm.cuh>
 #include <cce/kernel/portable/lone_targets.cuh>
 #include <cce/kernel/portable/row_kernels.cuh>
+#include <cce/kernel/portable/split_share.cuh>
 #include <cce/kernel/portable/uniform_baseline.cuh>
 #include <cce/kernel/portable/vocab_sort.cuh>
 #include <cce/kernel/sm90/kept_dlogit.cuh>
@@ -374,8 +375,15 @@ class portable_path {
   // Class weights as the tile kernels index them: by the problem's own columns.
   const float* shard_class_weights() const { return p_.class_weights ? p_.class_weights + p_.shard.offset : nullptr; }
 
-  // Logit tiles into per-(row, split) partials, the target logits and the filter's tile maxima.
+  // Logit tiles into per-(row, split) partials, the target logits and the filter's statistics.
   status tile_pass(const saved_buffers& sv, const forward_buffers<T>& fw, bool argmax, cudaStream_t stream) const {
+    std::int64_t split_cols = 0;
+    CCE_TRY(forward_tiles(sv, fw, argmax, split_cols, stream));
+    return split_shares(sv, fw.partials, 0, p_.n, split_cols, stream);
+  }
+  // The forward kernel of tile_pass; the columns of its split unit (its CTA tile) into `split_cols`.
+  status forward_tiles(const saved_buffers& sv, const forward_buffers<T>& fw, bool argmax, std::int64_t& split_cols,
+                       cudaStream_t stream) const {
     if (p_.has_lora()) CCE_TRY(lora_project(fw.lora_p, stream));
     forward_params<T> prm;
     prm.e = {p_.e, p_.e_stride(), p_.n, p_.d};
@@ -391,16 +399,19 @@ class portable_path {
     prm.target_logit = fw.target_logit;
     prm.tile_max = pl_.filter ? sv.tile_max : nullptr;
     const dim3 grid(unsigned(pl_.grid.row_tiles()), unsigned(pl_.splits));
+    split_cols = sm90::forward_shape::bn;
     if (hopper_) return sm90::launch_forward(prm, pl_.sm_count, stream);
     const bool extras = prm.smoothing || prm.argmax;
     if constexpr (has_wide_tiles<T, Policy>) {
       using wide = wide_policy<Policy>;
+      split_cols = wide::bn;
       if (vec_) {  // where the device gives a CTA the wide tile's shared memory
         const status st = launch_tile_kernel<forward_kernel<T, wide, true, 2>>(
             grid, wide::threads, forward_smem_bytes<T, wide>(extras), stream, prm, forward_smem_bytes<T, wide>(true));
         if (st != status::unsupported_arch) return st;
       }
     }
+    split_cols = Policy::bn;
     const std::size_t smem = forward_smem_bytes<T, Policy>(extras);
     const std::size_t most = forward_smem_bytes<T, Policy>(true);
     return vec_ ? launch_tile_kernel<forward_kernel<T, Policy, true>>(grid, Policy::threads, smem, stream, prm, most)
@@ -448,6 +459,22 @@ class portable_path {
     fin.block_sums = block_sums + 2 * (r0 / plan::finalise_threads);
     finalise_kernel<plan::finalise_threads, Rows>
         <<<unsigned(ceil_div(count, plan::finalise_threads)), plan::finalise_threads, 0, stream>>>(fin);
+    return launch_status();
+  }
+
+  // The filter's split shares of rows [r0, r0 + count) (split_share.cuh) from the forward's `partials`, whose splits
+  // are `split_cols` columns wide.
+  status split_shares(const saved_buffers& sv, const row_partial* partials, std::int64_t r0, std::int64_t count,
+                      std::int64_t split_cols, cudaStream_t stream) const {
+    if (!pl_.filter || count == 0) return status::success;
+    split_share_params prm;
+    prm.partials = partials;
+    prm.first_tile = r0 / pl_.grid.bm;
+    prm.grid = pl_.grid;
+    prm.splits = pl_.splits;
+    prm.split_cols = split_cols;
+    prm.share = sv.split_share;
+    split_share_kernel<128><<<unsigned(ceil_div(count, std::int64_t(pl_.grid.bm))), 128, 0, stream>>>(prm);
     return launch_status();
   }
 
@@ -520,6 +547,7 @@ class portable_path {
     prm.grid = pl_.grid;
     prm.first_tile = r0 / pl_.grid.bm;
     prm.tile_max = sv.tile_max;
+    prm.split_share = sv.split_share;
     prm.filter = filter_predicate();
     prm.transform = {o_.softcap, 1.f / o_.temperature};
     prm.coef = bw.coef;
@@ -639,7 +667,8 @@ class portable_path {
     prm.tile_max = pl_.filter ? block_tile_max(sv, r0) : nullptr;
     const pass_buffers<T>& pb = kb.bw.de;
     const sm90::kept_logits kept{reinterpret_cast<__half*>(pb.dz), pb.shape.cols, kb.logit_ref, kept_ref_ld()};
-    return sm90::launch_forward(prm, pl_.sm_count, stream, &kept);
+    CCE_TRY(sm90::launch_forward(prm, pl_.sm_count, stream, &kept));
+    return split_shares(sv, kb.fw.partials, r0, rows, sm90::forward_shape::bn, stream);
   }
 
   // The kept logits of rows [r0, r0 + rows) into dZ, in place: the filter's flags (counted into `counts`), then
@@ -655,6 +684,7 @@ class portable_path {
       flags.coef = kb.bw.coef + r0;
       flags.grid = grid;
       flags.tile_max = filters() ? block_tile_max(sv, r0) : nullptr;
+      flags.split_share = sv.split_share + (r0 / pl_.grid.bm) * pl_.grid.col_tiles();
       flags.filter = filter_predicate();
       flags.tile_counts = counts;
       flags.chunk_cols = pb.shape.cols;
@@ -734,6 +764,7 @@ class portable_path {
     prm.grid = pl_.grid;
     // The sorted walk's tiles are not the forward's: their max logit is taken from the recomputed tile.
     prm.tile_max = filters() && !pl_.sort ? sv.tile_max : nullptr;
+    prm.split_share = sv.split_share;
     prm.filter_in_tile = filters() && pl_.sort;
     prm.filter = filter_predicate();
     prm.row0 = r0;

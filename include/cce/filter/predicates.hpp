@@ -7,6 +7,14 @@
 // tile and 1 - p_y is the row's non-target mass (its cross-entropy gradient is proportional to it). Then all
 // skipped tiles of a row together hold less than eps of what its gradient is made of. Callers pass
 // log(p_max / (1 - p_y)) = tile max logit - (lse + log(1 - p_y)). Target columns are never skipped.
+//
+// A second bound takes the forward's vocab splits whole: the tiles of a split whose share m_s of the non-target mass
+// (bounded over the block's rows) is under eps t_s / n_tiles, t_s its tiles, may be skipped too. Over a row, the
+// splits skipped this way hold under eps t_s / n_tiles each and the tiles skipped by the first bound in the other
+// splits under eps / n_tiles each: under eps in all, as before. Callers pass log m_s - log t_s = (largest log
+// non-target mass of the split over the block's rows) - (min lse_others over them) - log t_s. Where one class holds
+// nearly all of every row's mass and the rest lie flat (logits compressed by a softcap), tile_cols p_max can stand
+// orders of magnitude above the tile's mass, and only the second bound skips the flat splits.
 #pragma once
 
 #include <cce/detail/element_type.hpp>
@@ -22,15 +30,23 @@ struct none {
 
 // Skips when the tile's mass bound, summed over every tile of the row, stays under eps.
 struct mass_threshold {
-  float log_threshold = -detail::inf_f();  // log(eps / (tile_cols * n_tiles))
+  float log_threshold = -detail::inf_f();        // log(eps / (tile_cols * n_tiles))
+  float log_share_threshold = -detail::inf_f();  // log(eps / n_tiles)
 
   CCE_HOST_DEVICE static mass_threshold make(float eps, long long tile_cols, long long n_tiles) {
     mass_threshold f;
-    if (eps > 0.f) f.log_threshold = detail::log_f(eps) - detail::log_f(float(tile_cols) * float(n_tiles));
+    if (eps > 0.f) {
+      f.log_share_threshold = detail::log_f(eps) - detail::log_f(float(n_tiles));
+      f.log_threshold = f.log_share_threshold - detail::log_f(float(tile_cols));
+    }
     return f;
   }
-  // log_p_max = (max logit of the tile over the block's rows) - (min lse over the block's rows).
-  CCE_HOST_DEVICE bool skip(float log_p_max) const { return log_p_max < log_threshold; }
+  // log_p_max = (max logit of the tile over the block's rows) - (min lse over the block's rows); log_split_share =
+  // log m_s - log t_s of the tile's split (+inf: not known). A NaN logit makes both NaN (its row's lse is NaN), and a
+  // NaN fails both comparisons: the tile is kept.
+  CCE_HOST_DEVICE bool skip(float log_p_max, float log_split_share = detail::inf_f()) const {
+    return log_p_max < log_threshold || log_split_share < log_share_threshold;
+  }
 };
 
 // A row is near-uniform when every probability is at most (1 + tolerance) / V: then its deviations from the

@@ -265,6 +265,24 @@ class tiled_executor {
         }
       }
     }
+    if (pl.filter) split_shares(pl, sv, fw.partials);
+  }
+
+  // The filter's split shares (kernel/portable/split_share.cuh) from the partials of tile_pass, whose splits are runs
+  // of the grid's tiles.
+  void split_shares(const detail::plan& pl, const detail::saved_buffers& sv, const row_partial* partials) const {
+    const tile::tile_grid& g = pl.grid;
+    for (std::int64_t rt = 0; rt < g.row_tiles(); ++rt) {
+      for (std::int64_t split = 0; split < pl.splits; ++split) {
+        const std::int64_t ct_begin = tile::split_begin(g.col_tiles(), pl.splits, split);
+        const std::int64_t ct_end = tile::split_begin(g.col_tiles(), pl.splits, split + 1);
+        float m = -detail::inf_f();
+        for (std::int64_t row = g.row_begin(rt); row < g.row_begin(rt) + g.rows_in(rt); ++row)
+          m = detail::max_f(m, partials[row * pl.splits + split].softmax.lse());
+        for (std::int64_t ct = ct_begin; ct < ct_end; ++ct)
+          sv.split_share[rt * g.col_tiles() + ct] = m - detail::log_f(float(ct_end - ct_begin));
+      }
+    }
   }
 
   // Finaliser: merge each row's statistics (split_rows or shard_rows), then per-block (loss, weight) sums, then
@@ -562,14 +580,16 @@ class tiled_executor {
       for (std::int64_t row = g.row_begin(rt); row < g.row_begin(rt) + g.rows_in(rt); ++row) {
         detail::row_coefficients& rc = coef[row];
         if (!rc.kept || rc.target < 0 || rc.dz.baseline != 0.f) continue;
-        if (!f.skip(sv.tile_max[rt * g.col_tiles() + rc.target / g.bn] - min_floor)) continue;
-        float derivative = tf.inv_temperature;
-        if (opt_.softcap > 0.f) {
-          float raw = 0.f;
-          for (std::int64_t k = 0; k < p.d; ++k)
-            raw += x.e[std::size_t(row * p.d + k)] * x.c[std::size_t(rc.target * p.d + k)];
-          derivative = tf.derivative(raw);
-        }
+        const std::int64_t tile = rt * g.col_tiles() + rc.target / g.bn;
+        // The maximum, or the split's share with the target's own odds (lone_targets.cuh).
+        const bool by_max = f.skip(sv.tile_max[tile] - min_floor);
+        const float share = sv.split_share[tile] - min_floor;
+        if (!by_max && !f.skip(detail::inf_f(), share)) continue;
+        float raw = 0.f;
+        for (std::int64_t k = 0; k < p.d; ++k)
+          raw += x.e[std::size_t(row * p.d + k)] * x.c[std::size_t(rc.target * p.d + k)];
+        if (!by_max && !f.skip(detail::inf_f(), log_add_exp(share, tf(raw) - rc.lse_others))) continue;
+        const float derivative = tf.derivative(raw);
         b.target_scale[row] = -rc.dz.ce * rc.dz.target_residual * derivative;
         b.target_class[row] = rc.target;
         rc.target = -1;
@@ -711,7 +731,8 @@ class tiled_executor {
     if (near_uniform) return false;  // only the rows' deviations from their baseline
     const auto f =
         filter::mass_threshold::make(filter::eps_of<T>(opt_), g.bn, detail::filter_tiles(g, p.total_classes()));
-    if (!pl.sort) return !f.skip(sv.tile_max[rt * g.col_tiles() + ct] - min_floor);
+    const std::int64_t tile = rt * g.col_tiles() + ct;
+    if (!pl.sort) return !f.skip(sv.tile_max[tile] - min_floor, sv.split_share[tile] - min_floor);
     tile_logits(p, x, s, bw.lora_p, g, rt, ct, z);
     computed = true;
     float m = -detail::inf_f();
