@@ -474,7 +474,9 @@ class portable_path {
     prm.splits = pl_.splits;
     prm.split_cols = split_cols;
     prm.share = sv.split_share;
-    split_share_kernel<128><<<unsigned(ceil_div(count, std::int64_t(pl_.grid.bm))), 128, 0, stream>>>(prm);
+    constexpr int warps = 8;
+    const dim3 grid(unsigned(ceil_div(count, std::int64_t(pl_.grid.bm))), unsigned(ceil_div(pl_.splits, warps)));
+    split_share_kernel<warps><<<grid, 32 * warps, 0, stream>>>(prm);
     return launch_status();
   }
 

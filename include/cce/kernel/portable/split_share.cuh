@@ -24,30 +24,25 @@ struct split_share_params {
   float* share = nullptr;       // row_tiles x col_tiles of the grid
 };
 
-// One CTA of Threads per row tile of the block.
-template <int Threads>
-__global__ void __launch_bounds__(Threads) split_share_kernel(const __grid_constant__ split_share_params prm) {
+// A warp per (row tile, split): the block's row tiles along x, Warps splits per CTA along y.
+template <int Warps>
+__global__ void __launch_bounds__(32 * Warps) split_share_kernel(const __grid_constant__ split_share_params prm) {
   const tile::tile_grid& g = prm.grid;
+  const std::int64_t s = std::int64_t(blockIdx.y) * Warps + threadIdx.x / 32;
+  if (s >= prm.splits) return;
+  const int lane = threadIdx.x % 32;
   const std::int64_t rt = prm.first_tile + blockIdx.x, first_row = std::int64_t(blockIdx.x) * g.bm;
+  float m = -inf_f();  // max_f keeps a NaN: a NaN row keeps its tiles
+  for (std::int64_t r = lane; r < g.rows_in(rt); r += 32)
+    m = max_f(m, prm.partials[(first_row + r) * prm.splits + s].softmax.lse());
+#pragma unroll
+  for (int mask = 16; mask > 0; mask /= 2) m = max_f(m, shuffle_xor(m, mask));
   const std::int64_t units = ceil_div(g.cols, prm.split_cols), per_unit = prm.split_cols / g.bn;
-  __shared__ float warp_max[Threads / 32];
-  for (std::int64_t s = 0; s < prm.splits; ++s) {
-    float m = -inf_f();  // max_f keeps a NaN: a NaN row keeps its tiles
-    for (std::int64_t r = threadIdx.x; r < g.rows_in(rt); r += Threads)
-      m = max_f(m, prm.partials[(first_row + r) * prm.splits + s].softmax.lse());
-#pragma unroll
-    for (int mask = 16; mask > 0; mask /= 2) m = max_f(m, shuffle_xor(m, mask));
-    if (threadIdx.x % 32 == 0) warp_max[threadIdx.x / 32] = m;
-    __syncthreads();
-#pragma unroll
-    for (int w = 0; w < Threads / 32; ++w) m = max_f(m, warp_max[w]);
-    __syncthreads();  // warp_max is written again for the next split
-    const std::int64_t ft0 = tile::split_begin(units, prm.splits, s) * per_unit;
-    const std::int64_t end = tile::split_begin(units, prm.splits, s + 1) * per_unit;
-    const std::int64_t ft1 = end < g.col_tiles() ? end : g.col_tiles();
-    const float value = m - log_f(float(ft1 - ft0));
-    for (std::int64_t ct = ft0 + threadIdx.x; ct < ft1; ct += Threads) prm.share[rt * g.col_tiles() + ct] = value;
-  }
+  const std::int64_t ft0 = tile::split_begin(units, prm.splits, s) * per_unit;
+  const std::int64_t end = tile::split_begin(units, prm.splits, s + 1) * per_unit;
+  const std::int64_t ft1 = end < g.col_tiles() ? end : g.col_tiles();
+  const float value = m - log_f(float(ft1 - ft0));
+  for (std::int64_t ct = ft0 + lane; ct < ft1; ct += 32) prm.share[rt * g.col_tiles() + ct] = value;
 }
 
 }  // namespace cce::detail
