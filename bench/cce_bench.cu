@@ -134,6 +134,14 @@ void bm_cce(benchmark::State& st, shape s, int regime, method m, float uniform_t
   st.counters["kept_logits"] = run_mode == cce::backward_mode::loss_and_grad;
   const auto it = g_gemm_ms.find(g_key);
   if (it != g_gemm_ms.end()) st.counters["ratio"] = ms / it->second;  // against this run's GEMM
+  if (!forward_only) {  // the share of (row tile, vocab tile) pairs the backward computed, from one more untimed call
+    device_buffer<std::int64_t> tiles(2);
+    g.filter_tiles = tiles.ptr;
+    body();
+    std::int64_t counts[2] = {};
+    CHECK_CUDA(cudaMemcpy(counts, tiles.ptr, sizeof(counts), cudaMemcpyDeviceToHost));
+    if (counts[0] + counts[1] > 0) st.counters["computed_tiles"] = double(counts[0]) / double(counts[0] + counts[1]);
+  }
 }
 
 }  // namespace
