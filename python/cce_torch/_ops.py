@@ -31,11 +31,11 @@ def _aligned(nbytes):
 
 def saved_nbytes(n, v, dtype, filtered):
     """Bytes of the state the forward saves for the backward: lse and the non-target lse per row, two scalars and,
-    with the gradient filter, two floats per (row tile x class tile): its max logit and its vocab split's largest
-    non-target mass. The operator checks the size against the library's own query."""
+    with the gradient filter, per (row tile x class tile) a float, its max logit, and a byte, whether the filter's
+    budget skips its vocab split whole. The operator checks the size against the library's own query."""
     bm, bn = _TILE[dtype]
     tiles = ((n + bm - 1) // bm) * ((v + bn - 1) // bn)
-    return 2 * _aligned(4 * n) + 2 * _ALIGN + (2 * _aligned(4 * tiles) if filtered else 0)
+    return 2 * _aligned(4 * n) + 2 * _ALIGN + (_aligned(4 * tiles) + _aligned(tiles) if filtered else 0)
 
 
 class OpArgs(NamedTuple):

@@ -5,6 +5,7 @@
 #include <random>
 
 #include "../common/host_case.hpp"
+#include "../common/split_budget_check.hpp"
 
 namespace {
 
@@ -456,9 +457,8 @@ TEST_CASE("tiled executor: lone targets skip their tiles", "[executor][filter]")
 // peaked data, scaled down): at D = 1,024 the dominant raw logit is about 32, which a softcap of 19 holds at about
 // 17.7 (saturated: within 0.2 across rows), against N(0, 1) elsewhere. The tile maxima (about 2.8 over run_executor's
 // 16 x 16 tiles) do not skip the other tiles, 16 p_max n_tiles staying above eps (checked on the inputs), but the
-// splits' shares do:
-// only the splits holding a row tile's dominant classes are computed, the target tiles elsewhere leaving their
-// terms to after the walk.
+// split budget does: only the splits holding a row tile's dominant classes are computed, the target tiles elsewhere
+// leaving their terms to after the walk.
 TEST_CASE("tiled executor: splits whose share of the mass is negligible skip their tiles", "[executor][filter]") {
   using bf16 = __nv_bfloat16;
   test::case_config cfg;
@@ -512,6 +512,15 @@ TEST_CASE("tiled executor: splits whose share of the mass is negligible skip the
   test::check_case<bf16, bf16>(h, r, true, test::gradient_check::bound);
   CHECK(r.filter_tiles[0] == computed);
   CHECK(r.filter_tiles[0] + r.filter_tiles[1] == g.tiles());
+
+  // The saved budget: every row's drop under eps, the flat splits skipped.
+  const std::size_t saved_bytes = ex.saved_bytes(h.view()), ws_bytes = ex.workspace_bytes(h.view(), 0);
+  const test::aligned_buffer saved(saved_bytes), ws(ws_bytes);
+  float loss = 0.f;
+  forward_outputs out;
+  out.loss = &loss;
+  REQUIRE(ex.forward(h.view(), out, saved.get(), saved_bytes, ws.get(), ws_bytes) == status::success);
+  CHECK(test::check_split_budget(h, pl, pl.carve_saved(saved.get())) == g.tiles() - computed);
 }
 
 TEST_CASE("tiled executor: low-rank head of rank 1 and 16", "[executor]") {

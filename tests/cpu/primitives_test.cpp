@@ -926,32 +926,49 @@ TEST_CASE("filter::mass_threshold: skips exactly below tile_cols * p_max * n_til
   }
 }
 
-// The second bound: a tile whose split holds under eps t_s / n_tiles of the row's non-target mass (callers pass
-// log m_s - log t_s) is skipped whatever its maximum says; either bound alone skips, and NaN or +inf in the share
-// leaves the decision to the maximum.
-TEST_CASE("filter::mass_threshold: a split's share skips below eps / n_tiles per tile", "[primitives][filter]") {
+// The second rule: a tile whose split the budget takes is skipped whatever its maximum says. The budget: eps for a
+// whole vocabulary, a shard's part (eps col_tiles / n_tiles) otherwise, eps / n_tiles reserved per tile the first rule
+// skips; a split's cost is its mass and its target's against lse_others, less its own tiles' reserve; NaN fails.
+TEST_CASE("filter::split_budget: a row's drop under eps, shards' parts adding up to it", "[primitives][filter]") {
   std::mt19937_64 rng(0x5eed0502);
   std::uniform_real_distribution<double> uni(-40.0, 2.0);
   for (float eps : {filter::auto_eps<__nv_bfloat16>(), filter::auto_eps<float>(), 1e-3f}) {
     for (long long nt : {1LL, 19LL, 2000LL}) {
       const filter::mass_threshold f = filter::mass_threshold::make(eps, 128, nt);
-      const double boundary = std::log(double(eps) / double(nt));
-      const double delta = 1e-5 * std::max(1.0, std::fabs(boundary));
-      INFO("eps " << eps << ", tiles " << nt << ", boundary " << boundary);
-      CHECK(f.skip(0.f, float(boundary - delta)));
-      CHECK_FALSE(f.skip(0.f, float(boundary + delta)));
-      CHECK_FALSE(f.skip(0.f, kNaN));
-      CHECK_FALSE(f.skip(0.f, kInf));
-      CHECK_FALSE(f.skip(0.f));
-      CHECK_FALSE(f.skip(kNaN, kNaN));
-      for (int i = 0; i < 200; ++i) {
-        const double lp = double(float(uni(rng))), share = double(float(uni(rng)));
-        if (std::fabs(share - boundary) <= delta || std::fabs(lp - (boundary - std::log(128.0))) <= delta) continue;
-        CHECK(f.skip(float(lp), float(share)) ==
-              (128.0 * std::exp(lp) * double(nt) < double(eps) || std::exp(share) * double(nt) < double(eps)));
+      INFO("eps " << eps << ", tiles " << nt);
+      CHECK(f.skip(0.f, true));
+      CHECK(f.skip(kNaN, true));
+      CHECK_FALSE(f.skip(0.f, false));
+      const filter::split_budget whole = filter::split_budget::make(eps, nt, nt);
+      CHECK(double(whole.row_mass) == Approx(double(eps)).epsilon(1e-6));
+      CHECK(double(whole.tile_mass) == Approx(double(eps) / double(nt)).epsilon(1e-6));
+      CHECK(whole.admits(0.f));
+      CHECK(whole.admits(whole.row_mass));
+      CHECK_FALSE(whole.admits(std::nextafter(whole.row_mass, kInf)));
+      CHECK_FALSE(whole.admits(kNaN));
+      CHECK_FALSE(whole.admits(kInf));
+      // Shards of nt / 4 tiles each (their n_tiles counts every other class as a tile): parts add up to under eps.
+      const long long part = std::max(1LL, nt / 4), shards = (nt + part - 1) / part;
+      double total = 0.0;
+      for (long long k = 0; k < shards; ++k) {
+        const long long mine = std::min(part, nt - k * part), others = 128 * (nt - mine);
+        total += double(filter::split_budget::make(eps, mine, mine + others).row_mass);
       }
+      CHECK(total <= double(eps) * (1.0 + 1e-6));
+      for (int i = 0; i < 200; ++i) {
+        const double mass = double(float(uni(rng))), target = double(float(uni(rng))), lse = double(float(uni(rng)));
+        const int first_rule = int(rng() % 4);
+        const double terms[3] = {std::exp(mass - lse), std::exp(target - lse), double(whole.tile_mass) * first_rule};
+        const double want = terms[0] + terms[1] - terms[2];  // float rounding: relative to the terms, not the sum
+        CHECK(double(whole.cost(float(mass), float(target), float(lse), first_rule)) ==
+              Approx(want).epsilon(0).margin(1e-5 * (terms[0] + terms[1] + terms[2])));
+      }
+      CHECK(double(whole.cost(-20.f, -kInf, 0.f, 0)) == Approx(std::exp(-20.0)).epsilon(1e-5));
+      CHECK(std::isnan(whole.cost(kNaN, -kInf, 0.f, 0)));
+      CHECK_FALSE(whole.admits(whole.cost(0.f, -kInf, -kInf, 0)));  // no other class: never skipped
     }
   }
+  CHECK(filter::split_budget::make(0.f, 10, 10).row_mass == 0.f);
 }
 
 TEST_CASE("filter: eps = 0 and filter::none never skip", "[primitives][filter]") {

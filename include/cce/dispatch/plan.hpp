@@ -170,9 +170,9 @@ struct saved_buffers {
   float* class_weight_total = nullptr;  // 1: W = sum_v w_v (V without class weights)
   float* lse_others = nullptr;          // N: log-sum-exp of the non-target classes (lse for rows without a target)
   float* tile_max = nullptr;            // row_tiles x col_tiles: max logit of each tile, for the gradient filter
-  // row_tiles x col_tiles: the largest log non-target mass of a row in the forward split holding the tile, less log
-  // of the split's tiles (filter::mass_threshold; kernel/portable/split_share.cuh)
-  float* split_share = nullptr;
+  // row_tiles x col_tiles: 1 where the filter's split budget skips the forward split holding the tile whole
+  // (filter::split_budget; kernel/portable/split_skip.cuh)
+  std::uint8_t* split_skip = nullptr;
 };
 
 struct plan {
@@ -240,7 +240,7 @@ struct plan {
     s.class_weight_total = c.take<float>(1);
     s.lse_others = c.take<float>(n);
     s.tile_max = c.take<float>(filter ? grid.tiles() : 0);
-    s.split_share = c.take<float>(filter ? grid.tiles() : 0);
+    s.split_skip = c.take<std::uint8_t>(filter ? grid.tiles() : 0);
     if (bytes) *bytes = c.bytes();
     return s;
   }

@@ -19,7 +19,7 @@
 #include <cce/kernel/portable/grad_gemm.cuh>
 #include <cce/kernel/portable/lone_targets.cuh>
 #include <cce/kernel/portable/row_kernels.cuh>
-#include <cce/kernel/portable/split_share.cuh>
+#include <cce/kernel/portable/split_skip.cuh>
 #include <cce/kernel/portable/uniform_baseline.cuh>
 #include <cce/kernel/portable/vocab_sort.cuh>
 #include <cce/kernel/sm90/kept_dlogit.cuh>
@@ -61,17 +61,19 @@ class portable_path {
 
   status forward(const forward_outputs& out, const saved_buffers& sv, const forward_buffers<T>& fw,
                  cudaStream_t stream) const {
-    if (p_.n > 0) CCE_TRY(tile_pass(sv, fw, out.correct != nullptr, stream));
+    const bool argmax = out.correct != nullptr;
+    if (p_.n > 0) CCE_TRY(forward_tiles(sv, fw, argmax, stream));
     split_rows rows;
     rows.partials = fw.partials;
     rows.splits = pl_.splits;
     rows.target_logit = fw.target_logit;
-    return finalise(rows, out, sv, fw, stream);
+    CCE_TRY(finalise(rows, out, sv, fw, stream));
+    return split_skips(sv, fw.partials, fw.target_logit, 0, p_.n, forward_split_cols(argmax), stream);
   }
 
   // This vocabulary shard's statistics (epilogue/shard_stats.hpp) into `stats`; the filter's tile maxima into sv.
   status shard_forward(void* stats, const saved_buffers& sv, const forward_buffers<T>& fw, cudaStream_t stream) const {
-    if (p_.n > 0) CCE_TRY(tile_pass(sv, fw, true, stream));  // the combine step may be asked for accuracy
+    if (p_.n > 0) CCE_TRY(forward_tiles(sv, fw, true, stream));  // the combine step may be asked for accuracy
     shard_stats_params prm;
     prm.rows.partials = fw.partials;
     prm.rows.splits = pl_.splits;
@@ -83,10 +85,12 @@ class portable_path {
     return launch_status();
   }
 
-  // The global results from every shard's statistics: outputs, loss and the state the shard backward reads.
+  // The global results from every shard's statistics: outputs, loss and the state the shard backward reads (the
+  // split budget of this shard's splits against the rows' global lse_others).
   status combine(const shard_rows& rows, const forward_outputs& out, const saved_buffers& sv,
                  const forward_buffers<T>& fw, cudaStream_t stream) const {
-    return finalise(rows, out, sv, fw, stream);
+    CCE_TRY(finalise(rows, out, sv, fw, stream));
+    return split_skips(sv, fw.partials, fw.target_logit, 0, p_.n, forward_split_cols(true), stream);
   }
 
   template <class G>
@@ -203,6 +207,7 @@ class portable_path {
       block.splits = pl_.splits;
       block.target_logit = kb.fw.target_logit + r0;
       CCE_TRY(finalise_rows(block, out, sv, kb.fw.block_sums, r0, rows, stream));
+      CCE_TRY(split_skips(sv, kb.fw.partials, block.target_logit, r0, rows, sm90::forward_shape::bn, stream));
       CCE_TRY(coefficients(loss_gradient{}, sv, bw, r0, rows, stream));
       CCE_TRY(baseline_sums(bw, r0, rows, stream));
       CCE_TRY(kept_dlogits(sv, kb, r0, rows, counts, stream));
@@ -375,15 +380,20 @@ class portable_path {
   // Class weights as the tile kernels index them: by the problem's own columns.
   const float* shard_class_weights() const { return p_.class_weights ? p_.class_weights + p_.shard.offset : nullptr; }
 
-  // Logit tiles into per-(row, split) partials, the target logits and the filter's statistics.
-  status tile_pass(const saved_buffers& sv, const forward_buffers<T>& fw, bool argmax, cudaStream_t stream) const {
-    std::int64_t split_cols = 0;
-    CCE_TRY(forward_tiles(sv, fw, argmax, split_cols, stream));
-    return split_shares(sv, fw.partials, 0, p_.n, split_cols, stream);
+  // The columns of the forward's split unit (its CTA tile): the sm_90a kernel's, or the portable wide tile's where
+  // the device gives a CTA its shared memory, else the policy's. `extras`: the call sums smoothing or the argmax.
+  std::int64_t forward_split_cols(bool extras) const {
+    if (hopper_) return sm90::forward_shape::bn;
+    if constexpr (has_wide_tiles<T, Policy>) {
+      using wide = wide_policy<Policy>;
+      const std::size_t smem = forward_smem_bytes<T, wide>(extras || o_.label_smoothing != 0.f);
+      if (vec_ && allow_dynamic_smem<forward_kernel<T, wide, true, 2>>(smem, forward_smem_bytes<T, wide>(true)))
+        return wide::bn;
+    }
+    return Policy::bn;
   }
-  // The forward kernel of tile_pass; the columns of its split unit (its CTA tile) into `split_cols`.
-  status forward_tiles(const saved_buffers& sv, const forward_buffers<T>& fw, bool argmax, std::int64_t& split_cols,
-                       cudaStream_t stream) const {
+  // Logit tiles into per-(row, split) partials, the target logits and the filter's tile maxima.
+  status forward_tiles(const saved_buffers& sv, const forward_buffers<T>& fw, bool argmax, cudaStream_t stream) const {
     if (p_.has_lora()) CCE_TRY(lora_project(fw.lora_p, stream));
     forward_params<T> prm;
     prm.e = {p_.e, p_.e_stride(), p_.n, p_.d};
@@ -399,19 +409,15 @@ class portable_path {
     prm.target_logit = fw.target_logit;
     prm.tile_max = pl_.filter ? sv.tile_max : nullptr;
     const dim3 grid(unsigned(pl_.grid.row_tiles()), unsigned(pl_.splits));
-    split_cols = sm90::forward_shape::bn;
     if (hopper_) return sm90::launch_forward(prm, pl_.sm_count, stream);
     const bool extras = prm.smoothing || prm.argmax;
     if constexpr (has_wide_tiles<T, Policy>) {
       using wide = wide_policy<Policy>;
-      split_cols = wide::bn;
-      if (vec_) {  // where the device gives a CTA the wide tile's shared memory
-        const status st = launch_tile_kernel<forward_kernel<T, wide, true, 2>>(
+      if (forward_split_cols(extras) == wide::bn) {
+        return launch_tile_kernel<forward_kernel<T, wide, true, 2>>(
             grid, wide::threads, forward_smem_bytes<T, wide>(extras), stream, prm, forward_smem_bytes<T, wide>(true));
-        if (st != status::unsupported_arch) return st;
       }
     }
-    split_cols = Policy::bn;
     const std::size_t smem = forward_smem_bytes<T, Policy>(extras);
     const std::size_t most = forward_smem_bytes<T, Policy>(true);
     return vec_ ? launch_tile_kernel<forward_kernel<T, Policy, true>>(grid, Policy::threads, smem, stream, prm, most)
@@ -462,21 +468,33 @@ class portable_path {
     return launch_status();
   }
 
-  // The filter's split shares of rows [r0, r0 + count) (split_share.cuh) from the forward's `partials`, whose splits
-  // are `split_cols` columns wide.
-  status split_shares(const saved_buffers& sv, const row_partial* partials, std::int64_t r0, std::int64_t count,
-                      std::int64_t split_cols, cudaStream_t stream) const {
+  // The filter's split budget for rows [r0, r0 + count) once they are finalised (split_skip.cuh): from the forward's
+  // `partials` and target logits of those rows, whose splits are `split_cols` columns wide.
+  status split_skips(const saved_buffers& sv, const row_partial* partials, const float* target_logit, std::int64_t r0,
+                     std::int64_t count, std::int64_t split_cols, cudaStream_t stream) const {
     if (!pl_.filter || count == 0) return status::success;
-    split_share_params prm;
+    const tile::tile_grid& g = pl_.grid;
+    const std::int64_t first_tile = r0 / g.bm, row_tiles = ceil_div(count, std::int64_t(g.bm));
+    if (pl_.splits > filter::split_budget::max_splits) {  // too many to rank: none skipped whole
+      return cudaMemsetAsync(sv.split_skip + first_tile * g.col_tiles(), 0, std::size_t(row_tiles * g.col_tiles()),
+                             stream) == cudaSuccess
+                 ? status::success
+                 : status::cuda_error;
+    }
+    split_skip_params prm;
     prm.partials = partials;
-    prm.first_tile = r0 / pl_.grid.bm;
-    prm.grid = pl_.grid;
+    prm.target_logit = target_logit;
+    prm.lse_others = sv.lse_others + r0;
+    prm.labels = labels(r0);
+    prm.tile_max = sv.tile_max;
+    prm.first_tile = first_tile;
+    prm.grid = g;
     prm.splits = pl_.splits;
     prm.split_cols = split_cols;
-    prm.share = sv.split_share;
-    constexpr int warps = 8;
-    const dim3 grid(unsigned(ceil_div(count, std::int64_t(pl_.grid.bm))), unsigned(ceil_div(pl_.splits, warps)));
-    split_share_kernel<warps><<<grid, 32 * warps, 0, stream>>>(prm);
+    prm.filter = filter_predicate();
+    prm.budget = filter::split_budget::make(filter::eps_of<T>(o_), g.col_tiles(), filter_tiles(g, p_.total_classes()));
+    prm.skip = sv.split_skip;
+    split_skip_kernel<128><<<unsigned(row_tiles), 128, split_skip_smem_bytes(pl_.splits), stream>>>(prm);
     return launch_status();
   }
 
@@ -549,7 +567,7 @@ class portable_path {
     prm.grid = pl_.grid;
     prm.first_tile = r0 / pl_.grid.bm;
     prm.tile_max = sv.tile_max;
-    prm.split_share = sv.split_share;
+    prm.split_skip = sv.split_skip;
     prm.filter = filter_predicate();
     prm.transform = {o_.softcap, 1.f / o_.temperature};
     prm.coef = bw.coef;
@@ -669,8 +687,7 @@ class portable_path {
     prm.tile_max = pl_.filter ? block_tile_max(sv, r0) : nullptr;
     const pass_buffers<T>& pb = kb.bw.de;
     const sm90::kept_logits kept{reinterpret_cast<__half*>(pb.dz), pb.shape.cols, kb.logit_ref, kept_ref_ld()};
-    CCE_TRY(sm90::launch_forward(prm, pl_.sm_count, stream, &kept));
-    return split_shares(sv, kb.fw.partials, r0, rows, sm90::forward_shape::bn, stream);
+    return sm90::launch_forward(prm, pl_.sm_count, stream, &kept);
   }
 
   // The kept logits of rows [r0, r0 + rows) into dZ, in place: the filter's flags (counted into `counts`), then
@@ -686,7 +703,7 @@ class portable_path {
       flags.coef = kb.bw.coef + r0;
       flags.grid = grid;
       flags.tile_max = filters() ? block_tile_max(sv, r0) : nullptr;
-      flags.split_share = sv.split_share + (r0 / pl_.grid.bm) * pl_.grid.col_tiles();
+      flags.split_skip = sv.split_skip + (r0 / pl_.grid.bm) * pl_.grid.col_tiles();
       flags.filter = filter_predicate();
       flags.tile_counts = counts;
       flags.chunk_cols = pb.shape.cols;
@@ -766,7 +783,7 @@ class portable_path {
     prm.grid = pl_.grid;
     // The sorted walk's tiles are not the forward's: their max logit is taken from the recomputed tile.
     prm.tile_max = filters() && !pl_.sort ? sv.tile_max : nullptr;
-    prm.split_share = sv.split_share;
+    prm.split_skip = sv.split_skip;
     prm.filter_in_tile = filters() && pl_.sort;
     prm.filter = filter_predicate();
     prm.row0 = r0;

@@ -8,13 +8,12 @@
 // skipped tiles of a row together hold less than eps of what its gradient is made of. Callers pass
 // log(p_max / (1 - p_y)) = tile max logit - (lse + log(1 - p_y)). Target columns are never skipped.
 //
-// A second bound takes the forward's vocab splits whole: the tiles of a split whose share m_s of the non-target mass
-// (bounded over the block's rows) is under eps t_s / n_tiles, t_s its tiles, may be skipped too. Over a row, the
-// splits skipped this way hold under eps t_s / n_tiles each and the tiles skipped by the first bound in the other
-// splits under eps / n_tiles each: under eps in all, as before. Callers pass log m_s - log t_s = (largest log
-// non-target mass of the split over the block's rows) - (min lse_others over them) - log t_s. Where one class holds
-// nearly all of every row's mass and the rest lie flat (logits compressed by a softcap), tile_cols p_max can stand
-// orders of magnitude above the tile's mass, and only the second bound skips the flat splits.
+// A second rule takes the forward's vocab splits whole (split_budget): per row tile, splits are skipped cheapest
+// first while every row's dropped mass stays under eps: the skipped splits' non-target mass (exact, from the
+// forward's partials), the target's own where it lies in them (its term may then be taken apart, lone_targets.cuh),
+// and eps / n_tiles for each tile that the first bound skips in the other splits. Where one class holds nearly all of
+// every row's mass and the rest lie flat (logits compressed by a softcap), tile_cols p_max can stand orders of
+// magnitude above the tile's mass, and only the second rule skips the flat splits.
 #pragma once
 
 #include <cce/detail/element_type.hpp>
@@ -28,25 +27,49 @@ struct none {
   CCE_HOST_DEVICE bool skip(float /*log_p_max*/) const { return false; }
 };
 
-// Skips when the tile's mass bound, summed over every tile of the row, stays under eps.
+// Skips when the tile's mass bound, summed over every tile of the row, stays under eps, or when the split budget
+// takes the tile's split whole.
 struct mass_threshold {
-  float log_threshold = -detail::inf_f();        // log(eps / (tile_cols * n_tiles))
-  float log_share_threshold = -detail::inf_f();  // log(eps / n_tiles)
+  float log_threshold = -detail::inf_f();  // log(eps / (tile_cols * n_tiles))
 
   CCE_HOST_DEVICE static mass_threshold make(float eps, long long tile_cols, long long n_tiles) {
     mass_threshold f;
-    if (eps > 0.f) {
-      f.log_share_threshold = detail::log_f(eps) - detail::log_f(float(n_tiles));
-      f.log_threshold = f.log_share_threshold - detail::log_f(float(tile_cols));
-    }
+    if (eps > 0.f)
+      f.log_threshold = detail::log_f(eps) - detail::log_f(float(n_tiles)) - detail::log_f(float(tile_cols));
     return f;
   }
-  // log_p_max = (max logit of the tile over the block's rows) - (min lse over the block's rows); log_split_share =
-  // log m_s - log t_s of the tile's split (+inf: not known). A NaN logit makes both NaN (its row's lse is NaN), and a
-  // NaN fails both comparisons: the tile is kept.
-  CCE_HOST_DEVICE bool skip(float log_p_max, float log_split_share = detail::inf_f()) const {
-    return log_p_max < log_threshold || log_split_share < log_share_threshold;
+  // log_p_max = (max logit of the tile over the block's rows) - (min lse_others over the block's rows). A NaN logit
+  // makes it NaN (its row's lse is NaN), which fails the comparison: the tile is kept.
+  CCE_HOST_DEVICE bool skip(float log_p_max, bool split_skipped = false) const {
+    return log_p_max < log_threshold || split_skipped;
   }
+};
+
+// The second rule's budget. A row may drop `row_mass` of its non-target mass: eps, or a vocabulary shard's part of
+// it, eps col_tiles / n_tiles (the shards' parts add up to at most eps). Each tile the first rule skips holds under
+// `tile_mass` = eps / n_tiles; a split skipped whole releases that reserve for its own such tiles.
+struct split_budget {
+  static constexpr long long max_splits = 2048;  // ranked per row tile (in a CTA's shared memory); with more, none
+  float row_mass = 0.f;
+  float tile_mass = 0.f;
+
+  CCE_HOST_DEVICE static split_budget make(float eps, long long col_tiles, long long n_tiles) {
+    split_budget b;
+    if (eps > 0.f) {
+      b.tile_mass = eps / float(n_tiles);
+      b.row_mass = b.tile_mass * float(col_tiles);
+    }
+    return b;
+  }
+  // What skipping a split adds to a row's drop: its non-target mass in the split (log, from the forward's partial),
+  // its target's logit where the target lies there (else -inf), both against the row's lse_others, less the
+  // reserve of the split's `first_rule_tiles`. NaN where the row's statistics are.
+  CCE_HOST_DEVICE float cost(float log_mass, float target_logit, float lse_others, int first_rule_tiles) const {
+    return detail::exp_f(log_mass - lse_others) + detail::exp_f(target_logit - lse_others) -
+           tile_mass * float(first_rule_tiles);
+  }
+  // Whether a row whose drop adds up to `mass` stays within budget (NaN: no).
+  CCE_HOST_DEVICE bool admits(float mass) const { return mass <= row_mass; }
 };
 
 // A row is near-uniform when every probability is at most (1 + tolerance) / V: then its deviations from the

@@ -55,6 +55,7 @@ class tiled_executor {
     const detail::forward_buffers<T> fw = pl.template carve_forward<T>(workspace);
     tile_pass(p, pl, sv, fw);
     finalise(p, pl, split_rows(pl, fw), out, sv, fw);
+    split_skips(p, pl, sv, fw);
     return status::success;
   }
 
@@ -96,7 +97,10 @@ class tiled_executor {
     if (!detail::aligned_to(gathered.data, 16)) return status::misaligned_pointer;
     detail::plan pl;
     if (status s = prepare_forward(p, saved, saved_size, workspace, workspace_size, pl); s != status::success) return s;
-    finalise(p, pl, rows, out, pl.carve_saved(saved), pl.template carve_forward<T>(workspace));
+    const detail::saved_buffers sv = pl.carve_saved(saved);
+    const detail::forward_buffers<T> fw = pl.template carve_forward<T>(workspace);
+    finalise(p, pl, rows, out, sv, fw);
+    split_skips(p, pl, sv, fw);  // this shard's splits against the rows' global lse_others
     return status::success;
   }
 
@@ -265,22 +269,71 @@ class tiled_executor {
         }
       }
     }
-    if (pl.filter) split_shares(pl, sv, fw.partials);
   }
 
-  // The filter's split shares (kernel/portable/split_share.cuh) from the partials of tile_pass, whose splits are runs
-  // of the grid's tiles.
-  void split_shares(const detail::plan& pl, const detail::saved_buffers& sv, const row_partial* partials) const {
+  // The filter's split budget (kernel/portable/split_skip.cuh) once the rows are finalised, from tile_pass's
+  // partials, whose splits are runs of the grid's tiles.
+  void split_skips(const problem<T>& p, const detail::plan& pl, const detail::saved_buffers& sv,
+                   const detail::forward_buffers<T>& fw) const {
+    if (!pl.filter) return;
     const tile::tile_grid& g = pl.grid;
+    const std::int64_t splits = pl.splits;
+    const auto label = labels(p);
+    const float eps = filter::eps_of<T>(opt_);
+    const std::int64_t n_tiles = detail::filter_tiles(g, p.total_classes());
+    const auto f = filter::mass_threshold::make(eps, g.bn, n_tiles);
+    const auto budget = filter::split_budget::make(eps, g.col_tiles(), n_tiles);
+    const auto count = static_cast<std::size_t>(splits);
+    std::vector<int> first_rule(count, 0);
+    std::vector<float> key(count);
+    std::vector<std::int64_t> order(count), rank(count);
     for (std::int64_t rt = 0; rt < g.row_tiles(); ++rt) {
-      for (std::int64_t split = 0; split < pl.splits; ++split) {
-        const std::int64_t ct_begin = tile::split_begin(g.col_tiles(), pl.splits, split);
-        const std::int64_t ct_end = tile::split_begin(g.col_tiles(), pl.splits, split + 1);
+      const std::int64_t r0 = g.row_begin(rt), r1 = r0 + g.rows_in(rt);
+      const auto kept = [&](std::int64_t row) { return label(row).kind == detail::row_label::kept; };
+      float floor = detail::inf_f();
+      for (std::int64_t row = r0; row < r1; ++row)
+        if (kept(row)) floor = detail::min_f(floor, sv.lse_others[row]);
+      int reserved = 0;
+      for (std::int64_t s = 0; s < splits; ++s) {
+        const tile::split_span t = tile::split_col_tiles(g, splits, g.bn, s);
+        first_rule[std::size_t(s)] = 0;
+        for (std::int64_t ct = t.begin; ct < t.end; ++ct)
+          first_rule[std::size_t(s)] += f.skip(sv.tile_max[rt * g.col_tiles() + ct] - floor);
+        reserved += first_rule[std::size_t(s)];
+      }
+      const auto cost = [&](std::int64_t row, std::int64_t s) {
+        const tile::split_span t = tile::split_col_tiles(g, splits, g.bn, s);
+        const std::int32_t col = label.column(label(row));
+        const bool target_here = col >= 0 && col / g.bn >= t.begin && col / g.bn < t.end;
+        return budget.cost(fw.partials[row * splits + s].softmax.lse(),
+                           target_here ? fw.target_logit[row] : -detail::inf_f(), sv.lse_others[row],
+                           first_rule[std::size_t(s)]);
+      };
+      for (std::int64_t s = 0; s < splits; ++s) {
         float m = -detail::inf_f();
-        for (std::int64_t row = g.row_begin(rt); row < g.row_begin(rt) + g.rows_in(rt); ++row)
-          m = detail::max_f(m, partials[row * pl.splits + split].softmax.lse());
-        for (std::int64_t ct = ct_begin; ct < ct_end; ++ct)
-          sv.split_share[rt * g.col_tiles() + ct] = m - detail::log_f(float(ct_end - ct_begin));
+        for (std::int64_t row = r0; row < r1; ++row)
+          if (kept(row)) m = detail::max_f(m, cost(row, s));
+        key[std::size_t(s)] = m == m ? m : detail::inf_f();
+        order[std::size_t(s)] = s;
+      }
+      std::stable_sort(order.begin(), order.end(),
+                       [&](std::int64_t a, std::int64_t b) { return key[std::size_t(a)] < key[std::size_t(b)]; });
+      for (std::int64_t k = 0; k < splits; ++k) rank[std::size_t(order[std::size_t(k)])] = k;
+      std::int64_t prefix = splits > filter::split_budget::max_splits ? 0 : splits;
+      for (std::int64_t row = r0; row < r1; ++row) {
+        if (!kept(row)) continue;
+        float spent = budget.tile_mass * float(reserved);
+        std::int64_t k = 0;
+        for (; k < prefix && key[std::size_t(order[std::size_t(k)])] < detail::inf_f(); ++k) {
+          spent += cost(row, order[std::size_t(k)]);
+          if (!budget.admits(spent)) break;
+        }
+        prefix = k;
+      }
+      for (std::int64_t s = 0; s < splits; ++s) {
+        const tile::split_span t = tile::split_col_tiles(g, splits, g.bn, s);
+        for (std::int64_t ct = t.begin; ct < t.end; ++ct)
+          sv.split_skip[rt * g.col_tiles() + ct] = rank[std::size_t(s)] < prefix;
       }
     }
   }
@@ -581,14 +634,11 @@ class tiled_executor {
         detail::row_coefficients& rc = coef[row];
         if (!rc.kept || rc.target < 0 || rc.dz.baseline != 0.f) continue;
         const std::int64_t tile = rt * g.col_tiles() + rc.target / g.bn;
-        // The maximum, or the split's share with the target's own odds (lone_targets.cuh).
-        const bool by_max = f.skip(sv.tile_max[tile] - min_floor);
-        const float share = sv.split_share[tile] - min_floor;
-        if (!by_max && !f.skip(detail::inf_f(), share)) continue;
+        // The maximum, or the split budget with the target's own mass (lone_targets.cuh).
+        if (!f.skip(sv.tile_max[tile] - min_floor, sv.split_skip[tile] != 0)) continue;
         float raw = 0.f;
         for (std::int64_t k = 0; k < p.d; ++k)
           raw += x.e[std::size_t(row * p.d + k)] * x.c[std::size_t(rc.target * p.d + k)];
-        if (!by_max && !f.skip(detail::inf_f(), log_add_exp(share, tf(raw) - rc.lse_others))) continue;
         const float derivative = tf.derivative(raw);
         b.target_scale[row] = -rc.dz.ce * rc.dz.target_residual * derivative;
         b.target_class[row] = rc.target;
@@ -732,7 +782,7 @@ class tiled_executor {
     const auto f =
         filter::mass_threshold::make(filter::eps_of<T>(opt_), g.bn, detail::filter_tiles(g, p.total_classes()));
     const std::int64_t tile = rt * g.col_tiles() + ct;
-    if (!pl.sort) return !f.skip(sv.tile_max[tile] - min_floor, sv.split_share[tile] - min_floor);
+    if (!pl.sort) return !f.skip(sv.tile_max[tile] - min_floor, sv.split_skip[tile] != 0);
     tile_logits(p, x, s, bw.lora_p, g, rt, ct, z);
     computed = true;
     float m = -detail::inf_f();

@@ -34,6 +34,18 @@ CCE_HOST_DEVICE std::int64_t split_begin(std::int64_t total, std::int64_t parts,
   return (total / parts) * k + (k < total % parts ? k : total % parts);
 }
 
+// The column tiles [begin, end) of forward vocab split s of `splits`, the splits being runs of `unit_cols`-wide units
+// (the forward's CTA tile, a multiple of bn).
+struct split_span {
+  std::int64_t begin = 0, end = 0;
+};
+CCE_HOST_DEVICE split_span split_col_tiles(const tile_grid& g, std::int64_t splits, std::int64_t unit_cols,
+                                           std::int64_t s) {
+  const std::int64_t units = detail::ceil_div(g.cols, unit_cols), per_unit = unit_cols / g.bn;
+  const std::int64_t end = split_begin(units, splits, s + 1) * per_unit;
+  return {split_begin(units, splits, s) * per_unit, end < g.col_tiles() ? end : g.col_tiles()};
+}
+
 // Row tiles whose row-operand tiles (`tile_bytes` each) the CTAs running at once should share: as many as fit in
 // about 16 MiB, a third of an H100's or H200's L2, which leaves room for the column-operand tiles they share. Visiting
 // tiles in groups of these rows (grouped_order) makes the row operand cross DRAM about once; sweeping all rows of a

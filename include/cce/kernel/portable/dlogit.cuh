@@ -32,7 +32,7 @@ struct dlogit_params {
   const row_coefficients* coef = nullptr;  // N
   tile::tile_grid grid;                    // N x V
   const float* tile_max = nullptr;         // row_tiles x col_tiles, null when the filter is off
-  const float* split_share = nullptr;      // row_tiles x col_tiles (saved_buffers), with tile_max
+  const std::uint8_t* split_skip = nullptr;  // row_tiles x col_tiles (saved_buffers), with tile_max
   filter::mass_threshold filter{};
   bool filter_in_tile = false;             // decide from the recomputed tile (sorted columns), tile_max is null
   std::int64_t col_base = 0;               // first column the c, bias, B and weight pointers hold
@@ -99,21 +99,21 @@ __device__ __forceinline__ tile_rows tile_row_summary(const row_coefficients* co
 // target is kept, and so is every tile when the filter is off; without a target, a tile whose rows all take the
 // near-uniform baseline holds only their deviations from it and is skipped.
 __device__ __forceinline__ bool tile_is_active(const tile_rows& t, const tile::tile_grid& g, std::int64_t rt,
-                                               std::int64_t ct, const float* tile_max, const float* split_share,
+                                               std::int64_t ct, const float* tile_max, const std::uint8_t* split_skip,
                                                const filter::mass_threshold& filter) {
   if (!t.kept) return false;
   if (t.target || tile_max == nullptr) return true;
   if (t.near_uniform) return false;
   // NaN in either operand makes the comparison false: the tile is kept.
   const std::int64_t tile = rt * g.col_tiles() + ct;
-  return !filter.skip(tile_max[tile] - t.min_floor, split_share ? split_share[tile] - t.min_floor : inf_f());
+  return !filter.skip(tile_max[tile] - t.min_floor, split_skip != nullptr && split_skip[tile] != 0);
 }
 // The same from the rows themselves. Every thread returns the same answer.
 template <int Threads>
 __device__ __forceinline__ bool tile_is_active(const row_coefficients* coef, const tile::tile_grid& g, std::int64_t rt,
-                                               std::int64_t ct, const float* tile_max, const float* split_share,
+                                               std::int64_t ct, const float* tile_max, const std::uint8_t* split_skip,
                                                const filter::mass_threshold& filter) {
-  return tile_is_active(tile_row_summary<Threads>(coef, g, rt, ct), g, rt, ct, tile_max, split_share, filter);
+  return tile_is_active(tile_row_summary<Threads>(coef, g, rt, ct), g, rt, ct, tile_max, split_skip, filter);
 }
 
 // The flags of a (row block, chunk)'s tiles before any is computed, two filter tiles per CTA: for the sm_90a dlogit
@@ -129,7 +129,7 @@ __global__ void __launch_bounds__(128) tile_flags_kernel(const __grid_constant__
     if (ft >= filter_tiles || prm.v0 + ft * g.bn >= g.cols) break;  // past the chunk or the vocabulary
     const std::int64_t rt = prm.row0 / g.bm + blockIdx.x, ct = prm.v0 / g.bn + ft;
     const tile_rows rows = tile_row_summary<128>(prm.coef, g, rt, ct);
-    const bool significant = tile_is_active(rows, g, rt, ct, prm.tile_max, prm.split_share, prm.filter);
+    const bool significant = tile_is_active(rows, g, rt, ct, prm.tile_max, prm.split_skip, prm.filter);
     const bool computed = prm.significant ? tile_is_active(rows, g, rt, ct, nullptr, nullptr, prm.filter) : significant;
     if (!computed && prm.dbias_partial) {
       for (int c = threadIdx.x; c < g.bn; c += 128) prm.dbias_partial[rt * prm.chunk_cols + ft * g.bn + c] = 0.f;
@@ -198,7 +198,7 @@ __global__ void __launch_bounds__(Policy::threads, Policy::min_blocks) dlogit_ke
   };
   bool active, computed = false;
   if (!prm.filter_in_tile) {
-    active = tile_is_active<Policy::threads>(prm.coef, g, rt, ct, prm.tile_max, prm.split_share, prm.filter);
+    active = tile_is_active<Policy::threads>(prm.coef, g, rt, ct, prm.tile_max, prm.split_skip, prm.filter);
   } else {
     // Sorted columns: recompute the tile, then the predicate on its max logit over the kept rows.
     const tile_rows t = tile_row_summary<Policy::threads>(prm.coef, g, rt, ct);

@@ -5,8 +5,9 @@
 // tiles are most of what the walk would otherwise compute: with 128-row tiles and random targets, each row tile
 // holds a target in 1 - (1 - 128/V)^128 of its 128-class tiles, 40 % at V = 32,064.
 //
-// The decision uses the forward's tile maxima or its splits' shares (filter/predicates.hpp) and the same floor as the
-// walk's (dlogit.cuh, tile_row_summary), so that a row's target is apart only where its tile is skipped. Rows that take
+// The decision uses the forward's tile maxima with the same floor as the walk's (dlogit.cuh, tile_row_summary), or
+// the filter's split budget, which counted the target's own mass where it lies in a skipped split
+// (split_skip.cuh), so that a row's target is apart only where its tile is skipped. Rows that take
 // a baseline are not lone (their draws are deviations from it). The terms go where those of the rows taking a baseline
 // go (uniform_baseline_buffers::target_scale): to onehot_rows_kernel and onehot_classes_kernel (uniform_baseline.cuh),
 // which add them to the gradients as written once the walk and the share's products are done (a 16-bit gradient is
@@ -33,7 +34,7 @@ struct lone_target_params {
   tile::tile_grid grid;             // N x V
   std::int64_t first_tile = 0;      // r0 / bm
   const float* tile_max = nullptr;  // the forward's
-  const float* split_share = nullptr;
+  const std::uint8_t* split_skip = nullptr;
   filter::mass_threshold filter{};
   logit_transform transform{};
   row_coefficients* coef = nullptr;  // of every row (from row 0, as the walk's)
@@ -44,7 +45,7 @@ struct lone_target_params {
 
 // One CTA per row tile: the floor of its kept rows (the walk's, tile_row_summary), then each row whose target tile
 // passes the filter's skip test gives its target term to target_scale (-ce target_residual dz/draw(z_y), z_y
-// recomputed by a warp) and no longer names a target to the walk.
+// recomputed by a warp under a softcap) and no longer names a target to the walk.
 template <class T, int Threads>
 __global__ void __launch_bounds__(Threads) lone_targets_kernel(const __grid_constant__ lone_target_params prm) {
   const tile::tile_grid& g = prm.grid;
@@ -59,22 +60,16 @@ __global__ void __launch_bounds__(Threads) lone_targets_kernel(const __grid_cons
     if (!rc.kept || rc.target < 0 || rc.dz.baseline != 0.f) continue;
     const std::int32_t target = rc.target;
     const std::int64_t tile = rt * g.col_tiles() + target / g.bn;
-    // The tile's maximum (the target's logit included) or its split's share (the target left out) with the target's
-    // own p_y / (1 - p_y) = e^(z_y - lse_others) added, since the row's draw at its target has terms beyond the one
-    // taken apart (the z-loss's) that scale with p_y. NaN: not skipped.
-    const bool by_max = prm.filter.skip(prm.tile_max[tile] - min_floor);
-    const float share = prm.split_share[tile] - min_floor;
-    if (!by_max && !prm.filter.skip(inf_f(), share)) continue;
+    // The tile's maximum (the target's logit included) or the split budget (the target's mass included): the row's
+    // draw at its target has terms beyond the one taken apart (the z-loss's) that scale with p_y. NaN: not skipped.
+    if (!prm.filter.skip(prm.tile_max[tile] - min_floor, prm.split_skip[tile] != 0)) continue;
     float raw = 0.f;
-    if (prm.transform.softcap > 0.f || !by_max) {
+    if (prm.transform.softcap > 0.f) {  // the softcap's derivative at the target
       const T* e = static_cast<const T*>(prm.e) + (first + r) * prm.lde;
       const T* cy = c + std::int64_t(target) * prm.ldc;
       for (std::int64_t k = lane; k < prm.d; k += 32) raw += to_float(e[k]) * to_float(cy[k]);
 #pragma unroll
       for (int mask = 16; mask > 0; mask /= 2) raw += __shfl_xor_sync(0xffffffffu, raw, mask);
-    }
-    if (!by_max && !prm.filter.skip(inf_f(), log_add_exp(share, prm.transform(raw) - rc.lse_others))) {
-      continue;
     }
     const float derivative = prm.transform.derivative(raw);
     __syncwarp();

@@ -1,0 +1,139 @@
+// The filter's second rule (filter/predicates.hpp, split_budget): for each row tile, the forward vocab splits whose
+// tiles the backward skips whole. The forward's (row, split) partials hold each split's non-target mass exactly, and
+// the finaliser has given every row its lse_others, so each row's share of each split is known. The splits are
+// ranked by their largest cost over the tile's kept rows, and the longest prefix of that ranking that every row's
+// budget admits is skipped: a row's drop is then under eps in all (the tiles the first rule skips in the other splits
+// counted at eps / n_tiles each). On rows whose one dominant class stands a softcap's compressed distance above a
+// flat rest, the tile maxima bound the flat tiles orders of magnitude above the mass they hold, and a bound per split
+// (eps t_s / n_tiles each) fails on the rows whose rest holds a little more than the average; the shared budget
+// still takes most of those splits.
+#pragma once
+
+#include <cstdint>
+
+#include <cub/block/block_reduce.cuh>
+
+#include <cce/detail/math.hpp>
+#include <cce/detail/targets.hpp>
+#include <cce/epilogue/row_partial.hpp>
+#include <cce/filter/predicates.hpp>
+#include <cce/tile/tile_grid.hpp>
+
+namespace cce::detail {
+
+struct split_skip_params {
+  const row_partial* partials = nullptr;  // rows x splits, from the block's first row
+  const float* target_logit = nullptr;    // from the block's first row
+  const float* lse_others = nullptr;      // from the block's first row
+  target_reader labels;                   // the block's
+  const float* tile_max = nullptr;        // row_tiles x col_tiles of the grid
+  std::int64_t first_tile = 0;            // the block's first row tile
+  tile::tile_grid grid;                   // N x V
+  std::int64_t splits = 1;
+  std::int64_t split_cols = 0;  // columns of the forward's split unit (its CTA tile), a multiple of grid.bn
+  filter::mass_threshold filter;
+  filter::split_budget budget;
+  std::uint8_t* skip = nullptr;  // row_tiles x col_tiles of the grid
+};
+
+// Shared memory for the ranking of `splits` (at most filter::split_budget::max_splits).
+inline std::size_t split_skip_smem_bytes(std::int64_t splits) { return std::size_t(splits) * 16; }
+
+// One CTA per row tile of the block.
+template <int Threads>
+__global__ void __launch_bounds__(Threads) split_skip_kernel(const __grid_constant__ split_skip_params prm) {
+  using reduce_float = cub::BlockReduce<float, Threads>;
+  using reduce_int = cub::BlockReduce<int, Threads>;
+  __shared__ union {
+    typename reduce_float::TempStorage f;
+    typename reduce_int::TempStorage i;
+  } tmp;
+  __shared__ float floor_shared;
+  __shared__ int int_shared;
+  extern __shared__ float split_smem[];
+  const std::int64_t splits = prm.splits;
+  float* key = split_smem;                            // largest cost over the kept rows (NaN: +inf)
+  int* order = reinterpret_cast<int*>(key + splits);  // splits by rank
+  int* rank = order + splits;
+  int* first_rule = rank + splits;  // tiles the first rule skips
+
+  const tile::tile_grid& g = prm.grid;
+  const std::int64_t rt = prm.first_tile + blockIdx.x, first_row = std::int64_t(blockIdx.x) * g.bm;
+  const std::int64_t rows = g.rows_in(rt);
+  const auto kept = [&](std::int64_t r) { return prm.labels(first_row + r).kind == row_label::kept; };
+
+  // The first rule's floor, as the walk's (dlogit.cuh, tile_row_summary): the kept rows' smallest lse_others.
+  float floor = inf_f();
+  for (std::int64_t r = threadIdx.x; r < rows; r += Threads)
+    if (kept(r)) floor = min_f(floor, prm.lse_others[first_row + r]);
+  floor = reduce_float(tmp.f).Reduce(floor, [](float a, float b) { return min_f(a, b); });
+  if (threadIdx.x == 0) floor_shared = floor;
+  __syncthreads();
+  floor = floor_shared;
+
+  int reserved = 0;
+  for (std::int64_t s = threadIdx.x; s < splits; s += Threads) {
+    const tile::split_span t = tile::split_col_tiles(g, splits, prm.split_cols, s);
+    int n = 0;
+    for (std::int64_t ct = t.begin; ct < t.end; ++ct)
+      n += prm.filter.skip(prm.tile_max[rt * g.col_tiles() + ct] - floor);
+    first_rule[s] = n;
+    reserved += n;
+  }
+  __syncthreads();
+  reserved = reduce_int(tmp.i).Sum(reserved);
+  if (threadIdx.x == 0) int_shared = reserved;
+
+  // A row's cost of split s: its mass there, its target's where the target lies there.
+  const auto cost = [&](std::int64_t r, std::int64_t s, const tile::split_span& t) {
+    const row_label lab = prm.labels(first_row + r);
+    const std::int32_t col = prm.labels.column(lab);
+    const bool target_here = col >= 0 && col / g.bn >= t.begin && col / g.bn < t.end;
+    return prm.budget.cost(prm.partials[(first_row + r) * splits + s].softmax.lse(),
+                           target_here ? prm.target_logit[first_row + r] : -inf_f(), prm.lse_others[first_row + r],
+                           first_rule[s]);
+  };
+  const int lane = threadIdx.x % 32;
+  for (std::int64_t s = threadIdx.x / 32; s < splits; s += Threads / 32) {  // a warp per split
+    const tile::split_span t = tile::split_col_tiles(g, splits, prm.split_cols, s);
+    float m = -inf_f();  // max_f keeps a NaN
+    for (std::int64_t r = lane; r < rows; r += 32)
+      if (kept(r)) m = max_f(m, cost(r, s, t));
+#pragma unroll
+    for (int mask = 16; mask > 0; mask /= 2) m = max_f(m, __shfl_xor_sync(0xffffffffu, m, mask));
+    if (lane == 0) key[s] = m == m ? m : inf_f();
+  }
+  __syncthreads();
+  reserved = int_shared;
+  for (std::int64_t s = threadIdx.x; s < splits; s += Threads) {  // cheapest first, ties by index
+    int k = 0;
+    for (std::int64_t j = 0; j < splits; ++j) k += key[j] < key[s] || (key[j] == key[s] && j < s);
+    order[k] = int(s);
+    rank[s] = k;
+  }
+  __syncthreads();
+
+  // The longest prefix of the ranking within every kept row's budget.
+  int prefix = int(splits);
+  for (std::int64_t r = threadIdx.x; r < rows; r += Threads) {
+    if (!kept(r)) continue;
+    float spent = prm.budget.tile_mass * float(reserved);
+    int k = 0;
+    for (; k < prefix && key[order[k]] < inf_f(); ++k) {
+      const std::int64_t s = order[k];
+      spent += cost(r, s, tile::split_col_tiles(g, splits, prm.split_cols, s));
+      if (!prm.budget.admits(spent)) break;
+    }
+    prefix = k;
+  }
+  prefix = reduce_int(tmp.i).Reduce(prefix, [](int a, int b) { return a < b ? a : b; });
+  if (threadIdx.x == 0) int_shared = prefix;
+  __syncthreads();
+  prefix = int_shared;
+  for (std::int64_t s = threadIdx.x; s < splits; s += Threads) {
+    const tile::split_span t = tile::split_col_tiles(g, splits, prm.split_cols, s);
+    for (std::int64_t ct = t.begin; ct < t.end; ++ct) prm.skip[rt * g.col_tiles() + ct] = rank[s] < prefix;
+  }
+}
+
+}  // namespace cce::detail
