@@ -228,23 +228,35 @@ TEST_CASE("loss_and_grad plans logit blocks within its budget", "[api][plan]") {
 }
 
 // The first-order baseline's plan for the GPU case "rows near-uniform to first order skip every tile": at N = 600,
-// D = 256 (its variant 8) the fp32 sums of C^T C fit in the slab's place and the sm_90a path sums two halves of the
-// vocabulary; at N = 200 (its other variants) they do not, and the product takes the whole depth.
-TEST_CASE("the first-order baseline sums C^T C in halves at the GPU case's shape", "[api][plan]") {
+// D = 256 (its variant 8) one fp32 sum of C^T C fits in the slab's place and the sm_90a path sums two halves of the
+// vocabulary onto it, at N = 1,200 (variant 9) two fit and four parts add onto them; at N = 200 (its other variants)
+// none does, and the product takes the whole depth. At gpt2's shape (12 tiles with work, D = 768) five fit and ten
+// parts take one round of the H100's SMs.
+TEST_CASE("the first-order baseline sums C^T C in parts at the GPU case's shapes", "[api][plan]") {
   using policy = tile::default_policy_t<bf16>;
   const device_info h100{90, 132};
   options o;
   o.uniform_tolerance = 1.f / 16;
-  auto plan_for = [&](std::int64_t n) {
-    return detail::make_plan<bf16>(n, 256, 16000, 0, false, o, policy::bm, policy::bn, h100, 0, false, 0,
+  auto plan_for = [&](std::int64_t n, std::int64_t d, std::int64_t v) {
+    return detail::make_plan<bf16>(n, d, v, 0, false, o, policy::bm, policy::bn, h100, 0, false, 0,
                                    policy::forward_ctas_per_sm);
   };
-  const detail::plan halves = plan_for(600), whole = plan_for(200);
+  auto carries = [](const detail::plan& pl) { return pl.gram_sums_fit<bf16>(pl.linear_slab_cols); };
+  const detail::plan halves = plan_for(600, 256, 16000), quarters = plan_for(1200, 256, 16000),
+                     whole = plan_for(200, 256, 16000), gpt2 = plan_for(8192, 768, 50304);
   REQUIRE(halves.linear());
-  CHECK(halves.gram_sums_fit<bf16>(halves.linear_slab_cols));
-  CHECK(detail::sm90::symmetric_k_splits(256, h100.sm_count) == 2);
+  CHECK(carries(halves) == 1);
+  CHECK(detail::sm90::symmetric_k_splits(256, 16000, h100.sm_count, carries(halves)) == 2);
+  REQUIRE(quarters.linear());
+  CHECK(carries(quarters) == 2);
+  CHECK(detail::sm90::symmetric_k_splits(256, 16000, h100.sm_count, carries(quarters)) == 4);
   REQUIRE(whole.linear());
-  CHECK_FALSE(whole.gram_sums_fit<bf16>(whole.linear_slab_cols));
+  CHECK(carries(whole) == 0);
+  REQUIRE(gpt2.linear());
+  CHECK(carries(gpt2) == 5);
+  CHECK(detail::sm90::symmetric_k_splits(768, 50304, h100.sm_count, carries(gpt2)) == 10);
+  CHECK(detail::sm90::symmetric_k_splits(768, 50304, h100.sm_count, 1) == 2);
+  CHECK(detail::sm90::symmetric_k_splits(3072, 32064, h100.sm_count, 1) == 2);  // phi3.5: 3 rounds of half against 2 of the whole
 }
 
 TEST_CASE("every input of the reliability list is checked on the host", "[api][bad-input]") {

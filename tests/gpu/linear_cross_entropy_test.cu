@@ -354,17 +354,17 @@ TEST_CASE("GPU: near-uniform rows take a baseline and skip their other tiles", "
 // and loss_and_grad over two row blocks with class weights. With every third row of the first row tile far from
 // flat (sharp_rows), that tile's classes are computed with the first-order draws of the other rows in them: without
 // and with a softcap, and in loss_and_grad's logit-keeping path. At N = 600 (N >= 2 D) the sm_90a path sums C^T C
-// in two halves of the vocabulary.
+// in two halves of the vocabulary onto one carry, at N = 1,200 in four parts onto two.
 TEST_CASE("GPU: rows near-uniform to first order skip every tile", "[gpu][baseline]") {
   using policy = tile::default_policy_t<__nv_bfloat16>;
   device_info dev;
   REQUIRE(current_device(dev) == status::success);
   for (bool hopper : {true, false}) {
-    for (int variant = 0; variant < 9; ++variant) {
+    for (int variant = 0; variant < 10; ++variant) {
       test::case_config cfg;
       const bool minimal = variant == 1 || variant == 2, mixed = variant == 6 || variant == 7;
-      // Variant 8: N >= 2 D, so that the fp32 sums of C^T C in parts fit in the slab's place (sm_90a).
-      cfg.n = minimal ? 300 : variant == 8 ? 600 : 200;
+      // Variants 8 and 9: N >= 2 D, so that fp32 sums of C^T C in parts fit in the slab's place (sm_90a): one, two.
+      cfg.n = minimal ? 300 : variant == 8 ? 600 : variant == 9 ? 1200 : 200;
       cfg.d = variant == 4 ? 97 : minimal ? 1024 : 256;
       cfg.v = minimal ? 8000 : 16000;
       cfg.data = variant == 5 || variant == 7 ? test::regime::uniform : test::regime::near_flat;

@@ -131,8 +131,10 @@ struct linear_baseline_buffers {
   T* gram = nullptr;  // D x D
   T* slab = nullptr;  // N x plan::linear_slab_cols
   int* tile_queue = nullptr;  // 1: the tile counter of the sm_90a persistent products
-  // D x D fp32 in the slab's place, where it fits (null otherwise): C^T C summed in parts before the slabs are used.
+  // `gram_carries` D x D fp32 sums in the slab's place, as many as fit (null where none does): C^T C summed in parts
+  // before the slabs are used.
   float* gram_sums = nullptr;
+  std::int64_t gram_carries = 0;
 };
 
 template <class T>
@@ -282,10 +284,10 @@ struct plan {
     return total - c.bytes();
   }
 
-  // Whether the D x D fp32 sums of C^T C in parts fit in the place of a slab of `slab_cols` columns.
+  // How many D x D fp32 sums of C^T C in parts fit in the place of a slab of `slab_cols` columns.
   template <class T>
-  bool gram_sums_fit(std::int64_t slab_cols) const {
-    return std::size_t(n * slab_cols) * sizeof(T) >= std::size_t(d * d) * sizeof(float);
+  std::int64_t gram_sums_fit(std::int64_t slab_cols) const {
+    return d > 0 ? std::int64_t(std::size_t(n * slab_cols) * sizeof(T) / (std::size_t(d * d) * sizeof(float))) : 0;
   }
 
   template <class T>
@@ -298,7 +300,8 @@ struct plan {
     linear_baseline_buffers<T> b;
     b.gram = c.take<T>(slab_cols > 0 ? d * d : 0);
     b.slab = c.take<T>(n * slab_cols);
-    if (gram_sums_fit<T>(slab_cols)) b.gram_sums = reinterpret_cast<float*>(b.slab);
+    b.gram_carries = gram_sums_fit<T>(slab_cols);
+    if (b.gram_carries > 0) b.gram_sums = reinterpret_cast<float*>(b.slab);
     b.tile_queue = c.take<int>(slab_cols > 0 ? 1 : 0);
     if (bytes) *bytes = c.bytes();
     return b;

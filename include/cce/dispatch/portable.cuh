@@ -941,25 +941,27 @@ class portable_path {
     return gemm<G, major::k, major::mn>(dc, stream, lb.tile_queue);
   }
 
-  // C^T C (`gram`, the upper product) in two halves of the vocabulary on the sm_90a persistent kernel, where that
-  // balances its tiles better and lb has room for their fp32 sums; then the matrix with the baseline's term, rounded
-  // and mirrored (finish_gram_kernel). unsupported_arch where it does not run that way (the zeros it may have written
-  // are then unused).
+  // C^T C (`gram`, the upper product) in parts of the vocabulary on the sm_90a persistent kernel, where that balances
+  // its tiles better and lb has room for their fp32 sums (sm90::symmetric_k_splits); then the matrix with the
+  // baseline's term, rounded and mirrored (finish_gram_kernel). unsupported_arch where it does not run that way (the
+  // zeros it may have written are then unused).
   status gram_in_parts(product_params<T> gram, const uniform_baseline_buffers& b,
                        const linear_baseline_buffers<T>& lb, cudaStream_t stream) const {
     const std::int64_t d = p_.d;
-    if (!hopper_ || lb.gram_sums == nullptr || d % 4 != 0 || sm90::symmetric_k_splits(d, pl_.sm_count) < 2)
-      return status::unsupported_arch;
+    if (!hopper_ || lb.gram_sums == nullptr || d % 4 != 0) return status::unsupported_arch;
+    const int parts = sm90::symmetric_k_splits(d, p_.v, pl_.sm_count, lb.gram_carries);
+    if (parts < 2) return status::unsupported_arch;
+    const std::int64_t carries = parts / 2;
     zero_if_kernel<<<unsigned(4 * pl_.sm_count), 256, 0, stream>>>(reinterpret_cast<float4*>(lb.gram_sums),
-                                                                    d * d / 4, b.state);
+                                                                    carries * d * d / 4, b.state);
     CCE_TRY(launch_status());
-    gram.acc = lb.gram_sums;  // each half adds its sum onto the zeros
+    gram.acc = lb.gram_sums;  // each pair of parts adds its sums onto the zeros of its carry
     gram.first = gram.last = false;
     CCE_TRY((sm90::launch_grad_gemm<T, T, Policy::bm, major::mn, major::mn>(gram, stream, lb.tile_queue,
-                                                                             pl_.sm_count, 2)));
+                                                                             pl_.sm_count, parts)));
     const unsigned blocks = unsigned(ceil_div(d, std::int64_t(32)));
-    finish_gram_kernel<T><<<dim3(blocks, blocks), dim3(32, 8), 0, stream>>>(lb.gram_sums, b.class_sum, b.class_mean,
-                                                                            lb.gram, d, b.state);
+    finish_gram_kernel<T><<<dim3(blocks, blocks), dim3(32, 8), 0, stream>>>(lb.gram_sums, carries, b.class_sum,
+                                                                            b.class_mean, lb.gram, d, b.state);
     return launch_status();
   }
 

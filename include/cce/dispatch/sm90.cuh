@@ -161,7 +161,8 @@ status launch_persistent(grad_gemm_pair_params_sm90<T, G>& prm, int* queue, int 
 // A gradient product (dE or dC) of the backward on wgmma: persistent (on at most `sms` CTAs, taking tiles through
 // `queue`) where the caller gives a queue and TMA writes its tiles, else a CTA per tile; unsupported_arch when TMA
 // cannot address an operand (the caller then runs the portable kernel). With `k_splits` > 1 (grad_gemm_params_sm90),
-// only persistent and onto a carry that TMA adds to; unsupported_arch otherwise.
+// only persistent and onto a carry that TMA adds to (k_splits / 2 carries of M x N stacked in base.acc where
+// k_splits > 2, an even count); unsupported_arch otherwise.
 template <class T, class G, int KTile, major MajorA, major MajorB>
 status launch_grad_gemm(const grad_gemm_params<T, G, KTile>& base, cudaStream_t stream, int* queue = nullptr,
                         int sms = 0, int k_splits = 1) {
@@ -174,8 +175,15 @@ status launch_grad_gemm(const grad_gemm_params<T, G, KTile>& base, cudaStream_t 
     if (!encode_grad_gemm<MajorA>(prm, base)) return status::unsupported_arch;
     const int tiles = prm.tiles();
     if (k_splits > 1) {
-      if (queue == nullptr || prm.tma != tma_write::carry || base.first) return status::unsupported_arch;
+      if (queue == nullptr || prm.tma != tma_write::carry || base.first || (k_splits > 2 && k_splits % 2 != 0))
+        return status::unsupported_arch;
       prm.k_splits = k_splits;
+      if (k_splits > 2) {  // the map spans the stacked carries
+        prm.pair_rows = int(base.m);
+        if (!encode_sw128(&prm.out_map, base.acc, base.n, base.m * (k_splits / 2), base.n, tensor_map_type<float>,
+                          sizeof(float), S::bm))
+          return status::unsupported_arch;
+      }
       grad_gemm_pair_params_sm90<T, G> single;
       (MajorA == major::k ? single.de : single.dc) = prm;
       return launch_persistent(single, queue, sms, stream);
@@ -193,16 +201,27 @@ status launch_grad_gemm(const grad_gemm_params<T, G, KTile>& base, cudaStream_t 
   }
 }
 
-// Parts of K for the upper triangle of a symmetric d x d product on `sms` SMs: 2 where the tiles of both halves,
-// taken from the persistent queue, end sooner than the whole tiles (phi3.5: 156 tiles, 2 rounds of the full depth
-// against 3 of half), else 1.
-inline int symmetric_k_splits(std::int64_t d, int sms) {
+// Parts of K for the upper triangle of a symmetric d x d product of depth k on `sms` SMs, with room for `carries`
+// fp32 sums of d x d: 1, 2 (onto one carry) or an even count up to twice the carries (parts 2j and 2j + 1 onto
+// carry j), whichever ends first counting whole rounds of the persistent queue at each part's depth over the tiles
+// on and above the diagonal (phi3.5: 156 tiles, 3 rounds of half the depth against 2 of the whole; gpt2: 12 tiles,
+// with five carries one round of a tenth), each part at least a filter tile of K deep.
+inline int symmetric_k_splits(std::int64_t d, std::int64_t k, int sms, std::int64_t carries) {
   using S = grad_gemm_shape;
   std::int64_t tiles = 0;
   for (std::int64_t rt = 0; rt < ceil_div(d, S::bm); ++rt)
     for (std::int64_t ct = 0; ct < ceil_div(d, S::bn); ++ct) tiles += (ct + 1) * S::bn > rt * S::bm;
-  const std::int64_t s = std::max(sms, 1);
-  return ceil_div(2 * tiles, s) < 2 * ceil_div(tiles, s) ? 2 : 1;
+  const std::int64_t s = std::max(sms, 1), most = std::min<std::int64_t>({2 * carries, ceil_div(k, S::filter_bn), 16});
+  int best = 1;
+  double best_time = double(ceil_div(tiles, s));
+  for (std::int64_t parts = 2; parts <= most; parts += 2) {
+    const double time = double(ceil_div(parts * tiles, s)) / double(parts);
+    if (time < best_time) {
+      best = int(parts);
+      best_time = time;
+    }
+  }
+  return best;
 }
 
 // dE and dC of one dZ block in one launch: persistent (grad_gemm_persistent_kernel, on `sms` CTAs, taking tiles

@@ -242,15 +242,17 @@ __global__ void zero_if_kernel(X* x, std::int64_t count, const int* state) {
     x[i] = X{};
 }
 template <class T>
-__global__ void finish_gram_kernel(const float* sums, const float* class_sum, const float* class_mean, T* gram,
-                                   std::int64_t d, const int* state) {
+__global__ void finish_gram_kernel(const float* sums, std::int64_t carries, const float* class_sum,
+                                   const float* class_mean, T* gram, std::int64_t d, const int* state) {
   if (!state[0] || blockIdx.x < blockIdx.y) return;
   __shared__ T tile[32][33];
   const std::int64_t r0 = std::int64_t(blockIdx.y) * 32, c0 = std::int64_t(blockIdx.x) * 32;
   for (int i = threadIdx.y; i < 32; i += blockDim.y) {
     const std::int64_t r = r0 + i, c = c0 + threadIdx.x;
     if (r < d && c < d && r <= c) {
-      const T x = from_float<T>(sums[r * d + c] + class_sum[r] * class_mean[c]);
+      float sum = sums[r * d + c];
+      for (std::int64_t j = 1; j < carries; ++j) sum += sums[j * d * d + r * d + c];  // in order
+      const T x = from_float<T>(sum + class_sum[r] * class_mean[c]);
       gram[r * d + c] = x;
       tile[threadIdx.x][i] = x;
     }

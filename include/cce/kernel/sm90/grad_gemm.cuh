@@ -44,8 +44,10 @@ struct grad_gemm_params_sm90 {
   grad_gemm_params<T, G, grad_gemm_shape::filter_bn> base;
   int m_tiles = 0, n_tiles = 0;
   // The K range in this many parts, each a tile of its own (persistent kernel only): every part adds its sum to the
-  // carry (tma_write::carry onto zeros; two addends keep the sum independent of their order).
+  // carry (tma_write::carry onto zeros; two addends keep the sum independent of their order). With more than two,
+  // parts 2j and 2j + 1 add to the j-th of the carries stacked `pair_rows` rows apart (out_map spans them all).
   int k_splits = 1;
+  int pair_rows = 0;
   tma_write tma = tma_write::none;
   CUtensorMap out_map;    // in boxes of 128 rows by 128 bytes
   CUtensorMap carry_map;  // the same, of the carry read by tma_write::output_after_carry
@@ -259,13 +261,14 @@ struct grad_tile {
   tile::grouped_order pos;
   active_k_tiles<grad_gemm_shape::filter_bn> active;
   int k_first, k_end;
+  int part;  // of the K range
 
   template <class T, class G>
   __device__ __forceinline__ grad_tile(const grad_gemm_params_sm90<T, G>& prm, int tile)
       : pos(tile % (prm.m_tiles * prm.n_tiles), prm.m_tiles, prm.n_tiles, 8), active(prm.base.active) {
     const int k_blocks = int(ceil_div(prm.base.k, std::int64_t(grad_gemm_shape::bk)));
-    const k_range range = k_part<grad_gemm_shape::filter_bn, grad_gemm_shape::bk>(
-        k_blocks, prm.k_splits, tile / (prm.m_tiles * prm.n_tiles));
+    part = tile / (prm.m_tiles * prm.n_tiles);
+    const k_range range = k_part<grad_gemm_shape::filter_bn, grad_gemm_shape::bk>(k_blocks, prm.k_splits, part);
     k_first = range.first;
     k_end = range.end;
     active.fixed_tile = pos.m;
@@ -321,7 +324,8 @@ __device__ __forceinline__ void tma_epilogue(const grad_gemm_params_sm90<T, G>& 
                                              unsigned char* staged, float (&acc)[128], int cw, int lane,
                                              std::uint64_t* carry_loaded, std::uint32_t& carry_phase) {
   if (prm.tma == tma_write::carry) {
-    tma_store_tile<float, StagingBytes>(&prm.out_map, staged, acc, cw, lane, t.row0(), t.col0(), !prm.base.first);
+    const int row0 = t.row0() + (t.part / 2) * prm.pair_rows;
+    tma_store_tile<float, StagingBytes>(&prm.out_map, staged, acc, cw, lane, row0, t.col0(), !prm.base.first);
   } else {
     if (prm.tma == tma_write::output_after_carry)
       add_carry_tile<StagingBytes>(&prm.carry_map, staged, acc, cw, lane, t.row0(), t.col0(), carry_loaded,
