@@ -574,7 +574,8 @@ class portable_path {
     prm.target_scale = bw.baseline.target_scale + r0;
     prm.target_class = bw.baseline.target_class + r0;
     prm.state = bw.baseline.state;
-    lone_targets_kernel<T, 128><<<unsigned(ceil_div(count, std::int64_t(pl_.grid.bm))), 128, 0, stream>>>(prm);
+    const dim3 grid(unsigned(ceil_div(count, std::int64_t(pl_.grid.bm))), unsigned(lone_target_ctas_per_tile));
+    lone_targets_kernel<T, 128><<<grid, 128, 0, stream>>>(prm);
     return launch_status();
   }
 

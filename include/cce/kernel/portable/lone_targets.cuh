@@ -43,9 +43,34 @@ struct lone_target_params {
   int* state = nullptr;
 };
 
-// One CTA per row tile: the floor of its kept rows (the walk's, tile_row_summary), then each row whose target tile
-// passes the filter's skip test gives its target term to target_scale (-ce target_residual dz/draw(z_y), z_y
-// recomputed by a warp under a softcap) and no longer names a target to the walk.
+// Rows of a row tile that one launch spreads over as many CTAs: a softcap's dot products are most of the work.
+inline constexpr int lone_target_ctas_per_tile = 4;
+
+// e . c over d elements by a warp, in 16-byte runs where both rows allow them; every lane gets the sum.
+template <class T>
+__device__ __forceinline__ float warp_dot(const T* e, const T* c, std::int64_t d, int lane) {
+  constexpr int vec = 16 / sizeof(T);
+  float s = 0.f;
+  if (d % vec == 0 && aligned_to(e, 16) && aligned_to(c, 16)) {
+    for (std::int64_t k = vec * lane; k < d; k += 32 * vec) {
+      const uint4 a = *reinterpret_cast<const uint4*>(e + k), b = *reinterpret_cast<const uint4*>(c + k);
+      const T* x = reinterpret_cast<const T*>(&a);
+      const T* y = reinterpret_cast<const T*>(&b);
+#pragma unroll
+      for (int i = 0; i < vec; ++i) s += to_float(x[i]) * to_float(y[i]);
+    }
+  } else {
+    for (std::int64_t k = lane; k < d; k += 32) s += to_float(e[k]) * to_float(c[k]);
+  }
+#pragma unroll
+  for (int mask = 16; mask > 0; mask /= 2) s += __shfl_xor_sync(0xffffffffu, s, mask);
+  return s;
+}
+
+// Grid: (row tiles, lone_target_ctas_per_tile). Each CTA takes the floor of its row tile's kept rows (the walk's,
+// tile_row_summary), then each of its rows whose target tile passes the filter's skip test gives its target term to
+// target_scale (-ce target_residual dz/draw(z_y), z_y recomputed by a warp under a softcap) and no longer names a
+// target to the walk.
 template <class T, int Threads>
 __global__ void __launch_bounds__(Threads) lone_targets_kernel(const __grid_constant__ lone_target_params prm) {
   const tile::tile_grid& g = prm.grid;
@@ -54,7 +79,8 @@ __global__ void __launch_bounds__(Threads) lone_targets_kernel(const __grid_cons
   const float min_floor = tile_row_summary<Threads>(prm.coef, g, rt, 0).min_floor;  // any column tile: the same
   const T* c = static_cast<const T*>(prm.c);
   const int lane = threadIdx.x % 32;
-  for (std::int64_t r = threadIdx.x / 32; r < rows; r += Threads / 32) {  // a warp per row
+  const std::int64_t step = std::int64_t(gridDim.y) * (Threads / 32);  // a warp per row
+  for (std::int64_t r = blockIdx.y + std::int64_t(gridDim.y) * (threadIdx.x / 32); r < rows; r += step) {
     row_coefficients& rc = prm.coef[g.row_begin(rt) + r];
     // A row that takes a baseline keeps its target (without the share) or has left it already (with it).
     if (!rc.kept || rc.target < 0 || rc.dz.baseline != 0.f) continue;
@@ -63,14 +89,10 @@ __global__ void __launch_bounds__(Threads) lone_targets_kernel(const __grid_cons
     // The tile's maximum (the target's logit included) or the split budget (the target's mass included): the row's
     // draw at its target has terms beyond the one taken apart (the z-loss's) that scale with p_y. NaN: not skipped.
     if (!prm.filter.skip(prm.tile_max[tile] - min_floor, prm.split_skip[tile] != 0)) continue;
-    float raw = 0.f;
-    if (prm.transform.softcap > 0.f) {  // the softcap's derivative at the target
-      const T* e = static_cast<const T*>(prm.e) + (first + r) * prm.lde;
-      const T* cy = c + std::int64_t(target) * prm.ldc;
-      for (std::int64_t k = lane; k < prm.d; k += 32) raw += to_float(e[k]) * to_float(cy[k]);
-#pragma unroll
-      for (int mask = 16; mask > 0; mask /= 2) raw += __shfl_xor_sync(0xffffffffu, raw, mask);
-    }
+    // The softcap's derivative at the target.
+    const float raw = prm.transform.softcap > 0.f ? warp_dot(static_cast<const T*>(prm.e) + (first + r) * prm.lde,
+                                                             c + std::int64_t(target) * prm.ldc, prm.d, lane)
+                                                  : 0.f;
     const float derivative = prm.transform.derivative(raw);
     __syncwarp();
     if (lane == 0) {
