@@ -23,6 +23,7 @@
 #include <cce/epilogue/row_output.hpp>
 #include <cce/filter/predicates.hpp>
 #include <cce/kernel/portable/dlogit.cuh>
+#include <cce/kernel/portable/warp_reduce.cuh>
 #include <cce/tile/tile_grid.hpp>
 
 namespace cce::detail {
@@ -45,27 +46,6 @@ struct lone_target_params {
 
 // Rows of a row tile that one launch spreads over as many CTAs: a softcap's dot products are most of the work.
 inline constexpr int lone_target_ctas_per_tile = 4;
-
-// e . c over d elements by a warp, in 16-byte runs where both rows allow them; every lane gets the sum.
-template <class T>
-__device__ __forceinline__ float warp_dot(const T* e, const T* c, std::int64_t d, int lane) {
-  constexpr int vec = 16 / sizeof(T);
-  float s = 0.f;
-  if (d % vec == 0 && aligned_to(e, 16) && aligned_to(c, 16)) {
-    for (std::int64_t k = vec * lane; k < d; k += 32 * vec) {
-      const uint4 a = *reinterpret_cast<const uint4*>(e + k), b = *reinterpret_cast<const uint4*>(c + k);
-      const T* x = reinterpret_cast<const T*>(&a);
-      const T* y = reinterpret_cast<const T*>(&b);
-#pragma unroll
-      for (int i = 0; i < vec; ++i) s += to_float(x[i]) * to_float(y[i]);
-    }
-  } else {
-    for (std::int64_t k = lane; k < d; k += 32) s += to_float(e[k]) * to_float(c[k]);
-  }
-#pragma unroll
-  for (int mask = 16; mask > 0; mask /= 2) s += __shfl_xor_sync(0xffffffffu, s, mask);
-  return s;
-}
 
 // Grid: (row tiles, lone_target_ctas_per_tile). Each CTA takes the floor of its row tile's kept rows (the walk's,
 // tile_row_summary), then each of its rows whose target tile passes the filter's skip test gives its target term to

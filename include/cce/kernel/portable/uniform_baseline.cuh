@@ -19,6 +19,7 @@
 #include <cce/dispatch/plan.hpp>
 #include <cce/filter/predicates.hpp>
 #include <cce/kernel/portable/element_run.cuh>
+#include <cce/kernel/portable/warp_reduce.cuh>
 #include <cce/tile/tile_grid.hpp>
 
 namespace cce::detail {
@@ -107,29 +108,11 @@ __global__ void baseline_total_kernel(const float* partial, std::int64_t d, std:
 template <class T>
 __global__ void class_norm_kernel(const T* c, std::int64_t ldc, std::int64_t v, std::int64_t d, int* state) {
   if (!(state[0] || state[2]) || state[1]) return;
-  constexpr int vec = 16 / sizeof(T);
-  const bool vectors = d % vec == 0 && ldc % vec == 0 && aligned_to(c, 16);
   const int lane = threadIdx.x % 32;
   const std::int64_t warps = std::int64_t(gridDim.x) * blockDim.x / 32;
   float largest = 0.f;
-  for (std::int64_t row = (std::int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32; row < v; row += warps) {
-    const T* x = c + row * ldc;
-    float ss = 0.f;
-    if (vectors) {
-#pragma unroll 4
-      for (std::int64_t k = vec * lane; k < d; k += 32 * vec) {
-        const uint4 raw = *reinterpret_cast<const uint4*>(x + k);
-        const T* part = reinterpret_cast<const T*>(&raw);
-#pragma unroll
-        for (int e = 0; e < vec; ++e) ss += to_float(part[e]) * to_float(part[e]);
-      }
-    } else {
-      for (std::int64_t k = lane; k < d; k += 32) ss += to_float(x[k]) * to_float(x[k]);
-    }
-#pragma unroll
-    for (int mask = 16; mask > 0; mask /= 2) ss += __shfl_xor_sync(0xffffffffu, ss, mask);
-    largest = max_f(largest, ss);
-  }
+  for (std::int64_t row = (std::int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32; row < v; row += warps)
+    largest = max_f(largest, warp_dot(c + row * ldc, c + row * ldc, d, lane));
   if (lane == 0) atomicMax(state + 3, largest == largest ? __float_as_int(largest) : 0x7fffffff);  // NaN wins
 }
 

@@ -1,7 +1,8 @@
-// Warp-level exchange of the epilogue's per-row and per-column values. Fixed butterfly patterns, so results are
-// independent of scheduling (deterministic).
+// Warp-level exchange of the epilogue's per-row and per-column values, and a warp's dot product of two rows. Fixed
+// butterfly patterns, so results are independent of scheduling (deterministic).
 #pragma once
 
+#include <cce/detail/element_type.hpp>
 #include <cce/detail/math.hpp>
 #include <cce/epilogue/row_partial.hpp>
 
@@ -27,6 +28,28 @@ __device__ __forceinline__ float warp_max_all(float x) {
 #pragma unroll
   for (int mask = 16; mask > 0; mask /= 2) x = max_f(x, shuffle_xor(x, mask));
   return x;
+}
+
+// a . b over d elements by a warp, in 16-byte runs where both rows allow them; every lane gets the sum.
+template <class T>
+__device__ __forceinline__ float warp_dot(const T* a, const T* b, std::int64_t d, int lane) {
+  constexpr int vec = 16 / sizeof(T);
+  float s = 0.f;
+  if (d % vec == 0 && aligned_to(a, 16) && aligned_to(b, 16)) {
+#pragma unroll 4
+    for (std::int64_t k = vec * lane; k < d; k += 32 * vec) {
+      const uint4 x = *reinterpret_cast<const uint4*>(a + k), y = *reinterpret_cast<const uint4*>(b + k);
+      const T* xs = reinterpret_cast<const T*>(&x);
+      const T* ys = reinterpret_cast<const T*>(&y);
+#pragma unroll
+      for (int i = 0; i < vec; ++i) s += to_float(xs[i]) * to_float(ys[i]);
+    }
+  } else {
+    for (std::int64_t k = lane; k < d; k += 32) s += to_float(a[k]) * to_float(b[k]);
+  }
+#pragma unroll
+  for (int mask = 16; mask > 0; mask /= 2) s += shuffle_xor(s, mask);
+  return s;
 }
 
 }  // namespace cce::detail
