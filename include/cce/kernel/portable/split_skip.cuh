@@ -36,8 +36,13 @@ struct split_skip_params {
   std::uint8_t* skip = nullptr;  // row_tiles x col_tiles of the grid
 };
 
+// The ranking's loop over the keys loads whole 16-byte vectors, up to 3 floats past the last key: their array is
+// padded to a multiple of 4 so that those loads never touch the ranks being written.
+__host__ __device__ inline std::int64_t ranked_keys(std::int64_t splits) { return (splits + 3) / 4 * 4; }
 // Shared memory for the ranking of `splits` (at most filter::split_budget::max_splits).
-inline std::size_t split_skip_smem_bytes(std::int64_t splits) { return std::size_t(splits) * 16; }
+inline std::size_t split_skip_smem_bytes(std::int64_t splits) {
+  return std::size_t(ranked_keys(splits) + 3 * splits) * 4;
+}
 
 // One CTA per row tile of the block.
 template <int Threads>
@@ -52,8 +57,8 @@ __global__ void __launch_bounds__(Threads) split_skip_kernel(const __grid_consta
   __shared__ int int_shared;
   extern __shared__ float split_smem[];
   const std::int64_t splits = prm.splits;
-  float* key = split_smem;                            // largest cost over the kept rows (NaN: +inf)
-  int* order = reinterpret_cast<int*>(key + splits);  // splits by rank
+  float* key = split_smem;  // largest cost over the kept rows (NaN: +inf)
+  int* order = reinterpret_cast<int*>(key + ranked_keys(splits));  // splits by rank
   int* rank = order + splits;
   int* first_rule = rank + splits;  // tiles the first rule skips
 
