@@ -636,10 +636,10 @@ class portable_path {
   status class_sums(const backward_buffers<T>& bw, cudaStream_t stream) const {
     const uniform_baseline_buffers& b = bw.baseline;
     const std::int64_t d = p_.d;
-    const unsigned col_blocks = unsigned(ceil_div(d + 1, std::int64_t(256)));
     const std::int64_t class_splits = baseline_splits(p_.v);
-    baseline_partial_kernel<T, baseline_sum::classes><<<dim3(col_blocks, unsigned(class_splits)), 256, 0, stream>>>(
-        p_.c, p_.c_stride(), p_.v, d, nullptr, class_splits, b.state, b.partial);
+    baseline_partial_kernel<T, baseline_sum::classes>
+        <<<baseline_partial_grid(d, class_splits), 32 * baseline_warps, 0, stream>>>(
+            p_.c, p_.c_stride(), p_.v, d, nullptr, class_splits, b.state, b.partial);
     CCE_TRY(launch_status());
     if (linear() && o_.softcap > 0.f) {  // the first-order test's bound on the logits
       const unsigned blocks = unsigned(std::min<std::int64_t>(ceil_div(p_.v, 8), 8 * std::int64_t(pl_.sm_count)));
@@ -658,11 +658,11 @@ class portable_path {
     if (!baseline()) return status::success;
     const uniform_baseline_buffers& b = bw.baseline;
     const std::int64_t d = p_.d;
-    const unsigned col_blocks = unsigned(ceil_div(d + 1, std::int64_t(256)));
     const std::int64_t row_splits = baseline_splits(count);
     CCE_TRY(class_sums(bw, stream));
-    baseline_partial_kernel<T, baseline_sum::rows><<<dim3(col_blocks, unsigned(row_splits)), 256, 0, stream>>>(
-        p_.e + r0 * p_.e_stride(), p_.e_stride(), count, d, b.row_scale + r0, row_splits, b.state, b.partial);
+    baseline_partial_kernel<T, baseline_sum::rows>
+        <<<baseline_partial_grid(d, row_splits), 32 * baseline_warps, 0, stream>>>(
+            p_.e + r0 * p_.e_stride(), p_.e_stride(), count, d, b.row_scale + r0, row_splits, b.state, b.partial);
     CCE_TRY(launch_status());
     baseline_total_kernel<baseline_sum::rows><<<blocks_for(d + 1, 256), 256, 0, stream>>>(b.partial, d, d + 1,
                                                                                         row_splits, b.state,
@@ -929,9 +929,8 @@ class portable_path {
     CCE_TRY(launch_status());
     // gram_term = -(s / V) H: H's rows weighted by class_mean, in the baseline's column sums.
     const std::int64_t splits = baseline_splits(d);
-    baseline_partial_kernel<T, baseline_sum::rows>
-        <<<dim3(unsigned(ceil_div(d + 1, std::int64_t(256))), unsigned(splits)), 256, 0, stream>>>(
-            lb.gram, d, d, d, b.class_mean, splits, b.state, b.partial);
+    baseline_partial_kernel<T, baseline_sum::rows><<<baseline_partial_grid(d, splits), 32 * baseline_warps, 0, stream>>>(
+        lb.gram, d, d, d, b.class_mean, splits, b.state, b.partial);
     CCE_TRY(launch_status());
     baseline_total_kernel<baseline_sum::rows>
         <<<blocks_for(d, 256), 256, 0, stream>>>(b.partial, d, d, splits, b.state, b.gram_term);

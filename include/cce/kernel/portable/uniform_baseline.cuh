@@ -49,39 +49,53 @@ inline std::int64_t baseline_splits(std::int64_t rows) {
 }
 
 // partial[split][col] = sum over the split's rows i of weight_i x[i][col] (col < d), and of weight_i at col = d.
-// Grid: (ceil((d + 1) / threads), splits). The class sums run first and mark nothing; the row sums, which run next
-// and reuse `partial`, mark the class sums done (state[1]), so that later calls neither recompute nor overwrite
-// them (loss_and_grad's row blocks).
+// A CTA takes 32 columns of a split: its warps take every baseline_warps-th row (a lane a column), then add their
+// sums in warp order. The class sums run first and mark nothing; the row sums, which run next and reuse `partial`,
+// mark the class sums done (state[1]), so that later calls neither recompute nor overwrite them (loss_and_grad's row
+// blocks).
+inline constexpr int baseline_warps = 8;
+inline dim3 baseline_partial_grid(std::int64_t d, std::int64_t splits) {
+  return dim3(unsigned(ceil_div(d + 1, std::int64_t(32))), unsigned(splits));
+}
 template <class T, baseline_sum Sum>
-__global__ void baseline_partial_kernel(const T* x, std::int64_t ldx, std::int64_t rows, std::int64_t d,
-                                        const float* weights, std::int64_t splits, int* state, float* partial) {
+__global__ void __launch_bounds__(32 * baseline_warps)
+    baseline_partial_kernel(const T* x, std::int64_t ldx, std::int64_t rows, std::int64_t d, const float* weights,
+                            std::int64_t splits, int* state, float* partial) {
   // Nothing to add, or the sums are there; the class sums are wanted too once a row may be near-uniform to first
   // order.
   const bool wanted = state[0] || (Sum == baseline_sum::classes && state[2]);
   if (!wanted || (Sum == baseline_sum::classes && state[1])) return;
-  const std::int64_t col = std::int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (Sum == baseline_sum::rows && col == 0 && blockIdx.y == 0) state[1] = 1;
-  if (col > d) return;
+  if (Sum == baseline_sum::rows && threadIdx.x == 0 && blockIdx.x == 0 && blockIdx.y == 0) state[1] = 1;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const std::int64_t col = std::int64_t(blockIdx.x) * 32 + lane;
   const std::int64_t r0 = tile::split_begin(rows, splits, blockIdx.y);
   const std::int64_t r1 = tile::split_begin(rows, splits, blockIdx.y + 1);
   const auto weight = [&](std::int64_t i) { return Sum == baseline_sum::classes ? 1.f : weights[i]; };
   const auto value = [&](std::int64_t i) { return col < d ? to_float(x[i * ldx + col]) : 1.f; };
-  // Added in row order, the loads of `ahead` rows issued before their sums: one dependent load per row would leave
-  // the kernel waiting on memory.
-  constexpr int ahead = 8;
+  // The loads of `ahead` rows issued before their sums: one dependent load per row would leave the warp waiting on
+  // memory.
+  constexpr int ahead = 8, step = baseline_warps;
   float s = 0.f;
-  std::int64_t i = r0;
-  for (; i + ahead <= r1; i += ahead) {
-    float w[ahead], v[ahead];
+  if (col <= d) {
+    std::int64_t i = r0 + warp;
+    for (; i + (ahead - 1) * step < r1; i += ahead * step) {
+      float w[ahead], v[ahead];
 #pragma unroll
-    for (int u = 0; u < ahead; ++u) {
-      w[u] = weight(i + u);
-      v[u] = value(i + u);
+      for (int u = 0; u < ahead; ++u) {
+        w[u] = weight(i + u * step);
+        v[u] = value(i + u * step);
+      }
+#pragma unroll
+      for (int u = 0; u < ahead; ++u) s += w[u] * v[u];
     }
-#pragma unroll
-    for (int u = 0; u < ahead; ++u) s += w[u] * v[u];
+    for (; i < r1; i += step) s += weight(i) * value(i);
   }
-  for (; i < r1; ++i) s += weight(i) * value(i);
+  __shared__ float warp_sums[baseline_warps][32];
+  warp_sums[warp][lane] = s;
+  __syncthreads();
+  if (warp != 0 || col > d) return;
+#pragma unroll
+  for (int w = 1; w < baseline_warps; ++w) s += warp_sums[w][lane];
   partial[std::int64_t(blockIdx.y) * (d + 1) + col] = s;
 }
 
