@@ -231,8 +231,9 @@ TEST_CASE("loss_and_grad plans logit blocks within its budget", "[api][plan]") {
 // D = 256 (its variant 8) one fp32 sum of C^T C fits in the slab's place and the sm_90a path sums two halves of the
 // vocabulary onto it, at N = 1,200 (variant 9) two fit and four parts add onto them; at N = 200 (its other variants)
 // none does, and the product takes the whole depth. At gpt2's shape (12 tiles with work, D = 768) five fit and ten
-// parts take one round of the H100's SMs.
-TEST_CASE("the first-order baseline sums C^T C in parts at the GPU case's shapes", "[api][plan]") {
+// parts take one round of the H100's SMs. The rows' Gram matrix (depth N) takes as many carries, after the slab.
+TEST_CASE("the first-order baseline sums C^T C and the rows' Gram matrix in parts at the GPU case's shapes",
+          "[api][plan]") {
   using policy = tile::default_policy_t<bf16>;
   const device_info h100{90, 132};
   options o;
@@ -255,6 +256,13 @@ TEST_CASE("the first-order baseline sums C^T C in parts at the GPU case's shapes
   REQUIRE(gpt2.linear());
   CHECK(carries(gpt2) == 5);
   CHECK(detail::sm90::symmetric_k_splits(768, 50304, h100.sm_count, carries(gpt2)) == 10);
+  CHECK(halves.row_gram_carries == 1);
+  CHECK(detail::sm90::symmetric_k_splits(256, 600, h100.sm_count, halves.row_gram_carries) == 2);
+  CHECK(quarters.row_gram_carries == 2);
+  CHECK(detail::sm90::symmetric_k_splits(256, 1200, h100.sm_count, quarters.row_gram_carries) == 4);
+  CHECK(whole.row_gram_carries == 0);
+  CHECK(gpt2.row_gram_carries == 5);
+  CHECK(detail::sm90::symmetric_k_splits(768, 8192, h100.sm_count, gpt2.row_gram_carries) == 10);
   CHECK(detail::sm90::symmetric_k_splits(768, 50304, h100.sm_count, 1) == 2);
   CHECK(detail::sm90::symmetric_k_splits(3072, 32064, h100.sm_count, 1) == 2);  // phi3.5: 3 rounds of half against 2 of the whole
 }

@@ -354,7 +354,8 @@ TEST_CASE("GPU: near-uniform rows take a baseline and skip their other tiles", "
 // and loss_and_grad over two row blocks with class weights. With every third row of the first row tile far from
 // flat (sharp_rows), that tile's classes are computed with the first-order draws of the other rows in them: without
 // and with a softcap, and in loss_and_grad's logit-keeping path. At N = 600 (N >= 2 D) the sm_90a path sums C^T C
-// in two halves of the vocabulary onto one carry, at N = 1,200 in four parts onto two.
+// in two halves of the vocabulary onto one carry and the rows' Gram matrix in two halves of the rows, at N = 1,200
+// each in four parts onto two carries.
 TEST_CASE("GPU: rows near-uniform to first order skip every tile", "[gpu][baseline]") {
   using policy = tile::default_policy_t<__nv_bfloat16>;
   device_info dev;

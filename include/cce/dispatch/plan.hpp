@@ -135,6 +135,10 @@ struct linear_baseline_buffers {
   // before the slabs are used.
   float* gram_sums = nullptr;
   std::int64_t gram_carries = 0;
+  // The rows' Gram matrix in parts likewise: `row_gram_carries` D x D fp32 sums after the slab, where the slab holds
+  // all of D and the region has room left (plan::row_gram_carries).
+  float* row_gram_sums = nullptr;
+  std::int64_t row_gram_carries = 0;
 };
 
 template <class T>
@@ -205,6 +209,7 @@ struct plan {
   // take a baseline then leave their one-hot terms to after the walk too.
   bool linear_rows = false;
   std::int64_t linear_slab_cols = 0;
+  std::int64_t row_gram_carries = 0;  // fp32 D x D sums of the rows' Gram matrix in parts, after a slab of all D
   bool linear() const { return linear_slab_cols > 0; }
   bool weights = false;          // class weights are gathered with the sorted chunks
   std::size_t sort_temp = 0;     // scratch of the device sort, at least 1 byte with vocab_sort
@@ -292,10 +297,11 @@ struct plan {
 
   template <class T>
   linear_baseline_buffers<T> carve_linear(void* region, std::size_t* bytes = nullptr) const {
-    return carve_linear<T>(region, linear_slab_cols, bytes);
+    return carve_linear<T>(region, linear_slab_cols, row_gram_carries, bytes);
   }
   template <class T>
-  linear_baseline_buffers<T> carve_linear(void* region, std::int64_t slab_cols, std::size_t* bytes = nullptr) const {
+  linear_baseline_buffers<T> carve_linear(void* region, std::int64_t slab_cols, std::int64_t row_carries,
+                                          std::size_t* bytes = nullptr) const {
     carver c(region);
     linear_baseline_buffers<T> b;
     b.gram = c.take<T>(slab_cols > 0 ? d * d : 0);
@@ -303,6 +309,8 @@ struct plan {
     b.gram_carries = gram_sums_fit<T>(slab_cols);
     if (b.gram_carries > 0) b.gram_sums = reinterpret_cast<float*>(b.slab);
     b.tile_queue = c.take<int>(slab_cols > 0 ? 1 : 0);
+    b.row_gram_carries = row_carries;
+    b.row_gram_sums = c.take<float>(row_carries * d * d);
     if (bytes) *bytes = c.bytes();
     return b;
   }
@@ -673,9 +681,9 @@ void plan_linear_baseline(plan& p) {
         std::min(region, std::size_t(std::min(p.kept_rows, p.n) * round_up(p.v, std::int64_t(p.grid.bn))) * sizeof(T));
   }
   const std::int64_t unit = p.grid.bn, widest = round_up(p.d, unit);
-  auto fits = [&](std::int64_t cols) {
+  auto fits = [&](std::int64_t cols, std::int64_t row_carries = 0) {
     std::size_t bytes = 0;
-    p.carve_linear<T>(nullptr, cols, &bytes);
+    p.carve_linear<T>(nullptr, cols, row_carries, &bytes);
     return bytes <= region;
   };
   if (!fits(unit)) return;
@@ -685,6 +693,13 @@ void plan_linear_baseline(plan& p) {
     (fits(mid * unit) ? lo : hi) = mid;
   }
   p.linear_slab_cols = lo * unit;
+  // Room for the rows' Gram matrix in parts (at small D the product of depth N has few tiles): as many carries as
+  // C^T C may take (those that fit in the slab's place: their zeros, sums and reads then cost less than the slab the
+  // product streams), up to the 8 of sm90::symmetric_k_splits' 16 parts, where the region has room after the slab.
+  if (p.linear_slab_cols >= p.d) {
+    const std::int64_t most = std::min<std::int64_t>(8, p.gram_sums_fit<T>(p.linear_slab_cols));
+    while (p.row_gram_carries < most && fits(p.linear_slab_cols, p.row_gram_carries + 1)) ++p.row_gram_carries;
+  }
 }
 
 // Plan for a problem: `bm` x `bn` logit tiles, a workspace budget in bytes (0: the default of the mode).

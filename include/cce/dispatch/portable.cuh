@@ -894,7 +894,8 @@ class portable_path {
     if (out.de) {
       auto gram = product(lb.gram, d, {p_.c, p_.c_stride(), d, v}, {p_.c, p_.c_stride(), d, v}, d, d, v, false);
       gram.upper = true;
-      const status parts = gram_in_parts(gram, b, lb, stream);
+      const status parts =
+          symmetric_in_parts(gram, lb.gram_sums, lb.gram_carries, b.class_sum, b.class_mean, b, lb, stream);
       if (parts == status::unsupported_arch) {
         gram.baseline_rows = b.class_sum;
         gram.baseline_term = b.class_mean;
@@ -923,10 +924,17 @@ class portable_path {
                        cols, n, false);
       h.upper = true;
       h.diagonal_col = j0;
+      const status parts = symmetric_in_parts(h, lb.row_gram_sums, lb.row_gram_carries, nullptr, nullptr, b, lb, stream);
+      if (parts != status::unsupported_arch) {
+        CCE_TRY(parts);  // rounded and mirrored
+        break;
+      }
       CCE_TRY((gemm<T, major::mn, major::mn>(h, stream, lb.tile_queue)));
+      if (j0 + cols == d) {
+        mirror(lb.gram, b.state, stream);
+        CCE_TRY(launch_status());
+      }
     }
-    mirror(lb.gram, b.state, stream);
-    CCE_TRY(launch_status());
     // gram_term = -(s / V) H: H's rows weighted by class_mean, in the baseline's column sums.
     const std::int64_t splits = baseline_splits(d);
     baseline_partial_kernel<T, baseline_sum::rows><<<baseline_partial_grid(d, splits), 32 * baseline_warps, 0, stream>>>(
@@ -941,27 +949,30 @@ class portable_path {
     return gemm<G, major::k, major::mn>(dc, stream, lb.tile_queue);
   }
 
-  // C^T C (`gram`, the upper product) in parts of the vocabulary on the sm_90a persistent kernel, where that balances
-  // its tiles better and lb has room for their fp32 sums (sm90::symmetric_k_splits); then the matrix with the
-  // baseline's term, rounded and mirrored (finish_gram_kernel). unsupported_arch where it does not run that way (the
-  // zeros it may have written are then unused).
-  status gram_in_parts(product_params<T> gram, const uniform_baseline_buffers& b,
-                       const linear_baseline_buffers<T>& lb, cudaStream_t stream) const {
+  // A symmetric D x D product `m` (the upper one of a whole D x D output: C^T C, or the rows' Gram matrix from a slab
+  // of all D) in parts of its depth on the sm_90a persistent kernel, where that balances its tiles better and
+  // `carries` fp32 sums fit at `sums` (sm90::symmetric_k_splits); then the matrix, with class_sum_i class_mean_j added
+  // where class_sum is given (the term C^T C's single product adds in its epilogue), rounded and mirrored into m.out
+  // (finish_gram_kernel). unsupported_arch where it does not run that way (the zeros it may have written are then
+  // unused).
+  status symmetric_in_parts(product_params<T> m, float* sums, std::int64_t carries, const float* class_sum,
+                            const float* class_mean, const uniform_baseline_buffers& b,
+                            const linear_baseline_buffers<T>& lb, cudaStream_t stream) const {
     const std::int64_t d = p_.d;
-    if (!hopper_ || lb.gram_sums == nullptr || d % 4 != 0) return status::unsupported_arch;
-    const int parts = sm90::symmetric_k_splits(d, p_.v, pl_.sm_count, lb.gram_carries);
+    if (!hopper_ || sums == nullptr || d % 4 != 0 || m.m != d || m.n != d) return status::unsupported_arch;
+    const int parts = sm90::symmetric_k_splits(d, m.k, pl_.sm_count, carries);
     if (parts < 2) return status::unsupported_arch;
-    const std::int64_t carries = parts / 2;
-    zero_if_kernel<<<unsigned(4 * pl_.sm_count), 256, 0, stream>>>(reinterpret_cast<float4*>(lb.gram_sums),
-                                                                    carries * d * d / 4, b.state);
+    zero_if_kernel<<<unsigned(4 * pl_.sm_count), 256, 0, stream>>>(reinterpret_cast<float4*>(sums),
+                                                                    (parts / 2) * d * d / 4, b.state);
     CCE_TRY(launch_status());
-    gram.acc = lb.gram_sums;  // each pair of parts adds its sums onto the zeros of its carry
-    gram.first = gram.last = false;
-    CCE_TRY((sm90::launch_grad_gemm<T, T, Policy::bm, major::mn, major::mn>(gram, stream, lb.tile_queue,
-                                                                             pl_.sm_count, parts)));
+    T* const out = m.out;
+    m.acc = sums;  // each pair of parts adds its sums onto the zeros of its carry
+    m.first = m.last = false;
+    CCE_TRY((sm90::launch_grad_gemm<T, T, Policy::bm, major::mn, major::mn>(m, stream, lb.tile_queue, pl_.sm_count,
+                                                                             parts)));
     const unsigned blocks = unsigned(ceil_div(d, std::int64_t(32)));
-    finish_gram_kernel<T><<<dim3(blocks, blocks), dim3(32, 8), 0, stream>>>(lb.gram_sums, carries, b.class_sum,
-                                                                            b.class_mean, lb.gram, d, b.state);
+    finish_gram_kernel<T><<<dim3(blocks, blocks), dim3(32, 8), 0, stream>>>(sums, parts / 2, class_sum, class_mean,
+                                                                            out, d, b.state);
     return launch_status();
   }
 

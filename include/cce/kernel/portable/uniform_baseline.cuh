@@ -227,10 +227,10 @@ __global__ void mirror_lower_kernel(T* m, std::int64_t d, const int* state) {
   }
 }
 
-// The first-order share's C^T C in two halves of the vocabulary added onto zeros in fp32 (dispatch/portable.cuh): the
-// zeros, and the d x d matrix gram from the upper triangle of their sum plus class_sum_i class_mean_j (the term the
-// single product adds in its epilogue), rounded to T and mirrored; each when state[0]. 32 x 32 blocks on or above the
-// diagonal, the mirrored one written through shared memory.
+// The first-order share's symmetric products in parts of their depth added onto zeros in fp32 (dispatch/portable.cuh,
+// symmetric_in_parts): the zeros, and the d x d matrix gram from the upper triangle of the carries' sum (plus
+// class_sum_i class_mean_j where class_sum is given), rounded to T and mirrored; each when state[0]. 32 x 32 blocks on
+// or above the diagonal, the mirrored one written through shared memory.
 template <class X>
 __global__ void zero_if_kernel(X* x, std::int64_t count, const int* state) {
   if (!state[0]) return;
@@ -249,7 +249,7 @@ __global__ void finish_gram_kernel(const float* sums, std::int64_t carries, cons
     if (r < d && c < d && r <= c) {
       float sum = sums[r * d + c];
       for (std::int64_t j = 1; j < carries; ++j) sum += sums[j * d * d + r * d + c];  // in order
-      const T x = from_float<T>(sum + class_sum[r] * class_mean[c]);
+      const T x = from_float<T>(class_sum ? sum + class_sum[r] * class_mean[c] : sum);
       gram[r * d + c] = x;
       tile[threadIdx.x][i] = x;
     }
