@@ -17,7 +17,6 @@
 #include <cce/detail/targets.hpp>
 #include <cce/epilogue/row_partial.hpp>
 #include <cce/filter/predicates.hpp>
-#include <cce/kernel/portable/warp_reduce.cuh>
 #include <cce/tile/tile_grid.hpp>
 
 namespace cce::detail {
@@ -45,12 +44,9 @@ inline std::size_t split_skip_smem_bytes(std::int64_t splits) {
   return std::size_t(ranked_keys(splits) + 3 * splits) * 4;
 }
 
-// One CTA per row tile of the block. The costs are read a warp per row, its lanes over the splits, whose partials lie
-// side by side.
+// One CTA per row tile of the block.
 template <int Threads>
 __global__ void __launch_bounds__(Threads) split_skip_kernel(const __grid_constant__ split_skip_params prm) {
-  constexpr int warps = Threads / 32;
-  constexpr unsigned all = 0xffffffffu;
   using reduce_float = cub::BlockReduce<float, Threads>;
   using reduce_int = cub::BlockReduce<int, Threads>;
   __shared__ union {
@@ -58,7 +54,7 @@ __global__ void __launch_bounds__(Threads) split_skip_kernel(const __grid_consta
     typename reduce_int::TempStorage i;
   } tmp;
   __shared__ float floor_shared;
-  __shared__ int reserved_shared, finite_keys, prefix_shared;
+  __shared__ int int_shared;
   extern __shared__ float split_smem[];
   const std::int64_t splits = prm.splits;
   float* key = split_smem;  // largest cost over the kept rows (NaN: +inf)
@@ -69,18 +65,14 @@ __global__ void __launch_bounds__(Threads) split_skip_kernel(const __grid_consta
   const tile::tile_grid& g = prm.grid;
   const std::int64_t rt = prm.first_tile + blockIdx.x, first_row = std::int64_t(blockIdx.x) * g.bm;
   const std::int64_t rows = g.rows_in(rt);
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const auto kept = [&](std::int64_t r) { return prm.labels(first_row + r).kind == row_label::kept; };
 
   // The first rule's floor, as the walk's (dlogit.cuh, tile_row_summary): the kept rows' smallest lse_others.
   float floor = inf_f();
   for (std::int64_t r = threadIdx.x; r < rows; r += Threads)
-    if (prm.labels(first_row + r).kind == row_label::kept) floor = min_f(floor, prm.lse_others[first_row + r]);
+    if (kept(r)) floor = min_f(floor, prm.lse_others[first_row + r]);
   floor = reduce_float(tmp.f).Reduce(floor, [](float a, float b) { return min_f(a, b); });
-  if (threadIdx.x == 0) {
-    floor_shared = floor;
-    finite_keys = 0;
-    prefix_shared = int(splits);
-  }
+  if (threadIdx.x == 0) floor_shared = floor;
   __syncthreads();
   floor = floor_shared;
 
@@ -91,79 +83,58 @@ __global__ void __launch_bounds__(Threads) split_skip_kernel(const __grid_consta
     for (std::int64_t ct = t.begin; ct < t.end; ++ct)
       n += prm.filter.skip(prm.tile_max[rt * g.col_tiles() + ct] - floor);
     first_rule[s] = n;
-    key[s] = -inf_f();
     reserved += n;
   }
   __syncthreads();
   reserved = reduce_int(tmp.i).Sum(reserved);
-  if (threadIdx.x == 0) reserved_shared = reserved;
+  if (threadIdx.x == 0) int_shared = reserved;
 
-  // A kept row's statistics, and its cost of split s: its mass there, its target's where the target lies there.
-  struct kept_row {
-    std::int64_t row;
-    std::int32_t col;  // the target's column, -1 where the shard does not hold it
-    float target_logit, lse_others;
+  // A row's cost of split s: its mass there, its target's where the target lies there.
+  const auto cost = [&](std::int64_t r, std::int64_t s, const tile::split_span& t) {
+    const row_label lab = prm.labels(first_row + r);
+    const std::int32_t col = prm.labels.column(lab);
+    const bool target_here = col >= 0 && col / g.bn >= t.begin && col / g.bn < t.end;
+    return prm.budget.cost(prm.partials[(first_row + r) * splits + s].softmax.lse(),
+                           target_here ? prm.target_logit[first_row + r] : -inf_f(), prm.lse_others[first_row + r],
+                           first_rule[s]);
   };
-  const auto cost = [&](const kept_row& k, std::int64_t s) {
+  const int lane = threadIdx.x % 32;
+  for (std::int64_t s = threadIdx.x / 32; s < splits; s += Threads / 32) {  // a warp per split
     const tile::split_span t = tile::split_col_tiles(g, splits, prm.split_cols, s);
-    const bool target_here = k.col >= 0 && k.col / g.bn >= t.begin && k.col / g.bn < t.end;
-    return prm.budget.cost(prm.partials[k.row * splits + s].softmax.lse(), target_here ? k.target_logit : -inf_f(),
-                           k.lse_others, first_rule[s]);
-  };
-  // Calls f(row) for each kept row of this warp (every warps-th).
-  const auto for_kept_rows = [&](auto&& f) {
-    for (std::int64_t r = warp; r < rows; r += warps) {
-      const std::int64_t row = first_row + r;
-      const row_label lab = prm.labels(row);
-      if (lab.kind == row_label::kept)
-        f(kept_row{row, prm.labels.column(lab), prm.target_logit[row], prm.lse_others[row]});
-    }
-  };
-
-  for (std::int64_t s0 = 0; s0 < splits; s0 += 32) {  // keys: the warps' maxima folded in (a max, in any order)
-    const std::int64_t s = s0 + lane;
     float m = -inf_f();  // max_f keeps a NaN
-    for_kept_rows([&](const kept_row& k) {
-      if (s < splits) m = max_f(m, cost(k, s));
-    });
-    if (s < splits) atomic_max_float(key + s, m == m ? m : inf_f());
+    for (std::int64_t r = lane; r < rows; r += 32)
+      if (kept(r)) m = max_f(m, cost(r, s, t));
+#pragma unroll
+    for (int mask = 16; mask > 0; mask /= 2) m = max_f(m, __shfl_xor_sync(0xffffffffu, m, mask));
+    if (lane == 0) key[s] = m == m ? m : inf_f();
   }
   __syncthreads();
-  reserved = reserved_shared;
+  reserved = int_shared;
   for (std::int64_t s = threadIdx.x; s < splits; s += Threads) {  // cheapest first, ties by index
     int k = 0;
     for (std::int64_t j = 0; j < splits; ++j) k += key[j] < key[s] || (key[j] == key[s] && j < s);
     order[k] = int(s);
     rank[s] = k;
-    if (key[s] < inf_f()) atomicAdd(&finite_keys, 1);
   }
   __syncthreads();
 
-  // The longest prefix of the finite keys' ranking within every kept row's budget: each row's costs added in rank
-  // order, 32 ranks at a time (a scan across the lanes), up to the first rank its budget does not admit.
-  const int finite = finite_keys;
-  for_kept_rows([&](const kept_row& row) {
+  // The longest prefix of the ranking within every kept row's budget.
+  int prefix = int(splits);
+  for (std::int64_t r = threadIdx.x; r < rows; r += Threads) {
+    if (!kept(r)) continue;
     float spent = prm.budget.tile_mass * float(reserved);
-    int stop = finite;
-    for (int k0 = 0; k0 < finite; k0 += 32) {
-      const int k = k0 + lane;
-      float c = k < finite ? cost(row, order[k]) : 0.f;
-#pragma unroll
-      for (int d = 1; d < 32; d *= 2) {
-        const float u = __shfl_up_sync(all, c, d);
-        if (lane >= d) c += u;
-      }
-      const unsigned fails = __ballot_sync(all, k < finite && !prm.budget.admits(spent + c));
-      if (fails != 0) {
-        stop = k0 + __ffs(int(fails)) - 1;
-        break;
-      }
-      spent += __shfl_sync(all, c, 31);
+    int k = 0;
+    for (; k < prefix && key[order[k]] < inf_f(); ++k) {
+      const std::int64_t s = order[k];
+      spent += cost(r, s, tile::split_col_tiles(g, splits, prm.split_cols, s));
+      if (!prm.budget.admits(spent)) break;
     }
-    if (lane == 0) atomicMin(&prefix_shared, stop);
-  });
+    prefix = k;
+  }
+  prefix = reduce_int(tmp.i).Reduce(prefix, [](int a, int b) { return a < b ? a : b; });
+  if (threadIdx.x == 0) int_shared = prefix;
   __syncthreads();
-  const int prefix = prefix_shared;
+  prefix = int_shared;
   for (std::int64_t s = threadIdx.x; s < splits; s += Threads) {
     const tile::split_span t = tile::split_col_tiles(g, splits, prm.split_cols, s);
     for (std::int64_t ct = t.begin; ct < t.end; ++ct) prm.skip[rt * g.col_tiles() + ct] = rank[s] < prefix;

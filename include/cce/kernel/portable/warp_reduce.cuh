@@ -1,6 +1,5 @@
 // Warp-level exchange of the epilogue's per-row and per-column values, and a warp's dot product of two rows. Fixed
-// butterfly patterns, so results are independent of scheduling (deterministic); so is the float max that warps fold
-// into one address.
+// butterfly patterns, so results are independent of scheduling (deterministic).
 #pragma once
 
 #include <cce/detail/element_type.hpp>
@@ -51,17 +50,6 @@ __device__ __forceinline__ float warp_dot(const T* a, const T* b, std::int64_t d
 #pragma unroll
   for (int mask = 16; mask > 0; mask /= 2) s += shuffle_xor(s, mask);
   return s;
-}
-
-// *addr = max(*addr, v) for an address that holds a float or the bits 0xFFFFFFFF (the sm_90a forward presets its tile
-// maxima to them), which both comparisons below rank under every float: non-negative floats order as signed
-// integers, negative ones (sign bit set, -0 included) in reverse as unsigned ones. A max: the result is the same in
-// any order.
-__device__ __forceinline__ void atomic_max_float(float* addr, float v) {
-  if (!signbit(v))
-    atomicMax(reinterpret_cast<int*>(addr), __float_as_int(v));
-  else
-    atomicMin(reinterpret_cast<unsigned*>(addr), __float_as_uint(v));
 }
 
 }  // namespace cce::detail

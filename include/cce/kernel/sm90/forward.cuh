@@ -28,6 +28,16 @@ inline constexpr int forward_cluster = 2;  // CTAs of neighbouring row tiles sha
 template <class T>
 using forward_ring = tile_ring<T, major::k, major::k, forward_cluster>;
 
+// *addr = max(*addr, v) for an address that holds a float or the bits 0xFFFFFFFF (launch_forward presets them),
+// which both comparisons below rank under every float: non-negative floats order as signed integers, negative ones
+// (sign bit set, -0 included) in reverse as unsigned ones. A max: the result is the same in any order.
+__device__ __forceinline__ void atomic_max_float(float* addr, float v) {
+  if (!signbit(v))
+    atomicMax(reinterpret_cast<int*>(addr), __float_as_int(v));
+  else
+    atomicMin(reinterpret_cast<unsigned*>(addr), __float_as_uint(v));
+}
+
 // Where loss_and_grad's logit-keeping forward (dispatch/plan.hpp) writes each tile: per row, z - ref in fp16 at
 // logits[row * ld + col], with ref the row's max over the 256-class tile at ref[row * ref_ld + tile]. fp16 holds
 // d = z - ref to 2^-11 of |d|, so p = exp(z - lse) formed from it is off by |d| 2^-11 relatively: less than the bf16
