@@ -39,9 +39,15 @@ struct split_skip_params {
 // The ranking's loop over the keys loads whole 16-byte vectors, up to 3 floats past the last key: their array is
 // padded to a multiple of 4 so that those loads never touch the ranks being written.
 __host__ __device__ inline std::int64_t ranked_keys(std::int64_t splits) { return (splits + 3) / 4 * 4; }
-// Shared memory for the ranking of `splits` (at most filter::split_budget::max_splits).
-inline std::size_t split_skip_smem_bytes(std::int64_t splits) {
-  return std::size_t(ranked_keys(splits) + 3 * splits) * 4;
+// A row's statistics, read from global memory once: every split's cost of the row needs them.
+struct split_row {
+  float lse_others = 0.f, target_logit = 0.f;
+  std::int32_t col = -1;  // the target's shard column, -1 where the shard does not hold it
+  std::int32_t kept = 0;
+};
+// Shared memory for the ranking of `splits` (at most filter::split_budget::max_splits) and `rows` rows' statistics.
+inline std::size_t split_skip_smem_bytes(std::int64_t splits, std::int64_t rows) {
+  return std::size_t(ranked_keys(splits) + 3 * splits) * 4 + std::size_t(rows) * sizeof(split_row);
 }
 
 // One CTA per row tile of the block.
@@ -61,16 +67,27 @@ __global__ void __launch_bounds__(Threads) split_skip_kernel(const __grid_consta
   int* order = reinterpret_cast<int*>(key + ranked_keys(splits));  // splits by rank
   int* rank = order + splits;
   int* first_rule = rank + splits;  // tiles the first rule skips
+  split_row* row = reinterpret_cast<split_row*>(first_rule + splits);
 
   const tile::tile_grid& g = prm.grid;
   const std::int64_t rt = prm.first_tile + blockIdx.x, first_row = std::int64_t(blockIdx.x) * g.bm;
   const std::int64_t rows = g.rows_in(rt);
-  const auto kept = [&](std::int64_t r) { return prm.labels(first_row + r).kind == row_label::kept; };
 
-  // The first rule's floor, as the walk's (dlogit.cuh, tile_row_summary): the kept rows' smallest lse_others.
+  // The rows' statistics, and the first rule's floor, as the walk's (dlogit.cuh, tile_row_summary): the kept rows'
+  // smallest lse_others.
   float floor = inf_f();
-  for (std::int64_t r = threadIdx.x; r < rows; r += Threads)
-    if (kept(r)) floor = min_f(floor, prm.lse_others[first_row + r]);
+  for (std::int64_t r = threadIdx.x; r < rows; r += Threads) {
+    const row_label lab = prm.labels(first_row + r);
+    split_row x;
+    x.kept = lab.kind == row_label::kept;
+    if (x.kept) {
+      x.lse_others = prm.lse_others[first_row + r];
+      x.target_logit = prm.target_logit[first_row + r];
+      x.col = prm.labels.column(lab);
+      floor = min_f(floor, x.lse_others);
+    }
+    row[r] = x;
+  }
   floor = reduce_float(tmp.f).Reduce(floor, [](float a, float b) { return min_f(a, b); });
   if (threadIdx.x == 0) floor_shared = floor;
   __syncthreads();
@@ -91,19 +108,18 @@ __global__ void __launch_bounds__(Threads) split_skip_kernel(const __grid_consta
 
   // A row's cost of split s: its mass there, its target's where the target lies there.
   const auto cost = [&](std::int64_t r, std::int64_t s, const tile::split_span& t) {
-    const row_label lab = prm.labels(first_row + r);
-    const std::int32_t col = prm.labels.column(lab);
-    const bool target_here = col >= 0 && col / g.bn >= t.begin && col / g.bn < t.end;
+    const split_row& x = row[r];
+    const bool target_here = x.col >= 0 && x.col / g.bn >= t.begin && x.col / g.bn < t.end;
     return prm.budget.cost(prm.partials[(first_row + r) * splits + s].softmax.lse(),
-                           target_here ? prm.target_logit[first_row + r] : -inf_f(), prm.lse_others[first_row + r],
-                           first_rule[s]);
+                           target_here ? x.target_logit : -inf_f(), x.lse_others, first_rule[s]);
   };
   const int lane = threadIdx.x % 32;
   for (std::int64_t s = threadIdx.x / 32; s < splits; s += Threads / 32) {  // a warp per split
     const tile::split_span t = tile::split_col_tiles(g, splits, prm.split_cols, s);
     float m = -inf_f();  // max_f keeps a NaN
+#pragma unroll 4
     for (std::int64_t r = lane; r < rows; r += 32)
-      if (kept(r)) m = max_f(m, cost(r, s, t));
+      if (row[r].kept) m = max_f(m, cost(r, s, t));
 #pragma unroll
     for (int mask = 16; mask > 0; mask /= 2) m = max_f(m, __shfl_xor_sync(0xffffffffu, m, mask));
     if (lane == 0) key[s] = m == m ? m : inf_f();
@@ -118,16 +134,30 @@ __global__ void __launch_bounds__(Threads) split_skip_kernel(const __grid_consta
   }
   __syncthreads();
 
-  // The longest prefix of the ranking within every kept row's budget.
+  // The longest prefix of the ranking within every kept row's budget: each row's costs added in rank order, the
+  // loads of `batch` ranks issued before their sums.
+  constexpr int batch = 8;
   int prefix = int(splits);
   for (std::int64_t r = threadIdx.x; r < rows; r += Threads) {
-    if (!kept(r)) continue;
+    if (!row[r].kept) continue;
     float spent = prm.budget.tile_mass * float(reserved);
     int k = 0;
-    for (; k < prefix && key[order[k]] < inf_f(); ++k) {
-      const std::int64_t s = order[k];
-      spent += cost(r, s, tile::split_col_tiles(g, splits, prm.split_cols, s));
-      if (!prm.budget.admits(spent)) break;
+    for (bool within = true; within && k < prefix;) {
+      float c[batch];
+#pragma unroll
+      for (int u = 0; u < batch; ++u) {
+        const std::int64_t s = k + u < prefix ? order[k + u] : 0;
+        c[u] = k + u < prefix ? cost(r, s, tile::split_col_tiles(g, splits, prm.split_cols, s)) : 0.f;
+      }
+#pragma unroll
+      for (int u = 0; u < batch; ++u) {
+        if (!within || k >= prefix) continue;
+        spent += c[u];
+        if (key[order[k]] < inf_f() && prm.budget.admits(spent))
+          ++k;
+        else
+          within = false;
+      }
     }
     prefix = k;
   }
