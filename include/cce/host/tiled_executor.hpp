@@ -304,7 +304,7 @@ class tiled_executor {
       const auto cost = [&](std::int64_t row, std::int64_t s) {
         const tile::split_span t = tile::split_col_tiles(g, splits, g.bn, s);
         const std::int32_t col = label.column(label(row));
-        const bool target_here = col >= 0 && col / g.bn >= t.begin && col / g.bn < t.end;
+        const bool target_here = col >= 0 && t.contains(col / g.bn);
         return budget.cost(fw.partials[row * splits + s].softmax.lse(),
                            target_here ? fw.target_logit[row] : -detail::inf_f(), sv.lse_others[row],
                            first_rule[std::size_t(s)]);

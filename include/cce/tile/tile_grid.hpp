@@ -38,6 +38,7 @@ CCE_HOST_DEVICE std::int64_t split_begin(std::int64_t total, std::int64_t parts,
 // (the forward's CTA tile, a multiple of bn).
 struct split_span {
   std::int64_t begin = 0, end = 0;
+  CCE_HOST_DEVICE bool contains(std::int64_t col_tile) const { return col_tile >= begin && col_tile < end; }
 };
 CCE_HOST_DEVICE split_span split_col_tiles(const tile_grid& g, std::int64_t splits, std::int64_t unit_cols,
                                            std::int64_t s) {

@@ -109,7 +109,7 @@ __global__ void __launch_bounds__(Threads) split_skip_kernel(const __grid_consta
   // A row's cost of split s: its mass there, its target's where the target lies there.
   const auto cost = [&](std::int64_t r, std::int64_t s, const tile::split_span& t) {
     const split_row& x = row[r];
-    const bool target_here = x.col >= 0 && x.col / g.bn >= t.begin && x.col / g.bn < t.end;
+    const bool target_here = x.col >= 0 && t.contains(x.col / g.bn);
     return prm.budget.cost(prm.partials[(first_row + r) * splits + s].softmax.lse(),
                            target_here ? x.target_logit : -inf_f(), x.lse_others, first_rule[s]);
   };
