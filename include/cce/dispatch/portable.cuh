@@ -924,7 +924,8 @@ class portable_path {
                        cols, n, false);
       h.upper = true;
       h.diagonal_col = j0;
-      const status parts = symmetric_in_parts(h, lb.row_gram_sums, lb.row_gram_carries, nullptr, nullptr, b, lb, stream);
+      const status parts =
+          symmetric_in_parts(h, lb.row_gram_sums, lb.row_gram_carries, nullptr, nullptr, b, lb, stream);
       if (parts != status::unsupported_arch) {
         CCE_TRY(parts);  // rounded and mirrored
         break;
@@ -937,8 +938,9 @@ class portable_path {
     }
     // gram_term = -(s / V) H: H's rows weighted by class_mean, in the baseline's column sums.
     const std::int64_t splits = baseline_splits(d);
-    baseline_partial_kernel<T, baseline_sum::rows><<<baseline_partial_grid(d, splits), 32 * baseline_warps, 0, stream>>>(
-        lb.gram, d, d, d, b.class_mean, splits, b.state, b.partial);
+    baseline_partial_kernel<T, baseline_sum::rows>
+        <<<baseline_partial_grid(d, splits), 32 * baseline_warps, 0, stream>>>(lb.gram, d, d, d, b.class_mean, splits,
+                                                                               b.state, b.partial);
     CCE_TRY(launch_status());
     baseline_total_kernel<baseline_sum::rows>
         <<<blocks_for(d, 256), 256, 0, stream>>>(b.partial, d, d, splits, b.state, b.gram_term);
