@@ -264,19 +264,36 @@ struct paired_runs {
 };
 
 // raw = acc + bias + low-rank terms for a thread's two row slots (rows `row` and `row + 8`, columns from `col`),
-// where the row and column exist.
+// where the row and column exist, each logit summed in logit_terms::raw's order. The rank loop is outermost and
+// rolled: each of its steps loads the two rows' lora_p once and adds one term to every logit, where a rank loop per
+// logit put 128 copies of it in the kernel (a fifth of a megabyte of code, fetched cold by a CTA's first tile).
 template <class T>
 __device__ __forceinline__ void add_raw_terms(float (&acc)[128], const logit_terms<T>& terms, std::int64_t row,
                                               std::int64_t col, const tile::tile_grid& g) {
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    if (row + 8 * r >= g.rows) continue;
+  const bool has_row[2] = {row < g.rows, row + 8 < g.rows};
+  const auto each_column = [&](const auto& add) {
 #pragma unroll
     for (int j = 0; j < 32; ++j)
 #pragma unroll
       for (int e = 0; e < 2; ++e)
-        if (col + 8 * j + e < g.cols)
-          acc[4 * j + 2 * r + e] = terms.raw(acc[4 * j + 2 * r + e], row + 8 * r, col + 8 * j + e);
+        if (col + 8 * j + e < g.cols) add(4 * j + e, col + 8 * j + e);
+  };
+  if (terms.bias) {
+    each_column([&](int i, std::int64_t c) {
+      const float b = detail::to_float(terms.bias[c]);
+      if (has_row[0]) acc[i] += b;
+      if (has_row[1]) acc[i + 2] += b;
+    });
+  }
+#pragma unroll 1
+  for (std::int64_t k = 0; k < terms.rank; ++k) {
+    const float p0 = has_row[0] ? terms.lora_p[row * terms.rank + k] : 0.f;
+    const float p1 = has_row[1] ? terms.lora_p[(row + 8) * terms.rank + k] : 0.f;
+    each_column([&](int i, std::int64_t c) {
+      const float b = detail::to_float(terms.lora_b[c * terms.ldb + k]);
+      if (has_row[0]) acc[i] += p0 * b;
+      if (has_row[1]) acc[i + 2] += p1 * b;
+    });
   }
 }
 
