@@ -209,40 +209,64 @@ __global__ void __launch_bounds__(logit_tile_shape::threads, 1)
           }
       }
     };
-    // The common tile of a warp: its 16 rows have gradient and no target here, every class is inside the
-    // vocabulary, no class weights. Then draw = (a p + b) f(z) + c with a softcap (f its factor), a p + b without,
-    // with the row's a, b and c (dlogit_coefficients::non_target, 1/T in them), and + l z where a row of the warp is
-    // near-uniform to first order: a few instructions per logit where the general form below takes about
-    // 28. With the 8-byte stores it shortens the epilogue, which no product overlaps; either alone did not
-    // (docs/performance.md).
-    const bool plain =
-        __all_sync(0xffffffffu, !weighted && out[0] != nullptr && out[1] != nullptr && slot[0].target < 0 &&
-                                    slot[1].target < 0 && slot[0].limit == S::bn && slot[1].limit == S::bn);
-    const auto plain_value = [&](auto capped_constant, auto linear_constant) {
+    // The common tile of a warp: its 16 rows have gradient, every class is inside the vocabulary, no class weights.
+    // Then draw = (a p + b) f(z) + c with a softcap (f its factor), a p + b without, with the row's a, b and c
+    // (dlogit_coefficients::non_target, 1/T in them), and + l z where a row of the warp is near-uniform to first
+    // order: a few instructions per logit where the general form below takes about 28. With the 8-byte stores it
+    // shortens the epilogue, which no product overlaps; either alone did not (docs/performance.md). A target among
+    // the warp's columns (`targeted`, not with l) takes the general form's draw, worked out once per row slot from
+    // its logit and selected at its column: a lone tile (the sparse walk of peaked data) fetches its epilogue cold,
+    // and the general form is four times the code.
+    const bool plain = __all_sync(0xffffffffu, !weighted && out[0] != nullptr && out[1] != nullptr &&
+                                                   slot[0].limit == S::bn && slot[1].limit == S::bn);
+    const bool targeted = plain && __any_sync(0xffffffffu, slot[0].target >= 0 || slot[1].target >= 0);
+    const auto plain_value = [&](auto capped_constant, auto linear_constant, auto targeted_constant) {
       constexpr bool capped = decltype(capped_constant)::value, linear = decltype(linear_constant)::value;
+      constexpr bool with_target = decltype(targeted_constant)::value;
       const dlogit_coefficients::affine af[2] = {slot[0].rc.dz.non_target(derivative.inv_temperature, capped),
                                                  slot[1].rc.dz.non_target(derivative.inv_temperature, capped)};
       // p = 2^(z log2(e) - lse log2(e)) in one FMA: its rounding (a few 2^-24 of |z| + |lse|, relative) is far below
       // a 16-bit draw's, the only kind this kernel stores.
       const float shift[2] = {slot[0].rc.lse * log2e, slot[1].rc.lse * log2e};
-      return [&, af, shift](int r, int, float z) {
+      float at_target[2] = {0.f, 0.f};
+      if constexpr (with_target) {
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          float z = 0.f;
+#pragma unroll
+          for (int j = 0; j < 32; ++j)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) z = 8 * j + e == slot[r].target ? acc[4 * j + 2 * r + e] : z;
+          const float prob = exp2_approx((z - slot[r].rc.lse) * log2e);
+          at_target[r] = slot[r].rc.dz.draw(prob, true, 1.f, derivative(z), derivative.inv_temperature, z);
+        }
+      }
+      return [&, af, shift, at_target](int r, int c, float z) {
         float d = fmaf(af[r].a, exp2_approx(fmaf(z, log2e, -shift[r])), af[r].b);
         if constexpr (capped) d = fmaf(d, derivative.softcap_factor(z), af[r].c);
         if constexpr (linear) d = fmaf(af[r].l, z, d);
+        if constexpr (with_target) d = c == slot[r].target ? at_target[r] : d;
         return d;
       };
     };
     const bool linear = plain && __any_sync(0xffffffffu, slot[0].rc.dz.slope != 0.f || slot[1].rc.dz.slope != 0.f);
-    if (plain && p.terms.transform.softcap > 0.f) {
-      if (linear) {
-        emit(plain_value(std::true_type{}, std::true_type{}));
-      } else {
-        emit(plain_value(std::true_type{}, std::false_type{}));
-      }
-    } else if (linear) {
-      emit(plain_value(std::false_type{}, std::true_type{}));
-    } else if (plain) {
-      emit(plain_value(std::false_type{}, std::false_type{}));
+    const bool capped = p.terms.transform.softcap > 0.f;
+    using yes = std::true_type;
+    using no = std::false_type;
+    if (plain && !targeted) {
+      if (capped && linear)
+        emit(plain_value(yes{}, yes{}, no{}));
+      else if (capped)
+        emit(plain_value(yes{}, no{}, no{}));
+      else if (linear)
+        emit(plain_value(no{}, yes{}, no{}));
+      else
+        emit(plain_value(no{}, no{}, no{}));
+    } else if (plain && !linear) {
+      if (capped)
+        emit(plain_value(yes{}, no{}, yes{}));
+      else
+        emit(plain_value(no{}, no{}, yes{}));
     } else {
       emit([&](int r, int c, float z) {
         const float prob = exp2_approx((z - slot[r].rc.lse) * log2e);  // exactly 1 at z = lse
