@@ -146,6 +146,7 @@ struct backward_buffers {
   row_coefficients* coef = nullptr;  // N
   float* lora_p = nullptr;           // N x r
   float* lora_q = nullptr;           // N x r: draw B
+  std::uint8_t* walk_flags = nullptr;  // row_tiles x col_tiles: every tile's flag, in one launch (plan::walk_flags)
   // Vocabulary sorting only.
   float* mean_partial = nullptr;      // mean_splits x (D + 1): column sums of kept rows of E, then their count
   float* key_inputs = nullptr;        // D + 1 + r: the mean row e_bar, the kept count, then scale * A e_bar
@@ -211,6 +212,11 @@ struct plan {
   std::int64_t linear_slab_cols = 0;
   std::int64_t row_gram_carries = 0;  // fp32 D x D sums of the rows' Gram matrix in parts, after a slab of all D
   bool linear() const { return linear_slab_cols > 0; }
+  // The walk's tile flags in one launch for the sm_90a dlogit kernel and the products (dispatch/portable.cuh), not
+  // one per chunk and row block: where no pass needs flags of its own, as the sorted walk (decided from the
+  // recomputed tiles), one gradient filtered (two sets), the bias (the per-chunk flags zero its skipped column sums)
+  // and the low-rank head (its thin products read the pass's flags) do.
+  bool walk_flags = false;
   bool weights = false;          // class weights are gathered with the sorted chunks
   std::size_t sort_temp = 0;     // scratch of the device sort, at least 1 byte with vocab_sort
   std::int64_t mean_splits = 1;  // row splits of the column mean of E
@@ -322,6 +328,7 @@ struct plan {
     b.coef = c.take<row_coefficients>(n);
     b.lora_p = c.take<float>(n * rank);
     b.lora_q = c.take<float>(n * rank);
+    b.walk_flags = c.take<std::uint8_t>(walk_flags ? grid.tiles() : 0);
     b.baseline = carve_baseline(c);
     if (sort) {
       b.mean_partial = c.take<float>(mean_splits * (d + 1));
@@ -500,6 +507,8 @@ plan plan_operating_point(std::int64_t n, std::int64_t d, std::int64_t v, std::i
   p.baseline = p.filter && !p.split_filter && opt.label_smoothing == 0.f && rank == 0 && !p.sort &&
                p.grid.col_tiles() > 1;
   p.linear_rows = p.baseline && !bias;  // plan_linear_baseline
+  p.walk_flags =
+      dev.arch == 90 && opt.hopper_kernels && sizeof(T) == 2 && !p.sort && !p.split_filter && !bias && rank == 0;
   p.weights = weights;
   p.sort_temp = p.sort ? std::max<std::size_t>(sort_temp, 1) : 0;  // a null scratch means a size query
   p.mean_splits = std::clamp<std::int64_t>(ceil_div(n, mean_rows_per_split), 1, 64);

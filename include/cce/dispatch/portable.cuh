@@ -95,12 +95,18 @@ class portable_path {
 
   template <class G>
   status backward(loss_gradient grad, const gradients<G>& out, const saved_buffers& sv,
-                  const backward_buffers<T>& bw, cudaStream_t stream) const {
+                  const backward_buffers<T>& buffers, cudaStream_t stream) const {
+    backward_buffers<T> bw = buffers;
+    if (!hopper_) bw.walk_flags = nullptr;  // planned for the sm_90a dlogit kernel
     auto* counts = reinterpret_cast<unsigned long long*>(out.filter_tiles);
     CCE_TRY(start_backward(bw, counts, stream));
     if (p_.n > 0) {
       CCE_TRY(coefficients(grad, sv, bw, 0, p_.n, stream));
       CCE_TRY(baseline_sums(bw, 0, p_.n, stream));
+      if (bw.walk_flags) {
+        CCE_TRY(walk_flags(sv, bw, counts, stream));
+        counts = nullptr;  // counted
+      }
     }
     const std::int32_t* order = nullptr;  // sorted position -> class
     if (pl_.sort) CCE_TRY(sort_vocabulary(bw, order, stream));
@@ -766,7 +772,24 @@ class portable_path {
     return launch_thin(t, stream);
   }
 
-  // dZ of rows [r0, r0 + rows) and the slice's classes, with the filter's tile flags (counted into `counts`).
+  // Every tile's flag of the walk into bw.walk_flags (walk_flags_kernel), counted into `counts`.
+  status walk_flags(const saved_buffers& sv, const backward_buffers<T>& bw, unsigned long long* counts,
+                    cudaStream_t stream) const {
+    dlogit_params<T> prm;
+    prm.coef = bw.coef;
+    prm.grid = pl_.grid;
+    prm.tile_max = filters() ? sv.tile_max : nullptr;
+    prm.split_skip = sv.split_skip;
+    prm.filter = filter_predicate();
+    prm.tile_counts = counts;
+    prm.active = bw.walk_flags;
+    prm.active_ld = pl_.grid.col_tiles();
+    walk_flags_kernel<T><<<unsigned(pl_.grid.row_tiles()), 128, 0, stream>>>(prm);
+    return launch_status();
+  }
+
+  // dZ of rows [r0, r0 + rows) and the slice's classes, with the filter's tile flags (counted into `counts`), or
+  // those of bw.walk_flags.
   status dlogits(const saved_buffers& sv, const backward_buffers<T>& bw, const pass_buffers<T>& pb,
                  const vocab_slice& s, std::int64_t r0, std::int64_t rows, unsigned long long* counts,
                  cudaStream_t stream) const {
@@ -792,6 +815,10 @@ class portable_path {
     prm.chunk_cols = pb.shape.cols;
     prm.dz = pb.dz;
     prm.active = pb.active;
+    if (bw.walk_flags) {
+      prm.active = walk_flags_at(bw, r0, v0);
+      prm.active_ld = pl_.grid.col_tiles();
+    }
     prm.dbias_partial = pb.dbias_partial;  // null in the dE pass
     prm.tile_counts = counts;
     if (pl_.split_filter) {  // the filter's decision into its own flags, then every tile with gradient is computed
@@ -805,7 +832,8 @@ class portable_path {
     // The sm_90a kernel takes its flags from the forward's maxima before loading; the sorted walk runs the
     // portable kernel, which decides from the recomputed tile (docs/api.md).
     if (hopper_ && !pl_.sort) {
-      const status st = sm90::launch_dlogits(prm, rows, cols, pl_.sm_count, pl_.split_filter, stream);
+      const bool flags_written = pl_.split_filter || bw.walk_flags != nullptr;
+      const status st = sm90::launch_dlogits(prm, rows, cols, pl_.sm_count, flags_written, stream);
       if (st != status::unsupported_arch) return st;
     }
     const dim3 grid(unsigned(ceil_div(rows, Policy::bm)), unsigned(ceil_div(cols, Policy::bn)));
@@ -813,12 +841,22 @@ class portable_path {
                 : launch_tile_kernel<dlogit_kernel<T, Policy, false>>(grid, Policy::threads, dz_smem, stream, prm);
   }
 
-  // The dZ tiles a product reads: those computed, or with one gradient filtered (options::filter_de, filter_dc),
-  // those the filter keeps for that gradient's product.
-  static active_k_tiles<Policy::bm> flags(const pass_buffers<T>& pb, bool k_is_vocab, bool filtered) {
+  // The walk's flag of the tile at (r0, v0).
+  std::uint8_t* walk_flags_at(const backward_buffers<T>& bw, std::int64_t r0, std::int64_t v0) const {
+    return bw.walk_flags + (r0 / pl_.grid.bm) * pl_.grid.col_tiles() + v0 / pl_.grid.bn;
+  }
+
+  // The dZ tiles a product of the block at (r0, v0) reads: those computed, or with one gradient filtered
+  // (options::filter_de, filter_dc), those the filter keeps for that gradient's product.
+  active_k_tiles<Policy::bm> flags(const backward_buffers<T>& bw, const pass_buffers<T>& pb, std::int64_t r0,
+                                   std::int64_t v0, bool k_is_vocab, bool filtered) const {
     active_k_tiles<Policy::bm> a;  // bm == bn: one flag covers bm rows or bn classes along K
     a.flags = filtered && pb.significant ? pb.significant : pb.active;
     a.chunk_tiles = pb.shape.cols / Policy::bn;
+    if (bw.walk_flags) {
+      a.flags = walk_flags_at(bw, r0, v0);
+      a.chunk_tiles = pl_.grid.col_tiles();
+    }
     a.k_is_vocab = k_is_vocab;
     return a;
   }
@@ -1003,7 +1041,7 @@ class portable_path {
     prm.m = rows;
     prm.n = p_.d;
     prm.k = cols;
-    prm.active = flags(pb, true, o_.filter_de);
+    prm.active = flags(bw, pb, r0, s.v0, true, o_.filter_de);
     prm.acc = pb.acc;  // null when one chunk holds every class
     prm.comp = pb.comp;
     prm.first = first;
@@ -1045,7 +1083,7 @@ class portable_path {
     prm.m = cols;
     prm.n = p_.d;
     prm.k = rows;
-    prm.active = flags(pb, false, o_.filter_dc);
+    prm.active = flags(bw, pb, r0, s.v0, false, o_.filter_dc);
     const bool carry = !(first && last);
     prm.acc = carry ? pb.acc : nullptr;
     prm.comp = carry ? pb.comp : nullptr;

@@ -10,6 +10,8 @@
 
 #include <cstdint>
 
+#include <cub/block/block_reduce.cuh>
+
 #include <cce/detail/element_type.hpp>
 #include <cce/dispatch/plan.hpp>
 #include <cce/epilogue/logit_terms.hpp>
@@ -40,11 +42,14 @@ struct dlogit_params {
   std::int64_t row0 = 0, v0 = 0;           // origin of this (row block, chunk)
   std::int64_t chunk_cols = 0;             // leading dimension of dz, multiple of bn
   T* dz = nullptr;                         // rows x chunk_cols
-  std::uint8_t* active = nullptr;          // (rows / bm) x (chunk_cols / bn)
+  std::uint8_t* active = nullptr;          // (rows / bm) x (chunk_cols / bn), or the walk's flags (active_ld)
+  std::int64_t active_ld = 0;              // row pitch of `active` in flags where not chunk_cols / bn
   float* dbias_partial = nullptr;          // row_tiles x chunk_cols (absolute row tile), or null
   // With one gradient filtered (tile_flags_kernel only): the filter's decision per tile, while `active` marks every
   // tile with gradient.
   std::uint8_t* significant = nullptr;
+
+  __host__ __device__ std::int64_t flag_pitch() const { return active_ld > 0 ? active_ld : chunk_cols / grid.bn; }
 };
 
 // What a tile's rows say about it: whether any row carries gradient, whether a target lies in its columns, whether
@@ -57,13 +62,13 @@ struct tile_rows {
   float min_floor = 0.f;
 };
 
+// `target` tells of classes [c0, c1).
 template <int Threads>
 __device__ __forceinline__ tile_rows tile_row_summary(const row_coefficients* coef, const tile::tile_grid& g,
-                                                      std::int64_t rt, std::int64_t ct) {
+                                                      std::int64_t rt, std::int64_t c0, std::int64_t c1) {
   constexpr int warps = Threads / 32;
   __shared__ float warp_min[warps];
   __shared__ int warp_flags[warps];
-  const std::int64_t c0 = g.col_begin(ct), c1 = c0 + g.cols_in(ct);
   float my_min = inf_f();
   int flags = 0;  // bit 0: a row carries gradient; bit 1: a target lies in the tile; bit 2: a row has no baseline
   for (std::int64_t r = threadIdx.x; r < g.rows_in(rt); r += Threads) {
@@ -93,6 +98,11 @@ __device__ __forceinline__ tile_rows tile_row_summary(const row_coefficients* co
   }
   __syncthreads();  // the arrays may be rewritten by the next call
   return {(flags & 1) != 0, (flags & 2) != 0, (flags & 5) == 1, min_floor};
+}
+template <int Threads>
+__device__ __forceinline__ tile_rows tile_row_summary(const row_coefficients* coef, const tile::tile_grid& g,
+                                                      std::int64_t rt, std::int64_t ct) {
+  return tile_row_summary<Threads>(coef, g, rt, g.col_begin(ct), g.col_begin(ct) + g.cols_in(ct));
 }
 
 // Does tile (rt, ct), whose rows say `t`, contribute? Rows that carry no gradient do not count; a tile holding a
@@ -135,7 +145,7 @@ __global__ void __launch_bounds__(128) tile_flags_kernel(const __grid_constant__
       for (int c = threadIdx.x; c < g.bn; c += 128) prm.dbias_partial[rt * prm.chunk_cols + ft * g.bn + c] = 0.f;
     }
     if (threadIdx.x == 0) {
-      prm.active[blockIdx.x * filter_tiles + ft] = computed;
+      prm.active[blockIdx.x * prm.flag_pitch() + ft] = computed;
       if (prm.significant) prm.significant[blockIdx.x * filter_tiles + ft] = significant;
       if (prm.tile_counts) atomicAdd(prm.tile_counts + (significant ? 0 : 1), 1ull);
     }
@@ -143,6 +153,37 @@ __global__ void __launch_bounds__(128) tile_flags_kernel(const __grid_constant__
 }
 inline dim3 tile_flags_grid(std::int64_t rows, std::int64_t chunk_cols, const tile::tile_grid& g) {
   return dim3(unsigned(ceil_div(rows, g.bm)), unsigned(ceil_div(chunk_cols, 2 * g.bn)));
+}
+
+// The flags of every tile of the walk in one launch (plan::walk_flags), a CTA per row tile: the rows' summary once,
+// the filter's decision for each class tile, then the target tile of each row with gradient marked (a tile holding
+// a target is kept), and the counts. tile_flags_kernel summarises the rows anew for every pair of class tiles, and
+// its launches, one per chunk and row block, took 6 us each on gpt2 (18 a step). `active` is the row tile's first
+// flag of row pitch active_ld; tile_max, split_skip, filter and tile_counts as tile_flags_kernel reads them.
+template <class T>
+__global__ void __launch_bounds__(128) walk_flags_kernel(const __grid_constant__ dlogit_params<T> prm) {
+  const tile::tile_grid& g = prm.grid;
+  const std::int64_t rt = blockIdx.x, col_tiles = g.col_tiles();
+  std::uint8_t* flags = prm.active + rt * prm.active_ld;
+  const tile_rows rows = tile_row_summary<128>(prm.coef, g, rt, 0, 0);  // no class range: the targets come next
+  for (std::int64_t ct = threadIdx.x; ct < col_tiles; ct += 128)
+    flags[ct] = tile_is_active(rows, g, rt, ct, prm.tile_max, prm.split_skip, prm.filter);
+  __syncthreads();
+  for (std::int64_t r = threadIdx.x; r < g.rows_in(rt); r += 128) {
+    const row_coefficients& rc = prm.coef[g.row_begin(rt) + r];
+    if (rc.kept && rc.target >= 0 && rc.target < g.cols) flags[rc.target / g.bn] = 1;
+  }
+  if (prm.tile_counts == nullptr) return;
+  __syncthreads();  // the marks above are seen by the whole CTA
+  using reduce = cub::BlockReduce<unsigned long long, 128>;
+  __shared__ typename reduce::TempStorage storage;
+  unsigned long long live = 0;
+  for (std::int64_t ct = threadIdx.x; ct < col_tiles; ct += 128) live += flags[ct];
+  live = reduce(storage).Sum(live);
+  if (threadIdx.x == 0) {
+    atomicAdd(prm.tile_counts, live);
+    atomicAdd(prm.tile_counts + 1, static_cast<unsigned long long>(col_tiles) - live);
+  }
 }
 
 // The block-wide max of one value per thread (NaN wins). Every thread gets it.
@@ -186,7 +227,6 @@ __global__ void __launch_bounds__(Policy::threads, Policy::min_blocks) dlogit_ke
   const std::int64_t rt = prm.row0 / g.bm + blockIdx.x;  // absolute tile indices
   const std::int64_t ct = prm.v0 / g.bn + blockIdx.y;
   const std::int64_t row0 = g.row_begin(rt), col0 = g.col_begin(ct);
-  const std::int64_t chunk_tiles = prm.chunk_cols / g.bn;
   float* dbias = prm.dbias_partial ? prm.dbias_partial + rt * prm.chunk_cols + (col0 - prm.v0) : nullptr;
   const layout f;
   typename mainloop::accumulators acc;
@@ -220,7 +260,7 @@ __global__ void __launch_bounds__(Policy::threads, Policy::min_blocks) dlogit_ke
     }
   }
   if (threadIdx.x == 0) {
-    prm.active[blockIdx.x * chunk_tiles + blockIdx.y] = active;
+    prm.active[blockIdx.x * prm.flag_pitch() + blockIdx.y] = active;
     if (prm.tile_counts) atomicAdd(prm.tile_counts + (active ? 0 : 1), 1ull);
   }
   if (!active) {

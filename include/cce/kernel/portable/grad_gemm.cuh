@@ -20,7 +20,7 @@ namespace cce::detail {
 template <int KTile>
 struct active_k_tiles {
   const std::uint8_t* flags = nullptr;  // (rows / bm) x chunk_tiles; null: every tile (a product not over dZ)
-  std::int64_t chunk_tiles = 0;
+  std::int64_t chunk_tiles = 0;         // row pitch of flags: the chunk's tiles, or the walk's (plan::walk_flags)
   std::int64_t fixed_tile = 0;   // this CTA's row tile (dE) or vocab tile (dC)
   bool k_is_vocab = true;        // dE: K runs over classes; dC: K runs over rows
 

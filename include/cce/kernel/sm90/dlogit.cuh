@@ -94,13 +94,13 @@ __global__ void __launch_bounds__(logit_tile_shape::threads, 1)
 
   const dlogit_params<T>& p = prm.base;
   const tile::tile_grid& g = p.grid;
-  const std::int64_t chunk_tiles = p.chunk_cols / S::filter_bn;
+  const std::int64_t flag_pitch = p.flag_pitch();
   const std::int64_t filter_tiles = ceil_div(prm.cols, S::filter_bn);
   const tile_order order(prm.rows, prm.cols, p.e.depth, int(sizeof(T)));
   // Whether half h (a 128-class filter tile) of wide tile wt of row tile rl (in the block) is computed.
   auto half_active = [&](std::int64_t rl, std::int64_t wt, int h) {
     const std::int64_t ft = 2 * wt + h;
-    return ft < filter_tiles && p.active[rl * chunk_tiles + ft] != 0;
+    return ft < filter_tiles && p.active[rl * flag_pitch + ft] != 0;
   };
   __shared__ std::int32_t my_tiles[dlogit_tiles_per_cta];
   const int tiles = rank_live_tiles<S::threads>(my_tiles, order.tiles(), [&](int t) {
