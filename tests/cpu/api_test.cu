@@ -267,6 +267,42 @@ TEST_CASE("the first-order baseline sums C^T C and the rows' Gram matrix in part
   CHECK(detail::sm90::symmetric_k_splits(3072, 32064, h100.sm_count, 1) == 2);  // phi3.5: 3 rounds of half against 2 of the whole
 }
 
+// The walk's tile flags in one launch (plan::walk_flags): planned for the sm_90a dlogit kernel on 16-bit inputs
+// where no pass needs flags of its own, and carved as a flag per tile of the grid.
+TEST_CASE("the walk's tile flags are planned where the sm_90a walk reads them", "[api][plan]") {
+  using policy = tile::default_policy_t<bf16>;
+  const device_info h100{90, 132}, a100{80, 108};
+  auto plan_for = [&](const options& o, bool bias, std::int64_t rank, const device_info& dev) -> detail::plan {
+    return detail::make_plan<bf16>(8192, 768, 50304, rank, bias, o, policy::bm, policy::bn, dev, 0, false,
+                                   o.vocab_sort ? 1 : 0, policy::forward_ctas_per_sm);
+  };
+  const options defaults;
+  const detail::plan pl = plan_for(defaults, false, 0, h100);
+  REQUIRE(pl.walk_flags);
+  void* base = reinterpret_cast<void*>(std::uintptr_t(1) << 20);  // never dereferenced: the carve's offsets
+  const auto bw = pl.carve_backward<bf16>(base);
+  REQUIRE(bw.walk_flags != nullptr);
+  REQUIRE(bw.baseline.row_scale != nullptr);  // carved next
+  CHECK(reinterpret_cast<const char*>(bw.baseline.row_scale) - reinterpret_cast<const char*>(bw.walk_flags) >=
+        pl.grid.tiles());
+
+  options sorted, one_gradient, portable;
+  sorted.vocab_sort = true;
+  one_gradient.filter_dc = false;
+  portable.hopper_kernels = false;
+  const detail::plan with_bias = plan_for(defaults, true, 0, h100);
+  CHECK_FALSE(with_bias.walk_flags);                             // its skipped tiles' column sums per chunk
+  CHECK_FALSE(plan_for(defaults, false, 4, h100).walk_flags);    // the low-rank head's thin products: the pass's
+  CHECK_FALSE(plan_for(sorted, false, 0, h100).walk_flags);      // decided from the recomputed tiles
+  CHECK_FALSE(plan_for(one_gradient, false, 0, h100).walk_flags);  // two sets of flags
+  CHECK_FALSE(plan_for(portable, false, 0, h100).walk_flags);
+  CHECK_FALSE(plan_for(defaults, false, 0, a100).walk_flags);
+  const detail::plan fp32 = detail::make_plan<float>(8192, 768, 50304, 0, false, defaults, policy::bm, policy::bn,
+                                                     h100, 0, false, 0, policy::forward_ctas_per_sm);
+  CHECK_FALSE(fp32.walk_flags);
+  CHECK(with_bias.carve_backward<bf16>(base).walk_flags == nullptr);
+}
+
 TEST_CASE("every input of the reliability list is checked on the host", "[api][bad-input]") {
   fixture f;
   auto with = [&](auto change) {
