@@ -217,6 +217,12 @@ __global__ void __launch_bounds__(logit_tile_shape::threads, 1)
     // the warp's columns (`targeted`, not with l) takes the general form's draw, worked out once per row slot from
     // its logit and selected at its column, rather than the general form for all 128 logits (1,500 instructions of
     // code against 4,400, which a CTA with few tiles fetches cold).
+    const auto general_value = [&](int r, int c, float z) {
+      const float prob = exp2_approx((z - slot[r].rc.lse) * log2e);  // exactly 1 at z = lse
+      const float w = weighted && c < slot[r].limit ? weights[c] : 1.f;
+      const float d = slot[r].rc.dz.draw(prob, c == slot[r].target, w, derivative(z), derivative.inv_temperature, z);
+      return c < slot[r].limit ? d : 0.f;
+    };
     const bool plain = __all_sync(0xffffffffu, !weighted && out[0] != nullptr && out[1] != nullptr &&
                                                    slot[0].limit == S::bn && slot[1].limit == S::bn);
     const bool targeted = plain && __any_sync(0xffffffffu, slot[0].target >= 0 || slot[1].target >= 0);
@@ -237,8 +243,7 @@ __global__ void __launch_bounds__(logit_tile_shape::threads, 1)
           for (int j = 0; j < 32; ++j)
 #pragma unroll
             for (int e = 0; e < 2; ++e) z = 8 * j + e == slot[r].target ? acc[4 * j + 2 * r + e] : z;
-          const float prob = exp2_approx((z - slot[r].rc.lse) * log2e);
-          at_target[r] = slot[r].rc.dz.draw(prob, true, 1.f, derivative(z), derivative.inv_temperature, z);
+          at_target[r] = general_value(r, slot[r].target, z);
         }
       }
       return [&, af, shift, at_target](int r, int c, float z) {
@@ -268,12 +273,7 @@ __global__ void __launch_bounds__(logit_tile_shape::threads, 1)
       else
         emit(plain_value(no{}, no{}, yes{}));
     } else {
-      emit([&](int r, int c, float z) {
-        const float prob = exp2_approx((z - slot[r].rc.lse) * log2e);  // exactly 1 at z = lse
-        const float w = weighted && c < slot[r].limit ? weights[c] : 1.f;
-        const float d = slot[r].rc.dz.draw(prob, c == slot[r].target, w, derivative(z), derivative.inv_temperature, z);
-        return c < slot[r].limit ? d : 0.f;
-      });
+      emit(general_value);
     }
 
     if (bias_sums) {  // the warps' column sums, in a fixed order
