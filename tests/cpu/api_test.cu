@@ -2,6 +2,7 @@
 // anything runs, size queries are pure host functions, and the operating points respect their budgets.
 #include <catch2/catch.hpp>
 
+#include <cstddef>
 #include <cstdint>
 #include <set>
 #include <string>
@@ -268,7 +269,7 @@ TEST_CASE("the first-order baseline sums C^T C and the rows' Gram matrix in part
 }
 
 // The walk's tile flags in one launch (plan::walk_flags): planned for the sm_90a dlogit kernel on 16-bit inputs
-// where no pass needs flags of its own, and carved as a flag per tile of the grid.
+// where no pass needs flags of its own, and carved as a flag per tile of the grid, with the compacted walk's buffers.
 TEST_CASE("the walk's tile flags are planned where the sm_90a walk reads them", "[api][plan]") {
   using policy = tile::default_policy_t<bf16>;
   const device_info h100{90, 132}, a100{80, 108};
@@ -285,6 +286,17 @@ TEST_CASE("the walk's tile flags are planned where the sm_90a walk reads them", 
   REQUIRE(bw.baseline.row_scale != nullptr);  // carved next
   CHECK(reinterpret_cast<const char*>(bw.baseline.row_scale) - reinterpret_cast<const char*>(bw.walk_flags) >=
         pl.grid.tiles());
+  // The compacted walk's slot map (an int per tile), first slots (one per row tile) and state; its slots, 128 x 128
+  // tiles of dZ, lie in the passes' region.
+  REQUIRE(bw.compact.slot != nullptr);
+  CHECK(reinterpret_cast<const char*>(bw.compact.slot) - reinterpret_cast<const char*>(bw.walk_flags) >=
+        pl.grid.tiles());
+  CHECK(bw.compact.row_first - bw.compact.slot >= pl.grid.tiles());
+  CHECK(bw.compact.state - bw.compact.row_first >= pl.grid.row_tiles());
+  CHECK(reinterpret_cast<const char*>(bw.baseline.row_scale) - reinterpret_cast<const char*>(bw.compact.state) >=
+        std::ptrdiff_t(sizeof(int)) * detail::compact_state_count);
+  CHECK(pl.compact_capacity() > 0);
+  CHECK(std::size_t(pl.compact_capacity()) * pl.grid.bm * pl.grid.bn * sizeof(bf16) <= pl.pass_region_bytes<bf16>());
 
   options sorted, one_gradient, portable;
   sorted.vocab_sort = true;
@@ -301,6 +313,8 @@ TEST_CASE("the walk's tile flags are planned where the sm_90a walk reads them", 
                                                      h100, 0, false, 0, policy::forward_ctas_per_sm);
   CHECK_FALSE(fp32.walk_flags);
   CHECK(with_bias.carve_backward<bf16>(base).walk_flags == nullptr);
+  CHECK(with_bias.carve_backward<bf16>(base).compact.slot == nullptr);
+  CHECK(with_bias.compact_capacity() == 0);
 }
 
 TEST_CASE("every input of the reliability list is checked on the host", "[api][bad-input]") {

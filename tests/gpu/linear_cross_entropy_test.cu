@@ -631,6 +631,84 @@ TEST_CASE("GPU: minimal's carried pass", "[gpu][minimal]") {
   }
 }
 
+// The compacted walk (dispatch/plan.hpp, compact_walk_buffers), where the sm_90a walk reads one set of flags: the
+// state it leaves in the workspace says which walk ran. Odd N and V put rows past N and classes past V in the
+// slots. The default budgets hold every live tile: all of them where 128 divides N (a slot takes 128 rows), the few
+// of peaked data at D = 512 otherwise (a row's own class dominates); the chunk walk runs where a budget leaves fewer
+// slots than live tiles (no filter: every tile is live).
+TEST_CASE("GPU: the compacted walk where the live tiles fit and the chunk walk where not", "[gpu][compact]") {
+  using T = __nv_bfloat16;
+  using policy = tile::default_policy_t<T>;
+  device_info dev;
+  REQUIRE(current_device(dev) == status::success);
+  if (dev.arch != 90) {
+    WARN("the compacted walk runs on sm_90a only");
+    return;
+  }
+  struct variant {
+    test::regime data;
+    backward_mode mode;
+    std::size_t budget;  // 0: the mode's default, which holds every tile here
+    bool filter, accumulate, fp32_gradients;
+    std::int64_t n, d;
+  };
+  const variant variants[] = {
+      {test::regime::peaked, backward_mode::minimal, 0, true, false, false, 1000 + 3, 512},
+      {test::regime::lm_like, backward_mode::chunked, 0, true, true, true, 1024, 200},
+      {test::regime::lm_like, backward_mode::minimal, std::size_t(1) << 20, false, false, false, 1000 + 3, 200},
+      {test::regime::peaked, backward_mode::minimal, std::size_t(1) << 20, false, true, true, 1000 + 3, 200},
+  };
+  int seed = 70;
+  for (const variant& x : variants) {
+    test::case_config cfg;
+    cfg.n = x.n;
+    cfg.d = x.d;
+    cfg.v = 3000 + 1;
+    cfg.data = x.data;
+    cfg.seed = std::uint64_t(++seed);
+    cfg.opts.backward_mode = x.mode;
+    if (!x.filter) cfg.opts.filter = filter_mode::none;
+    cfg.opts.accumulate = x.accumulate;
+    INFO(cfg.describe() << " budget " << x.budget);
+    const auto h = test::make_problem<T>(cfg);
+    const auto check = [&](auto gradient_constant) {
+      using G = decltype(gradient_constant);
+      const test::device_case<T, G> dc(h, x.budget);
+      dc.reset();
+      REQUIRE(dc.forward() == status::success);
+      REQUIRE(dc.backward() == status::success);
+      const auto results = dc.results();
+      test::check_case<T, G>(h, results, true, test::gradient_check::relative);
+      const auto pl = detail::make_plan<T>(cfg.n, cfg.d, cfg.v, 0, false, cfg.opts, policy::bm, policy::bn, dev,
+                                           dc.workspace_bytes(), false, 0, policy::forward_ctas_per_sm);
+      REQUIRE(pl.walk_flags);
+      const auto bw = pl.template carve_backward<T>(dc.workspace());
+      int state[detail::compact_state_count] = {};
+      REQUIRE_CUDA(cudaMemcpy(state, bw.compact.state, sizeof(state), cudaMemcpyDeviceToHost));
+      const bool fits = state[0] <= pl.compact_capacity();
+      INFO(state[0] << " live tiles, " << pl.compact_capacity() << " slots");
+      CHECK(fits == (x.budget == 0));
+      CHECK(state[1] == pl.grid.row_tiles());
+      CHECK(state[2] == (fits ? 1 : 0));
+      CHECK(state[3] == (fits ? 0 : 1));
+      if (!x.filter) CHECK(state[0] == pl.grid.tiles());
+      // The slots are taken in whichever order the row tiles come: the gradients do not depend on it.
+      if (fits && !x.accumulate) {
+        dc.reset();
+        REQUIRE(dc.forward() == status::success);
+        REQUIRE(dc.backward() == status::success);
+        const auto again = dc.results();
+        CHECK(test::bitwise_equal(again.de, results.de));
+        CHECK(test::bitwise_equal(again.dc, results.dc));
+      }
+    };
+    if (x.fp32_gradients)
+      check(float{});
+    else
+      check(T{});
+  }
+}
+
 // Each model's preset policy with the model's recommended options, on the model's full D and V (checked in float64
 // on the device: the host reference would spend minutes on V x D).
 TEST_CASE("GPU: benchmark shapes at a reduced token count, with their presets", "[gpu][shapes]") {

@@ -30,6 +30,7 @@
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
+#include <initializer_list>
 
 #include <cce/detail/carve.hpp>
 #include <cce/epilogue/row_loss.hpp>
@@ -141,12 +142,27 @@ struct linear_baseline_buffers {
   std::int64_t row_gram_carries = 0;
 };
 
+// The compacted walk (plan::walk_flags): when the live tiles of the whole walk fit the pass's dZ buffer as slots of
+// bm x bn, one dlogit launch stores each at its slot and one launch of both products reads them there; the chunk
+// walk's launches then return at once (dispatch/portable.cuh). Slots are taken a row tile at a time in column order.
+inline constexpr int compact_state_count = 5;
+
+struct compact_walk_buffers {
+  std::int32_t* slot = nullptr;       // row_tiles x col_tiles: the tile's slot, -1 where it is not computed
+  std::int32_t* row_first = nullptr;  // row_tiles: the slot of the row tile's first live tile
+  int* state = nullptr;  // compact_state_count: [0] live tiles, [1] row tiles ranked, [2] 1: the compacted walk runs,
+                         // [3] 1: the chunk walk runs (the live tiles did not fit), [4] the products' tile queue
+};
+
 template <class T>
 struct backward_buffers {
   row_coefficients* coef = nullptr;  // N
   float* lora_p = nullptr;           // N x r
   float* lora_q = nullptr;           // N x r: draw B
   std::uint8_t* walk_flags = nullptr;  // row_tiles x col_tiles: every tile's flag, in one launch (plan::walk_flags)
+  compact_walk_buffers compact;        // plan::walk_flags
+  // Set by the call that compacts the walk (compact.state + 3): the chunk walk's kernels run only if it is nonzero.
+  const int* chunk_walk_on = nullptr;
   // Vocabulary sorting only.
   float* mean_partial = nullptr;      // mean_splits x (D + 1): column sums of kept rows of E, then their count
   float* key_inputs = nullptr;        // D + 1 + r: the mean row e_bar, the kept count, then scale * A e_bar
@@ -228,6 +244,14 @@ struct plan {
   std::int64_t finalise_blocks() const { return ceil_div(n, finalise_threads); }
   std::int64_t chunks(const pass_shape& s) const { return ceil_div(v, s.cols); }
   std::int64_t row_blocks(const pass_shape& s) const { return ceil_div(n, s.rows); }
+  // Slots of the compacted walk (compact_walk_buffers): bm x bn tiles in the largest dZ buffer of the planned passes,
+  // each of which starts the passes' region (a pass of all N rows and V classes holds every tile where bm divides N).
+  std::int64_t compact_capacity() const {
+    std::int64_t elements = 0;
+    for (const pass_shape& s : {de_pass, dc_pass, carried_pass})
+      elements = std::max(elements, std::min(s.rows, n) * s.cols);
+    return walk_flags ? elements / (grid.bm * grid.bn) : 0;
+  }
   // Floats of dE's carry (and its compensation) in the dC output.
   std::int64_t carry_floats() const { return n * d * (kahan ? 2 : 1); }
   // The carried pass's buffers with dE's carry, then its compensation, at the start of dC's buffer.
@@ -329,6 +353,9 @@ struct plan {
     b.lora_p = c.take<float>(n * rank);
     b.lora_q = c.take<float>(n * rank);
     b.walk_flags = c.take<std::uint8_t>(walk_flags ? grid.tiles() : 0);
+    b.compact.slot = c.take<std::int32_t>(walk_flags ? grid.tiles() : 0);
+    b.compact.row_first = c.take<std::int32_t>(walk_flags ? grid.row_tiles() : 0);
+    b.compact.state = c.take<int>(walk_flags ? compact_state_count : 0);
     b.baseline = carve_baseline(c);
     if (sort) {
       b.mean_partial = c.take<float>(mean_splits * (d + 1));

@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <limits>
 #include <type_traits>
 
 #include <cce/detail/targets.hpp>
@@ -104,8 +105,10 @@ class portable_path {
       CCE_TRY(coefficients(grad, sv, bw, 0, p_.n, stream));
       CCE_TRY(baseline_sums(bw, 0, p_.n, stream));
       if (bw.walk_flags) {
-        CCE_TRY(walk_flags(sv, bw, counts, stream));
+        const bool compact = out.de && out.dc;
+        CCE_TRY(walk_flags(sv, bw, counts, compact ? pl_.compact_capacity() : 0, stream));
         counts = nullptr;  // counted
+        if (compact) CCE_TRY(compact_walk(sv, bw, out, stream));
       }
     }
     const std::int32_t* order = nullptr;  // sorted position -> class
@@ -772,9 +775,10 @@ class portable_path {
     return launch_thin(t, stream);
   }
 
-  // Every tile's flag of the walk into bw.walk_flags (walk_flags_kernel), counted into `counts`.
+  // Every tile's flag of the walk into bw.walk_flags (walk_flags_kernel), counted into `counts`; with a capacity,
+  // the live tiles' slots of the compacted walk and its state.
   status walk_flags(const saved_buffers& sv, const backward_buffers<T>& bw, unsigned long long* counts,
-                    cudaStream_t stream) const {
+                    std::int64_t slot_capacity, cudaStream_t stream) const {
     dlogit_params<T> prm;
     prm.coef = bw.coef;
     prm.grid = pl_.grid;
@@ -784,8 +788,50 @@ class portable_path {
     prm.tile_counts = counts;
     prm.active = bw.walk_flags;
     prm.active_ld = pl_.grid.col_tiles();
+    prm.compact = bw.compact;
+    prm.slot_capacity = slot_capacity;
+    if (slot_capacity > 0 &&
+        cudaMemsetAsync(bw.compact.state, 0, sizeof(int) * compact_state_count, stream) != cudaSuccess)
+      return status::cuda_error;
     walk_flags_kernel<T><<<unsigned(pl_.grid.row_tiles()), 128, 0, stream>>>(prm);
     return launch_status();
+  }
+
+  // The compacted walk (plan.hpp): every live tile's dZ at its slot in one launch, then dE and dC of all rows and
+  // classes from the slots in one persistent launch; both return at once unless walk_flags_kernel found that the
+  // live tiles fit, and the chunk walk's launches, which follow, run only if they did not (bw.chunk_walk_on). Where
+  // the sm_90a kernels cannot take the whole walk, nothing is launched and the chunk walk runs as it would.
+  template <class G>
+  status compact_walk(const saved_buffers& sv, backward_buffers<T>& bw, const gradients<G>& out,
+                      cudaStream_t stream) const {
+    const std::int64_t capacity = pl_.compact_capacity(), rows = capacity * pl_.grid.bm;  // the slots' rows
+    if (capacity == 0 || rows > std::numeric_limits<std::int32_t>::max()) return status::success;
+    T* const dz = bw.de.dz;  // each pass's dZ buffer starts the passes' region
+    const int* const on = bw.compact.state + 2;
+    vocab_slice s = own_classes();
+    s.cols = p_.v;
+    const std::int64_t ld_de = out.ld_de ? out.ld_de : p_.d, ld_dc = out.ld_dc ? out.ld_dc : p_.d;
+    product_params<G> de = de_params(bw, bw.de, s, out.de, ld_de, 0, p_.n, true, true);
+    de.a = {dz, pl_.grid.bn, rows, pl_.grid.bn};  // bn classes deep, K-major
+    de.acc = de.comp = nullptr;
+    de.enabled = on;
+    product_params<G> dc = dc_params(bw, bw.de, s, out.dc, ld_dc, 0, p_.n, true, true, false);
+    dc.a = {dz, pl_.grid.bn, pl_.grid.bn, rows};  // MN-major
+    dc.enabled = on;
+    sm90::grad_gemm_pair_params_sm90<T, G> products;
+    const sm90::compact_slots slots{bw.compact.slot, bw.compact.row_first, pl_.grid.col_tiles()};
+    if (!sm90::prepare_compact_products(products, de, dc, slots)) return status::success;
+
+    dlogit_params<T> prm = dlogit_params_of(sv, bw, bw.de, s, 0, nullptr);
+    prm.dz = dz;
+    prm.slots = bw.compact.slot;
+    prm.enabled = on;
+    const status st = sm90::launch_dlogits(prm, p_.n, p_.v, pl_.sm_count, true, stream);
+    if (st == status::unsupported_arch) return status::success;
+    CCE_TRY(st);
+    CCE_TRY(sm90::launch_compact_products(products, bw.compact.state + 4, pl_.sm_count, stream));
+    bw.chunk_walk_on = bw.compact.state + 3;
+    return status::success;
   }
 
   // dZ of rows [r0, r0 + rows) and the slice's classes, with the filter's tile flags (counted into `counts`), or
@@ -793,7 +839,31 @@ class portable_path {
   status dlogits(const saved_buffers& sv, const backward_buffers<T>& bw, const pass_buffers<T>& pb,
                  const vocab_slice& s, std::int64_t r0, std::int64_t rows, unsigned long long* counts,
                  cudaStream_t stream) const {
-    const std::int64_t v0 = s.v0, cols = s.cols;
+    const std::int64_t cols = s.cols;
+    dlogit_params<T> prm = dlogit_params_of(sv, bw, pb, s, r0, counts);
+    if (pl_.split_filter) {  // the filter's decision into its own flags, then every tile with gradient is computed
+      prm.significant = pb.significant;
+      tile_flags_kernel<T><<<tile_flags_grid(rows, pb.shape.cols, pl_.grid), 128, 0, stream>>>(prm);
+      CCE_TRY(launch_status());
+      prm.tile_max = nullptr;
+      prm.tile_counts = nullptr;
+      prm.significant = nullptr;
+    }
+    // The sm_90a kernel takes its flags from the forward's maxima before loading; the sorted walk runs the
+    // portable kernel, which decides from the recomputed tile (docs/api.md).
+    if (hopper_ && !pl_.sort) {
+      const bool flags_written = pl_.split_filter || bw.walk_flags != nullptr;
+      const status st = sm90::launch_dlogits(prm, rows, cols, pl_.sm_count, flags_written, stream);
+      if (st != status::unsupported_arch) return st;
+    }
+    const dim3 grid(unsigned(ceil_div(rows, Policy::bm)), unsigned(ceil_div(cols, Policy::bn)));
+    return vec_ ? launch_tile_kernel<dlogit_kernel<T, Policy, true>>(grid, Policy::threads, dz_smem, stream, prm)
+                : launch_tile_kernel<dlogit_kernel<T, Policy, false>>(grid, Policy::threads, dz_smem, stream, prm);
+  }
+  // The parameters of dlogits (the chunk walk's launches run only if bw.chunk_walk_on says so).
+  dlogit_params<T> dlogit_params_of(const saved_buffers& sv, const backward_buffers<T>& bw, const pass_buffers<T>& pb,
+                                    const vocab_slice& s, std::int64_t r0, unsigned long long* counts) const {
+    const std::int64_t v0 = s.v0;
     dlogit_params<T> prm;
     prm.e = {p_.e, p_.e_stride(), p_.n, p_.d};
     prm.c = {s.c, s.ldc, s.rows, p_.d};
@@ -821,24 +891,8 @@ class portable_path {
     }
     prm.dbias_partial = pb.dbias_partial;  // null in the dE pass
     prm.tile_counts = counts;
-    if (pl_.split_filter) {  // the filter's decision into its own flags, then every tile with gradient is computed
-      prm.significant = pb.significant;
-      tile_flags_kernel<T><<<tile_flags_grid(rows, pb.shape.cols, pl_.grid), 128, 0, stream>>>(prm);
-      CCE_TRY(launch_status());
-      prm.tile_max = nullptr;
-      prm.tile_counts = nullptr;
-      prm.significant = nullptr;
-    }
-    // The sm_90a kernel takes its flags from the forward's maxima before loading; the sorted walk runs the
-    // portable kernel, which decides from the recomputed tile (docs/api.md).
-    if (hopper_ && !pl_.sort) {
-      const bool flags_written = pl_.split_filter || bw.walk_flags != nullptr;
-      const status st = sm90::launch_dlogits(prm, rows, cols, pl_.sm_count, flags_written, stream);
-      if (st != status::unsupported_arch) return st;
-    }
-    const dim3 grid(unsigned(ceil_div(rows, Policy::bm)), unsigned(ceil_div(cols, Policy::bn)));
-    return vec_ ? launch_tile_kernel<dlogit_kernel<T, Policy, true>>(grid, Policy::threads, dz_smem, stream, prm)
-                : launch_tile_kernel<dlogit_kernel<T, Policy, false>>(grid, Policy::threads, dz_smem, stream, prm);
+    prm.enabled = bw.chunk_walk_on;
+    return prm;
   }
 
   // The walk's flag of the tile at (r0, v0).
@@ -1049,6 +1103,7 @@ class portable_path {
     prm.accumulate = o_.accumulate;
     prm.out = de + r0 * ld;
     prm.ld_out = ld;
+    prm.enabled = bw.chunk_walk_on;
     if (last && baseline()) {
       prm.baseline_rows = bw.baseline.row_scale + r0;
       prm.baseline_term = bw.baseline.class_sum;
@@ -1093,6 +1148,7 @@ class portable_path {
     prm.out = s.classes ? dc : dc + s.v0 * ld;
     prm.out_rows = s.classes;
     prm.ld_out = ld;
+    prm.enabled = bw.chunk_walk_on;
     if (last && baseline()) prm.baseline_term = bw.baseline.row_sums;  // the walk's rows: those of baseline_sums
     return prm;
   }

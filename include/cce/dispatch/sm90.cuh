@@ -201,6 +201,32 @@ status launch_grad_gemm(const grad_gemm_params<T, G, KTile>& base, cudaStream_t 
   }
 }
 
+// The compacted walk's products (plan.hpp) for grad_gemm_persistent_kernel: de and dc of all rows and classes, whose
+// A operands span the dZ slots, each live tile read at its slot (`compact`); false where TMA cannot address the
+// slots or write either output whole, or the kernel cannot have its shared memory.
+template <class T, class G, int KTile>
+bool prepare_compact_products(grad_gemm_pair_params_sm90<T, G>& prm, const grad_gemm_params<T, G, KTile>& de,
+                              const grad_gemm_params<T, G, KTile>& dc, const compact_slots& compact) {
+  if constexpr (!tensor_core_type<T> || KTile != grad_gemm_shape::filter_bn) {
+    return false;
+  } else {
+    if (!encode_grad_gemm<major::k>(prm.de, de) || !encode_grad_gemm<major::mn>(prm.dc, dc)) return false;
+    prm.de.compact = prm.dc.compact = compact;
+    return prm.de.tma == tma_write::output && prm.dc.tma == tma_write::output &&
+           allow_dynamic_smem<grad_gemm_persistent_kernel<T, G>>(persistent_shape::smem_bytes<T>);
+  }
+}
+
+// The products prepare_compact_products prepared, persistent on at most `sms` CTAs taking tiles through `queue`.
+template <class T, class G>
+status launch_compact_products(grad_gemm_pair_params_sm90<T, G>& prm, int* queue, int sms, cudaStream_t stream) {
+  if constexpr (!tensor_core_type<T>) {
+    return status::unsupported_arch;
+  } else {
+    return launch_persistent(prm, queue, sms, stream);
+  }
+}
+
 // Parts of K for the upper triangle of a symmetric d x d product of depth k on `sms` SMs, with room for `carries`
 // fp32 sums of d x d: 1, 2 (onto one carry) or an even count up to twice the carries (parts 2j and 2j + 1 onto
 // carry j), whichever ends first counting whole rounds of the persistent queue at each part's depth over the tiles

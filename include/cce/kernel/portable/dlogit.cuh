@@ -10,7 +10,7 @@
 
 #include <cstdint>
 
-#include <cub/block/block_reduce.cuh>
+#include <cub/block/block_scan.cuh>
 
 #include <cce/detail/element_type.hpp>
 #include <cce/dispatch/plan.hpp>
@@ -48,7 +48,16 @@ struct dlogit_params {
   // With one gradient filtered (tile_flags_kernel only): the filter's decision per tile, while `active` marks every
   // tile with gradient.
   std::uint8_t* significant = nullptr;
+  // The compacted walk (plan.hpp, compact_walk_buffers): walk_flags_kernel gives each live tile a slot, if
+  // slot_capacity > 0; the sm_90a kernel, given `slots` (of row pitch flag_pitch()), stores tile (rt, ct) of bm x bn
+  // at dz + slots[rt][ct] bm bn, row-major, its rows past N as zeros (the products read whole slots).
+  compact_walk_buffers compact{};
+  std::int64_t slot_capacity = 0;
+  const std::int32_t* slots = nullptr;
+  // Runs only if *enabled != 0 (null: always): the chunk walk's launches, or the compacted walk's, as its state says.
+  const int* enabled = nullptr;
 
+  __host__ __device__ bool disabled() const { return enabled != nullptr && *enabled == 0; }
   __host__ __device__ std::int64_t flag_pitch() const { return active_ld > 0 ? active_ld : chunk_cols / grid.bn; }
 };
 
@@ -159,7 +168,8 @@ inline dim3 tile_flags_grid(std::int64_t rows, std::int64_t chunk_cols, const ti
 // the filter's decision for each class tile, then the target tile of each row with gradient marked (a tile holding
 // a target is kept), and the counts. tile_flags_kernel summarises the rows anew for every pair of class tiles, and
 // its launches, one per chunk and row block, took 6 us each on gpt2 (18 a step). `active` is the row tile's first
-// flag of row pitch active_ld; tile_max, split_skip, filter and tile_counts as tile_flags_kernel reads them.
+// flag of row pitch active_ld; tile_max, split_skip, filter and tile_counts as tile_flags_kernel reads them. With a
+// slot capacity, the live tiles' slots of the compacted walk (compact: zeros in its state at launch).
 template <class T>
 __global__ void __launch_bounds__(128) walk_flags_kernel(const __grid_constant__ dlogit_params<T> prm) {
   const tile::tile_grid& g = prm.grid;
@@ -173,16 +183,39 @@ __global__ void __launch_bounds__(128) walk_flags_kernel(const __grid_constant__
     const row_coefficients& rc = prm.coef[g.row_begin(rt) + r];
     if (rc.kept && rc.target >= 0 && rc.target < g.cols) flags[rc.target / g.bn] = 1;
   }
-  if (prm.tile_counts == nullptr) return;
+  if (prm.tile_counts == nullptr && prm.slot_capacity == 0) return;
   __syncthreads();  // the marks above are seen by the whole CTA
-  using reduce = cub::BlockReduce<unsigned long long, 128>;
-  __shared__ typename reduce::TempStorage storage;
-  unsigned long long live = 0;
-  for (std::int64_t ct = threadIdx.x; ct < col_tiles; ct += 128) live += flags[ct];
-  live = reduce(storage).Sum(live);
+  // The row's live tiles ranked in column order: each thread counts a contiguous run of the row, a block scan
+  // joins them.
+  using scan = cub::BlockScan<int, 128>;
+  __shared__ typename scan::TempStorage storage;
+  __shared__ int first_slot;
+  const std::int64_t run = ceil_div(col_tiles, std::int64_t(128));
+  const std::int64_t begin = threadIdx.x * run, end = begin + run < col_tiles ? begin + run : col_tiles;
+  int count = 0;
+  for (std::int64_t ct = begin; ct < end; ++ct) count += flags[ct];
+  int rank = 0, live = 0;
+  scan(storage).ExclusiveSum(count, rank, live);
   if (threadIdx.x == 0) {
-    atomicAdd(prm.tile_counts, live);
-    atomicAdd(prm.tile_counts + 1, static_cast<unsigned long long>(col_tiles) - live);
+    if (prm.tile_counts) {
+      atomicAdd(prm.tile_counts, static_cast<unsigned long long>(live));
+      atomicAdd(prm.tile_counts + 1, static_cast<unsigned long long>(col_tiles - live));
+    }
+    // Row tiles take their slots in whichever order they come: a tile's values do not depend on where it is kept.
+    if (prm.slot_capacity > 0) first_slot = atomicAdd(prm.compact.state, live);
+  }
+  if (prm.slot_capacity == 0) return;
+  __syncthreads();
+  std::int32_t* slots = prm.compact.slot + rt * prm.active_ld;
+  for (std::int64_t ct = begin; ct < end; ++ct) slots[ct] = flags[ct] ? first_slot + rank++ : -1;
+  if (threadIdx.x != 0) return;
+  prm.compact.row_first[rt] = first_slot;
+  // The last row tile to finish knows whether the live tiles fit: it turns on the compacted walk or the chunk walk.
+  __threadfence();
+  if (atomicAdd(prm.compact.state + 1, 1) == int(gridDim.x) - 1) {
+    const bool fits = atomicAdd(prm.compact.state, 0) <= prm.slot_capacity;
+    prm.compact.state[2] = fits ? 1 : 0;
+    prm.compact.state[3] = fits ? 0 : 1;
   }
 }
 
@@ -222,6 +255,7 @@ __global__ void __launch_bounds__(Policy::threads, Policy::min_blocks) dlogit_ke
   using mainloop = mainloop_for<T, Policy, major::k, major::k>;
   using layout = typename mainloop::fragment_layout;
   extern __shared__ __align__(16) unsigned char smem[];
+  if (prm.disabled()) return;
 
   const tile::tile_grid& g = prm.grid;
   const std::int64_t rt = prm.row0 / g.bm + blockIdx.x;  // absolute tile indices

@@ -3,7 +3,8 @@
 // producer never loads a skipped tile; persistent CTAs then share the live (128-row, 256-class) tiles evenly,
 // recompute the logits and store draw = dz * dz/draw in T into the chunk buffer, with the bias gradient's column sums.
 // A 256-class tile spans two 128-class filter tiles: it is computed when either is active, and only the active
-// halves are stored (the gradient GEMMs read only those).
+// halves are stored (the gradient GEMMs read only those). In the compacted walk (plan.hpp) one launch takes the
+// live tiles of all rows and classes, each half stored at its slot.
 #pragma once
 
 #include <cstdint>
@@ -93,6 +94,7 @@ __global__ void __launch_bounds__(logit_tile_shape::threads, 1)
   __shared__ float col_sums[S::consumer_warps][S::bn];
 
   const dlogit_params<T>& p = prm.base;
+  if (p.disabled()) return;
   const tile::tile_grid& g = p.grid;
   const std::int64_t flag_pitch = p.flag_pitch();
   const std::int64_t filter_tiles = ceil_div(prm.cols, S::filter_bn);
@@ -144,13 +146,28 @@ __global__ void __launch_bounds__(logit_tile_shape::threads, 1)
     const std::int64_t col_thread = col0 + lane_col;
     // The rows' constants are loaded before the products, so that the epilogue does not wait for them.
     dlogit_row slot[2];
-    T* out[2] = {nullptr, nullptr};  // null past the block's rows: nothing is stored there
+    // Where the thread's first column of each row slot is stored (null past the block's rows: nothing is), and how
+    // far half 1's stores lie from where they would follow half 0's: 0 in the chunk's block; in the compacted walk
+    // each half is a slot of its own, whose rows past N are stored too (as zeros: no row coefficients).
+    T* out[2] = {nullptr, nullptr};
+    constexpr std::int64_t slot_size = std::int64_t(S::bm) * S::filter_bn;
+    std::int64_t half_step = 0;
+    std::int64_t first_slot = -1;
+    if (p.slots != nullptr) {
+      const std::int32_t* slots = p.slots + rl * flag_pitch + 2 * wt;
+      first_slot = active[0] ? slots[0] : slots[1];
+      // (half 1 alone starts at its slot)
+      half_step = (active[0] && active[1] ? (slots[1] - first_slot) * slot_size : 0) - S::filter_bn;
+    }
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const std::int64_t row = row0 + local_row + 8 * r;
-      if (row >= g.rows || row - p.row0 >= prm.rows) continue;
-      out[r] = p.dz + (row - p.row0) * p.chunk_cols + (col_thread - p.v0);
-      slot[r].rc = p.coef[row];
+      const bool in_block = row < g.rows && row - p.row0 < prm.rows;
+      if (first_slot >= 0)
+        out[r] = p.dz + first_slot * slot_size + (local_row + 8 * r) * S::filter_bn + lane_col;
+      else if (in_block)
+        out[r] = p.dz + (row - p.row0) * p.chunk_cols + (col_thread - p.v0);
+      if (in_block) slot[r].rc = p.coef[row];
     }
     ring.compute_tile(acc, at, k_blocks, cw / 4);
     if (p.terms.has_raw_terms()) add_raw_terms(acc, p.terms, row0 + local_row, col_thread, g);
@@ -193,7 +210,7 @@ __global__ void __launch_bounds__(logit_tile_shape::threads, 1)
               return *reinterpret_cast<const std::uint32_t*>(pair);
             };
             const uint2 four = runs.trade(pack(2 * b), pack(2 * b + 1));
-            if (out[r] != nullptr) *reinterpret_cast<uint2*>(out[r] + run_offset + 16 * b) = four;
+            if (out[r] != nullptr) *reinterpret_cast<uint2*>(out[r] + (h ? half_step : 0) + run_offset + 16 * b) = four;
           }
         }
       }

@@ -38,10 +38,44 @@ static_assert(std::size_t(grad_gemm_shape::bm) * staging_ld * sizeof(float) <=
 // stores itself.
 enum class tma_write : std::uint8_t { none, carry, output, output_after_carry };
 
+// Where the compacted walk (plan.hpp) keeps the dZ tiles a product reads: tile (rt, ct) of 128 x 128 at slot
+// slot[rt ld + ct] of A's map, whose rows are the slots' rows one after another (dE: K-major, 128 classes deep; dC:
+// MN-major, 128 classes wide). Null `slot`: A is the product's own operand.
+struct compact_slots {
+  const std::int32_t* slot = nullptr;
+  const std::int32_t* row_first = nullptr;  // the slot of each row tile's first live tile; the others follow it
+  std::int64_t ld = 0;
+};
+
+// dE's A tiles from the slots: a row tile's live tiles come in column order, as its slots do from row_first.
+struct row_slots {
+  int slot;       // of the filter tile being loaded
+  int tile = -1;  // that filter tile's index along K
+  __device__ __forceinline__ int2 operator()(int, int kb) {
+    constexpr int per_tile = grad_gemm_shape::filter_bn / grad_gemm_shape::bk;
+    if (kb / per_tile != tile) {
+      slot += tile >= 0 ? 1 : 0;
+      tile = kb / per_tile;
+    }
+    return make_int2(slot * grad_gemm_shape::bm, kb % per_tile * grad_gemm_shape::bk);
+  }
+};
+
+// dC's A tiles from the slots: the class tile's column of them, slot[rt ld] for row tile rt.
+struct column_slots {
+  const std::int32_t* slot;
+  std::int64_t ld;
+  __device__ __forceinline__ int2 operator()(int, int kb) const {
+    constexpr int per_tile = grad_gemm_shape::filter_bn / grad_gemm_shape::bk;
+    return make_int2(0, slot[kb / per_tile * ld] * grad_gemm_shape::filter_bn + kb % per_tile * grad_gemm_shape::bk);
+  }
+};
+
 template <class T, class G>
 struct grad_gemm_params_sm90 {
   operand_maps maps;
   grad_gemm_params<T, G, grad_gemm_shape::filter_bn> base;
+  compact_slots compact{};  // persistent kernel only
   int m_tiles = 0, n_tiles = 0;
   // The K range in this many parts, each a tile of its own (persistent kernel only): every part adds its sum to the
   // carry (tma_write::carry onto zeros; two addends keep the sum independent of their order). With more than two,
@@ -506,11 +540,21 @@ __global__ void __launch_bounds__(grad_gemm_shape::threads, 1)
         if (tile >= tiles) break;
         if (tile < de_tiles) {
           const grad_tile t(prm.de, tile);
-          if (!left_alone(prm.de, t))
+          const compact_slots& c = prm.de.compact;
+          if (left_alone(prm.de, t)) continue;
+          if (c.slot)
+            ring_de.load_tile(at, &prm.de.maps, t.row0(), t.col0(), t.k_end, t.loads(), t.k_first,
+                              row_slots{c.row_first[t.pos.m]});
+          else
             ring_de.load_tile(at, &prm.de.maps, t.row0(), t.col0(), t.k_end, t.loads(), t.k_first);
         } else {
           const grad_tile t(prm.dc, tile - de_tiles);
-          if (!left_alone(prm.dc, t))
+          const compact_slots& c = prm.dc.compact;
+          if (left_alone(prm.dc, t)) continue;
+          if (c.slot)
+            ring_dc.load_tile(at, &prm.dc.maps, t.row0(), t.col0(), t.k_end, t.loads(), t.k_first,
+                              column_slots{c.slot + t.pos.m, c.ld});
+          else
             ring_dc.load_tile(at, &prm.dc.maps, t.row0(), t.col0(), t.k_end, t.loads(), t.k_first);
         }
       }

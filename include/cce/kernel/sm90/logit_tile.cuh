@@ -69,6 +69,12 @@ struct every_k_block {
   __device__ __forceinline__ int next(int kb) const { return kb; }
 };
 
+// Where a k-block's A tile lies in A's map, as (rows or M/N elements from, depth from): the tile's own rows from a0
+// at depth kb bk, unless a kernel keeps its A tiles elsewhere (the compacted walk's slots, grad_gemm.cuh).
+struct a_in_place {
+  __device__ __forceinline__ int2 operator()(int a0, int kb) const { return make_int2(a0, kb * logit_tile_shape::bk); }
+};
+
 template <class T, major MajorA = major::k, major MajorB = major::k, int Cluster = 1,
           int Stages = logit_tile_shape::stages>
 class tile_ring {
@@ -100,22 +106,24 @@ class tile_ring {
   __device__ __forceinline__ std::uint32_t stage_readers() const { return S::consumer_warps * sharers_; }
 
   // Producer (one thread): the k-blocks `live` visits in [k_first, k_blocks) of the tile whose A rows start at a0
-  // and B rows at b0.
-  template <class Cursor = every_k_block>
+  // (`place` says where each k-block's A tile lies) and B rows at b0.
+  template <class Cursor = every_k_block, class Place = a_in_place>
   __device__ __forceinline__ void load_tile(ring_position<Stages>& at, const operand_maps* maps, int a0, int b0,
-                                            int k_blocks, Cursor live = {}, int k_first = 0) const {
+                                            int k_blocks, Cursor live = {}, int k_first = 0, Place place = {}) const {
     for (int kb = live.next(k_first); kb < k_blocks; kb = live.next(kb + 1)) {
       acquire_for_write(bars_, at, a_bytes + b_bytes);
       std::uint64_t* full = &bars_.full[at.stage];
-      load_operand<MajorA, S::bm, 1>(smem_ + at.stage * a_bytes, &maps->a, a0, kb, full);
+      const int2 a_at = place(a0, kb);
+      load_operand<MajorA, S::bm, 1>(smem_ + at.stage * a_bytes, &maps->a, a_at.x, a_at.y, full);
       unsigned char* b_stage = smem_ + Stages * a_bytes + at.stage * b_bytes;
+      const int k = kb * S::bk;
       if (sharers_ > 1) {
-        load_operand<MajorB, b_part, Cluster>(b_stage + rank_ * b_part * row_bytes, &maps->b, b0 + rank_ * b_part, kb,
+        load_operand<MajorB, b_part, Cluster>(b_stage + rank_ * b_part * row_bytes, &maps->b, b0 + rank_ * b_part, k,
                                               full);
       } else {
 #pragma unroll
         for (int part = 0; part < Cluster; ++part)
-          load_operand<MajorB, b_part, 1>(b_stage + part * b_part * row_bytes, &maps->b, b0 + part * b_part, kb, full);
+          load_operand<MajorB, b_part, 1>(b_stage + part * b_part * row_bytes, &maps->b, b0 + part * b_part, k, full);
       }
       at.advance();
     }
@@ -168,9 +176,9 @@ class tile_ring {
   __device__ __forceinline__ float* staging_area() const { return reinterpret_cast<float*>(smem_); }
 
  private:
-  // Rows rows (K-major) or M/N elements (MN-major) from mn0, for every CTA of a cluster of Multicast.
+  // Rows rows (K-major) or M/N elements (MN-major) from mn0, at depth k, for every CTA of a cluster of Multicast.
   template <major Major, int Rows, int Multicast>
-  __device__ __forceinline__ static void load_operand(unsigned char* dst, const CUtensorMap* map, int mn0, int kb,
+  __device__ __forceinline__ static void load_operand(unsigned char* dst, const CUtensorMap* map, int mn0, int k,
                                                       std::uint64_t* full) {
     const auto copy = [&](unsigned char* to, int x, int y) {
       if constexpr (Multicast == 1)
@@ -179,10 +187,10 @@ class tile_ring {
         tma_multicast_2d(to, map, x, y, full, std::uint16_t((1u << Multicast) - 1));
     };
     if constexpr (Major == major::k) {
-      copy(dst, kb * S::bk, mn0);
+      copy(dst, k, mn0);
     } else {
 #pragma unroll
-      for (int i = 0; i < Rows / 64; ++i) copy(dst + i * mn_box_bytes, mn0 + 64 * i, kb * S::bk);
+      for (int i = 0; i < Rows / 64; ++i) copy(dst + i * mn_box_bytes, mn0 + 64 * i, k);
     }
   }
   // A consumer warp is done with `stage`: in every CTA sharing it, lane r reporting to CTA r.
