@@ -648,7 +648,7 @@ TEST_CASE("GPU: the compacted walk where the live tiles fit and the chunk walk w
   struct variant {
     test::regime data;
     backward_mode mode;
-    std::size_t budget;  // 0: the mode's default, which holds every tile here
+    std::size_t budget;  // 0: the mode's default, which holds every live tile here
     bool filter, accumulate, fp32_gradients;
     std::int64_t n, d;
   };
