@@ -635,7 +635,9 @@ TEST_CASE("GPU: minimal's carried pass", "[gpu][minimal]") {
 // state it leaves in the workspace says which walk ran. Odd N and V put rows past N and classes past V in the
 // slots. The default budgets hold every live tile: all of them where 128 divides N (a slot takes 128 rows), the few
 // of peaked data at D = 512 otherwise (a row's own class dominates); the chunk walk runs where a budget leaves fewer
-// slots than live tiles (no filter: every tile is live).
+// slots than live tiles (no filter: every tile is live). With the embeddings of row tile 0 scaled down, its rows'
+// own classes no longer dominate and every tile of that row tile is live, beside a tile or so in each other row tile
+// (as gpt2's peaked data has it): its dE runs in parts whose fp32 sums are added after the products.
 TEST_CASE("GPU: the compacted walk where the live tiles fit and the chunk walk where not", "[gpu][compact]") {
   using T = __nv_bfloat16;
   using policy = tile::default_policy_t<T>;
@@ -650,27 +652,34 @@ TEST_CASE("GPU: the compacted walk where the live tiles fit and the chunk walk w
     backward_mode mode;
     std::size_t budget;  // 0: the mode's default, which holds every live tile here
     bool filter, accumulate, fp32_gradients;
-    std::int64_t n, d;
+    std::int64_t n, d, v;
+    bool weak_first_rows;
   };
   const variant variants[] = {
-      {test::regime::peaked, backward_mode::minimal, 0, true, false, false, 1000 + 3, 512},
-      {test::regime::lm_like, backward_mode::chunked, 0, true, true, true, 1024, 200},
-      {test::regime::lm_like, backward_mode::minimal, std::size_t(1) << 20, false, false, false, 1000 + 3, 200},
-      {test::regime::peaked, backward_mode::minimal, std::size_t(1) << 20, false, true, true, 1000 + 3, 200},
+      {test::regime::peaked, backward_mode::minimal, 0, true, false, false, 1000 + 3, 512, 3000 + 1, false},
+      {test::regime::lm_like, backward_mode::chunked, 0, true, true, true, 1024, 200, 3000 + 1, false},
+      {test::regime::lm_like, backward_mode::minimal, std::size_t(1) << 20, false, false, false, 1000 + 3, 200,
+       3000 + 1, false},
+      {test::regime::peaked, backward_mode::minimal, std::size_t(1) << 20, false, true, true, 1000 + 3, 200, 3000 + 1,
+       false},
+      {test::regime::peaked, backward_mode::minimal, 0, true, false, false, 1000 + 3, 512, 5000 + 1, true},
+      {test::regime::peaked, backward_mode::chunked, 0, true, true, true, 1000 + 3, 512, 5000 + 1, true},
   };
   int seed = 70;
   for (const variant& x : variants) {
     test::case_config cfg;
     cfg.n = x.n;
     cfg.d = x.d;
-    cfg.v = 3000 + 1;
+    cfg.v = x.v;
     cfg.data = x.data;
     cfg.seed = std::uint64_t(++seed);
     cfg.opts.backward_mode = x.mode;
     if (!x.filter) cfg.opts.filter = filter_mode::none;
     cfg.opts.accumulate = x.accumulate;
-    INFO(cfg.describe() << " budget " << x.budget);
-    const auto h = test::make_problem<T>(cfg);
+    INFO(cfg.describe() << " budget " << x.budget << " weak first rows " << x.weak_first_rows);
+    auto h = test::make_problem<T>(cfg);
+    for (std::int64_t i = 0; x.weak_first_rows && i < policy::bm * cfg.d; ++i)
+      h.e[std::size_t(i)] = detail::from_float<T>(0.2f * detail::to_float(h.e[std::size_t(i)]));
     const auto check = [&](auto gradient_constant) {
       using G = decltype(gradient_constant);
       const test::device_case<T, G> dc(h, x.budget);
@@ -692,6 +701,30 @@ TEST_CASE("GPU: the compacted walk where the live tiles fit and the chunk walk w
       CHECK(state[2] == (fits ? 1 : 0));
       CHECK(state[3] == (fits ? 0 : 1));
       if (!x.filter) CHECK(state[0] == pl.grid.tiles());
+      // dE's parts: one per row tile, or one per compact_part_tiles live tiles where the parts' fp32 sums (128 rows
+      // of D each) fit the free slots. Weak first rows: row tile 0's 40 tiles are all live, so it is split.
+      std::vector<std::uint8_t> flags(std::size_t(pl.grid.tiles()));
+      REQUIRE_CUDA(cudaMemcpy(flags.data(), bw.walk_flags, flags.size(), cudaMemcpyDeviceToHost));
+      std::int64_t live = 0, sums = 0, whole = 0, split = 0;
+      for (std::int64_t rt = 0; rt < pl.grid.row_tiles(); ++rt) {
+        std::int64_t row = 0;
+        for (std::int64_t ct = 0; ct < pl.grid.col_tiles(); ++ct)
+          row += flags[std::size_t(rt * pl.grid.col_tiles() + ct)];
+        const std::int64_t parts =
+            row > detail::compact_part_tiles ? detail::ceil_div(row, detail::compact_part_tiles) : 1;
+        live += row;
+        sums += parts > 1 ? parts : 0;
+        split += parts;
+        ++whole;
+      }
+      CHECK(state[0] == live);
+      if (fits) {
+        const std::int64_t slot_bytes = pl.grid.bm * pl.grid.bn * std::int64_t(sizeof(T)), row_bytes = 4 * cfg.d;
+        const bool sums_fit = detail::ceil_div(live * slot_bytes, row_bytes) + sums * pl.grid.bm <=
+                              pl.compact_capacity() * slot_bytes / row_bytes;
+        CHECK(state[5] == (sums_fit ? split : whole));
+        if (x.weak_first_rows) CHECK(state[5] > whole);
+      }
       // The slots are taken in whichever order the row tiles come: the gradients do not depend on it.
       if (fits && !x.accumulate) {
         dc.reset();

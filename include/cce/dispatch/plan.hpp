@@ -145,13 +145,26 @@ struct linear_baseline_buffers {
 // The compacted walk (plan::walk_flags): when the live tiles of the whole walk fit the pass's dZ buffer as slots of
 // bm x bn, one dlogit launch stores each at its slot and one launch of both products reads them there; the chunk
 // walk's launches then return at once (dispatch/portable.cuh). Slots are taken a row tile at a time in column order.
-inline constexpr int compact_state_count = 5;
+// A row tile's dE runs in parts of at most compact_part_tiles live tiles, so that no CTA takes a row tile whose
+// every tile is live alone; the parts of a row tile in several write fp32 sums into the free slots, which a last
+// kernel adds in part order.
+inline constexpr int compact_state_count = 7;
+inline constexpr std::int64_t compact_part_tiles = 32;
+
+struct compact_part {
+  std::int32_t row_tile, part;
+};
 
 struct compact_walk_buffers {
   std::int32_t* slot = nullptr;       // row_tiles x col_tiles: the tile's slot, -1 where it is not computed
+  std::int32_t* slot_tile = nullptr;  // row_tiles x col_tiles: the class tile of each slot
   std::int32_t* row_first = nullptr;  // row_tiles: the slot of the row tile's first live tile
+  std::int32_t* row_live = nullptr;   // row_tiles: its live tiles
+  std::int32_t* row_sums = nullptr;   // row_tiles: the first of its parts' sums, -1 for a row tile in one part
+  compact_part* parts = nullptr;      // plan::compact_parts(): the dE parts, row tile by row tile
   int* state = nullptr;  // compact_state_count: [0] live tiles, [1] row tiles ranked, [2] 1: the compacted walk runs,
-                         // [3] 1: the chunk walk runs (the live tiles did not fit), [4] the products' tile queue
+                         // [3] 1: the chunk walk runs (the live tiles did not fit), [4] the products' tile queue,
+                         // [5] dE parts, [6] the fp32 row (of D) of dZ's buffer where the parts' sums start
 };
 
 template <class T>
@@ -252,6 +265,9 @@ struct plan {
       elements = std::max(elements, std::min(s.rows, n) * s.cols);
     return walk_flags ? elements / (grid.bm * grid.bn) : 0;
   }
+  // The most dE parts the compacted walk can have: a part per row tile, and one per compact_part_tiles live tiles
+  // (counted against every tile: the per-row buffers are carved before the passes' shapes are chosen).
+  std::int64_t compact_parts() const { return walk_flags ? grid.row_tiles() + grid.tiles() / compact_part_tiles : 0; }
   // Floats of dE's carry (and its compensation) in the dC output.
   std::int64_t carry_floats() const { return n * d * (kahan ? 2 : 1); }
   // The carried pass's buffers with dE's carry, then its compensation, at the start of dC's buffer.
@@ -354,7 +370,11 @@ struct plan {
     b.lora_q = c.take<float>(n * rank);
     b.walk_flags = c.take<std::uint8_t>(walk_flags ? grid.tiles() : 0);
     b.compact.slot = c.take<std::int32_t>(walk_flags ? grid.tiles() : 0);
+    b.compact.slot_tile = c.take<std::int32_t>(walk_flags ? grid.tiles() : 0);
     b.compact.row_first = c.take<std::int32_t>(walk_flags ? grid.row_tiles() : 0);
+    b.compact.row_live = c.take<std::int32_t>(walk_flags ? grid.row_tiles() : 0);
+    b.compact.row_sums = c.take<std::int32_t>(walk_flags ? grid.row_tiles() : 0);
+    b.compact.parts = c.take<compact_part>(compact_parts());
     b.compact.state = c.take<int>(walk_flags ? compact_state_count : 0);
     b.baseline = carve_baseline(c);
     if (sort) {

@@ -790,6 +790,8 @@ class portable_path {
     prm.active_ld = pl_.grid.col_tiles();
     prm.compact = bw.compact;
     prm.slot_capacity = slot_capacity;
+    prm.slot_bytes = std::int64_t(sizeof(T)) * pl_.grid.bm * pl_.grid.bn;
+    prm.sum_row_bytes = std::int64_t(sizeof(float)) * p_.d;
     if (slot_capacity > 0 &&
         cudaMemsetAsync(bw.compact.state, 0, sizeof(int) * compact_state_count, stream) != cudaSuccess)
       return status::cuda_error;
@@ -819,8 +821,15 @@ class portable_path {
     dc.a = {dz, pl_.grid.bn, pl_.grid.bn, rows};  // MN-major
     dc.enabled = on;
     sm90::grad_gemm_pair_params_sm90<T, G> products;
-    const sm90::compact_slots slots{bw.compact.slot, bw.compact.row_first, pl_.grid.col_tiles()};
-    if (!sm90::prepare_compact_products(products, de, dc, slots)) return status::success;
+    const compact_walk_buffers& c = bw.compact;
+    const sm90::compact_slots slots{c.slot,     pl_.grid.col_tiles(), c.slot_tile, c.row_first,
+                                    c.row_live, c.row_sums,           c.parts,     c.state};
+    // The split parts' sums in the slots the live tiles leave free, as fp32 rows of D (walk_flags_kernel).
+    float* const sums = reinterpret_cast<float*>(dz);
+    const std::int64_t sum_rows =
+        capacity * pl_.grid.bm * pl_.grid.bn * std::int64_t(sizeof(T)) / (std::int64_t(sizeof(float)) * p_.d);
+    if (!sm90::prepare_compact_products(products, de, dc, slots, sums, sum_rows, pl_.compact_parts()))
+      return status::success;
 
     dlogit_params<T> prm = dlogit_params_of(sv, bw, bw.de, s, 0, nullptr);
     prm.dz = dz;
@@ -830,6 +839,18 @@ class portable_path {
     if (st == status::unsupported_arch) return status::success;
     CCE_TRY(st);
     CCE_TRY(sm90::launch_compact_products(products, bw.compact.state + 4, pl_.sm_count, stream));
+    sm90::part_sums_params<G> total;
+    total.sums = sums;
+    total.compact = slots;
+    total.n = p_.n;
+    total.d = p_.d;
+    total.ld_out = ld_de;
+    total.out = out.de;
+    total.accumulate = de.accumulate;
+    total.baseline_rows = de.baseline_rows;
+    total.baseline_term = de.baseline_term;
+    sm90::compact_part_sums_kernel<G><<<unsigned(4 * pl_.sm_count), 256, 0, stream>>>(total);
+    CCE_TRY(launch_status());
     bw.chunk_walk_on = bw.compact.state + 3;
     return status::success;
   }

@@ -202,17 +202,24 @@ status launch_grad_gemm(const grad_gemm_params<T, G, KTile>& base, cudaStream_t 
 }
 
 // The compacted walk's products (plan.hpp) for grad_gemm_persistent_kernel: de and dc of all rows and classes, whose
-// A operands span the dZ slots, each live tile read at its slot (`compact`); false where TMA cannot address the
-// slots or write either output whole, or the kernel cannot have its shared memory.
+// A operands span the dZ slots, each live tile read at its slot (`compact`), dE in at most `parts` parts whose sums
+// lie in `sums` (`sum_rows` fp32 rows of D); false where TMA cannot address the slots or the sums or write either
+// output whole, or the kernel cannot have its shared memory.
 template <class T, class G, int KTile>
 bool prepare_compact_products(grad_gemm_pair_params_sm90<T, G>& prm, const grad_gemm_params<T, G, KTile>& de,
-                              const grad_gemm_params<T, G, KTile>& dc, const compact_slots& compact) {
+                              const grad_gemm_params<T, G, KTile>& dc, const compact_slots& compact, float* sums,
+                              std::int64_t sum_rows, std::int64_t parts) {
   if constexpr (!tensor_core_type<T> || KTile != grad_gemm_shape::filter_bn) {
     return false;
   } else {
     if (!encode_grad_gemm<major::k>(prm.de, de) || !encode_grad_gemm<major::mn>(prm.dc, dc)) return false;
     prm.de.compact = prm.dc.compact = compact;
-    return prm.de.tma == tma_write::output && prm.dc.tma == tma_write::output &&
+    prm.de.m_tiles = int(parts);
+    const std::int64_t d = de.n;
+    return prm.de.tma == tma_write::output && prm.dc.tma == tma_write::output && sum_rows > 0 &&
+           tma_addressable(sums, d, sizeof(float)) &&
+           encode_sw128(&prm.de.sums_map, sums, d, sum_rows, d, tensor_map_type<float>, sizeof(float),
+                        grad_gemm_shape::bm) &&
            allow_dynamic_smem<grad_gemm_persistent_kernel<T, G>>(persistent_shape::smem_bytes<T>);
   }
 }

@@ -53,6 +53,7 @@ struct dlogit_params {
   // at dz + slots[rt][ct] bm bn, row-major, its rows past N as zeros (the products read whole slots).
   compact_walk_buffers compact{};
   std::int64_t slot_capacity = 0;
+  std::int64_t slot_bytes = 0, sum_row_bytes = 0;  // a slot's bytes; a row of D in fp32 (the dE parts' sums)
   const std::int32_t* slots = nullptr;
   // Runs only if *enabled != 0 (null: always): the chunk walk's launches, or the compacted walk's, as its state says.
   const int* enabled = nullptr;
@@ -164,6 +165,46 @@ inline dim3 tile_flags_grid(std::int64_t rows, std::int64_t chunk_cols, const ti
   return dim3(unsigned(ceil_div(rows, g.bm)), unsigned(ceil_div(chunk_cols, 2 * g.bn)));
 }
 
+// The compacted walk's dE parts (plan.hpp), by the CTA of the last row tile to be ranked, whose `total` live tiles
+// fit: row tile rt in ceil(live / compact_part_tiles) parts where the parts' fp32 sums fit the free slots, else every
+// row tile in one part. Two block scans over runs of row tiles: the parts' sums, then the parts and their sums' rows.
+template <int Threads, class T>
+__device__ void plan_compact_parts(const dlogit_params<T>& prm, int total) {
+  using scan = cub::BlockScan<int, Threads>;
+  __shared__ typename scan::TempStorage storage;
+  const compact_walk_buffers& c = prm.compact;
+  const int rows = int(gridDim.x), run = (rows + Threads - 1) / Threads;
+  const int begin = int(threadIdx.x) * run, end = begin + run < rows ? begin + run : rows;
+  const auto parts_of = [&](int rt) {
+    const int live = __ldcg(c.row_live + rt);
+    return live > compact_part_tiles ? int(ceil_div(std::int64_t(live), compact_part_tiles)) : 1;
+  };
+  int sums = 0;
+  for (int rt = begin; rt < end; ++rt) sums += parts_of(rt) > 1 ? parts_of(rt) : 0;
+  int sums_before = 0, all_sums = 0;
+  scan(storage).ExclusiveSum(sums, sums_before, all_sums);
+  // The sums start at the first whole fp32 row of D past the live slots.
+  const std::int64_t sum_rows = prm.slot_capacity * prm.slot_bytes / prm.sum_row_bytes;
+  const std::int64_t base = ceil_div(std::int64_t(total) * prm.slot_bytes, prm.sum_row_bytes);
+  const bool split = base + std::int64_t(all_sums) * 128 <= sum_rows;
+  int parts = 0;
+  for (int rt = begin; rt < end; ++rt) parts += split ? parts_of(rt) : 1;
+  int part = 0, all_parts = 0;
+  __syncthreads();  // the scan's storage is reused
+  scan(storage).ExclusiveSum(parts, part, all_parts);
+  int sum = sums_before;
+  for (int rt = begin; rt < end; ++rt) {
+    const int n = split ? parts_of(rt) : 1;
+    c.row_sums[rt] = n > 1 ? sum : -1;
+    sum += n > 1 ? n : 0;
+    for (int p = 0; p < n; ++p) c.parts[part++] = compact_part{rt, p};
+  }
+  if (threadIdx.x == 0) {
+    c.state[5] = all_parts;
+    c.state[6] = int(base);
+  }
+}
+
 // The flags of every tile of the walk in one launch (plan::walk_flags), a CTA per row tile: the rows' summary once,
 // the filter's decision for each class tile, then the target tile of each row with gradient marked (a tile holding
 // a target is kept), and the counts. tile_flags_kernel summarises the rows anew for every pair of class tiles, and
@@ -206,17 +247,35 @@ __global__ void __launch_bounds__(128) walk_flags_kernel(const __grid_constant__
   }
   if (prm.slot_capacity == 0) return;
   __syncthreads();
-  std::int32_t* slots = prm.compact.slot + rt * prm.active_ld;
-  for (std::int64_t ct = begin; ct < end; ++ct) slots[ct] = flags[ct] ? first_slot + rank++ : -1;
-  if (threadIdx.x != 0) return;
-  prm.compact.row_first[rt] = first_slot;
-  // The last row tile to finish knows whether the live tiles fit: it turns on the compacted walk or the chunk walk.
-  __threadfence();
-  if (atomicAdd(prm.compact.state + 1, 1) == int(gridDim.x) - 1) {
-    const bool fits = atomicAdd(prm.compact.state, 0) <= prm.slot_capacity;
-    prm.compact.state[2] = fits ? 1 : 0;
-    prm.compact.state[3] = fits ? 0 : 1;
+  const compact_walk_buffers& c = prm.compact;
+  std::int32_t* slots = c.slot + rt * prm.active_ld;
+  for (std::int64_t ct = begin; ct < end; ++ct) {
+    if (!flags[ct]) {
+      slots[ct] = -1;
+      continue;
+    }
+    slots[ct] = first_slot + rank;
+    c.slot_tile[first_slot + rank++] = std::int32_t(ct);
   }
+  __shared__ bool last;
+  if (threadIdx.x == 0) {
+    c.row_first[rt] = first_slot;
+    c.row_live[rt] = live;
+    __threadfence();
+    last = atomicAdd(c.state + 1, 1) == int(gridDim.x) - 1;
+  }
+  __syncthreads();
+  // The last row tile to finish knows whether the live tiles fit: it turns on the compacted walk or the chunk walk,
+  // and lays out the dE parts.
+  if (!last) return;
+  __threadfence();
+  const int total = atomicAdd(c.state, 0);
+  const bool fits = total <= prm.slot_capacity;
+  if (threadIdx.x == 0) {
+    c.state[2] = fits ? 1 : 0;
+    c.state[3] = fits ? 0 : 1;
+  }
+  if (fits) plan_compact_parts<128>(prm, total);
 }
 
 // The block-wide max of one value per thread (NaN wins). Every thread gets it.

@@ -15,6 +15,7 @@
 #include <type_traits>
 
 #include <cce/detail/math.hpp>
+#include <cce/dispatch/plan.hpp>
 #include <cce/kernel/portable/element_run.cuh>
 #include <cce/kernel/portable/grad_gemm.cuh>
 #include <cce/kernel/sm90/logit_tile.cuh>
@@ -38,26 +39,55 @@ static_assert(std::size_t(grad_gemm_shape::bm) * staging_ld * sizeof(float) <=
 // stores itself.
 enum class tma_write : std::uint8_t { none, carry, output, output_after_carry };
 
-// Where the compacted walk (plan.hpp) keeps the dZ tiles a product reads: tile (rt, ct) of 128 x 128 at slot
-// slot[rt ld + ct] of A's map, whose rows are the slots' rows one after another (dE: K-major, 128 classes deep; dC:
-// MN-major, 128 classes wide). Null `slot`: A is the product's own operand.
+// Where the compacted walk (plan.hpp, compact_walk_buffers) keeps the dZ tiles a product reads: tile (rt, ct) of
+// 128 x 128 at slot slot[rt ld + ct] of A's map, whose rows are the slots' rows one after another (dE: K-major, 128
+// classes deep; dC: MN-major, 128 classes wide). dE runs in parts (compact_part): its M tiles are parts, not row
+// tiles. Null `slot`: A is the product's own operand.
 struct compact_slots {
   const std::int32_t* slot = nullptr;
-  const std::int32_t* row_first = nullptr;  // the slot of each row tile's first live tile; the others follow it
   std::int64_t ld = 0;
+  const std::int32_t* slot_tile = nullptr;
+  const std::int32_t* row_first = nullptr;
+  const std::int32_t* row_live = nullptr;
+  const std::int32_t* row_sums = nullptr;
+  const compact_part* parts = nullptr;
+  const int* state = nullptr;  // compact_walk_buffers::state
 };
 
-// dE's A tiles from the slots: a row tile's live tiles come in column order, as its slots do from row_first.
-struct row_slots {
-  int slot;       // of the filter tile being loaded
-  int tile = -1;  // that filter tile's index along K
-  __device__ __forceinline__ int2 operator()(int, int kb) {
-    constexpr int per_tile = grad_gemm_shape::filter_bn / grad_gemm_shape::bk;
-    if (kb / per_tile != tile) {
-      slot += tile >= 0 ? 1 : 0;
-      tile = kb / per_tile;
+// Part j of the compacted walk's dE: its row tile (-1 past the parts), its live tiles [lo, hi) in column order (their
+// slots from first_slot + lo), and the fp32 row of its sum in the sums' map, -1 for a row tile in one part, which
+// writes the output itself.
+struct row_part {
+  int row_tile = -1, first_slot = 0, lo = 0, hi = 0, sum_row = -1;
+
+  __device__ __forceinline__ row_part(const compact_slots& c, int j) {
+    if (j >= c.state[5]) return;
+    const compact_part q = c.parts[j];
+    const int live = c.row_live[q.row_tile], first_sum = c.row_sums[q.row_tile];
+    row_tile = q.row_tile;
+    first_slot = c.row_first[q.row_tile];
+    if (first_sum < 0) {
+      hi = live;
+    } else {
+      lo = q.part * int(compact_part_tiles);
+      hi = live < lo + int(compact_part_tiles) ? live : lo + int(compact_part_tiles);
+      sum_row = c.state[6] + (first_sum + q.part) * grad_gemm_shape::bm;
     }
-    return make_int2(slot * grad_gemm_shape::bm, kb % per_tile * grad_gemm_shape::bk);
+  }
+  // Its k-blocks, two per live tile: [k_first(), k_end()).
+  __device__ __forceinline__ int k_first() const { return 2 * lo; }
+  __device__ __forceinline__ int k_end() const { return 2 * hi; }
+};
+
+// dE's tiles from the slots: k-block kb of a row tile's live tiles lies in slot first_slot + kb / 2, against the rows
+// of C of that slot's class tile.
+struct part_slots {
+  int first_slot;
+  const std::int32_t* slot_tile;
+  __device__ __forceinline__ k_block_at operator()(int, int kb) const {
+    constexpr int per_tile = grad_gemm_shape::filter_bn / grad_gemm_shape::bk;
+    const int slot = first_slot + kb / per_tile, depth = kb % per_tile * grad_gemm_shape::bk;
+    return {slot * grad_gemm_shape::bm, depth, slot_tile[slot] * grad_gemm_shape::filter_bn + depth};
   }
 };
 
@@ -65,9 +95,10 @@ struct row_slots {
 struct column_slots {
   const std::int32_t* slot;
   std::int64_t ld;
-  __device__ __forceinline__ int2 operator()(int, int kb) const {
+  __device__ __forceinline__ k_block_at operator()(int, int kb) const {
     constexpr int per_tile = grad_gemm_shape::filter_bn / grad_gemm_shape::bk;
-    return make_int2(0, slot[kb / per_tile * ld] * grad_gemm_shape::filter_bn + kb % per_tile * grad_gemm_shape::bk);
+    return {0, slot[kb / per_tile * ld] * grad_gemm_shape::filter_bn + kb % per_tile * grad_gemm_shape::bk,
+            kb * grad_gemm_shape::bk};
   }
 };
 
@@ -76,6 +107,7 @@ struct grad_gemm_params_sm90 {
   operand_maps maps;
   grad_gemm_params<T, G, grad_gemm_shape::filter_bn> base;
   compact_slots compact{};  // persistent kernel only
+  CUtensorMap sums_map;     // the compacted walk's dE: fp32 rows of D over dZ's buffer, where split parts add up
   int m_tiles = 0, n_tiles = 0;
   // The K range in this many parts, each a tile of its own (persistent kernel only): every part adds its sum to the
   // carry (tma_write::carry onto zeros; two addends keep the sum independent of their order). With more than two,
@@ -542,11 +574,14 @@ __global__ void __launch_bounds__(grad_gemm_shape::threads, 1)
           const grad_tile t(prm.de, tile);
           const compact_slots& c = prm.de.compact;
           if (left_alone(prm.de, t)) continue;
-          if (c.slot)
-            ring_de.load_tile(at, &prm.de.maps, t.row0(), t.col0(), t.k_end, t.loads(), t.k_first,
-                              row_slots{c.row_first[t.pos.m]});
-          else
+          if (c.slot) {
+            const row_part part(c, t.pos.m);
+            if (part.row_tile >= 0)
+              ring_de.load_tile(at, &prm.de.maps, 0, t.col0(), part.k_end(), every_k_block{}, part.k_first(),
+                                part_slots{part.first_slot, c.slot_tile});
+          } else {
             ring_de.load_tile(at, &prm.de.maps, t.row0(), t.col0(), t.k_end, t.loads(), t.k_first);
+          }
         } else {
           const grad_tile t(prm.dc, tile - de_tiles);
           const compact_slots& c = prm.dc.compact;
@@ -577,8 +612,20 @@ __global__ void __launch_bounds__(grad_gemm_shape::threads, 1)
     if (tile >= tiles) break;
     const bool de = tile < de_tiles;
     const grad_gemm_params_sm90<T, G>& q = de ? prm.de : prm.dc;
-    const grad_tile t(q, de ? tile : tile - de_tiles);
+    grad_tile t(q, de ? tile : tile - de_tiles);
     if (left_alone(q, t)) continue;
+    if (de && q.compact.slot) {  // a part of the compacted walk's dE: its output, or its sum
+      const row_part part(q.compact, t.pos.m);
+      if (part.row_tile < 0) continue;
+      ring_de.compute_tile(acc, at, part.k_end(), cw / 4, every_k_block{}, part.k_first());
+      if (part.sum_row >= 0) {
+        tma_store_tile<float, P::staging_bytes>(&q.sums_map, staged, acc, cw, lane, part.sum_row, t.col0(), false);
+        continue;
+      }
+      t.pos.m = part.row_tile;
+      tma_epilogue<P::staging_bytes>(q, t, staged, acc, cw, lane, &carry_loaded, carry_phase);
+      continue;
+    }
     const int computed = de ? ring_de.compute_tile(acc, at, t.k_end, cw / 4, t.computes(), t.k_first)
                             : ring_dc.compute_tile(acc, at, t.k_end, cw / 4, t.computes(), t.k_first);
     if (adds_nothing(q.base, k_tile_census{computed > 0, computed == t.k_blocks()})) continue;
@@ -587,6 +634,52 @@ __global__ void __launch_bounds__(grad_gemm_shape::threads, 1)
   }
   if (cw == 0 && lane == 0) staging_read();  // before the CTA's shared memory goes
 #endif
+}
+
+// The compacted walk's dE of the row tiles in several parts: their fp32 sums (grad_gemm_params_sm90::sums_map's rows)
+// added in part order, the baseline term as add_baseline adds it, then into the output as the products' TMA epilogue
+// writes it (added to it when gradients accumulate).
+template <class G>
+struct part_sums_params {
+  const float* sums = nullptr;  // dZ's buffer as fp32 rows of D
+  compact_slots compact;
+  std::int64_t n = 0, d = 0, ld_out = 0;
+  G* out = nullptr;
+  bool accumulate = false;
+  const float* baseline_rows = nullptr;  // grad_gemm_params's
+  const float* baseline_term = nullptr;
+};
+
+template <class G>
+__global__ void __launch_bounds__(256) compact_part_sums_kernel(const __grid_constant__ part_sums_params<G> prm) {
+  const compact_slots& c = prm.compact;
+  if (c.state[2] == 0) return;  // the chunk walk ran
+  const std::int64_t quads = prm.d / 4;
+  for (std::int64_t i = std::int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < prm.n * quads;
+       i += std::int64_t(gridDim.x) * blockDim.x) {
+    const std::int64_t row = i / quads, col = 4 * (i % quads);
+    const int rt = int(row / grad_gemm_shape::bm), first = c.row_sums[rt];
+    if (first < 0) continue;
+    const int parts = int(ceil_div(std::int64_t(c.row_live[rt]), compact_part_tiles));
+    float total[4] = {0.f, 0.f, 0.f, 0.f};
+    for (int p = 0; p < parts; ++p) {
+      const std::int64_t sum_row =
+          c.state[6] + std::int64_t(first + p) * grad_gemm_shape::bm + row % grad_gemm_shape::bm;
+      const float4 v = *reinterpret_cast<const float4*>(prm.sums + sum_row * prm.d + col);
+      total[0] += v.x;
+      total[1] += v.y;
+      total[2] += v.z;
+      total[3] += v.w;
+    }
+    G* out = prm.out + row * prm.ld_out + col;
+    const float s = prm.baseline_rows ? prm.baseline_rows[row] : 1.f;
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      if (prm.baseline_term) total[e] += s * prm.baseline_term[col + e];
+      const G rounded = from_float<G>(total[e]);
+      out[e] = prm.accumulate ? from_float<G>(to_float(out[e]) + to_float(rounded)) : rounded;
+    }
+  }
 }
 
 }  // namespace cce::detail::sm90

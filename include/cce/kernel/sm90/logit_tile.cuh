@@ -69,10 +69,16 @@ struct every_k_block {
   __device__ __forceinline__ int next(int kb) const { return kb; }
 };
 
-// Where a k-block's A tile lies in A's map, as (rows or M/N elements from, depth from): the tile's own rows from a0
-// at depth kb bk, unless a kernel keeps its A tiles elsewhere (the compacted walk's slots, grad_gemm.cuh).
-struct a_in_place {
-  __device__ __forceinline__ int2 operator()(int a0, int kb) const { return make_int2(a0, kb * logit_tile_shape::bk); }
+// Where a k-block's tiles lie in the operands' maps: A's rows (or M/N elements) from a_mn at depth a_k, B's at depth
+// b_k. In place: the tile's own rows from a0, both at depth kb bk; a kernel may keep them elsewhere (the compacted
+// walk's slots, grad_gemm.cuh).
+struct k_block_at {
+  int a_mn, a_k, b_k;
+};
+struct in_place {
+  __device__ __forceinline__ k_block_at operator()(int a0, int kb) const {
+    return {a0, kb * logit_tile_shape::bk, kb * logit_tile_shape::bk};
+  }
 };
 
 template <class T, major MajorA = major::k, major MajorB = major::k, int Cluster = 1,
@@ -106,17 +112,17 @@ class tile_ring {
   __device__ __forceinline__ std::uint32_t stage_readers() const { return S::consumer_warps * sharers_; }
 
   // Producer (one thread): the k-blocks `live` visits in [k_first, k_blocks) of the tile whose A rows start at a0
-  // (`place` says where each k-block's A tile lies) and B rows at b0.
-  template <class Cursor = every_k_block, class Place = a_in_place>
+  // and B rows at b0 (`place` says where each k-block's tiles lie).
+  template <class Cursor = every_k_block, class Place = in_place>
   __device__ __forceinline__ void load_tile(ring_position<Stages>& at, const operand_maps* maps, int a0, int b0,
                                             int k_blocks, Cursor live = {}, int k_first = 0, Place place = {}) const {
     for (int kb = live.next(k_first); kb < k_blocks; kb = live.next(kb + 1)) {
       acquire_for_write(bars_, at, a_bytes + b_bytes);
       std::uint64_t* full = &bars_.full[at.stage];
-      const int2 a_at = place(a0, kb);
-      load_operand<MajorA, S::bm, 1>(smem_ + at.stage * a_bytes, &maps->a, a_at.x, a_at.y, full);
+      const k_block_at where = place(a0, kb);
+      load_operand<MajorA, S::bm, 1>(smem_ + at.stage * a_bytes, &maps->a, where.a_mn, where.a_k, full);
       unsigned char* b_stage = smem_ + Stages * a_bytes + at.stage * b_bytes;
-      const int k = kb * S::bk;
+      const int k = where.b_k;
       if (sharers_ > 1) {
         load_operand<MajorB, b_part, Cluster>(b_stage + rank_ * b_part * row_bytes, &maps->b, b0 + rank_ * b_part, k,
                                               full);
