@@ -265,6 +265,10 @@ struct plan {
       elements = std::max(elements, std::min(s.rows, n) * s.cols);
     return walk_flags ? elements / (grid.bm * grid.bn) : 0;
   }
+  // The compacted walk's slots as fp32 rows of D, where the dE parts' sums go: slots of elem_bytes elements.
+  std::int64_t compact_sum_rows(std::int64_t elem_bytes) const {
+    return compact_capacity() * grid.bm * grid.bn * elem_bytes / (std::int64_t(sizeof(float)) * d);
+  }
   // The most dE parts the compacted walk can have: a part per row tile, and one per compact_part_tiles live tiles
   // (counted against every tile: the per-row buffers are carved before the passes' shapes are chosen).
   std::int64_t compact_parts() const { return walk_flags ? grid.row_tiles() + grid.tiles() / compact_part_tiles : 0; }

@@ -792,6 +792,7 @@ class portable_path {
     prm.slot_capacity = slot_capacity;
     prm.slot_bytes = std::int64_t(sizeof(T)) * pl_.grid.bm * pl_.grid.bn;
     prm.sum_row_bytes = std::int64_t(sizeof(float)) * p_.d;
+    prm.sum_rows = pl_.compact_sum_rows(sizeof(T));
     if (slot_capacity > 0 &&
         cudaMemsetAsync(bw.compact.state, 0, sizeof(int) * compact_state_count, stream) != cudaSuccess)
       return status::cuda_error;
@@ -826,9 +827,8 @@ class portable_path {
                                     c.row_live, c.row_sums,           c.parts,     c.state};
     // The split parts' sums in the slots the live tiles leave free, as fp32 rows of D (walk_flags_kernel).
     float* const sums = reinterpret_cast<float*>(dz);
-    const std::int64_t sum_rows =
-        capacity * pl_.grid.bm * pl_.grid.bn * std::int64_t(sizeof(T)) / (std::int64_t(sizeof(float)) * p_.d);
-    if (!sm90::prepare_compact_products(products, de, dc, slots, sums, sum_rows, pl_.compact_parts()))
+    if (!sm90::prepare_compact_products(products, de, dc, slots, sums, pl_.compact_sum_rows(sizeof(T)),
+                                        pl_.compact_parts()))
       return status::success;
 
     dlogit_params<T> prm = dlogit_params_of(sv, bw, bw.de, s, 0, nullptr);

@@ -109,6 +109,9 @@ struct grad_gemm_params_sm90 {
   compact_slots compact{};  // persistent kernel only
   CUtensorMap sums_map;     // the compacted walk's dE: fp32 rows of D over dZ's buffer, where split parts add up
   int m_tiles = 0, n_tiles = 0;
+  // Where the M tiles are counted on the device, m_tiles at most (the compacted walk's dE parts, which
+  // walk_flags_kernel lays out): the persistent kernel takes that many, so that no CTA draws the parts that are not.
+  const int* m_tiles_on_device = nullptr;
   // The K range in this many parts, each a tile of its own (persistent kernel only): every part adds its sum to the
   // carry (tma_write::carry onto zeros; two addends keep the sum independent of their order). With more than two,
   // parts 2j and 2j + 1 add to the j-th of the carries stacked `pair_rows` rows apart (out_map spans them all).
@@ -118,6 +121,7 @@ struct grad_gemm_params_sm90 {
   CUtensorMap out_map;    // in boxes of 128 rows by 128 bytes
   CUtensorMap carry_map;  // the same, of the carry read by tma_write::output_after_carry
   __host__ __device__ int tiles() const { return m_tiles * n_tiles * k_splits; }
+  __device__ int m_tiles_now() const { return m_tiles_on_device ? *m_tiles_on_device : m_tiles; }
 };
 
 // Where consumer warp cw's lane holds its accumulators in the 128 x 256 tile (wgmma.cuh): rows row and row + 8,
@@ -329,11 +333,12 @@ struct grad_tile {
   int k_first, k_end;
   int part;  // of the K range
 
+  // `m_tiles`: of the launch, where it differs from prm.m_tiles (m_tiles_now).
   template <class T, class G>
-  __device__ __forceinline__ grad_tile(const grad_gemm_params_sm90<T, G>& prm, int tile)
-      : pos(tile % (prm.m_tiles * prm.n_tiles), prm.m_tiles, prm.n_tiles, 8), active(prm.base.active) {
+  __device__ __forceinline__ grad_tile(const grad_gemm_params_sm90<T, G>& prm, int tile, int m_tiles)
+      : pos(tile % (m_tiles * prm.n_tiles), m_tiles, prm.n_tiles, 8), active(prm.base.active) {
     const int k_blocks = int(ceil_div(prm.base.k, std::int64_t(grad_gemm_shape::bk)));
-    part = tile / (prm.m_tiles * prm.n_tiles);
+    part = tile / (m_tiles * prm.n_tiles);
     const k_range range = k_part<grad_gemm_shape::filter_bn, grad_gemm_shape::bk>(k_blocks, prm.k_splits, part);
     k_first = range.first;
     k_end = range.end;
@@ -414,7 +419,7 @@ __device__ __forceinline__ void grad_gemm_tile(const grad_gemm_params_sm90<T, G>
 
   const auto& p = prm.base;
   if (p.disabled()) return;
-  const grad_tile t(prm, tile);
+  const grad_tile t(prm, tile, prm.m_tiles);
   if (p.below_diagonal(t.row0(), t.col0(), S::bn) || adds_nothing(p, census(p, t.active))) return;
 
   if (threadIdx.x == 0) {
@@ -558,7 +563,9 @@ __global__ void __launch_bounds__(grad_gemm_shape::threads, 1)
   __syncthreads();
   const de_ring ring_de(smem_raw, bars);
   const dc_ring ring_dc(smem_raw, bars);
-  const int de_tiles = prm.de_tiles(), tiles = prm.tiles();
+  const int de_m_tiles = prm.de.m_tiles_now(), dc_m_tiles = prm.dc.m_tiles_now();
+  const int de_tiles = de_m_tiles * prm.de.n_tiles * prm.de.k_splits;
+  const int tiles = de_tiles + dc_m_tiles * prm.dc.n_tiles * prm.dc.k_splits;
 
   if (threadIdx.x / 128 == 0) {  // producer
     shrink_registers<S::producer_registers>();
@@ -571,7 +578,7 @@ __global__ void __launch_bounds__(grad_gemm_shape::threads, 1)
         cuda::ptx::mbarrier_arrive(&handoff.full[slot]);  // releases the store above to the consumers' wait
         if (tile >= tiles) break;
         if (tile < de_tiles) {
-          const grad_tile t(prm.de, tile);
+          const grad_tile t(prm.de, tile, de_m_tiles);
           const compact_slots& c = prm.de.compact;
           if (left_alone(prm.de, t)) continue;
           if (c.slot) {
@@ -583,7 +590,7 @@ __global__ void __launch_bounds__(grad_gemm_shape::threads, 1)
             ring_de.load_tile(at, &prm.de.maps, t.row0(), t.col0(), t.k_end, t.loads(), t.k_first);
           }
         } else {
-          const grad_tile t(prm.dc, tile - de_tiles);
+          const grad_tile t(prm.dc, tile - de_tiles, dc_m_tiles);
           const compact_slots& c = prm.dc.compact;
           if (left_alone(prm.dc, t)) continue;
           if (c.slot)
@@ -612,7 +619,7 @@ __global__ void __launch_bounds__(grad_gemm_shape::threads, 1)
     if (tile >= tiles) break;
     const bool de = tile < de_tiles;
     const grad_gemm_params_sm90<T, G>& q = de ? prm.de : prm.dc;
-    grad_tile t(q, de ? tile : tile - de_tiles);
+    grad_tile t(q, de ? tile : tile - de_tiles, de ? de_m_tiles : dc_m_tiles);
     if (left_alone(q, t)) continue;
     if (de && q.compact.slot) {  // a part of the compacted walk's dE: its output, or its sum
       const row_part part(q.compact, t.pos.m);
@@ -653,7 +660,8 @@ struct part_sums_params {
 template <class G>
 __global__ void __launch_bounds__(256) compact_part_sums_kernel(const __grid_constant__ part_sums_params<G> prm) {
   const compact_slots& c = prm.compact;
-  if (c.state[2] == 0) return;  // the chunk walk ran
+  // Nothing to add where the chunk walk ran or no row tile was split (a part per row tile).
+  if (c.state[2] == 0 || c.state[5] == ceil_div(prm.n, grad_gemm_shape::bm)) return;
   const std::int64_t quads = prm.d / 4;
   for (std::int64_t i = std::int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < prm.n * quads;
        i += std::int64_t(gridDim.x) * blockDim.x) {
