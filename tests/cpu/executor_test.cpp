@@ -103,9 +103,9 @@ TEST_CASE("tiled executor: minimal's passes take their own blocks, with or witho
 namespace {
 
 // Minimal's carried pass (dispatch/plan.hpp): dE's carry (and its compensation) in dC's buffer, the chunks under
-// it walked last and recomputed for dC. Returns whether `budget` plans it, in a shape other than `last`; then checks
-// it against the reference and, for fp32 gradients, against chunked's, and that a call which accumulates, or a
-// strided or misaligned dC, takes the two passes instead.
+// it walked last, all but the last recomputed for dC. Returns whether `budget` plans it, in a shape other than `last`;
+// then checks it against the reference and, for fp32 gradients, against chunked's, and that a call which accumulates,
+// or a strided or misaligned dC, takes the two passes instead.
 template <class T, class G>
 bool check_carried_pass(const test::case_config& cfg, std::size_t budget, detail::pass_shape& last,
                         test::gradient_check mode) {

@@ -585,9 +585,9 @@ TEST_CASE("GPU: minimal's passes at many budgets", "[gpu][minimal]") {
 }
 
 // Minimal's carried pass (dispatch/plan.hpp): dE's fp32 carry (and its compensation) in dC's buffer, the chunks
-// under it walked last and recomputed for dC. At the first budget of a range that plans it (D is wide so that
-// narrow chunks give dC_chunk a tile per SM): the default filter with a bias on both kernel paths, Kahan sums on the
-// sm_90a one, fp32 gradients on the portable one, and exact mode on both, run twice and compared bitwise.
+// under it walked last, all but the last recomputed for dC. At the first budget of a range that plans it (D is wide so
+// that narrow chunks give dC_chunk a tile per SM): the default filter with a bias on both kernel paths, Kahan sums on
+// the sm_90a one, fp32 gradients on the portable one, and exact mode on both, run twice and compared bitwise.
 TEST_CASE("GPU: minimal's carried pass", "[gpu][minimal]") {
   using policy = tile::default_policy_t<__nv_bfloat16>;
   device_info dev;

@@ -662,8 +662,8 @@ plan plan_operating_point(std::int64_t n, std::int64_t d, std::int64_t v, std::i
   }
   // The carried pass, for calls that overwrite dC: the fewest equal chunks whose buffers, less the carry, fit the
   // passes' region, if that chunk gives dC_chunk a tile per SM and leaves at most 3/4 of the chunks under the carry
-  // (each of those recomputes its dZ: the pass costs at most 4.75 GEMM-equivalents against the two passes' 5). The
-  // chunks under it are counted for a dC of T, the narrowest the call may pass.
+  // (each of those but the last recomputes its dZ: the pass costs at most 4.75 GEMM-equivalents against the two
+  // passes' 5). The chunks under it are counted for a dC of T, the narrowest the call may pass.
   if (!opt.accumulate && !p.sort) {
     auto chunk_cols = [&](std::int64_t count) { return round_up(ceil_div(v, count), std::int64_t(bn)); };
     auto carried_fits = [&](std::int64_t count) {

@@ -131,7 +131,8 @@ class portable_path {
     const bool carried = pl_.carries_in_dc(out.de != nullptr, out.dc, ld_dc);
     if (pl_.mode == backward_mode::chunked || carried) {
       // One fused pass: chunked's, or minimal's carried pass (plan.hpp) with dE's carry in dC's buffer, whose
-      // chunks under the carry come last, leave dC for later and, once dE is written, recompute their dZ for it.
+      // chunks under the carry come last and leave dC for later: the last takes its dC from its dZ, still in the
+      // buffer, once it has written dE; the others then recompute their dZ for it.
       const pass_buffers<T> pb = carried ? pl_.carried_in(bw.carried, out.dc) : bw.de;
       const std::int64_t under = carried ? pl_.chunks_under_carry : 0;
       const std::int64_t chunks = pl_.chunks(pb.shape);
@@ -143,12 +144,15 @@ class portable_path {
         if (p_.has_lora()) CCE_TRY(lora_q_update(bw, pb, s, 0, p_.n, stream));
         if (ch < under) {
           CCE_TRY(de_product(bw, pb, s, out.de, ld_de, 0, p_.n, first, last, stream));
+          if (!last) continue;
+          CCE_TRY(dc_product(bw, pb, s, out.dc, ld_dc, 0, p_.n, true, true, stream));
+          CCE_TRY(class_terms(pb));
           continue;
         }
         CCE_TRY(products(bw, pb, s, out, 0, p_.n, first, last, false, stream));
         CCE_TRY(class_terms(pb));
       }
-      for (std::int64_t ch = 0; ch < under; ++ch) {
+      for (std::int64_t ch = 0; ch + 1 < under; ++ch) {
         CCE_TRY(chunk(pb, ch, s));
         CCE_TRY(dlogits(sv, bw, pb, s, 0, p_.n, nullptr, stream));
         CCE_TRY(dc_product(bw, pb, s, out.dc, ld_dc, 0, p_.n, true, true, stream));

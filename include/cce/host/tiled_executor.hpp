@@ -177,9 +177,9 @@ class tiled_executor {
         compute_dz(p, x, s, pl, sv, bw, pb, 0, p.n, counts);
         if (p.has_lora()) lora_accumulate_q(p, s, pl, bw, pb, 0, p.n);
         if (out.de) de_update(p, s, pl, bw, pb, out, ld_de, 0, p.n, k == 0, k + 1 == chunks);
-        if (ch >= under) dc_terms(s);
+        if (ch >= under || k + 1 == chunks) dc_terms(s);  // the last chunk under the carry: dE is written
       }
-      for (std::int64_t ch = 0; ch < under; ++ch) {
+      for (std::int64_t ch = 0; ch + 1 < under; ++ch) {
         const vocab_slice s = chunk(pb, ch);
         compute_dz(p, x, s, pl, sv, bw, pb, 0, p.n, nullptr);
         dc_terms(s);
