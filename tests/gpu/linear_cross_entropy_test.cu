@@ -587,16 +587,17 @@ TEST_CASE("GPU: minimal's passes at many budgets", "[gpu][minimal]") {
 // Minimal's carried pass (dispatch/plan.hpp): dE's fp32 carry (and its compensation) in dC's buffer, the chunks
 // under it walked last, all but the last recomputed for dC. At the first budget of a range that plans it (D is wide so
 // that narrow chunks give dC_chunk a tile per SM): the default filter with a bias on both kernel paths, Kahan sums on
-// the sm_90a one, fp32 gradients on the portable one, and exact mode on both, run twice and compared bitwise.
+// the sm_90a one, fp32 gradients on the portable one, exact mode on both, run twice and compared bitwise, and chunks
+// narrower than the rows, whose dC tiles run deeper than dE's and come first in the persistent products' queue.
 TEST_CASE("GPU: minimal's carried pass", "[gpu][minimal]") {
   using policy = tile::default_policy_t<__nv_bfloat16>;
   device_info dev;
   REQUIRE(current_device(dev) == status::success);
-  for (int variant = 0; variant < 4; ++variant) {
+  for (int variant = 0; variant < 5; ++variant) {
     test::case_config cfg;
-    cfg.n = 200;
+    cfg.n = variant == 4 ? 1400 : 200;
     cfg.d = 2048;
-    cfg.v = 4000 + 7;
+    cfg.v = variant == 4 ? 6000 + 7 : 4000 + 7;
     cfg.bias = true;
     cfg.seed = 60 + std::uint64_t(variant);
     cfg.opts = variant == 3 ? options::exact() : options{};
@@ -604,20 +605,24 @@ TEST_CASE("GPU: minimal's carried pass", "[gpu][minimal]") {
     if (variant == 1) cfg.opts.accum = accumulation::kahan;
     INFO(cfg.describe());
     std::size_t budget = 0;
+    std::int64_t chunk_cols = 0;
     for (std::size_t b = std::size_t(1) << 20; b <= (std::size_t(8) << 20); b += std::size_t(64) << 10) {
       const auto pl = detail::make_plan<__nv_bfloat16>(cfg.n, cfg.d, cfg.v, 0, true, cfg.opts, policy::bm, policy::bn,
                                                         dev, b, false, 0, policy::forward_ctas_per_sm);
       if (pl.mode == backward_mode::minimal && pl.carried_pass.cols > 0 && pl.workspace_bytes<__nv_bfloat16>() <= b) {
         budget = b;
+        chunk_cols = pl.carried_pass.cols;
         break;
       }
     }
     REQUIRE(budget > 0);
+    if (variant == 4) CHECK(chunk_cols < cfg.n);
     for (bool hopper : {true, false}) {
       cfg.opts.hopper_kernels = hopper;
       if (variant == 0) run_case<__nv_bfloat16, __nv_bfloat16>(cfg, budget);
       if (variant == 1 && hopper) run_case<__nv_bfloat16, __nv_bfloat16>(cfg, budget);
       if (variant == 2 && !hopper) run_case<__nv_bfloat16, float>(cfg, budget);
+      if (variant == 4) run_case<__nv_bfloat16, __nv_bfloat16>(cfg, budget);
       if (variant == 3) {
         const auto h = test::make_problem<__nv_bfloat16>(cfg);
         const auto first = run_device<__nv_bfloat16, __nv_bfloat16>(h, budget);

@@ -273,6 +273,7 @@ status launch_grad_gemm_pair(const grad_gemm_params<T, G, KTile>& de, const grad
     }
     const int tiles = prm.tiles();
     if (tiles == 0) return status::success;
+    prm.dc_first = dc.k > de.k;
     if (queue != nullptr && prm.de.tma != tma_write::none && prm.dc.tma != tma_write::none) {
       const status st = launch_persistent(prm, queue, sms, stream);
       if (st != status::unsupported_arch) return st;

@@ -486,25 +486,39 @@ __global__ void __launch_bounds__(grad_gemm_shape::threads, 1)
   grad_gemm_tile<T, G, MajorA>(prm, int(blockIdx.x));
 }
 
-// dE = dZ C and dC = dZ^T E of one dZ block in one launch: the dE tiles first (each runs the whole vocabulary deep),
-// then the dC tiles, which fill the SMs the last wave of dE tiles leaves idle. Separate launches would idle them:
-// a row block of 2,048 rows at D = 2,304 has 144 dE tiles, 1.09 waves on 132 SMs. The persistent kernel also runs
-// a single product, in the slot of its A operand's major (`de`: K-major, `dc`: MN-major), the other without tiles.
+// dE = dZ C and dC = dZ^T E of one dZ block in one launch: the tiles of the product with the deeper K first (dE's K
+// is the block's classes, dC's its rows), then the other's, which fill the SMs the last wave of deep tiles leaves
+// idle. Separate launches would idle them: a row block of 2,048 rows at D = 2,304 has 144 dE tiles, 1.09 waves on
+// 132 SMs. In the other order the deep tiles would start last and hold the launch (minimal's carried pass on gpt2:
+// dC's tiles 128 k-blocks deep, dE's 62). The persistent kernel also runs a single product, in the slot of its A
+// operand's major (`de`: K-major, `dc`: MN-major), the other without tiles.
 template <class T, class G>
 struct grad_gemm_pair_params_sm90 {
   grad_gemm_params_sm90<T, G> de, dc;
-  int* queue = nullptr;  // grad_gemm_persistent_kernel: the next tile to take, 0 at launch
-  __host__ __device__ int de_tiles() const { return de.tiles(); }
+  int* queue = nullptr;   // grad_gemm_persistent_kernel: the next tile to take, 0 at launch
+  bool dc_first = false;  // dC's tiles run deeper: they come first
   __host__ __device__ int tiles() const { return de.tiles() + dc.tiles(); }
+};
+
+// Where position `tile` of a pair's launch order lies: in dE or dC, and at which of its tiles.
+struct pair_entry {
+  bool de;
+  int index;
+  __host__ __device__ pair_entry(int tile, int de_tiles, int dc_tiles, bool dc_first) {
+    const int first = dc_first ? dc_tiles : de_tiles;
+    de = (tile < first) != dc_first;
+    index = tile < first ? tile : tile - first;
+  }
 };
 
 template <class T, class G>
 __global__ void __launch_bounds__(grad_gemm_shape::threads, 1)
     grad_gemm_pair_kernel(const __grid_constant__ grad_gemm_pair_params_sm90<T, G> prm) {
-  if (int(blockIdx.x) < prm.de_tiles())
-    grad_gemm_tile<T, G, major::k>(prm.de, int(blockIdx.x));
+  const pair_entry e(int(blockIdx.x), prm.de.tiles(), prm.dc.tiles(), prm.dc_first);
+  if (e.de)
+    grad_gemm_tile<T, G, major::k>(prm.de, e.index);
   else
-    grad_gemm_tile<T, G, major::mn>(prm.dc, int(blockIdx.x) - prm.de_tiles());
+    grad_gemm_tile<T, G, major::mn>(prm.dc, e.index);
 }
 
 // The pair, or a single product (the first-order share's), when TMA writes every tile: one CTA per SM takes tiles
@@ -565,7 +579,7 @@ __global__ void __launch_bounds__(grad_gemm_shape::threads, 1)
   const dc_ring ring_dc(smem_raw, bars);
   const int de_m_tiles = prm.de.m_tiles_now(), dc_m_tiles = prm.dc.m_tiles_now();
   const int de_tiles = de_m_tiles * prm.de.n_tiles * prm.de.k_splits;
-  const int tiles = de_tiles + dc_m_tiles * prm.dc.n_tiles * prm.dc.k_splits;
+  const int dc_tiles = dc_m_tiles * prm.dc.n_tiles * prm.dc.k_splits, tiles = de_tiles + dc_tiles;
 
   if (threadIdx.x / 128 == 0) {  // producer
     shrink_registers<S::producer_registers>();
@@ -577,8 +591,9 @@ __global__ void __launch_bounds__(grad_gemm_shape::threads, 1)
         handoff.tile[slot] = tile;
         cuda::ptx::mbarrier_arrive(&handoff.full[slot]);  // releases the store above to the consumers' wait
         if (tile >= tiles) break;
-        if (tile < de_tiles) {
-          const grad_tile t(prm.de, tile, de_m_tiles);
+        const pair_entry e(tile, de_tiles, dc_tiles, prm.dc_first);
+        if (e.de) {
+          const grad_tile t(prm.de, e.index, de_m_tiles);
           const compact_slots& c = prm.de.compact;
           if (left_alone(prm.de, t)) continue;
           if (c.slot) {
@@ -590,7 +605,7 @@ __global__ void __launch_bounds__(grad_gemm_shape::threads, 1)
             ring_de.load_tile(at, &prm.de.maps, t.row0(), t.col0(), t.k_end, t.loads(), t.k_first);
           }
         } else {
-          const grad_tile t(prm.dc, tile - de_tiles, dc_m_tiles);
+          const grad_tile t(prm.dc, e.index, dc_m_tiles);
           const compact_slots& c = prm.dc.compact;
           if (left_alone(prm.dc, t)) continue;
           if (c.slot)
@@ -617,9 +632,10 @@ __global__ void __launch_bounds__(grad_gemm_shape::threads, 1)
     const int tile = *static_cast<volatile int*>(&handoff.tile[slot]);
     cuda::ptx::mbarrier_arrive(&handoff.empty[slot]);  // every reader releases its own read
     if (tile >= tiles) break;
-    const bool de = tile < de_tiles;
+    const pair_entry e(tile, de_tiles, dc_tiles, prm.dc_first);
+    const bool de = e.de;
     const grad_gemm_params_sm90<T, G>& q = de ? prm.de : prm.dc;
-    grad_tile t(q, de ? tile : tile - de_tiles, de ? de_m_tiles : dc_m_tiles);
+    grad_tile t(q, e.index, de ? de_m_tiles : dc_m_tiles);
     if (left_alone(q, t)) continue;
     if (de && q.compact.slot) {  // a part of the compacted walk's dE: its output, or its sum
       const row_part part(q.compact, t.pos.m);
