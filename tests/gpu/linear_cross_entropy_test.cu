@@ -588,7 +588,8 @@ TEST_CASE("GPU: minimal's passes at many budgets", "[gpu][minimal]") {
 // under it walked last, all but the last recomputed for dC. At the first budget of a range that plans it (D is wide so
 // that narrow chunks give dC_chunk a tile per SM): the default filter with a bias on both kernel paths, Kahan sums on
 // the sm_90a one, fp32 gradients on the portable one, exact mode on both, run twice and compared bitwise, and chunks
-// narrower than the rows, whose dC tiles run deeper than dE's and come first in the persistent products' queue.
+// narrower than the rows, whose dC tiles run deeper than dE's and come first in the persistent products' queue. On
+// the sm_90a path the carry of 16-bit gradients without compensation shares dE's buffer (plan::carry_shares_de).
 TEST_CASE("GPU: minimal's carried pass", "[gpu][minimal]") {
   using policy = tile::default_policy_t<__nv_bfloat16>;
   device_info dev;
@@ -605,18 +606,29 @@ TEST_CASE("GPU: minimal's carried pass", "[gpu][minimal]") {
     if (variant == 1) cfg.opts.accum = accumulation::kahan;
     INFO(cfg.describe());
     std::size_t budget = 0;
-    std::int64_t chunk_cols = 0;
+    std::int64_t chunk_cols = 0, under = 0, under_shared = 0;
     for (std::size_t b = std::size_t(1) << 20; b <= (std::size_t(8) << 20); b += std::size_t(64) << 10) {
       const auto pl = detail::make_plan<__nv_bfloat16>(cfg.n, cfg.d, cfg.v, 0, true, cfg.opts, policy::bm, policy::bn,
                                                         dev, b, false, 0, policy::forward_ctas_per_sm);
       if (pl.mode == backward_mode::minimal && pl.carried_pass.cols > 0 && pl.workspace_bytes<__nv_bfloat16>() <= b) {
         budget = b;
         chunk_cols = pl.carried_pass.cols;
+        under = pl.chunks_under_carry;
+        under_shared = pl.chunks_under_shared_carry;
         break;
       }
     }
     REQUIRE(budget > 0);
     if (variant == 4) CHECK(chunk_cols < cfg.n);
+    // Where the carry may share dE's buffer (no compensation), no more chunks lie under the half left in dC (one
+    // at N = 200), fewer where the rows span several chunks.
+    if (variant == 1) {
+      CHECK(under_shared == 0);
+    } else {
+      CHECK(under_shared > 0);
+      CHECK(under_shared <= under);
+      if (variant == 4) CHECK(under_shared < under);
+    }
     for (bool hopper : {true, false}) {
       cfg.opts.hopper_kernels = hopper;
       if (variant == 0) run_case<__nv_bfloat16, __nv_bfloat16>(cfg, budget);

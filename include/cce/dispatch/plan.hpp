@@ -85,6 +85,8 @@ struct pass_buffers {
   std::uint8_t* significant = nullptr;
   float* acc = nullptr;            // the pass's fp32 carry: dE (rows x D) over chunks, or dC (cols x D) over row blocks
   float* comp = nullptr;           // Kahan compensation of acc
+  // The carried pass's dE carry shares dE's buffer (plan::carry_shares_de): acc holds the second halves.
+  bool carry_shares_de = false;
   float* dbias_partial = nullptr;  // row_tiles x cols, the passes that write dBias
   float* db_acc = nullptr;         // cols x r: dB carried over row blocks, the passes that write dB
   int* tile_queue = nullptr;       // 1: the tile counter of the sm_90a persistent products (the passes that pair them)
@@ -141,6 +143,10 @@ struct linear_baseline_buffers {
   float* row_gram_sums = nullptr;
   std::int64_t row_gram_carries = 0;
 };
+
+// The width of the tiles whose halves a carry that shares dE's buffer splits (plan::carry_shares_de): the sm_90a
+// gradient products' output tile (grad_gemm_shape::bn).
+inline constexpr std::int64_t shared_carry_tile = 256;
 
 // The compacted walk (plan::walk_flags): when the live tiles of the whole walk fit the pass's dZ buffer as slots of
 // bm x bn, one dlogit launch stores each at its slot and one launch of both products reads them there; the chunk
@@ -228,6 +234,8 @@ struct plan {
   // many of its first chunks have their dC rows under that carry.
   pass_shape carried_pass{};
   std::int64_t chunks_under_carry = 0;
+  // The chunks under the half of the carry left in dC where it shares dE's buffer (carry_shares_de); 0: never.
+  std::int64_t chunks_under_shared_carry = 0;
   bool filter = false;
   bool split_filter = false;     // the filter applies to dE or to dC only (options::filter_de, filter_dc)
   bool bias = false;
@@ -274,13 +282,24 @@ struct plan {
   std::int64_t compact_parts() const { return walk_flags ? grid.row_tiles() + grid.tiles() / compact_part_tiles : 0; }
   // Floats of dE's carry (and its compensation) in the dC output.
   std::int64_t carry_floats() const { return n * d * (kahan ? 2 : 1); }
-  // The carried pass's buffers with dE's carry, then its compensation, at the start of dC's buffer.
+  // The carried pass's buffers with dE's carry, then its compensation, at the start of dC's buffer; where the carry
+  // shares dE's buffer, its second halves there.
   template <class T>
-  pass_buffers<T> carried_in(const pass_buffers<T>& carried, void* dc) const {
+  pass_buffers<T> carried_in(const pass_buffers<T>& carried, void* dc, bool shares_de = false) const {
     pass_buffers<T> b = carried;
     b.acc = static_cast<float*>(dc);
     b.comp = kahan ? b.acc + n * d : nullptr;
+    b.carry_shares_de = shares_de;
     return b;
+  }
+  // Whether the carried pass's carry shares dE's buffer: the first 128 columns of each shared_carry_tile columns
+  // of the carry in the bytes of dE that the tile's 16-bit output takes (an N x D/2 fp32 array), the last 128 in
+  // dC's buffer (the same shape), so that half as many classes of dC lie under the carry and are recomputed. Only
+  // where the sm_90a products write dE (`hopper`: their TMA epilogue reads a tile's carry whole before it stores
+  // the tile's output over it, and no other tile's output overlaps it) in 16-bit gradients with row pitch D, and no
+  // low-rank term (which that epilogue does not add).
+  bool carry_shares_de(bool hopper, std::size_t grad_bytes, const void* de, std::int64_t ld_de) const {
+    return chunks_under_shared_carry > 0 && hopper && grad_bytes == 2 && ld_de == d && rank == 0 && aligned_to(de, 16);
   }
   // Whether a backward runs the carried pass: planned, and the call writes dE and a contiguous dC (row pitch
   // `ld_dc`) whose buffer can hold fp32 values.
@@ -684,6 +703,10 @@ plan plan_operating_point(std::int64_t n, std::int64_t d, std::int64_t v, std::i
       if (fills_gpu(s.cols) && 4 * under <= 3 * p.chunks(s)) {
         p.carried_pass = s;
         p.chunks_under_carry = under;
+        // Half the carry, without compensation, for 16-bit inputs (the sm_90a products) and whole tiles of D.
+        if (!p.kahan && sizeof(T) == 2 && d % shared_carry_tile == 0)
+          p.chunks_under_shared_carry =
+              ceil_div(ceil_div(n * d * std::int64_t(sizeof(float)) / 2, d * std::int64_t(sizeof(T))), s.cols);
       }
     }
   }

@@ -133,8 +133,9 @@ class portable_path {
       // One fused pass: chunked's, or minimal's carried pass (plan.hpp) with dE's carry in dC's buffer, whose
       // chunks under the carry come last and leave dC for later: the last takes its dC from its dZ, still in the
       // buffer, once it has written dE; the others then recompute their dZ for it.
-      const pass_buffers<T> pb = carried ? pl_.carried_in(bw.carried, out.dc) : bw.de;
-      const std::int64_t under = carried ? pl_.chunks_under_carry : 0;
+      const bool shared = carried && pl_.carry_shares_de(hopper_, sizeof(G), out.de, ld_de);
+      const pass_buffers<T> pb = carried ? pl_.carried_in(bw.carried, out.dc, shared) : bw.de;
+      const std::int64_t under = shared ? pl_.chunks_under_shared_carry : carried ? pl_.chunks_under_carry : 0;
       const std::int64_t chunks = pl_.chunks(pb.shape);
       for (std::int64_t k = 0; k < chunks; ++k) {
         const std::int64_t ch = (under + k) % chunks;
@@ -945,7 +946,7 @@ class portable_path {
   status gemm(grad_gemm_params<T, G, Policy::bm>& prm, cudaStream_t stream, int* queue = nullptr) const {
     if (hopper_) {
       const status st = sm90::launch_grad_gemm<T, G, Policy::bm, MajorA, MajorB>(prm, stream, queue, pl_.sm_count);
-      if (st != status::unsupported_arch) return st;
+      if (st != status::unsupported_arch || prm.carry_shares_output) return st;  // the portable kernels cannot
     }
     using loop = mainloop_for<T, Policy, MajorA, MajorB>;
     const dim3 grid(unsigned(ceil_div(prm.m, Policy::bm)), unsigned(ceil_div(prm.n, Policy::bn)));
@@ -1123,6 +1124,7 @@ class portable_path {
     prm.active = flags(bw, pb, r0, s.v0, true, o_.filter_de);
     prm.acc = pb.acc;  // null when one chunk holds every class
     prm.comp = pb.comp;
+    prm.carry_shares_output = pb.carry_shares_de;
     prm.first = first;
     prm.last = last;
     prm.accumulate = o_.accumulate;
@@ -1191,7 +1193,7 @@ class portable_path {
           sm90::launch_grad_gemm_pair(de_params(bw, pb, s, out.de, ld_de, r0, rows, de_first, de_last),
                                       dc_params(bw, pb, s, out.dc, ld_dc, r0, rows, true, true, dc_onto_output),
                                       pb.tile_queue, pl_.sm_count, stream);
-      if (st != status::unsupported_arch) return st;
+      if (st != status::unsupported_arch || pb.carry_shares_de) return st;
     }
     if (out.de) CCE_TRY(de_product(bw, pb, s, out.de, ld_de, r0, rows, de_first, de_last, stream));
     if (out.dc) CCE_TRY(dc_product(bw, pb, s, out.dc, ld_dc, r0, rows, true, true, stream, dc_onto_output));

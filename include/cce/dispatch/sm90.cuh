@@ -139,7 +139,9 @@ bool encode_grad_gemm(grad_gemm_params_sm90<T, G>& prm, const grad_gemm_params<T
   prm.base = base;
   prm.m_tiles = int(ceil_div(base.m, S::bm));
   prm.n_tiles = int(ceil_div(base.n, S::bn));
-  prm.tma = encode_output_map(prm.out_map, prm.carry_map, base);
+  prm.tma = encode_output_map(prm.out_map, prm.carry_map, prm.carry_halves_map, base);
+  // A carry that shares the output's buffer is laid out for the TMA epilogue alone.
+  if (base.carry_shares_output && prm.tma == tma_write::none) return false;
   return tma_addressable(base.a.ptr, base.a.ld, sizeof(T)) && tma_addressable(base.b.ptr, base.b.ld, sizeof(T)) &&
          encode_operand_map<T, MajorA>(prm.maps.a, base.a, S::bm) &&
          encode_operand_map<T, major::mn>(prm.maps.b, base.b, S::bn);

@@ -160,7 +160,8 @@ class tiled_executor {
     };
 
     // The fused pass, as the GPU path walks it (dispatch/portable.cuh): chunked's, or minimal's carried pass with
-    // dE's carry in dC's buffer.
+    // dE's carry in dC's buffer (on the sm_90a path it may share dE's buffer too, with fewer chunks under it:
+    // plan::carry_shares_de).
     const bool carried = pl.carries_in_dc(out.de != nullptr, out.dc, ld_dc);
     if (pl.mode == backward_mode::chunked || carried) {
       const detail::pass_buffers<T> pb = carried ? pl.carried_in(bw.carried, out.dc) : bw.de;

@@ -134,6 +134,9 @@ struct grad_gemm_params {
   active_k_tiles<KTile> active{};
   float* acc = nullptr;        // M x N fp32 carry-over, null when this is the only contribution
   float* comp = nullptr;       // Kahan compensation of acc, or null
+  // The carry shares the output's buffer (plan::carry_shares_de; the sm_90a TMA epilogue only): the first 128
+  // columns of each 256 at `out` as an M x N/2 fp32 array, the last 128 at acc, the same.
+  bool carry_shares_output = false;
   bool first = true, last = true;
   bool accumulate = false;     // out += result instead of out = result
   G* out = nullptr;

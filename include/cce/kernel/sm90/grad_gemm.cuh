@@ -120,6 +120,9 @@ struct grad_gemm_params_sm90 {
   tma_write tma = tma_write::none;
   CUtensorMap out_map;    // in boxes of 128 rows by 128 bytes
   CUtensorMap carry_map;  // the same, of the carry read by tma_write::output_after_carry
+  // Where the carry shares the output's buffer (grad_gemm_params::carry_shares_output): its second halves, while
+  // out_map (tma_write::carry) or carry_map (output_after_carry) maps the first.
+  CUtensorMap carry_halves_map;
   __host__ __device__ int tiles() const { return m_tiles * n_tiles * k_splits; }
   __device__ int m_tiles_now() const { return m_tiles_on_device ? *m_tiles_on_device : m_tiles; }
 };
@@ -132,13 +135,23 @@ struct accumulator_origin {
       : row((cw / 4) * 64 + (cw % 4) * 16 + lane / 4), col(2 * (lane % 4)) {}
 };
 
+static_assert(grad_gemm_shape::bn == shared_carry_tile, "a shared carry splits the products' output tiles");
+
 // What TMA writes in the launch of `base` (grad_gemm_params_sm90::tma), and the maps it writes through and reads.
 template <class T, class G, int KTile>
-tma_write encode_output_map(CUtensorMap& map, CUtensorMap& carry_map, const grad_gemm_params<T, G, KTile>& base) {
+tma_write encode_output_map(CUtensorMap& map, CUtensorMap& carry_map, CUtensorMap& carry_halves_map,
+                            const grad_gemm_params<T, G, KTile>& base) {
   constexpr std::uint32_t rows = grad_gemm_shape::bm;
+  const auto encode_carry = [&](CUtensorMap& m, float* at, std::int64_t cols) {
+    return tma_addressable(at, cols, sizeof(float)) &&
+           encode_sw128(&m, at, cols, base.m, cols, tensor_map_type<float>, sizeof(float), rows);
+  };
   const auto carry = [&](CUtensorMap& m) {
-    return base.comp == nullptr && tma_addressable(base.acc, base.n, sizeof(float)) &&
-           encode_sw128(&m, base.acc, base.n, base.m, base.n, tensor_map_type<float>, sizeof(float), rows);
+    if (base.comp != nullptr) return false;
+    if (!base.carry_shares_output) return encode_carry(m, base.acc, base.n);
+    return base.n % grad_gemm_shape::bn == 0 && base.ld_out == base.n &&
+           encode_carry(m, reinterpret_cast<float*>(base.out), base.n / 2) &&
+           encode_carry(carry_halves_map, base.acc, base.n / 2);
   };
   if (base.acc != nullptr && !base.last) return carry(map) ? tma_write::carry : tma_write::none;
   const bool output = base.comp == nullptr && base.rank == 0 && base.out_rows == nullptr &&
@@ -174,13 +187,27 @@ struct staged_boxes {
   }
 };
 
+// Where the fp32 box whose first column is c of the tile at col0 lies: in `map` at col0 + c, or, where the carry
+// shares the output's buffer (`halves` maps its second halves), in `map` at col0 / 2 + c for the tile's first 128
+// columns and in `halves` at col0 / 2 + c - 128 for the rest.
+struct carry_box {
+  const CUtensorMap* map;
+  std::int32_t col;
+  __device__ __forceinline__ carry_box(const CUtensorMap* m, const CUtensorMap* halves, int col0, int c) {
+    constexpr int half = grad_gemm_shape::bn / 2;
+    map = halves != nullptr && c >= half ? halves : m;
+    col = halves != nullptr ? col0 / 2 + c % half : col0 + c;
+  }
+};
+
 // The tile's fp32 carry at (row0, col0), read by TMA through `staged` a group of boxes at a time (one thread arms
 // `loaded`, whose parity every consumer thread tracks in `phase`), added to the thread's accumulators: the carry plus
-// the last contribution, as the staged epilogue adds them.
+// the last contribution, as the staged epilogue adds them. Every box is read before the function returns (`halves`:
+// carry_box).
 template <std::uint32_t StagingBytes>
-__device__ __forceinline__ void add_carry_tile(const CUtensorMap* map, unsigned char* staged, float (&acc)[128],
-                                               int cw, int lane, int row0, int col0, std::uint64_t* loaded,
-                                               std::uint32_t& phase) {
+__device__ __forceinline__ void add_carry_tile(const CUtensorMap* map, const CUtensorMap* halves, unsigned char* staged,
+                                               float (&acc)[128], int cw, int lane, int row0, int col0,
+                                               std::uint64_t* loaded, std::uint32_t& phase) {
   using L = staged_boxes<float, StagingBytes>;
   const bool issuer = cw == 0 && lane == 0;
   const accumulator_origin origin(cw, lane);
@@ -192,8 +219,10 @@ __device__ __forceinline__ void add_carry_tile(const CUtensorMap* map, unsigned 
       cuda::ptx::mbarrier_arrive_expect_tx(cuda::ptx::sem_release, cuda::ptx::scope_cta, cuda::ptx::space_shared,
                                            loaded, std::uint32_t(L::per_group * L::box_bytes));
 #pragma unroll
-      for (int b = 0; b < L::per_group; ++b)
-        tma_load_2d(staged + b * L::box_bytes, map, L::box_col(col0, group, b), row0, loaded);
+      for (int b = 0; b < L::per_group; ++b) {
+        const carry_box box(map, halves, col0, L::box_col(0, group, b));
+        tma_load_2d(staged + b * L::box_bytes, box.map, box.col, row0, loaded);
+      }
     }
     wait_parity(loaded, phase);
     phase ^= 1u;
@@ -220,7 +249,8 @@ __device__ __forceinline__ void add_carry_tile(const CUtensorMap* map, unsigned 
 // add per launch, in launch order, so the sums do not depend on timing (deterministic mode keeps them).
 template <class E, std::uint32_t StagingBytes>
 __device__ __forceinline__ void tma_store_tile(const CUtensorMap* map, unsigned char* staged, const float (&acc)[128],
-                                               int cw, int lane, int row0, int col0, bool add) {
+                                               int cw, int lane, int row0, int col0, bool add,
+                                               const CUtensorMap* halves = nullptr) {
   using L = staged_boxes<E, StagingBytes>;
   const bool issuer = cw == 0 && lane == 0;
   const accumulator_origin origin(cw, lane);
@@ -248,12 +278,13 @@ __device__ __forceinline__ void tma_store_tile(const CUtensorMap* map, unsigned 
     if (issuer) {
 #pragma unroll
       for (int b = 0; b < L::per_group; ++b) {
-        const std::int32_t coords[2] = {L::box_col(col0, group, b), row0};
+        const carry_box box(map, halves, col0, L::box_col(0, group, b));
+        const std::int32_t coords[2] = {box.col, row0};
         if (add)
           cuda::ptx::cp_reduce_async_bulk_tensor(cuda::ptx::space_global, cuda::ptx::space_shared, cuda::ptx::op_add,
-                                                 map, coords, staged + b * L::box_bytes);
+                                                 box.map, coords, staged + b * L::box_bytes);
         else
-          cuda::ptx::cp_async_bulk_tensor(cuda::ptx::space_global, cuda::ptx::space_shared, map, coords,
+          cuda::ptx::cp_async_bulk_tensor(cuda::ptx::space_global, cuda::ptx::space_shared, box.map, coords,
                                           staged + b * L::box_bytes);
       }
       cuda::ptx::cp_async_bulk_commit_group();
@@ -394,12 +425,13 @@ template <std::uint32_t StagingBytes, class T, class G>
 __device__ __forceinline__ void tma_epilogue(const grad_gemm_params_sm90<T, G>& prm, const grad_tile& t,
                                              unsigned char* staged, float (&acc)[128], int cw, int lane,
                                              std::uint64_t* carry_loaded, std::uint32_t& carry_phase) {
+  const CUtensorMap* halves = prm.base.carry_shares_output ? &prm.carry_halves_map : nullptr;
   if (prm.tma == tma_write::carry) {
     const int row0 = t.row0() + (t.part / 2) * prm.pair_rows;
-    tma_store_tile<float, StagingBytes>(&prm.out_map, staged, acc, cw, lane, row0, t.col0(), !prm.base.first);
+    tma_store_tile<float, StagingBytes>(&prm.out_map, staged, acc, cw, lane, row0, t.col0(), !prm.base.first, halves);
   } else {
     if (prm.tma == tma_write::output_after_carry)
-      add_carry_tile<StagingBytes>(&prm.carry_map, staged, acc, cw, lane, t.row0(), t.col0(), carry_loaded,
+      add_carry_tile<StagingBytes>(&prm.carry_map, halves, staged, acc, cw, lane, t.row0(), t.col0(), carry_loaded,
                                    carry_phase);
     if (prm.base.baseline_term) add_baseline(prm.base, acc, cw, lane, t.row0(), t.col0());
     tma_store_tile<G, StagingBytes>(&prm.out_map, staged, acc, cw, lane, t.row0(), t.col0(), prm.base.accumulate);
