@@ -177,6 +177,47 @@ TEST_CASE("plan: a workspace of the reported size holds the plan it gives", "[pl
   }
 }
 
+// The carried pass's carry that shares dE's buffer (plan::carry_shares_de): planned for 16-bit inputs without
+// compensation where 256 divides D, N classes of 16-bit dC rows under the half left in dC; taken only by the sm_90a
+// path writing 16-bit dE of row pitch D, 16-byte aligned, without a low-rank head.
+TEST_CASE("plan: the carry that shares dE's buffer", "[plan]") {
+  options o;
+  o.backward_mode = backward_mode::minimal;
+  const device_info h100{90, 132};
+  constexpr std::int64_t n = 1400, v = 6007;
+  alignas(16) static std::uint16_t de[8];
+  const void* misaligned = reinterpret_cast<const char*>(de) + 2;
+  int shared = 0;
+  for (const std::int64_t d : {2048, 2048 + 128}) {
+    for (bool kahan : {false, true}) {
+      o.accum = kahan ? accumulation::kahan : accumulation::fp32;
+      for (std::size_t budget = std::size_t(1) << 20; budget <= (std::size_t(64) << 20); budget = budget * 9 / 8) {
+        const auto pl = detail::make_plan<__nv_bfloat16>(n, d, v, 0, false, o, 128, 128, h100, budget);
+        if (pl.carried_pass.cols == 0) continue;
+        INFO("d " << d << " kahan " << kahan << " budget " << budget << ": chunks of " << pl.carried_pass.cols);
+        if (kahan || d % detail::shared_carry_tile != 0) {
+          CHECK(pl.chunks_under_shared_carry == 0);
+          CHECK_FALSE(pl.carry_shares_de(true, 2, de, d));
+          continue;
+        }
+        ++shared;
+        CHECK(pl.chunks_under_shared_carry == detail::ceil_div(n, pl.carried_pass.cols));
+        CHECK(pl.chunks_under_shared_carry <= pl.chunks_under_carry);
+        CHECK(pl.carry_shares_de(true, 2, de, d));
+        CHECK_FALSE(pl.carry_shares_de(false, 2, de, d));     // the portable kernels
+        CHECK_FALSE(pl.carry_shares_de(true, 4, de, d));      // fp32 gradients
+        CHECK_FALSE(pl.carry_shares_de(true, 2, de, d + 8));  // strided dE
+        CHECK_FALSE(pl.carry_shares_de(true, 2, misaligned, d));
+        const auto lora = detail::make_plan<__nv_bfloat16>(n, d, v, 4, false, o, 128, 128, h100, budget);
+        if (lora.carried_pass.cols > 0) CHECK_FALSE(lora.carry_shares_de(true, 2, de, d));
+        const auto fp32 = detail::make_plan<float>(n, d, v, 0, false, o, 128, 128, h100, budget);
+        CHECK(fp32.chunks_under_shared_carry == 0);
+      }
+    }
+  }
+  CHECK(shared > 0);
+}
+
 // With Kahan sums (the compensation beside the carry), a low-rank head, fp32 or 16-bit gradients and near-uniform
 // rows (in bf16, as the near-uniform test below), each distinct carried plan of a range of budgets.
 TEST_CASE("tiled executor: minimal's carried pass", "[executor][plan]") {

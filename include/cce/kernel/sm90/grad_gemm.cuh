@@ -182,18 +182,17 @@ struct staged_boxes {
     return (j % fragments_per_group) / fragments_per_box * box_bytes + row * 128 + ((byte / 16) ^ (row % 8)) * 16 +
            byte % 16;
   }
-  __device__ __forceinline__ static std::int32_t box_col(int col0, int group, int b) {
-    return col0 + box_cols * (group * per_group + b);
-  }
+  // The first column, in the tile, of box b of `group`.
+  __device__ __forceinline__ static int box_col(int group, int b) { return box_cols * (group * per_group + b); }
 };
 
-// Where the fp32 box whose first column is c of the tile at col0 lies: in `map` at col0 + c, or, where the carry
+// Where the box whose first column is c of the tile at col0 lies: in `map` at col0 + c, or, for an fp32 carry that
 // shares the output's buffer (`halves` maps its second halves), in `map` at col0 / 2 + c for the tile's first 128
 // columns and in `halves` at col0 / 2 + c - 128 for the rest.
-struct carry_box {
+struct box_target {
   const CUtensorMap* map;
   std::int32_t col;
-  __device__ __forceinline__ carry_box(const CUtensorMap* m, const CUtensorMap* halves, int col0, int c) {
+  __device__ __forceinline__ box_target(const CUtensorMap* m, const CUtensorMap* halves, int col0, int c) {
     constexpr int half = grad_gemm_shape::bn / 2;
     map = halves != nullptr && c >= half ? halves : m;
     col = halves != nullptr ? col0 / 2 + c % half : col0 + c;
@@ -203,7 +202,7 @@ struct carry_box {
 // The tile's fp32 carry at (row0, col0), read by TMA through `staged` a group of boxes at a time (one thread arms
 // `loaded`, whose parity every consumer thread tracks in `phase`), added to the thread's accumulators: the carry plus
 // the last contribution, as the staged epilogue adds them. Every box is read before the function returns (`halves`:
-// carry_box).
+// box_target).
 template <std::uint32_t StagingBytes>
 __device__ __forceinline__ void add_carry_tile(const CUtensorMap* map, const CUtensorMap* halves, unsigned char* staged,
                                                float (&acc)[128], int cw, int lane, int row0, int col0,
@@ -220,7 +219,7 @@ __device__ __forceinline__ void add_carry_tile(const CUtensorMap* map, const CUt
                                            loaded, std::uint32_t(L::per_group * L::box_bytes));
 #pragma unroll
       for (int b = 0; b < L::per_group; ++b) {
-        const carry_box box(map, halves, col0, L::box_col(0, group, b));
+        const box_target box(map, halves, col0, L::box_col(group, b));
         tma_load_2d(staged + b * L::box_bytes, box.map, box.col, row0, loaded);
       }
     }
@@ -278,7 +277,7 @@ __device__ __forceinline__ void tma_store_tile(const CUtensorMap* map, unsigned 
     if (issuer) {
 #pragma unroll
       for (int b = 0; b < L::per_group; ++b) {
-        const carry_box box(map, halves, col0, L::box_col(0, group, b));
+        const box_target box(map, halves, col0, L::box_col(group, b));
         const std::int32_t coords[2] = {box.col, row0};
         if (add)
           cuda::ptx::cp_reduce_async_bulk_tensor(cuda::ptx::space_global, cuda::ptx::space_shared, cuda::ptx::op_add,
