@@ -156,6 +156,7 @@ inline constexpr std::int64_t shared_carry_tile = 256;
 // kernel adds in part order.
 inline constexpr int compact_state_count = 7;
 inline constexpr std::int64_t compact_part_tiles = 32;
+inline constexpr std::int64_t compact_part_rows = 128;  // fp32 rows of D in a part's sum: the products' M tile
 
 struct compact_part {
   std::int32_t row_tile, part;

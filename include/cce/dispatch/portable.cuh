@@ -147,10 +147,9 @@ class portable_path {
           CCE_TRY(de_product(bw, pb, s, out.de, ld_de, 0, p_.n, first, last, stream));
           if (!last) continue;
           CCE_TRY(dc_product(bw, pb, s, out.dc, ld_dc, 0, p_.n, true, true, stream));
-          CCE_TRY(class_terms(pb));
-          continue;
+        } else {
+          CCE_TRY(products(bw, pb, s, out, 0, p_.n, first, last, false, stream));
         }
-        CCE_TRY(products(bw, pb, s, out, 0, p_.n, first, last, false, stream));
         CCE_TRY(class_terms(pb));
       }
       for (std::int64_t ch = 0; ch + 1 < under; ++ch) {
@@ -795,7 +794,6 @@ class portable_path {
     prm.active_ld = pl_.grid.col_tiles();
     prm.compact = bw.compact;
     prm.slot_capacity = slot_capacity;
-    prm.slot_bytes = std::int64_t(sizeof(T)) * pl_.grid.bm * pl_.grid.bn;
     prm.sum_row_bytes = std::int64_t(sizeof(float)) * p_.d;
     prm.sum_rows = pl_.compact_sum_rows(sizeof(T));
     if (slot_capacity > 0 &&
@@ -827,9 +825,7 @@ class portable_path {
     dc.a = {dz, pl_.grid.bn, pl_.grid.bn, rows};  // MN-major
     dc.enabled = on;
     sm90::grad_gemm_pair_params_sm90<T, G> products;
-    const compact_walk_buffers& c = bw.compact;
-    const sm90::compact_slots slots{c.slot,     pl_.grid.col_tiles(), c.slot_tile, c.row_first,
-                                    c.row_live, c.row_sums,           c.parts,     c.state};
+    const sm90::compact_slots slots{bw.compact, pl_.grid.col_tiles()};
     // The split parts' sums in the slots the live tiles leave free, as fp32 rows of D (walk_flags_kernel).
     float* const sums = reinterpret_cast<float*>(dz);
     if (!sm90::prepare_compact_products(products, de, dc, slots, sums, pl_.compact_sum_rows(sizeof(T)),

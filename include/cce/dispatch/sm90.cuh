@@ -217,7 +217,7 @@ bool prepare_compact_products(grad_gemm_pair_params_sm90<T, G>& prm, const grad_
     if (!encode_grad_gemm<major::k>(prm.de, de) || !encode_grad_gemm<major::mn>(prm.dc, dc)) return false;
     prm.de.compact = prm.dc.compact = compact;
     prm.de.m_tiles = int(parts);
-    prm.de.m_tiles_on_device = compact.state + 5;
+    prm.de.m_tiles_on_device = compact.walk.state + 5;
     const std::int64_t d = de.n;
     return prm.de.tma == tma_write::output && prm.dc.tma == tma_write::output && sum_rows > 0 &&
            tma_addressable(sums, d, sizeof(float)) &&

@@ -53,8 +53,8 @@ struct dlogit_params {
   // at dz + slots[rt][ct] bm bn, row-major, its rows past N as zeros (the products read whole slots).
   compact_walk_buffers compact{};
   std::int64_t slot_capacity = 0;
-  std::int64_t slot_bytes = 0, sum_row_bytes = 0;  // a slot's bytes; a row of D in fp32 (the dE parts' sums)
-  std::int64_t sum_rows = 0;                       // fp32 rows of D the slots hold (plan::compact_sum_rows)
+  std::int64_t sum_row_bytes = 0;  // a row of D in fp32 (the dE parts' sums)
+  std::int64_t sum_rows = 0;       // fp32 rows of D the slots hold (plan::compact_sum_rows)
   const std::int32_t* slots = nullptr;
   // Runs only if *enabled != 0 (null: always): the chunk walk's launches, or the compacted walk's, as its state says.
   const int* enabled = nullptr;
@@ -188,8 +188,9 @@ __device__ void plan_compact_parts(const dlogit_params<T>& prm, int total) {
   int sums_before = 0, all_sums = 0;
   scan(storage).ExclusiveSum(sums, sums_before, all_sums);
   // The sums start at the first whole fp32 row of D past the live slots.
-  const std::int64_t base = ceil_div(std::int64_t(total) * prm.slot_bytes, prm.sum_row_bytes);
-  const bool split = base + std::int64_t(all_sums) * 128 <= prm.sum_rows;
+  const std::int64_t slot_bytes = std::int64_t(sizeof(T)) * prm.grid.bm * prm.grid.bn;
+  const std::int64_t base = ceil_div(std::int64_t(total) * slot_bytes, prm.sum_row_bytes);
+  const bool split = base + std::int64_t(all_sums) * compact_part_rows <= prm.sum_rows;
   int parts = 0;
   for (int rt = begin; rt < end; ++rt) parts += split ? parts_of(rt) : 1;
   int part = 0, all_parts = 0;

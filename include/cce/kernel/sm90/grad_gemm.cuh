@@ -39,20 +39,16 @@ static_assert(std::size_t(grad_gemm_shape::bm) * staging_ld * sizeof(float) <=
 // stores itself.
 enum class tma_write : std::uint8_t { none, carry, output, output_after_carry };
 
-// Where the compacted walk (plan.hpp, compact_walk_buffers) keeps the dZ tiles a product reads: tile (rt, ct) of
-// 128 x 128 at slot slot[rt ld + ct] of A's map, whose rows are the slots' rows one after another (dE: K-major, 128
-// classes deep; dC: MN-major, 128 classes wide). dE runs in parts (compact_part): its M tiles are parts, not row
-// tiles. Null `slot`: A is the product's own operand.
+// Where the compacted walk (plan.hpp) keeps the dZ tiles a product reads: tile (rt, ct) of 128 x 128 at slot
+// walk.slot[rt ld + ct] of A's map, whose rows are the slots' rows one after another (dE: K-major, 128 classes deep;
+// dC: MN-major, 128 classes wide). dE runs in parts (compact_part): its M tiles are parts, not row tiles. Null
+// `walk.slot`: A is the product's own operand.
 struct compact_slots {
-  const std::int32_t* slot = nullptr;
-  std::int64_t ld = 0;
-  const std::int32_t* slot_tile = nullptr;
-  const std::int32_t* row_first = nullptr;
-  const std::int32_t* row_live = nullptr;
-  const std::int32_t* row_sums = nullptr;
-  const compact_part* parts = nullptr;
-  const int* state = nullptr;  // compact_walk_buffers::state
+  compact_walk_buffers walk;
+  std::int64_t ld = 0;  // the flags' pitch: the problem's class tiles
 };
+
+static_assert(grad_gemm_shape::bm == compact_part_rows, "a dE part's sum is one M tile of the products");
 
 // Part j of the compacted walk's dE: its row tile (-1 past the parts), its live tiles [lo, hi) in column order (their
 // slots from first_slot + lo), and the fp32 row of its sum in the sums' map, -1 for a row tile in one part, which
@@ -60,7 +56,7 @@ struct compact_slots {
 struct row_part {
   int row_tile = -1, first_slot = 0, lo = 0, hi = 0, sum_row = -1;
 
-  __device__ __forceinline__ row_part(const compact_slots& c, int j) {
+  __device__ __forceinline__ row_part(const compact_walk_buffers& c, int j) {
     if (j >= c.state[5]) return;
     const compact_part q = c.parts[j];
     const int live = c.row_live[q.row_tile], first_sum = c.row_sums[q.row_tile];
@@ -71,7 +67,7 @@ struct row_part {
     } else {
       lo = q.part * int(compact_part_tiles);
       hi = live < lo + int(compact_part_tiles) ? live : lo + int(compact_part_tiles);
-      sum_row = c.state[6] + (first_sum + q.part) * grad_gemm_shape::bm;
+      sum_row = c.state[6] + (first_sum + q.part) * int(compact_part_rows);
     }
   }
   // Its k-blocks, two per live tile: [k_first(), k_end()).
@@ -625,7 +621,7 @@ __global__ void __launch_bounds__(grad_gemm_shape::threads, 1)
         const pair_entry e(tile, de_tiles, dc_tiles, prm.dc_first);
         if (e.de) {
           const grad_tile t(prm.de, e.index, de_m_tiles);
-          const compact_slots& c = prm.de.compact;
+          const compact_walk_buffers& c = prm.de.compact.walk;
           if (left_alone(prm.de, t)) continue;
           if (c.slot) {
             const row_part part(c, t.pos.m);
@@ -639,9 +635,9 @@ __global__ void __launch_bounds__(grad_gemm_shape::threads, 1)
           const grad_tile t(prm.dc, e.index, dc_m_tiles);
           const compact_slots& c = prm.dc.compact;
           if (left_alone(prm.dc, t)) continue;
-          if (c.slot)
+          if (c.walk.slot)
             ring_dc.load_tile(at, &prm.dc.maps, t.row0(), t.col0(), t.k_end, t.loads(), t.k_first,
-                              column_slots{c.slot + t.pos.m, c.ld});
+                              column_slots{c.walk.slot + t.pos.m, c.ld});
           else
             ring_dc.load_tile(at, &prm.dc.maps, t.row0(), t.col0(), t.k_end, t.loads(), t.k_first);
         }
@@ -668,8 +664,8 @@ __global__ void __launch_bounds__(grad_gemm_shape::threads, 1)
     const grad_gemm_params_sm90<T, G>& q = de ? prm.de : prm.dc;
     grad_tile t(q, e.index, de ? de_m_tiles : dc_m_tiles);
     if (left_alone(q, t)) continue;
-    if (de && q.compact.slot) {  // a part of the compacted walk's dE: its output, or its sum
-      const row_part part(q.compact, t.pos.m);
+    if (de && q.compact.walk.slot) {  // a part of the compacted walk's dE: its output, or its sum
+      const row_part part(q.compact.walk, t.pos.m);
       if (part.row_tile < 0) continue;
       ring_de.compute_tile(acc, at, part.k_end(), cw / 4, every_k_block{}, part.k_first());
       if (part.sum_row >= 0) {
@@ -706,7 +702,7 @@ struct part_sums_params {
 
 template <class G>
 __global__ void __launch_bounds__(256) compact_part_sums_kernel(const __grid_constant__ part_sums_params<G> prm) {
-  const compact_slots& c = prm.compact;
+  const compact_walk_buffers& c = prm.compact.walk;
   // Nothing to add where the chunk walk ran or no row tile was split (a part per row tile).
   if (c.state[2] == 0 || c.state[5] == ceil_div(prm.n, grad_gemm_shape::bm)) return;
   const std::int64_t quads = prm.d / 4;
@@ -718,8 +714,7 @@ __global__ void __launch_bounds__(256) compact_part_sums_kernel(const __grid_con
     const int parts = int(ceil_div(std::int64_t(c.row_live[rt]), compact_part_tiles));
     float total[4] = {0.f, 0.f, 0.f, 0.f};
     for (int p = 0; p < parts; ++p) {
-      const std::int64_t sum_row =
-          c.state[6] + std::int64_t(first + p) * grad_gemm_shape::bm + row % grad_gemm_shape::bm;
+      const std::int64_t sum_row = c.state[6] + (first + p) * compact_part_rows + row % compact_part_rows;
       const float4 v = *reinterpret_cast<const float4*>(prm.sums + sum_row * prm.d + col);
       total[0] += v.x;
       total[1] += v.y;
