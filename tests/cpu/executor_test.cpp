@@ -177,6 +177,35 @@ TEST_CASE("plan: a workspace of the reported size holds the plan it gives", "[pl
   }
 }
 
+// Chunked takes the fewest equal chunks whose buffers fit the budget: one chunk fewer would not fit, and the chunks
+// are equal but for their rounding to whole tiles of 128 classes (the last at most a tile a chunk narrower).
+TEST_CASE("plan: chunked takes the fewest equal chunks that fit", "[plan]") {
+  const device_info h100{90, 132};
+  struct shape {
+    std::int64_t n, d, v;
+  };
+  const shape shapes[] = {{8192, 4096, 128256}, {8192, 2304, 256000}, {8192, 5120, 131072}, {515, 1032, 9007}};
+  int several = 0;
+  for (const shape& s : shapes) {
+    for (std::size_t budget = std::size_t(1) << 20; budget <= (std::size_t(1) << 30); budget *= 2) {
+      const auto pl = detail::make_plan<__nv_bfloat16>(s.n, s.d, s.v, 0, false, options{}, 128, 128, h100, budget);
+      if (pl.mode != backward_mode::chunked) continue;
+      const std::int64_t chunks = pl.chunks(pl.de_pass), cols = pl.de_pass.cols;
+      INFO("n " << s.n << " d " << s.d << " v " << s.v << " budget " << budget << ": " << chunks << " chunks of "
+                << cols);
+      CHECK(pl.workspace_bytes<__nv_bfloat16>() <= budget);
+      CHECK(cols % 128 == 0);
+      CHECK(s.v - (chunks - 1) * cols >= cols - 128 * chunks);  // the last: equal chunks, rounded up to tiles
+      if (chunks == 1) continue;
+      ++several;
+      detail::plan fewer = pl;
+      fewer.de_pass.cols = fewer.dc_pass.cols = detail::round_up(detail::ceil_div(s.v, chunks - 1), 128);
+      CHECK(fewer.workspace_bytes<__nv_bfloat16>() > budget);
+    }
+  }
+  CHECK(several > 0);
+}
+
 // The carried pass's carry that shares dE's buffer (plan::carry_shares_de): planned for 16-bit inputs without
 // compensation where 256 divides D, N classes of 16-bit dC rows under the half left in dC; taken only by the sm_90a
 // path writing 16-bit dE of row pitch D, 16-byte aligned, without a low-rank head.

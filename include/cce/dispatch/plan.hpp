@@ -597,22 +597,31 @@ plan plan_operating_point(std::int64_t n, std::int64_t d, std::int64_t v, std::i
   if (mode == backward_mode::loss_and_grad) mode = backward_mode::chunked;
   if (budget == 0) budget = mode == backward_mode::minimal ? minimal_budget : chunked_budget;
 
-  // Chunked first (fewer GEMM-equivalents): the widest vocab chunk whose buffers fit the budget. Unless the chunk
-  // is so narrow (many rows against the budget) that dC_chunk = dZ^T E has fewer tiles than the GPU has SMs: that
-  // GEMM would run its N-deep reduction on part of the GPU, once per chunk, and the row blocks of `minimal` do the
-  // same work with every SM busy (measured on H100, gpt2 shape at N = 65,536: 450 ms chunked, 120 ms minimal).
+  // Chunked first (fewer GEMM-equivalents): the fewest equal vocab chunks whose buffers fit the budget (each chunk
+  // adds dE's fp32 carry once more and ends two launches). Unless the chunk is so narrow (many rows against the
+  // budget) that dC_chunk = dZ^T E has fewer tiles than the GPU has SMs: that GEMM would run its N-deep reduction on
+  // part of the GPU, once per chunk, and the row blocks of `minimal` do the same work with every SM busy (measured on
+  // H100, gpt2 shape at N = 65,536: 450 ms chunked, 120 ms minimal).
   const std::int64_t max_chunk = round_up(v, bn);
   auto fits = [&](plan candidate) { return candidate.workspace_bytes<T>() <= budget; };
   auto fills_gpu = [&](std::int64_t cols) {
     return cols >= max_chunk || ceil_div(cols, bm) * ceil_div(d, bn) >= std::max(dev.sm_count, 1);
   };
-  if (mode != backward_mode::minimal || n <= bm) {
+  if (v > 0 && (mode != backward_mode::minimal || n <= bm)) {
     p.mode = backward_mode::chunked;
-    for (std::int64_t cols = max_chunk; cols >= bn; cols = cols > 2 * bn ? round_up(cols / 2, bn) : cols - bn) {
-      p.de_pass = p.dc_pass = pass_shape{std::max<std::int64_t>(n, 1), cols};
-      if (!fits(p)) continue;
-      if (fills_gpu(cols) || n <= bm) return p;
-      break;
+    auto in_chunks = [&](std::int64_t count) {
+      plan c = p;
+      c.de_pass = c.dc_pass = pass_shape{std::max<std::int64_t>(n, 1), round_up(ceil_div(v, count), std::int64_t(bn))};
+      return c;
+    };
+    std::int64_t lo = 0, hi = ceil_div(v, std::int64_t(bn));  // hi: one tile a chunk; if that does not fit, none does
+    if (fits(in_chunks(hi))) {
+      while (hi - lo > 1) {
+        const std::int64_t mid = (lo + hi) / 2;
+        (fits(in_chunks(mid)) ? hi : lo) = mid;
+      }
+      const plan chunked = in_chunks(hi);
+      if (fills_gpu(chunked.de_pass.cols) || n <= bm) return chunked;
     }
   }
   // Minimal: each pass takes, of the block shapes that fit, the one of least estimated time. The passes share
