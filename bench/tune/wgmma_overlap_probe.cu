@@ -3,21 +3,28 @@
 // folded values were themselves written by a wgmma (two accumulator sets taking turns, `turns`), ptxas cannot tell
 // that the last wait covered them and injects a warpgroup wait of its own before their first use, which holds the
 // fold until the products in flight are done; where they are a copy taken after the wait (`copied`), it injects none
-// and spreads the fold between the wgmma issues. Compile only:
+// and spreads the fold between the wgmma issues. `pieces` has the kernels' shape: a tile's products in a loop over
+// k-blocks, each waiting for its stage, and the copy's fold in four pieces placed after the first four k-blocks'
+// products, each before the wait that lets one k-block's products stay in flight. Compile only:
 //
 //   nvcc --generate-code=arch=compute_90a,code=sm_90a -O3 -Xptxas -v -c bench/tune/wgmma_overlap_probe.cu -o probe.o
 //
-// `turns` draws "(C7517) warpgroup.wait is injected ... to allow use of registers defined by GMMA", `copied` nothing;
-// `cuobjdump -sass probe.o` then shows each kernel's WARPGROUP.DEPBAR among the HGMMA and MUFU.EX2 instructions.
+// `turns` draws "(C7517) warpgroup.wait is injected ... to allow use of registers defined by GMMA", `copied` and
+// `pieces` nothing; `cuobjdump -sass probe.o` then shows each kernel's WARPGROUP.DEPBAR among the HGMMA and MUFU.EX2
+// instructions (in `pieces`: 4 HGMMA, 16 MUFU.EX2, a wait for all but the last group, per k-block).
 #include <cstdint>
 
 namespace {
 
-constexpr int k_blocks = 4;  // k16 steps per tile
+constexpr int k_steps = 4;  // k16 steps per call of products(): a tile's, or a k-block's in `pieces`
 
 __device__ __forceinline__ void fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
+// Waits until at most Pending groups of products are in flight.
+template <int Pending = 0>
+__device__ __forceinline__ void wait_products() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(Pending) : "memory");
+}
 
 // d += A(64 x 16) B(128 x 16)^T, both K-major bf16 in shared memory (descriptors as given).
 __device__ __forceinline__ void mma(float (&d)[64], std::uint64_t a, std::uint64_t b) {
@@ -41,20 +48,28 @@ __device__ __forceinline__ void mma(float (&d)[64], std::uint64_t a, std::uint64
 __device__ __forceinline__ void products(float (&d)[64], std::uint64_t a, std::uint64_t b) {
   fence();
 #pragma unroll
-  for (int k = 0; k < k_blocks; ++k) mma(d, a + 2 * k, b + 2 * k);
+  for (int k = 0; k < k_steps; ++k) mma(d, a + 2 * k, b + 2 * k);
   commit();
 }
 
-// A softmax-like fold of 64 logits: one FFMA, one ex2 and one add each.
-__device__ __forceinline__ float fold(const float (&z)[64], float shift) {
+// A softmax-like fold of Count logits from z[first]: one FFMA, one ex2 and one add each (first a constant once
+// unrolled).
+template <int Count = 64>
+__device__ __forceinline__ float fold(const float (&z)[64], float shift, int first = 0) {
   float s[2] = {0.f, 0.f};
 #pragma unroll
-  for (int i = 0; i < 64; ++i) {
+  for (int i = 0; i < Count; ++i) {
     float e;
-    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(e) : "f"(fmaf(z[i], 1.4426950f, -shift)));
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(e) : "f"(fmaf(z[first + i], 1.4426950f, -shift)));
     s[i % 2] += e;
   }
   return s[0] + s[1];
+}
+
+// Spins until a stage's flag shows the tile's phase (the kernels wait on an mbarrier).
+__device__ __forceinline__ void stage_wait(const unsigned* flag, unsigned phase) {
+  while (*static_cast<const volatile unsigned*>(flag) != phase) {
+  }
 }
 
 }  // namespace
@@ -68,10 +83,10 @@ __global__ void __launch_bounds__(128, 1) turns(float* out, std::uint64_t a, std
   for (int t = 0; t < tiles; t += 2) {
     products(y, a, b);
     total += fold(x, float(t));
-    wait_all();
+    wait_products();
     products(x, a, b);
     total += fold(y, float(t + 1));
-    wait_all();
+    wait_products();
   }
   out[threadIdx.x] = total;
 }
@@ -85,7 +100,34 @@ __global__ void __launch_bounds__(128, 1) copied(float* out, std::uint64_t a, st
   for (int t = 0; t < tiles; ++t) {
     products(acc, a, b);
     total += fold(last, float(t));
-    wait_all();
+    wait_products();
+#pragma unroll
+    for (int i = 0; i < 64; ++i) asm volatile("mov.b32 %0, %1;" : "=f"(last[i]) : "f"(acc[i]));
+  }
+  out[threadIdx.x] = total;
+}
+
+// As in the kernels: a tile's products in a loop over k-blocks, each waiting for its stage; the last tile's copy
+// folded in four pieces, one after each of the first four k-blocks' products.
+__global__ void __launch_bounds__(128, 1)
+    pieces(float* out, const unsigned* flags, std::uint64_t a, std::uint64_t b, int tiles, int kblocks) {
+  float acc[64], last[64];
+#pragma unroll
+  for (int i = 0; i < 64; ++i) acc[i] = last[i] = 0.f;
+  float total = 0.f;
+  for (int t = 0; t < tiles; ++t) {
+    for (int kb = 0; kb < kblocks; kb += 4) {
+#pragma unroll
+      for (int p = 0; p < 4; ++p) {
+        if (kb + p < kblocks) {
+          stage_wait(flags + kb + p, unsigned(t));
+          products(acc, a + kb + p, b);
+          if (kb == 0) total += fold<16>(last, float(t), 16 * p);
+          wait_products<1>();
+        }
+      }
+    }
+    wait_products();
 #pragma unroll
     for (int i = 0; i < 64; ++i) asm volatile("mov.b32 %0, %1;" : "=f"(last[i]) : "f"(acc[i]));
   }
