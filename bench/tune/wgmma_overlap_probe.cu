@@ -7,7 +7,8 @@
 // k-blocks, each waiting for its stage, and the copy's fold in four pieces placed after the first four k-blocks'
 // products, each before the wait that lets one k-block's products stay in flight. Compile only:
 //
-//   nvcc --generate-code=arch=compute_90a,code=sm_90a -O3 -Xptxas -v -c bench/tune/wgmma_overlap_probe.cu -o probe.o
+//   nvcc --generate-code=arch=compute_90a,code=sm_90a -O3 -Xptxas -v -I include -c bench/tune/wgmma_overlap_probe.cu \
+//     -o probe.o
 //
 // `turns` draws "(C7517) warpgroup.wait is injected ... to allow use of registers defined by GMMA", `copied` and
 // `pieces` nothing; `cuobjdump -sass probe.o` then shows each kernel's WARPGROUP.DEPBAR among the HGMMA and MUFU.EX2
@@ -15,17 +16,17 @@
 // in `pieces`' shape drew no injected wait either, and ran 31-48 % slower than the shipped one (docs/performance.md).
 #include <cstdint>
 
+#include <cce/kernel/portable/fast_math.cuh>
+#include <cce/kernel/sm90/wgmma.cuh>
+
 namespace {
 
-constexpr int k_steps = 4;  // k16 steps per call of products(): a tile's, or a k-block's in `pieces`
+using cce::detail::exp2_approx;
+using cce::detail::sm90::commit_group;
+using cce::detail::sm90::fence;
+using cce::detail::sm90::wait_group;
 
-__device__ __forceinline__ void fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-// Waits until at most Pending groups of products are in flight.
-template <int Pending = 0>
-__device__ __forceinline__ void wait_products() {
-  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(Pending) : "memory");
-}
+constexpr int k_steps = 4;  // k16 steps per call of products(): a tile's, or a k-block's in `pieces`
 
 // d += A(64 x 16) B(128 x 16)^T, both K-major bf16 in shared memory (descriptors as given).
 __device__ __forceinline__ void mma(float (&d)[64], std::uint64_t a, std::uint64_t b) {
@@ -50,7 +51,7 @@ __device__ __forceinline__ void products(float (&d)[64], std::uint64_t a, std::u
   fence();
 #pragma unroll
   for (int k = 0; k < k_steps; ++k) mma(d, a + 2 * k, b + 2 * k);
-  commit();
+  commit_group();
 }
 
 // A softmax-like fold of Count logits from z[first]: one FFMA, one ex2 and one add each (first a constant once
@@ -60,9 +61,7 @@ __device__ __forceinline__ float fold(const float (&z)[64], float shift, int fir
   float s[2] = {0.f, 0.f};
 #pragma unroll
   for (int i = 0; i < Count; ++i) {
-    float e;
-    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(e) : "f"(fmaf(z[first + i], 1.4426950f, -shift)));
-    s[i % 2] += e;
+    s[i % 2] += exp2_approx(fmaf(z[first + i], 1.4426950f, -shift));
   }
   return s[0] + s[1];
 }
@@ -84,10 +83,10 @@ __global__ void __launch_bounds__(128, 1) turns(float* out, std::uint64_t a, std
   for (int t = 0; t < tiles; t += 2) {
     products(y, a, b);
     total += fold(x, float(t));
-    wait_products();
+    wait_group<0>();
     products(x, a, b);
     total += fold(y, float(t + 1));
-    wait_products();
+    wait_group<0>();
   }
   out[threadIdx.x] = total;
 }
@@ -101,7 +100,7 @@ __global__ void __launch_bounds__(128, 1) copied(float* out, std::uint64_t a, st
   for (int t = 0; t < tiles; ++t) {
     products(acc, a, b);
     total += fold(last, float(t));
-    wait_products();
+    wait_group<0>();
 #pragma unroll
     for (int i = 0; i < 64; ++i) asm volatile("mov.b32 %0, %1;" : "=f"(last[i]) : "f"(acc[i]));
   }
@@ -124,11 +123,11 @@ __global__ void __launch_bounds__(128, 1)
           stage_wait(flags + kb + p, unsigned(t));
           products(acc, a + kb + p, b);
           if (kb == 0) total += fold<16>(last, float(t), 16 * p);
-          wait_products<1>();
+          wait_group<1>();
         }
       }
     }
-    wait_products();
+    wait_group<0>();
 #pragma unroll
     for (int i = 0; i < 64; ++i) asm volatile("mov.b32 %0, %1;" : "=f"(last[i]) : "f"(acc[i]));
   }
