@@ -174,17 +174,20 @@ TEST_CASE("GPU: loss_and_grad keeping the logits of row blocks", "[gpu][kept]") 
   }
 }
 
-// The Hopper forward's clusters that share classifier stages take long runs of class tiles per CTA (8,317 rows: 65
-// row tiles, so that one CTA pads the grid), checked in float64 on the device.
+// The Hopper forward's clusters that share classifier stages, checked in float64 on the device: with long runs of
+// class tiles per CTA (8,317 rows: 65 row tiles, so that one CTA pads the grid), and with short runs on an even number
+// of row tiles (2,048 rows, 768 deep, more units than resident clusters, so that each cluster walks several).
 TEST_CASE("GPU: forward clusters sharing the classifier", "[gpu][hopper]") {
   using policy = tile::default_policy_t<__nv_bfloat16>;
-  const test::sampled_shape s{8317, 4096, 70000, "clustered"};
   device_info dev;
   REQUIRE(current_device(dev) == status::success);
-  const auto pl = detail::make_plan<__nv_bfloat16>(s.n, s.d, s.v, 0, false, options{}, policy::bm, policy::bn, dev, 0,
-                                                    false, 0, policy::forward_ctas_per_sm);
-  CHECK(detail::sm90::shares_classifier(s.v, s.d, pl.splits));
-  test::run_sampled_case<policy>(s, options{}, 0);
+  for (const test::sampled_shape s : {test::sampled_shape{8317, 4096, 70000, "clustered, long runs"},
+                                      test::sampled_shape{2048, 768, 50304, "clustered, short runs"}}) {
+    const auto pl = detail::make_plan<__nv_bfloat16>(s.n, s.d, s.v, 0, false, options{}, policy::bm, policy::bn, dev,
+                                                      0, false, 0, policy::forward_ctas_per_sm);
+    CHECK(detail::sm90::shares_classifier(pl.grid.row_tiles(), s.v, s.d, pl.splits));
+    test::run_sampled_case<policy>(s, options{}, 0);
+  }
 }
 
 namespace {

@@ -10,6 +10,7 @@
 #include <type_traits>
 
 #include <cce/dispatch/plan.hpp>
+#include <cce/dispatch/resident_clusters.hpp>
 #include <cce/dispatch/smem_limit.hpp>
 #include <cce/kernel/sm90/dlogit.cuh>
 #include <cce/kernel/sm90/forward.cuh>
@@ -79,14 +80,21 @@ status launch_forward(const forward_params<T>& base, int sms, cudaStream_t strea
       return status::unsupported_arch;
     }
     using S = forward_shape;
-    prm.share_classifier = shares_classifier(base.grid.cols, base.e.depth, base.splits);
+    prm.share_classifier = shares_classifier(base.grid.row_tiles(), base.grid.cols, base.e.depth, base.splits);
     const int cluster = prm.share_classifier ? forward_cluster : 1;
-    // One CTA per unit (row tile, split) in clusters; otherwise persistent, one CTA per SM walking the units.
     const std::int64_t units = ceil_div(base.grid.row_tiles(), std::int64_t(cluster)) * base.splits;
-    const dim3 grid(unsigned(cluster > 1 ? units * cluster : std::min<std::int64_t>(units, sms)));
+    if (units == 0) return status::success;
     const auto launch = [&](auto kernel_constant) {
       constexpr auto kernel = decltype(kernel_constant)::value;
       if (!allow_dynamic_smem<kernel>(S::smem_bytes<T>)) return status::unsupported_arch;
+      // With long runs, a cluster per unit, which the GPU hands to pairs of SMs as they free up (clusters walking
+      // units of unequal length in a fixed order lost 2-6 % on the large shapes); otherwise persistent, one CTA per
+      // SM or as many clusters as the device holds at once, walking the units.
+      const std::int64_t slots =
+          long_class_runs(base.grid.cols, base.e.depth, base.splits) ? units
+          : cluster > 1 ? resident_clusters<kernel>(cluster, S::threads, S::smem_bytes<T>, sms / cluster)
+                        : sms;
+      const dim3 grid{unsigned(std::min<std::int64_t>(units, std::max<std::int64_t>(slots, 1)) * cluster)};
       // The filter's tile maxima start below every float: the kernel's warps fold theirs in (atomic_max_float).
       if (base.tile_max &&
           cudaMemsetAsync(base.tile_max, 0xFF, sizeof(float) * base.grid.tiles(), stream) != cudaSuccess)

@@ -7,9 +7,9 @@
 // A thread owns 2 rows x 64 columns of each tile (wgmma.cuh) and keeps its own statistics for its two rows across the
 // run; the four lanes of a row merge theirs once, at the end.
 //
-// With long runs of class tiles, the CTAs of neighbouring row tiles walk them in clusters of two that share each C
-// stage (the grid's rows are padded to whole clusters; a padding CTA computes but stores nothing), so that the
-// classifier crosses L2 once per 256 rows instead of once per 128.
+// The CTAs of neighbouring row tiles walk the class tiles in clusters of two that share each C stage, so that the
+// classifier crosses L2 once per 256 rows instead of once per 128: where the row tiles pair up, or with runs of class
+// tiles long enough to pay for padding the grid's rows to whole clusters (a padding CTA computes but stores nothing).
 #pragma once
 
 #include <cstdint>
@@ -58,13 +58,18 @@ struct forward_params_sm90 {
   kept_logits kept{};             // KeepLogits kernels only
 };
 
-// Whether the forward of `classes` x `depth` in `splits` vocab splits runs in clusters sharing C stages: when every
-// CTA walks at least 512 k-blocks. A cluster starts only once two SMs of one GPC are free, and its CTAs advance in
-// step; with short runs (small D or V: gpt2, phi3.5) that cost more than the halved classifier traffic saved
-// (H200, docs/performance.md).
-inline bool shares_classifier(std::int64_t classes, std::int64_t depth, std::int64_t splits) {
+// Whether each CTA of the forward of `classes` x `depth` in `splits` vocab splits walks at least 512 k-blocks: long
+// enough to pay for padding the grid's rows to whole clusters, and to take its unit as a cluster of its own.
+inline bool long_class_runs(std::int64_t classes, std::int64_t depth, std::int64_t splits) {
   using S = logit_tile_shape;
   return ceil_div(ceil_div(classes, S::bn), splits) * ceil_div(depth, S::bk) >= 512;
+}
+
+// Whether the forward of `row_tiles` runs in clusters sharing C stages: where no CTA pads the grid (an even number of
+// row tiles), or with long runs. Halving the classifier's L2 traffic took 7-12 % off phi3.5's forward, whose runs
+// are short (H100, docs/performance.md).
+inline bool shares_classifier(std::int64_t row_tiles, std::int64_t classes, std::int64_t depth, std::int64_t splits) {
+  return row_tiles % forward_cluster == 0 || long_class_runs(classes, depth, splits);
 }
 
 template <class T, bool KeepLogits = false>
