@@ -7,6 +7,7 @@
 #include <cmath>
 #include <limits>
 #include <random>
+#include <utility>
 #include <vector>
 
 #include <cce/presets/gemma2.hpp>
@@ -181,11 +182,13 @@ TEST_CASE("GPU: forward clusters sharing the classifier", "[gpu][hopper]") {
   using policy = tile::default_policy_t<__nv_bfloat16>;
   device_info dev;
   REQUIRE(current_device(dev) == status::success);
-  for (const test::sampled_shape s : {test::sampled_shape{8317, 4096, 70000, "clustered, long runs"},
-                                      test::sampled_shape{2048, 768, 50304, "clustered, short runs"}}) {
+  const std::pair<test::sampled_shape, bool> cases[] = {{{8317, 4096, 70000, "clustered, long runs"}, true},
+                                                        {{2048, 768, 50304, "clustered, short runs"}, false}};
+  for (const auto& [s, long_runs] : cases) {
     const auto pl = detail::make_plan<__nv_bfloat16>(s.n, s.d, s.v, 0, false, options{}, policy::bm, policy::bn, dev,
                                                       0, false, 0, policy::forward_ctas_per_sm);
     CHECK(detail::sm90::shares_classifier(pl.grid.row_tiles(), s.v, s.d, pl.splits));
+    CHECK(detail::sm90::long_class_runs(s.v, s.d, pl.splits) == long_runs);
     test::run_sampled_case<policy>(s, options{}, 0);
   }
 }

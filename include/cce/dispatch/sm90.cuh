@@ -87,13 +87,14 @@ status launch_forward(const forward_params<T>& base, int sms, cudaStream_t strea
     const auto launch = [&](auto kernel_constant) {
       constexpr auto kernel = decltype(kernel_constant)::value;
       if (!allow_dynamic_smem<kernel>(S::smem_bytes<T>)) return status::unsupported_arch;
-      // With long runs, a cluster per unit, which the GPU hands to pairs of SMs as they free up (clusters walking
-      // units of unequal length in a fixed order lost 2-6 % on the large shapes); otherwise persistent, one CTA per
-      // SM or as many clusters as the device holds at once, walking the units.
-      const std::int64_t slots =
-          long_class_runs(base.grid.cols, base.e.depth, base.splits) ? units
-          : cluster > 1 ? resident_clusters<kernel>(cluster, S::threads, S::smem_bytes<T>, sms / cluster)
-                        : sms;
+      // With long runs, a cluster per unit, which the GPU hands to pairs of SMs as they free up (persistent clusters
+      // measured no faster there); otherwise persistent, one CTA per SM or as many clusters as the device holds at
+      // once, walking the units.
+      std::int64_t slots = sms;
+      if (long_class_runs(base.grid.cols, base.e.depth, base.splits))
+        slots = units;
+      else if (cluster > 1)
+        slots = resident_clusters<kernel>(cluster, S::threads, S::smem_bytes<T>, sms / cluster);
       const dim3 grid{unsigned(std::min<std::int64_t>(units, std::max<std::int64_t>(slots, 1)) * cluster)};
       // The filter's tile maxima start below every float: the kernel's warps fold theirs in (atomic_max_float).
       if (base.tile_max &&

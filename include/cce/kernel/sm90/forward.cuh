@@ -66,8 +66,8 @@ inline bool long_class_runs(std::int64_t classes, std::int64_t depth, std::int64
 }
 
 // Whether the forward of `row_tiles` runs in clusters sharing C stages: where no CTA pads the grid (an even number of
-// row tiles), or with long runs. Halving the classifier's L2 traffic took 7-12 % off phi3.5's forward, whose runs
-// are short (H100, docs/performance.md).
+// row tiles), or with long runs. Halving the classifier's L2 traffic took 2-12 % off phi3.5's forward, whose runs
+// are short, in three comparisons on an H100 (docs/performance.md).
 inline bool shares_classifier(std::int64_t row_tiles, std::int64_t classes, std::int64_t depth, std::int64_t splits) {
   return row_tiles % forward_cluster == 0 || long_class_runs(classes, depth, splits);
 }
