@@ -9,8 +9,8 @@
 #include <cstdint>
 #include <type_traits>
 
+#include <cce/dispatch/clusters.hpp>
 #include <cce/dispatch/plan.hpp>
-#include <cce/dispatch/resident_clusters.hpp>
 #include <cce/dispatch/smem_limit.hpp>
 #include <cce/kernel/sm90/dlogit.cuh>
 #include <cce/kernel/sm90/forward.cuh>
@@ -46,24 +46,6 @@ bool available(const problem<T>& p, const plan& pl, const device_info& dev, cons
            p.d < coordinate_limit && tma_addressable(p.e, p.e_stride(), sizeof(T)) &&
            tma_addressable(p.c, p.c_stride(), sizeof(T)) && has_sm90a_image(forward_kernel<T, false>);
   }
-}
-
-// Launches kernel<<<grid, threads, smem, stream>>> in clusters of `cluster` CTAs along x (errors as a launch's).
-template <class... Params, class... Args>
-void launch_clustered(void (*kernel)(Params...), dim3 grid, int threads, std::size_t smem, int cluster,
-                      cudaStream_t stream, const Args&... args) {
-  cudaLaunchAttribute dims{};
-  dims.id = cudaLaunchAttributeClusterDimension;
-  dims.val.clusterDim.x = unsigned(cluster);
-  dims.val.clusterDim.y = dims.val.clusterDim.z = 1;
-  cudaLaunchConfig_t config{};
-  config.gridDim = grid;
-  config.blockDim = dim3(unsigned(threads));
-  config.dynamicSmemBytes = smem;
-  config.stream = stream;
-  config.attrs = &dims;
-  config.numAttrs = 1;
-  cudaLaunchKernelEx(&config, kernel, args...);
 }
 
 // The forward on a device of `sms` SMs; with `kept`, the variant that also writes the logit tiles there
