@@ -277,6 +277,45 @@ TEST_CASE("GPU: forward + backward and loss_and_grad captured in a CUDA graph, r
   }
 }
 
+TEST_CASE("GPU: the first calls of a process captured in a CUDA graph", "[gpu][graph][first-captured]") {
+  // What a call does once per process (kernel attributes, the persistent forward's query of resident clusters) runs
+  // on the first call of each kernel. Run alone, as ctest's reliability_first_calls_captured does, this case makes
+  // those first calls inside a global-mode capture, which fails if any of them is not allowed there.
+  test::case_config stepwise_cfg = medium_case(35);
+  stepwise_cfg.n = 512;  // four row tiles: the sm_90a forward in clusters of two, persistent over short class runs
+  test::case_config fused_cfg = stepwise_cfg;
+  fused_cfg.seed = 36;
+  fused_cfg.opts.backward_mode = backward_mode::loss_and_grad;  // keeps the logits on the sm_90a path
+  fused_cfg.unit_grad = true;
+  {
+    using policy = tile::default_policy_t<bf16>;
+    device_info dev;
+    REQUIRE(current_device(dev) == status::success);
+    const auto pl = detail::make_plan<bf16>(stepwise_cfg.n, stepwise_cfg.d, stepwise_cfg.v, 0, true, stepwise_cfg.opts,
+                                            policy::bm, policy::bn, dev, 0, false, 0, policy::forward_ctas_per_sm);
+    CHECK(detail::sm90::shares_classifier(pl.grid.row_tiles(), stepwise_cfg.v, stepwise_cfg.d, pl.splits));
+    CHECK_FALSE(detail::sm90::long_class_runs(stepwise_cfg.v, stepwise_cfg.d, pl.splits));
+  }
+  const auto stepwise_h = test::make_problem<bf16>(stepwise_cfg), fused_h = test::make_problem<bf16>(fused_cfg);
+  const device_case<bf16, bf16> stepwise(stepwise_h, 0), fused(fused_h, 0);
+  stream_pair s;
+  stepwise.reset(s.a);
+  fused.reset(s.a);
+  cudaGraph_t graph = nullptr;
+  REQUIRE_CUDA(cudaStreamBeginCapture(s.a, cudaStreamCaptureModeGlobal));
+  const status calls[] = {stepwise.forward(s.a), stepwise.backward(s.a), fused.loss_and_grad(s.a)};
+  const cudaError_t ended = cudaStreamEndCapture(s.a, &graph);
+  for (status st : calls) REQUIRE(st == status::success);
+  REQUIRE(ended == cudaSuccess);
+  cudaGraphExec_t exec = nullptr;
+  REQUIRE_CUDA(cudaGraphInstantiate(&exec, graph, 0));
+  REQUIRE_CUDA(cudaGraphLaunch(exec, s.a));
+  test::check_case<bf16, bf16>(stepwise_h, stepwise.results(), true, test::gradient_check::relative);
+  test::check_case<bf16, bf16>(fused_h, fused.results(), true, test::gradient_check::relative);
+  cudaGraphExecDestroy(exec);
+  cudaGraphDestroy(graph);
+}
+
 TEST_CASE("GPU: 20 runs on two streams are bitwise identical, deterministic and default mode", "[gpu][determinism20]") {
   test::case_config cfg = medium_case(34);
   cfg.n = 700;
