@@ -2,6 +2,7 @@
 // anything runs, size queries are pure host functions, and the operating points respect their budgets.
 #include <catch2/catch.hpp>
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <set>
@@ -315,6 +316,44 @@ TEST_CASE("the walk's tile flags are planned where the sm_90a walk reads them", 
   CHECK(with_bias.carve_backward<bf16>(base).walk_flags == nullptr);
   CHECK(with_bias.carve_backward<bf16>(base).compact.slot == nullptr);
   CHECK(with_bias.compact_capacity() == 0);
+}
+
+// The closed form of the sm_90a forward's busiest walker against walking the units one by one, over grids that
+// take every branch: one walker, more walkers than units, groups of one row tile, a group larger than the grid, splits
+// that divide the tiles and splits that do not.
+TEST_CASE("plan: the busiest walker of the forward's round-robin units", "[api][plan]") {
+  for (std::int64_t m : {1, 3, 16, 33, 64})
+    for (std::int64_t tiles : {1, 7, 126, 197})
+      for (std::int64_t splits = 1; splits <= tiles && splits <= 40; splits += 3)
+        for (std::int64_t walkers : {1, 5, 66, 132})
+          for (std::int64_t group : {1, 10, 21, 500}) {
+            std::vector<std::int64_t> walked(std::size_t(walkers), 0);
+            for (std::int64_t u = 0; u < m * splits; ++u) {
+              const tile::grouped_order at{int(u), int(m), int(splits), int(group)};
+              walked[std::size_t(u % walkers)] +=
+                  tile::split_begin(tiles, splits, at.n + 1) - tile::split_begin(tiles, splits, at.n);
+            }
+            std::int64_t most = 0;
+            for (std::int64_t w : walked) most = std::max(most, w);
+            INFO("m " << m << " tiles " << tiles << " splits " << splits << " walkers " << walkers << " group " << group);
+            CHECK(detail::busiest_walker_tiles(m, splits, group, tiles, walkers) == most);
+          }
+}
+
+// The splits the sm_90a forward takes on an H100 (132 SMs): phi3.5's short units on 66 persistent clusters go from
+// 33 splits (busiest cluster 64 tiles) to 35 (62); long units, other devices and fp32 keep the CTA count's splits.
+TEST_CASE("plan: the sm_90a forward's splits for an even walk", "[api][plan]") {
+  const device_info h100{90, 132}, a100{80, 108};
+  const options opt{};
+  CHECK(detail::sm90_forward_splits<bf16>(33, 64, 3072, 32064, h100, opt) == 35);
+  CHECK(detail::busiest_walker_tiles(32, 35, 10, 126, 66) == 62);
+  CHECK(detail::busiest_walker_tiles(32, 33, 10, 126, 66) == 64);
+  CHECK(detail::sm90_forward_splits<bf16>(3, 64, 4096, 128256, h100, opt) == 3);  // llama3: long units
+  CHECK(detail::sm90_forward_splits<bf16>(33, 64, 3072, 32064, a100, opt) == 33);
+  CHECK(detail::sm90_forward_splits<float>(33, 64, 3072, 32064, h100, opt) == 33);
+  options portable{};
+  portable.hopper_kernels = false;
+  CHECK(detail::sm90_forward_splits<bf16>(33, 64, 3072, 32064, h100, portable) == 33);
 }
 
 TEST_CASE("every input of the reliability list is checked on the host", "[api][bad-input]") {
