@@ -557,13 +557,14 @@ inline double pass_cost(std::int64_t n, std::int64_t d, std::int64_t v, const pa
 // tiles % splits is one tile longer, and those units lie in one run per group, of which a walker takes run / walkers
 // plus one where it falls in the run's cyclic window of run % walkers positions. The windows add up in a difference
 // array over the walkers.
+// `step` is scratch space, reused across calls.
 inline std::int64_t busiest_walker_tiles(std::int64_t m_tiles, std::int64_t splits, std::int64_t group,
-                                         std::int64_t tiles, std::int64_t walkers) {
+                                         std::int64_t tiles, std::int64_t walkers, std::vector<std::int64_t>& step) {
   const std::int64_t units = m_tiles * splits, p = std::min(walkers, units);
   if (p <= 0) return 0;
   group = std::clamp<std::int64_t>(group, 1, m_tiles);
   const std::int64_t base = tiles / splits, longer = tiles % splits;
-  std::vector<std::int64_t> step(std::size_t(p) + 1, 0);
+  step.assign(std::size_t(p) + 1, 0);
   const auto window = [&](std::int64_t from, std::int64_t len, std::int64_t weight) {  // len < p positions from `from`
     if (len <= 0) return;
     step[std::size_t(from)] += weight;
@@ -602,11 +603,14 @@ std::int64_t sm90_forward_splits(std::int64_t splits, std::int64_t row_tiles, st
   if (!short_units(splits)) return splits;
   const std::int64_t cluster = row_tiles % 2 == 0 ? 2 : 1, walkers = std::max(dev.sm_count, 1) / cluster;
   const std::int64_t group = tile::l2_row_group(tile_m * d * std::int64_t(sizeof(T))) / cluster;
-  const auto busiest = [&](std::int64_t s) {
-    return busiest_walker_tiles(ceil_div(row_tiles, cluster), s, group, wide, walkers);
-  };
+  const std::int64_t m_tiles = ceil_div(row_tiles, cluster);
+  std::vector<std::int64_t> step;
+  const auto busiest = [&](std::int64_t s) { return busiest_walker_tiles(m_tiles, s, group, wide, walkers, step); };
+  // The fewest splits that reach the minimum; the scan stops at the bound every split shares (the tiles spread
+  // evenly), as the plan is made on every call.
+  const std::int64_t even = ceil_div(m_tiles * wide, std::min(walkers, m_tiles * wide));
   std::int64_t best = splits, fewest = busiest(splits);
-  for (std::int64_t s = std::max<std::int64_t>(splits / 2, 1); s <= std::min(wide, 2 * splits); ++s) {
+  for (std::int64_t s = std::max<std::int64_t>(splits / 2, 1); s <= std::min(wide, 2 * splits) && fewest > even; ++s) {
     if (!short_units(s)) continue;
     const std::int64_t t = busiest(s);
     if (t < fewest) best = s, fewest = t;
