@@ -556,8 +556,7 @@ inline double pass_cost(std::int64_t n, std::int64_t d, std::int64_t v, const pa
 // (one more for the first units % walkers) of `tiles / splits` tiles, plus the longer units it meets: a split n below
 // tiles % splits is one tile longer, and those units lie in one run per group, of which a walker takes run / walkers
 // plus one where it falls in the run's cyclic window of run % walkers positions. The windows add up in a difference
-// array over the walkers.
-// `step` is scratch space, reused across calls.
+// array over the walkers, `step`: the caller's scratch, reused across calls.
 inline std::int64_t busiest_walker_tiles(std::int64_t m_tiles, std::int64_t splits, std::int64_t group,
                                          std::int64_t tiles, std::int64_t walkers, std::vector<std::int64_t>& step) {
   const std::int64_t units = m_tiles * splits, p = std::min(walkers, units);
@@ -590,7 +589,7 @@ inline std::int64_t busiest_walker_tiles(std::int64_t m_tiles, std::int64_t spli
 
 // The forward's vocab splits for the sm_90a kernel (128 x 256 tiles, 64 deep), from `splits` as the CTA count asks:
 // with short units it walks them round-robin on persistent CTAs, or on clusters of two where the row tiles pair up
-// (sm90::shares_classifier), so the splits within a factor of two that leave the busiest walker the fewest tiles (phi3.5
+// (sm90::shares_classifier), so the split count within a factor of two that leaves the busiest walker the fewest tiles (phi3.5
 // on an H100: 35 instead of 33, 62 tiles against 64; its forward 0.8-3.8 % faster, docs/performance.md). Long units
 // (512 k-blocks, sm90::long_class_runs) take a CTA or cluster each, which the GPU hands out as SMs free up: unchanged.
 template <class T>
@@ -606,8 +605,8 @@ std::int64_t sm90_forward_splits(std::int64_t splits, std::int64_t row_tiles, st
   const std::int64_t m_tiles = ceil_div(row_tiles, cluster);
   std::vector<std::int64_t> step;
   const auto busiest = [&](std::int64_t s) { return busiest_walker_tiles(m_tiles, s, group, wide, walkers, step); };
-  // The fewest splits that reach the minimum; the scan stops at the bound every split shares (the tiles spread
-  // evenly), as the plan is made on every call.
+  // Ascending, the first count that improves on `splits` most; the scan stops at the bound every count shares (the
+  // tiles spread evenly), as the plan is made on every call.
   const std::int64_t even = ceil_div(m_tiles * wide, std::min(walkers, m_tiles * wide));
   std::int64_t best = splits, fewest = busiest(splits);
   for (std::int64_t s = std::max<std::int64_t>(splits / 2, 1); s <= std::min(wide, 2 * splits) && fewest > even; ++s) {
