@@ -36,6 +36,7 @@
 #include <cce/detail/carve.hpp>
 #include <cce/epilogue/row_loss.hpp>
 #include <cce/epilogue/row_partial.hpp>
+#include <cce/kernel/sm90/forward_units.hpp>
 #include <cce/options.hpp>
 #include <cce/tile/tile_grid.hpp>
 
@@ -587,7 +588,7 @@ inline std::int64_t busiest_walker_tiles(std::int64_t m_tiles, std::int64_t spli
   return every + most;
 }
 
-// The forward's vocab splits for the sm_90a kernel (128 x 256 tiles, 64 deep), from `splits` as the CTA count asks:
+// The forward's vocab splits for the sm_90a kernel (sm90::forward_unit_shape), from `splits` as the CTA count asks:
 // with short units it walks them round-robin on persistent CTAs, or on clusters of two where the row tiles pair up
 // (sm90::shares_classifier), so the split count within a factor of two that leaves the busiest walker the fewest tiles (phi3.5
 // on an H100: 35 instead of 33, 62 tiles against 64; its forward 0.8-3.8 % faster, docs/performance.md). Long units
@@ -596,12 +597,13 @@ template <class T>
 std::int64_t sm90_forward_splits(std::int64_t splits, std::int64_t row_tiles, std::int64_t d, std::int64_t v,
                                  const device_info& dev, const options& opt) {
   if (dev.arch != 90 || !opt.hopper_kernels || sizeof(T) != 2 || row_tiles <= 0 || v <= 0) return splits;
-  constexpr std::int64_t tile_m = 128, tile_n = 256, depth = 64, long_run = 512;
-  const std::int64_t wide = ceil_div(v, tile_n), k_blocks = ceil_div(d, depth);
-  const auto short_units = [&](std::int64_t s) { return ceil_div(wide, s) * k_blocks < long_run; };
+  using S = sm90::forward_unit_shape;
+  const auto short_units = [&](std::int64_t s) { return !sm90::long_class_runs(v, d, s); };
   if (!short_units(splits)) return splits;
-  const std::int64_t cluster = row_tiles % 2 == 0 ? 2 : 1, walkers = std::max(dev.sm_count, 1) / cluster;
-  const std::int64_t group = tile::l2_row_group(tile_m * d * std::int64_t(sizeof(T))) / cluster;
+  const std::int64_t wide = ceil_div(v, S::classes);
+  const std::int64_t cluster = sm90::shares_classifier(row_tiles, v, d, splits) ? sm90::forward_cluster : 1;
+  const std::int64_t walkers = std::max(dev.sm_count, 1) / cluster;
+  const std::int64_t group = tile::l2_row_group(S::rows * d * std::int64_t(sizeof(T))) / cluster;
   const std::int64_t m_tiles = ceil_div(row_tiles, cluster);
   std::vector<std::int64_t> step;
   const auto busiest = [&](std::int64_t s) { return busiest_walker_tiles(m_tiles, s, group, wide, walkers, step); };

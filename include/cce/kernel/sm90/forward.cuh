@@ -18,13 +18,16 @@
 #include <cce/epilogue/row_partial.hpp>
 #include <cce/kernel/portable/forward.cuh>
 #include <cce/kernel/portable/warp_reduce.cuh>
+#include <cce/kernel/sm90/forward_units.hpp>
 #include <cce/kernel/sm90/logit_tile.cuh>
 #include <cce/tile/tile_grid.hpp>
 
 namespace cce::detail::sm90 {
 
 using forward_shape = logit_tile_shape;
-inline constexpr int forward_cluster = 2;  // CTAs of neighbouring row tiles sharing C stages
+static_assert(forward_shape::bm == forward_unit_shape::rows && forward_shape::bn == forward_unit_shape::classes &&
+                  forward_shape::bk == forward_unit_shape::depth,
+              "the units the host plans are the kernel's");
 template <class T>
 using forward_ring = tile_ring<T, major::k, major::k, forward_cluster>;
 
@@ -57,20 +60,6 @@ struct forward_params_sm90 {
   bool share_classifier = false;  // the grid runs in clusters of forward_cluster CTAs sharing C stages
   kept_logits kept{};             // KeepLogits kernels only
 };
-
-// Whether each CTA of the forward of `classes` x `depth` in `splits` vocab splits walks at least 512 k-blocks: long
-// enough to pay for padding the grid's rows to whole clusters, and to take its unit as a cluster of its own.
-inline bool long_class_runs(std::int64_t classes, std::int64_t depth, std::int64_t splits) {
-  using S = logit_tile_shape;
-  return ceil_div(ceil_div(classes, S::bn), splits) * ceil_div(depth, S::bk) >= 512;
-}
-
-// Whether the forward of `row_tiles` runs in clusters sharing C stages: where no CTA pads the grid (an even number of
-// row tiles), or with long runs. Halving the classifier's L2 traffic took 2-12 % off phi3.5's forward, whose runs
-// are short, in three comparisons on an H100 (docs/performance.md).
-inline bool shares_classifier(std::int64_t row_tiles, std::int64_t classes, std::int64_t depth, std::int64_t splits) {
-  return row_tiles % forward_cluster == 0 || long_class_runs(classes, depth, splits);
-}
 
 template <class T, bool KeepLogits = false>
 __global__ void __launch_bounds__(forward_shape::threads, 1)
