@@ -322,7 +322,7 @@ TEST_CASE("the walk's tile flags are planned where the sm_90a walk reads them", 
 // take every branch: one walker, more walkers than units, groups of one row tile, a group larger than the grid, splits
 // that divide the tiles and splits that do not.
 TEST_CASE("plan: the busiest walker of the forward's round-robin units", "[api][plan]") {
-  std::vector<std::int64_t> step;
+  std::vector<std::int64_t> step(133);
   for (std::int64_t m : {1, 3, 16, 33, 64})
     for (std::int64_t tiles : {1, 7, 126, 197})
       for (std::int64_t splits = 1; splits <= tiles && splits <= 40; splits += 3)
@@ -337,7 +337,7 @@ TEST_CASE("plan: the busiest walker of the forward's round-robin units", "[api][
             std::int64_t most = 0;
             for (std::int64_t w : walked) most = std::max(most, w);
             INFO("m " << m << " tiles " << tiles << " splits " << splits << " walkers " << walkers << " group " << group);
-            CHECK(detail::busiest_walker_tiles(m, splits, group, tiles, walkers, step) == most);
+            CHECK(detail::busiest_walker_tiles(m, splits, group, tiles, walkers, step.data()) == most);
           }
 }
 
@@ -347,12 +347,13 @@ TEST_CASE("plan: the sm_90a forward's splits for an even walk", "[api][plan]") {
   const device_info h100{90, 132}, a100{80, 108};
   const options opt{};
   CHECK(detail::sm90_forward_splits<bf16>(33, 64, 3072, 32064, h100, opt) == 35);
-  std::vector<std::int64_t> step;
+  std::int64_t step[67];
   CHECK(detail::busiest_walker_tiles(32, 35, 10, 126, 66, step) == 62);
   CHECK(detail::busiest_walker_tiles(32, 33, 10, 126, 66, step) == 64);
   CHECK(detail::sm90_forward_splits<bf16>(3, 64, 4096, 128256, h100, opt) == 3);  // llama3: long units
   CHECK(detail::sm90_forward_splits<bf16>(33, 64, 3072, 32064, a100, opt) == 33);
   CHECK(detail::sm90_forward_splits<float>(33, 64, 3072, 32064, h100, opt) == 33);
+  CHECK(detail::sm90_forward_splits<bf16>(33, 64, 3072, 32064, device_info{90, 2000}, opt) == 33);  // past the scratch
   options portable{};
   portable.hopper_kernels = false;
   CHECK(detail::sm90_forward_splits<bf16>(33, 64, 3072, 32064, h100, portable) == 33);

@@ -28,10 +28,10 @@
 #pragma once
 
 #include <algorithm>
+#include <array>
 #include <cstddef>
 #include <cstdint>
 #include <initializer_list>
-#include <vector>
 
 #include <cce/detail/carve.hpp>
 #include <cce/epilogue/row_loss.hpp>
@@ -557,14 +557,14 @@ inline double pass_cost(std::int64_t n, std::int64_t d, std::int64_t v, const pa
 // (one more for the first units % walkers) of `tiles / splits` tiles, plus the longer units it meets: a split n below
 // tiles % splits is one tile longer, and those units lie in one run per group, of which a walker takes run / walkers
 // plus one where it falls in the run's cyclic window of run % walkers positions. The windows add up in a difference
-// array over the walkers, `step`: the caller's scratch, reused across calls.
+// array over the walkers, `step`: the caller's scratch of at least walkers + 1 entries.
 inline std::int64_t busiest_walker_tiles(std::int64_t m_tiles, std::int64_t splits, std::int64_t group,
-                                         std::int64_t tiles, std::int64_t walkers, std::vector<std::int64_t>& step) {
+                                         std::int64_t tiles, std::int64_t walkers, std::int64_t* step) {
   const std::int64_t units = m_tiles * splits, p = std::min(walkers, units);
   if (p <= 0) return 0;
   group = std::clamp<std::int64_t>(group, 1, m_tiles);
   const std::int64_t base = tiles / splits, longer = tiles % splits;
-  step.assign(std::size_t(p) + 1, 0);
+  std::fill(step, step + p + 1, std::int64_t(0));
   const auto window = [&](std::int64_t from, std::int64_t len, std::int64_t weight) {  // len < p positions from `from`
     if (len <= 0) return;
     step[std::size_t(from)] += weight;
@@ -593,6 +593,8 @@ inline std::int64_t busiest_walker_tiles(std::int64_t m_tiles, std::int64_t spli
 // (sm90::shares_classifier), so the split count within a factor of two that leaves the busiest walker the fewest tiles (phi3.5
 // on an H100: 35 instead of 33, 62 tiles against 64; its forward 0.8-3.8 % faster, docs/performance.md). Long units
 // (512 k-blocks, sm90::long_class_runs) take a CTA or cluster each, which the GPU hands out as SMs free up: unchanged.
+// The scan's scratch lives on the stack (the plan is made on every call): devices with more walkers keep `splits`.
+inline constexpr std::int64_t max_forward_walkers = 512;
 template <class T>
 std::int64_t sm90_forward_splits(std::int64_t splits, std::int64_t row_tiles, std::int64_t d, std::int64_t v,
                                  const device_info& dev, const options& opt) {
@@ -603,10 +605,13 @@ std::int64_t sm90_forward_splits(std::int64_t splits, std::int64_t row_tiles, st
   const std::int64_t wide = ceil_div(v, S::classes);
   const std::int64_t cluster = sm90::shares_classifier(row_tiles, v, d, splits) ? sm90::forward_cluster : 1;
   const std::int64_t walkers = std::max(dev.sm_count, 1) / cluster;
+  if (walkers > max_forward_walkers) return splits;
   const std::int64_t group = tile::l2_row_group(S::rows * d * std::int64_t(sizeof(T))) / cluster;
   const std::int64_t m_tiles = ceil_div(row_tiles, cluster);
-  std::vector<std::int64_t> step;
-  const auto busiest = [&](std::int64_t s) { return busiest_walker_tiles(m_tiles, s, group, wide, walkers, step); };
+  std::array<std::int64_t, max_forward_walkers + 1> step;
+  const auto busiest = [&](std::int64_t s) {
+    return busiest_walker_tiles(m_tiles, s, group, wide, walkers, step.data());
+  };
   // Ascending, the first count that improves on `splits` most; the scan stops at the bound every count shares (the
   // tiles spread evenly), as the plan is made on every call.
   const std::int64_t even = ceil_div(m_tiles * wide, std::min(walkers, m_tiles * wide));
