@@ -90,7 +90,9 @@ std::vector<std::size_t> sm90_local_bytes() {
     cudaFuncAttributes attr{};
     return cudaFuncGetAttributes(&attr, kernel) == cudaSuccess ? attr.localSizeBytes : ~std::size_t(0);
   };
-  return {local_bytes(detail::sm90::forward_kernel<bf16>), local_bytes(detail::sm90::dlogit_kernel<bf16>),
+  return {local_bytes(detail::sm90::forward_kernel<bf16>),
+          local_bytes(detail::sm90::forward_kernel<bf16, false, true>),
+          local_bytes(detail::sm90::dlogit_kernel<bf16>),
           local_bytes(detail::sm90::grad_gemm_kernel<bf16, bf16, detail::major::k>),
           local_bytes(detail::sm90::grad_gemm_kernel<bf16, float, detail::major::mn>),
           local_bytes(detail::sm90::grad_gemm_persistent_kernel<bf16, bf16>),

@@ -259,6 +259,27 @@ TEST_CASE("GPU: the kernels' softcap saturates exactly and keeps NaN", "[gpu][so
   }
 }
 
+// Softcapped logits far below zero, where each weight exp(z - k / T) lies near e^(-2 k / T), alone and beside
+// classes near the cap: at k / T = 40 the forward folds them against the cap (capped_softmax); at 50, past its bound,
+// against each row's max (against the cap, these weights would flush to zero and the rows' sums with them).
+TEST_CASE("GPU: softcapped logits far from zero", "[gpu][softcap]") {
+  for (float cap : {40.f, 50.f})
+    for (bool mixed : {false, true}) {
+      test::case_config cfg;
+      cfg.n = 300;
+      cfg.d = 128;
+      cfg.v = 2000 + 5;
+      cfg.bias = true;
+      cfg.opts.softcap = cap;
+      cfg.seed = 21;
+      auto h = test::make_problem<__nv_bfloat16>(cfg);
+      for (std::size_t j = 0; j < h.bias.size(); ++j)
+        h.bias[j] = __float2bfloat16(mixed && j % 7 == 0 ? 90.f : -90.f - float(j % 13));
+      INFO("softcap " << cap << (mixed ? ", some classes near the cap" : ", every class far below zero"));
+      test::check_case<__nv_bfloat16, __nv_bfloat16>(h, run_device<__nv_bfloat16, __nv_bfloat16>(h, 0), true);
+    }
+}
+
 // The sm_90a kernels hold 128 fp32 accumulators per consumer thread: a change that makes the compiler spill them (as a
 // branch around the mainloop once did, costing the forward 5 to 13 %) fails here rather than in a benchmark.
 TEST_CASE("GPU: the sm_90a kernels keep their state in registers", "[gpu][hopper]") {
@@ -267,7 +288,7 @@ TEST_CASE("GPU: the sm_90a kernels keep their state in registers", "[gpu][hopper
     WARN("no sm_90a device and image: nothing to check");
     return;
   }
-  REQUIRE(local.size() == 6);  // forward, dlogit, dE product, dC product, persistent products (both grad types)
+  REQUIRE(local.size() == 7);  // forward (both forms), dlogit, dE and dC products, persistent products (both grad types)
   for (std::size_t bytes : local) CHECK(bytes == 0);
 }
 

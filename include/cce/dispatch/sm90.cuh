@@ -85,8 +85,11 @@ status launch_forward(const forward_params<T>& base, int sms, cudaStream_t strea
       launch_clustered(kernel, grid, S::threads, S::smem_bytes<T>, cluster, stream, prm);
       return cudaGetLastError() == cudaSuccess ? status::success : status::cuda_error;
     };
-    return kept ? launch(std::integral_constant<decltype(&forward_kernel<T, true>), &forward_kernel<T, true>>{})
-                : launch(std::integral_constant<decltype(&forward_kernel<T, false>), &forward_kernel<T, false>>{});
+    if (kept) return launch(std::integral_constant<decltype(&forward_kernel<T, true>), &forward_kernel<T, true>>{});
+    if (capped_softmax::applies(base.terms.transform))
+      return launch(
+          std::integral_constant<decltype(&forward_kernel<T, false, true>), &forward_kernel<T, false, true>>{});
+    return launch(std::integral_constant<decltype(&forward_kernel<T, false>), &forward_kernel<T, false>>{});
   }
 }
 

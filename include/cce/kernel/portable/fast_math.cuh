@@ -4,6 +4,7 @@
 
 #include <cce/detail/math.hpp>
 #include <cce/epilogue/logit_transform.hpp>
+#include <cce/reduce/online_softmax.hpp>
 
 namespace cce::detail {
 
@@ -66,11 +67,35 @@ struct softcap_approx {
           y * fmaf(y2, fmaf(y2, fmaf(y2, fmaf(y2, 62.f / 2835.f, -17.f / 315.f), 2.f / 15.f), -1.f / 3.f), 1.f);
       return copysignf(scale * (y < 0.25f ? series : __fdividef(1.f - e, 1.f + e)), raw);
     } else {
-      // e from raw itself, capped at 2^64 (NaN kept): 0 where the softcap saturates upward, 2^64 downward, so that
-      // z = s or -s exactly there.
-      const float e = exp2_approx(min_nan(k * raw, 64.f));
-      return fmaf(2.f * scale, rcp_fma(1.f + e), -scale);
+      return logit(ratio(raw));
     }
+  }
+  // z = 2 s r - s in two steps (16-bit inputs): r = 1 / (1 + e) in [0, 1], then z.
+  __device__ __forceinline__ float ratio(float raw) const {
+    // e from raw itself, capped at 2^64 (NaN kept): 0 where the softcap saturates upward, 2^64 downward, so that
+    // z = s or -s exactly there.
+    const float e = exp2_approx(min_nan(k * raw, 64.f));
+    return rcp_fma(1.f + e);
+  }
+  __device__ __forceinline__ float logit(float r) const { return fmaf(2.f * scale, r, -scale); }
+};
+
+// The softmax of softcapped logits (16-bit inputs) against the fixed reference s = k / T, which bounds them
+// (|z| < s), in place of the row's max: with z = 2 s r - s (softcap_approx::ratio), exp(z - s) = 2^(c r - c) with
+// c = 2 s log2(e), one FFMA and one ex2 per logit and no max pass ahead of the exponentials. Their arguments stay in
+// [-c, 0], above the smallest normal float's -126 where s <= 40 (applies): no weight flushes to zero, and fp32 sums
+// keep their relative precision at any scale.
+struct capped_softmax {
+  softcap_approx<> cap;
+  float c;
+  __device__ explicit capped_softmax(const logit_transform& t) : cap(t), c(2.f * log2e * cap.scale) {}
+  __host__ __device__ static bool applies(const logit_transform& t) {
+    return t.softcap > 0.f && t.softcap * t.inv_temperature <= 40.f;
+  }
+  __device__ __forceinline__ float weight(float r) const { return exp2_approx(fmaf(c, r, -c)); }
+  // The statistics of sums of w = weight(r) and w r: sum_v exp(z_v - s) z_v = 2 s sum w r - s sum w.
+  __device__ __forceinline__ softmax_stats stats(float sum_w, float sum_wr) const {
+    return {cap.scale, sum_w, fmaf(2.f * cap.scale, sum_wr, -cap.scale * sum_w)};
   }
 };
 

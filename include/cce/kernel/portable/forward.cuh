@@ -64,6 +64,27 @@ __device__ __forceinline__ softmax_stats row_softmax(const Logit& z, const Colum
   return st;
 }
 
+// row_softmax of softcapped logits held as ratios r(i) (capped_softmax), against the fixed reference.
+template <int Count, int Chains, bool Masked, class Ratio, class Column>
+__device__ __forceinline__ softmax_stats row_softmax_capped(const capped_softmax& cs, const Ratio& r, const Column& col,
+                                                            int skip = -1, int limit = 0) {
+  static_assert(Chains == 2 || Chains == 4, "pairwise sums of the chains");
+  float sum[Chains] = {}, sum_r[Chains] = {};
+#pragma unroll
+  for (int i = 0; i < Count; ++i) {
+    if (Masked && (col(i) == skip || col(i) >= limit)) continue;
+    const float ri = r(i), w = cs.weight(ri);
+    sum[i % Chains] += w;
+    sum_r[i % Chains] = fmaf(w, ri, sum_r[i % Chains]);
+  }
+  float sum_w = sum[0] + sum[1], sum_wr = sum_r[0] + sum_r[1];
+  if constexpr (Chains == 4) {
+    sum_w += sum[2] + sum[3];
+    sum_wr += sum_r[2] + sum_r[3];
+  }
+  return cs.stats(sum_w, sum_wr);
+}
+
 // The softmax statistics of a thread's row slots over a CTA's run of vocab tiles, spread over the lanes sharing the
 // rows: after each tile the lanes reduce-scatter the tile's statistics in a fixed butterfly (each step keeps half of
 // the slots and merges the partner lane's statistics of that half into them), so that a thread holds row_slots /

@@ -61,7 +61,10 @@ struct forward_params_sm90 {
   kept_logits kept{};             // KeepLogits kernels only
 };
 
-template <class T, bool KeepLogits = false>
+// Capped: softcapped logits fold against the cap rather than each tile's row max (capped_softmax), held as ratios r
+// until they are needed as logits. A kernel of its own: a run-time branch between the two forms slowed both
+// (docs/performance.md).
+template <class T, bool KeepLogits = false, bool Capped = false>
 __global__ void __launch_bounds__(forward_shape::threads, 1)
     forward_kernel(const __grid_constant__ forward_params_sm90<T> prm) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -118,6 +121,15 @@ __global__ void __launch_bounds__(forward_shape::threads, 1)
   const int lane = threadIdx.x % 32, lane_row = lane / 4, lane_col = 2 * (lane % 4);
   const int local_row = (cw / 4) * 64 + (cw % 4) * 16 + lane_row;  // row slot r adds 8 r
 
+  static_assert(!(KeepLogits && Capped), "kept logits are stored against each tile's max");
+  const capped_softmax cs(p.terms.transform);
+  const auto logit = [&](float v) {
+    if constexpr (Capped)
+      return cs.cap.logit(v);
+    else
+      return v;
+  };
+
   ring_position<S::stages> at;
   for (int u = first, parity = 0; u < units; u += stride, parity ^= 1) {
     const unit w = unit_at(u);
@@ -140,8 +152,13 @@ __global__ void __launch_bounds__(forward_shape::threads, 1)
       const std::int64_t col0 = ct * S::bn;
       const bool ragged = col0 + S::bn > g.cols;
       if (p.terms.has_raw_terms()) add_raw_terms(acc, p.terms, row0 + local_row, col0 + lane_col, g);
-      transform_logits(acc, p.terms.transform);
-      float half[2] = {-inf_f(), -inf_f()};  // per 128-column half, over valid rows
+      if constexpr (Capped) {
+#pragma unroll
+        for (int i = 0; i < 128; ++i) acc[i] = cs.cap.ratio(acc[i]);
+      } else {
+        transform_logits(acc, p.terms.transform);
+      }
+      float half[2] = {-inf_f(), -inf_f()};  // per 128-column half, over valid rows (of r when capped)
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         const int lr = local_row + 8 * r;
@@ -193,15 +210,21 @@ __global__ void __launch_bounds__(forward_shape::threads, 1)
         const auto col = [](int i) { return 8 * (i / 2) + i % 2; };
         softmax_stats tile;
         if (!has_target && !ragged) {
-          tile = row_softmax<64, 4, false>(z, col, m);
+          if constexpr (Capped)
+            tile = row_softmax_capped<64, 4, false>(cs, z, col);
+          else
+            tile = row_softmax<64, 4, false>(z, col, m);
         } else {  // the last vocab tile, or the target's: its logit is kept apart (row_output.hpp) and recorded
           const int limit = int(g.cols - col_thread < S::bn ? g.cols - col_thread : S::bn);
-          tile = row_softmax<64, 4, true>(z, col, m, skip, limit);
+          if constexpr (Capped)
+            tile = row_softmax_capped<64, 4, true>(cs, z, col, skip, limit);
+          else
+            tile = row_softmax<64, 4, true>(z, col, m, skip, limit);
 #pragma unroll
           for (int j = 0; j < 32; ++j)
 #pragma unroll
             for (int e = 0; e < 2; ++e)
-              if (8 * j + e == skip) p.target_logit[row] = acc[4 * j + 2 * r + e];
+              if (8 * j + e == skip) p.target_logit[row] = logit(acc[4 * j + 2 * r + e]);
         }
         part[r].softmax = softmax_merge(part[r].softmax, tile);
         if (p.smoothing || p.argmax) {
@@ -211,7 +234,7 @@ __global__ void __launch_bounds__(forward_shape::threads, 1)
             for (int e = 0; e < 2; ++e) {
               const std::int64_t col = col_thread + 8 * j + e;
               if (col >= g.cols) continue;
-              const float z = acc[4 * j + 2 * r + e];
+              const float z = logit(acc[4 * j + 2 * r + e]);
               if (p.smoothing) part[r].weighted_logit_sum += (p.class_weights ? p.class_weights[col] : 1.f) * z;
               if (p.argmax && argmax_better(z, std::int32_t(col), part[r].argmax_value, part[r].argmax_index)) {
                 part[r].argmax_value = z;
@@ -226,6 +249,7 @@ __global__ void __launch_bounds__(forward_shape::threads, 1)
         for (int h = 0; h < 2; ++h) {
 #pragma unroll
           for (int mask = 16; mask > 0; mask /= 2) half[h] = fmaxf(half[h], shuffle_xor(half[h], mask));
+          half[h] = logit(half[h]);
         }
         const std::int64_t filter_tile = 2 * ct + lane;
         if (lane < 2 && filter_tile < g.col_tiles() && rt < g.row_tiles())
