@@ -36,31 +36,44 @@ struct forward_params {
   float* tile_max = nullptr;        // row_tiles x col_tiles, or null
 };
 
-// Sum of exp(z - m) and exp(z - m) z over Count logits of one row whose max is m, in Chains independent chains of
-// adds: z(i) is the i-th, col(i) its local column. Masked: only columns below `limit` other than `skip` (the
-// target's, kept apart: row_output.hpp) count.
+// Sums of w = weight(v(i)) and of w v(i) over Count values of one row, in Chains independent chains of adds: v(i) is
+// the i-th, col(i) its local column. Masked: only columns below `limit` other than `skip` (the target's, kept apart:
+// row_output.hpp) count.
+struct weighted_sums {
+  float w = 0.f, wv = 0.f;
+};
+template <int Count, int Chains, bool Masked, class Value, class Weight, class Column>
+__device__ __forceinline__ weighted_sums row_weighted_sums(const Value& v, const Weight& weight, const Column& col,
+                                                           int skip, int limit) {
+  static_assert(Chains == 2 || Chains == 4, "pairwise sums of the chains");
+  float sum[Chains] = {}, sum_v[Chains] = {};
+#pragma unroll
+  for (int i = 0; i < Count; ++i) {
+    if (Masked && (col(i) == skip || col(i) >= limit)) continue;
+    const float vi = v(i), w = weight(vi);
+    sum[i % Chains] += w;
+    sum_v[i % Chains] = fmaf(w, vi, sum_v[i % Chains]);
+  }
+  weighted_sums s{sum[0] + sum[1], sum_v[0] + sum_v[1]};
+  if constexpr (Chains == 4) {
+    s.w += sum[2] + sum[3];
+    s.wv += sum_v[2] + sum_v[3];
+  }
+  return s;
+}
+
+// Sum of exp(z - m) and exp(z - m) z over Count logits z(i) of one row whose max is m (row_weighted_sums).
 template <int Count, int Chains, bool Masked, class Logit, class Column>
 __device__ __forceinline__ softmax_stats row_softmax(const Logit& z, const Column& col, float m, int skip = -1,
                                                      int limit = 0) {
   softmax_stats st;
   if (m == -inf_f()) return st;
   st.max = m;
-  static_assert(Chains == 2 || Chains == 4, "pairwise sums of the chains");
-  float sum[Chains] = {}, sum_z[Chains] = {};
-#pragma unroll
-  for (int i = 0; i < Count; ++i) {
-    if (Masked && (col(i) == skip || col(i) >= limit)) continue;
-    const float zi = z(i);
-    const float w = exp2_approx((zi - m) * log2e);  // not fma(zi, log2e, -m log2e): m log2e rounds at large m
-    sum[i % Chains] += w;
-    sum_z[i % Chains] = fmaf(w, zi, sum_z[i % Chains]);
-  }
-  st.sum_exp = sum[0] + sum[1];
-  st.sum_exp_z = sum_z[0] + sum_z[1];
-  if constexpr (Chains == 4) {
-    st.sum_exp += sum[2] + sum[3];
-    st.sum_exp_z += sum_z[2] + sum_z[3];
-  }
+  // not fma(zi, log2e, -m log2e): m log2e rounds at large m
+  const auto weight = [m](float zi) { return exp2_approx((zi - m) * log2e); };
+  const weighted_sums s = row_weighted_sums<Count, Chains, Masked>(z, weight, col, skip, limit);
+  st.sum_exp = s.w;
+  st.sum_exp_z = s.wv;
   return st;
 }
 
@@ -68,21 +81,9 @@ __device__ __forceinline__ softmax_stats row_softmax(const Logit& z, const Colum
 template <int Count, int Chains, bool Masked, class Ratio, class Column>
 __device__ __forceinline__ softmax_stats row_softmax_capped(const capped_softmax& cs, const Ratio& r, const Column& col,
                                                             int skip = -1, int limit = 0) {
-  static_assert(Chains == 2 || Chains == 4, "pairwise sums of the chains");
-  float sum[Chains] = {}, sum_r[Chains] = {};
-#pragma unroll
-  for (int i = 0; i < Count; ++i) {
-    if (Masked && (col(i) == skip || col(i) >= limit)) continue;
-    const float ri = r(i), w = cs.weight(ri);
-    sum[i % Chains] += w;
-    sum_r[i % Chains] = fmaf(w, ri, sum_r[i % Chains]);
-  }
-  float sum_w = sum[0] + sum[1], sum_wr = sum_r[0] + sum_r[1];
-  if constexpr (Chains == 4) {
-    sum_w += sum[2] + sum[3];
-    sum_wr += sum_r[2] + sum_r[3];
-  }
-  return cs.stats(sum_w, sum_wr);
+  const auto weight = [&cs](float ri) { return cs.weight(ri); };
+  const weighted_sums s = row_weighted_sums<Count, Chains, Masked>(r, weight, col, skip, limit);
+  return cs.stats(s.w, s.wv);
 }
 
 // The softmax statistics of a thread's row slots over a CTA's run of vocab tiles, spread over the lanes sharing the
