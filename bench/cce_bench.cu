@@ -1,6 +1,8 @@
 // Benchmark of shared/bench-spec.md: cce's forward, forward+backward in each operating point and loss_and_grad,
 // against a cuBLAS bf16 GEMM E C^T timed in the same process on the same buffers. Every figure is reported as a
 // ratio to that GEMM (counter `ratio`), with the workspace the mode used (counter `extra_MiB`: workspace plus saved state).
+// Every row has the same counters (report()), so that --benchmark_format=csv, which takes its columns from the first
+// row, holds them all.
 //
 //   cce_bench --benchmark_filter=gemma2/peaked
 //
@@ -15,6 +17,7 @@
 #include "bench_data.cuh"
 #include "event_timing.cuh"
 
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <map>
@@ -57,6 +60,26 @@ double time_it(benchmark::State& st, Body&& body) {
   return median(times);
 }
 
+// The counters of a row. tflops: 2 N D V over the row's time (the forward's product; for the backward rows the same
+// count, a rate to compare with the GEMM's). extra_MiB: memory beyond the inputs and gradients (the GEMM's logits;
+// cce's workspace and saved state). minimal, kept_logits: the backward mode that ran. computed_tiles: the share of
+// (row tile, vocab tile) pairs the backward computed, 1 where every pair is (the GEMM, the forward).
+struct row_counters {
+  double extra_mib = 0;
+  bool minimal = false, kept_logits = false;
+  double computed_tiles = 1;
+};
+
+void report(benchmark::State& st, const shape& s, double ms, const row_counters& c) {
+  const auto it = g_gemm_ms.find(g_key);  // against this run's GEMM; NaN where the filter left it out
+  st.counters["ratio"] = it != g_gemm_ms.end() ? ms / it->second : std::nan("");
+  st.counters["tflops"] = 2.0 * double(s.n) * double(s.d) * double(s.v) / (ms * 1e9);
+  st.counters["extra_MiB"] = c.extra_mib;
+  st.counters["minimal"] = c.minimal;
+  st.counters["kept_logits"] = c.kept_logits;
+  st.counters["computed_tiles"] = c.computed_tiles;
+}
+
 void bm_gemm(benchmark::State& st, shape s, int regime) {
   inputs<>& in = get_inputs(s, regime);
   device_buffer<__nv_bfloat16> out(std::size_t(s.n * s.v));
@@ -72,8 +95,7 @@ void bm_gemm(benchmark::State& st, shape s, int regime) {
   const double ms = time_it(st, body);
   cublasDestroy(h);
   g_gemm_ms[g_key] = ms;
-  st.counters["ratio"] = 1.0;
-  st.counters["tflops"] = 2.0 * double(s.n) * double(s.d) * double(s.v) / (ms * 1e9);
+  report(st, s, ms, {double(s.n) * double(s.v) * sizeof(__nv_bfloat16) / double(1 << 20)});
 }
 
 // The -portable methods pin the portable (sm_80) kernels, which are the fast path of pre-Hopper GPUs. The
@@ -128,20 +150,18 @@ void bm_cce(benchmark::State& st, shape s, int regime, method m, float uniform_t
     }
   };
   const double ms = time_it(st, body);
-  st.counters["extra_MiB"] = double(ws_bytes + saved_bytes) / double(1 << 20);
   const cce::backward_mode run_mode = op.mode(p, dev, ws_bytes);
-  st.counters["minimal"] = run_mode == cce::backward_mode::minimal;
-  st.counters["kept_logits"] = run_mode == cce::backward_mode::loss_and_grad;
-  const auto it = g_gemm_ms.find(g_key);
-  if (it != g_gemm_ms.end()) st.counters["ratio"] = ms / it->second;  // against this run's GEMM
+  row_counters c{double(ws_bytes + saved_bytes) / double(1 << 20), run_mode == cce::backward_mode::minimal,
+                 run_mode == cce::backward_mode::loss_and_grad};
   if (!forward_only) {  // the share of (row tile, vocab tile) pairs the backward computed, from one more untimed call
     device_buffer<std::int64_t> tiles(2);
     g.filter_tiles = tiles.ptr;
     body();
     std::int64_t counts[2] = {};
     CHECK_CUDA(cudaMemcpy(counts, tiles.ptr, sizeof(counts), cudaMemcpyDeviceToHost));
-    if (counts[0] + counts[1] > 0) st.counters["computed_tiles"] = double(counts[0]) / double(counts[0] + counts[1]);
+    if (counts[0] + counts[1] > 0) c.computed_tiles = double(counts[0]) / double(counts[0] + counts[1]);
   }
+  report(st, s, ms, c);
 }
 
 }  // namespace
