@@ -1,8 +1,8 @@
 // Benchmark of shared/bench-spec.md: cce's forward, forward+backward in each operating point and loss_and_grad,
 // against a cuBLAS bf16 GEMM E C^T timed in the same process on the same buffers. Every figure is reported as a
-// ratio to that GEMM (counter `ratio`), with the workspace the mode used (counter `extra_MiB`: workspace plus saved state).
-// Every row has the same counters (report()), so that --benchmark_format=csv, which takes its columns from the first
-// row, holds them all.
+// ratio to that GEMM (counter `ratio`), with the workspace the mode used (counter `extra_MiB`: workspace plus saved
+// state). Every row has the same counters (report()), so that --benchmark_format=csv, which takes its columns from
+// the first row, holds them all.
 //
 //   cce_bench --benchmark_filter=gemma2/peaked
 //
