@@ -6,7 +6,11 @@
 //
 //   cce_bench --benchmark_filter=gemma2/peaked
 //
-// Names are <shape>/<data>/<method>; each runs 10 timed iterations after a warm-up and reports their median.
+// Names are <shape>/<data>/<method>; each runs 10 timed iterations after a warm-up and reports their median. A
+// method's iterations each follow one timed GEMM, and its ratio is to the median of those (counter `gemm_ms`): under
+// the GPU's power cap the clock falls as a run heats the chip, by an amount that depends on the data and on what ran
+// before, so a GEMM timed rows earlier would be compared at another clock (docs/performance.md). The `gemm` rows time
+// the GEMM alone.
 #include <benchmark/benchmark.h>
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
@@ -17,10 +21,8 @@
 #include "bench_data.cuh"
 #include "event_timing.cuh"
 
-#include <cmath>
 #include <cstdio>
 #include <cstdlib>
-#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -29,35 +31,74 @@ namespace {
 
 using namespace cce_bench;
 
-std::unique_ptr<inputs<>> g_inputs;
-std::map<std::string, double> g_gemm_ms;  // per shape/regime: the reference time
+// The reference product: logits (N x V, bf16) = E C^T of the current inputs, on cuBLAS.
+class reference_gemm {
+ public:
+  reference_gemm(const shape& s, const inputs<>& in) : s_(s), in_(in), out_(std::size_t(s.n * s.v)) {
+    if (cublasCreate(&h_) != CUBLAS_STATUS_SUCCESS) std::exit(1);
+  }
+  ~reference_gemm() { cublasDestroy(h_); }
+  reference_gemm(const reference_gemm&) = delete;
+  reference_gemm& operator=(const reference_gemm&) = delete;
+
+  // Column-major view: logits^T (V x N) = C (V x D, row-major = D x V col-major)^T ... E^T.
+  void operator()() const {
+    const float one = 1.f, zero = 0.f;
+    cublasGemmEx(h_, CUBLAS_OP_T, CUBLAS_OP_N, int(s_.v), int(s_.n), int(s_.d), &one, in_.c.ptr, CUDA_R_16BF, int(s_.d),
+                 in_.e.ptr, CUDA_R_16BF, int(s_.d), &zero, out_.ptr, CUDA_R_16BF, int(s_.v), CUBLAS_COMPUTE_32F,
+                 CUBLAS_GEMM_DEFAULT);
+  }
+  double logits_mib() const { return double(s_.n) * double(s_.v) * sizeof(__nv_bfloat16) / double(1 << 20); }
+
+ private:
+  shape s_;
+  const inputs<>& in_;
+  device_buffer<__nv_bfloat16> out_;
+  cublasHandle_t h_{};
+};
+
+// The inputs of one shape/regime and their GEMM, kept while its rows run.
+struct workload {
+  workload(const shape& s, int regime) : in(s, regime), gemm(s, in) {}
+  inputs<> in;
+  reference_gemm gemm;
+};
+std::unique_ptr<workload> g_workload;
 std::string g_key;
 
-inputs<>& get_inputs(const shape& s, int regime) {
+workload& get_workload(const shape& s, int regime) {
   const std::string key = std::string(s.name) + "/" + kRegimes[regime];
-  if (!g_inputs || g_key != key) {
-    g_inputs.reset();
-    g_inputs = std::make_unique<inputs<>>(s, regime);
+  if (!g_workload || g_key != key) {
+    g_workload.reset();
+    g_workload = std::make_unique<workload>(s, regime);
     g_key = key;
   }
-  return *g_inputs;
+  return *g_workload;
 }
 
-// Times `body` with CUDA events per iteration (manual time); returns the median in milliseconds.
+struct timing {
+  double ms, gemm_ms;  // medians of the row's iterations and of the GEMMs timed before each
+};
+
+// Times `body` with CUDA events per iteration (manual time), each iteration after one timed call of `gemm` unless it
+// is null.
 template <class Body>
-double time_it(benchmark::State& st, Body&& body) {
+timing time_it(benchmark::State& st, Body&& body, const reference_gemm* gemm) {
   event_timer timer;
+  if (gemm) (*gemm)();
   body();  // warm-up
   CHECK_CUDA(cudaDeviceSynchronize());
-  std::vector<float> times, enqueue;
+  std::vector<float> times, gemm_times, enqueue;
   for (auto _ : st) {
+    if (gemm) gemm_times.push_back(timer.ms(*gemm));
     const float ms = timer.ms(body);
     st.SetIterationTime(ms / 1e3);
     times.push_back(ms);
     enqueue.push_back(timer.enqueue_ms());
   }
   st.counters["enqueue_ms"] = median(enqueue);  // near the time itself: bound by the host's launches
-  return median(times);
+  const double ms = median(times);
+  return {ms, gemm ? median(gemm_times) : ms};
 }
 
 // The counters of a row. tflops: 2 N D V over the row's time (the forward's product; for the backward rows the same
@@ -70,10 +111,10 @@ struct row_counters {
   double computed_tiles = 1;
 };
 
-void report(benchmark::State& st, const shape& s, double ms, const row_counters& c) {
-  const auto it = g_gemm_ms.find(g_key);  // against this run's GEMM; NaN where the filter left it out
-  st.counters["ratio"] = it != g_gemm_ms.end() ? ms / it->second : std::nan("");
-  st.counters["tflops"] = 2.0 * double(s.n) * double(s.d) * double(s.v) / (ms * 1e9);
+void report(benchmark::State& st, const shape& s, timing t, const row_counters& c) {
+  st.counters["ratio"] = t.ms / t.gemm_ms;
+  st.counters["gemm_ms"] = t.gemm_ms;
+  st.counters["tflops"] = 2.0 * double(s.n) * double(s.d) * double(s.v) / (t.ms * 1e9);
   st.counters["extra_MiB"] = c.extra_mib;
   st.counters["minimal"] = c.minimal;
   st.counters["kept_logits"] = c.kept_logits;
@@ -81,21 +122,8 @@ void report(benchmark::State& st, const shape& s, double ms, const row_counters&
 }
 
 void bm_gemm(benchmark::State& st, shape s, int regime) {
-  inputs<>& in = get_inputs(s, regime);
-  device_buffer<__nv_bfloat16> out(std::size_t(s.n * s.v));
-  cublasHandle_t h;
-  cublasCreate(&h);
-  const float one = 1.f, zero = 0.f;
-  // Column-major view: logits^T (V x N) = C (V x D, row-major = D x V col-major)^T ... E^T.
-  auto body = [&] {
-    cublasGemmEx(h, CUBLAS_OP_T, CUBLAS_OP_N, int(s.v), int(s.n), int(s.d), &one, in.c.ptr, CUDA_R_16BF, int(s.d),
-                 in.e.ptr, CUDA_R_16BF, int(s.d), &zero, out.ptr, CUDA_R_16BF, int(s.v), CUBLAS_COMPUTE_32F,
-                 CUBLAS_GEMM_DEFAULT);
-  };
-  const double ms = time_it(st, body);
-  cublasDestroy(h);
-  g_gemm_ms[g_key] = ms;
-  report(st, s, ms, {double(s.n) * double(s.v) * sizeof(__nv_bfloat16) / double(1 << 20)});
+  const reference_gemm& gemm = get_workload(s, regime).gemm;
+  report(st, s, time_it(st, gemm, nullptr), {gemm.logits_mib()});
 }
 
 // The -portable methods pin the portable (sm_80) kernels, which are the fast path of pre-Hopper GPUs. The
@@ -103,14 +131,15 @@ void bm_gemm(benchmark::State& st, shape s, int regime) {
 enum class method { fw, fw_portable, fw_bw_minimal, fw_bw_chunked, fw_bw_chunked_portable, loss_and_grad, fw_bw_exact };
 
 void bm_cce(benchmark::State& st, shape s, int regime, method m, float uniform_tolerance) {
-  inputs<>& in = get_inputs(s, regime);
+  const workload& w = get_workload(s, regime);
+  const inputs<>& in = w.in;
   cce::options o = m == method::fw_bw_exact ? cce::options::exact() : cce::options{};
   o.uniform_tolerance = uniform_tolerance;
   o.softcap = s.softcap;
   o.hopper_kernels = m != method::fw_portable && m != method::fw_bw_chunked_portable;
   o.backward_mode = m == method::fw_bw_minimal || m == method::fw_bw_exact ? cce::backward_mode::minimal
-                    : m == method::loss_and_grad                            ? cce::backward_mode::loss_and_grad
-                                                                            : cce::backward_mode::chunked;
+                    : m == method::loss_and_grad                           ? cce::backward_mode::loss_and_grad
+                                                                           : cce::backward_mode::chunked;
   // The mode's extra-memory budget (shared by the saved state and the workspace): shared/bench-spec.md's.
   const std::size_t extra = o.backward_mode == cce::backward_mode::minimal         ? (std::size_t(64) << 20)
                             : o.backward_mode == cce::backward_mode::loss_and_grad ? (std::size_t(1) << 30)
@@ -129,7 +158,8 @@ void bm_cce(benchmark::State& st, shape s, int regime, method m, float uniform_t
   device_buffer<char> saved(saved_bytes), ws(ws_bytes);
   device_buffer<float> loss(1);
   const bool forward_only = m == method::fw || m == method::fw_portable;
-  device_buffer<__nv_bfloat16> de(forward_only ? 0 : std::size_t(s.n * s.d)), dc(forward_only ? 0 : std::size_t(s.v * s.d));
+  device_buffer<__nv_bfloat16> de(forward_only ? 0 : std::size_t(s.n * s.d)),
+      dc(forward_only ? 0 : std::size_t(s.v * s.d));
   cce::forward_outputs out;
   out.loss = loss.ptr;
   cce::gradients<__nv_bfloat16> g;
@@ -149,7 +179,7 @@ void bm_cce(benchmark::State& st, shape s, int regime, method m, float uniform_t
       if (!forward_only) check(op.backward(p, {}, g, saved.ptr, saved_bytes, ws.ptr, ws_bytes));
     }
   };
-  const double ms = time_it(st, body);
+  const timing t = time_it(st, body, &w.gemm);
   const cce::backward_mode run_mode = op.mode(p, dev, ws_bytes);
   row_counters c{double(ws_bytes + saved_bytes) / double(1 << 20), run_mode == cce::backward_mode::minimal,
                  run_mode == cce::backward_mode::loss_and_grad};
@@ -161,12 +191,11 @@ void bm_cce(benchmark::State& st, shape s, int regime, method m, float uniform_t
     CHECK_CUDA(cudaMemcpy(counts, tiles.ptr, sizeof(counts), cudaMemcpyDeviceToHost));
     if (counts[0] + counts[1] > 0) c.computed_tiles = double(counts[0]) / double(counts[0] + counts[1]);
   }
-  report(st, s, ms, c);
+  report(st, s, t, c);
 }
 
 }  // namespace
 
-// The GEMM of each shape/regime is registered first, so its median is known when the methods run.
 int main(int argc, char** argv) {
   const std::pair<const char*, method> methods[] = {{"fw", method::fw},
                                                     {"fw-portable", method::fw_portable},
@@ -175,17 +204,18 @@ int main(int argc, char** argv) {
                                                     {"fw-bw-chunked-portable", method::fw_bw_chunked_portable},
                                                     {"loss-and-grad", method::loss_and_grad},
                                                     {"fw-bw-exact", method::fw_bw_exact}};
+  const auto timed = [](benchmark::internal::Benchmark* b) {
+    b->UseManualTime()->Iterations(10)->Unit(benchmark::kMillisecond);
+  };
   for (const shape& s : kShapes) {
     for (int r = 0; r < 3; ++r) {
       const std::string base = std::string(s.name) + "/" + kRegimes[r] + "/";
-      benchmark::RegisterBenchmark((base + "gemm").c_str(), bm_gemm, s, r)->UseManualTime()->Iterations(10)->Unit(benchmark::kMillisecond);
-      for (const auto& [name, m] : methods) {
-        benchmark::RegisterBenchmark((base + name).c_str(), bm_cce, s, r, m, 0.f)->UseManualTime()->Iterations(10)->Unit(benchmark::kMillisecond);
-      }
+      timed(benchmark::RegisterBenchmark((base + "gemm").c_str(), bm_gemm, s, r));
+      for (const auto& [name, m] : methods)
+        timed(benchmark::RegisterBenchmark((base + name).c_str(), bm_cce, s, r, m, 0.f));
       for (const auto& [name, m] : methods) {
         if (m != method::fw_bw_minimal && m != method::fw_bw_chunked && m != method::loss_and_grad) continue;
-        benchmark::RegisterBenchmark((base + name + "-nearly-flat").c_str(), bm_cce, s, r, m, 1.f / 16)
-            ->UseManualTime()->Iterations(10)->Unit(benchmark::kMillisecond);
+        timed(benchmark::RegisterBenchmark((base + name + "-nearly-flat").c_str(), bm_cce, s, r, m, 1.f / 16));
       }
     }
   }
