@@ -42,12 +42,13 @@ __host__ __device__ inline std::int64_t ranked_keys(std::int64_t splits) { retur
 // A row's statistics, read from global memory once: every split's cost of the row needs them.
 struct split_row {
   float lse_others = 0.f, target_logit = 0.f;
-  std::int32_t col = -1;  // the target's shard column, -1 where the shard does not hold it
+  std::int32_t split = -1;  // the split holding the target, -1 where the shard does not hold it
   std::int32_t kept = 0;
 };
-// Shared memory for the ranking of `splits` (at most filter::split_budget::max_splits) and `rows` rows' statistics.
+// Shared memory for the ranking of `splits` (at most filter::split_budget::max_splits), the splits' first tiles and
+// `rows` rows' statistics.
 inline std::size_t split_skip_smem_bytes(std::int64_t splits, std::int64_t rows) {
-  return std::size_t(ranked_keys(splits) + 3 * splits) * 4 + std::size_t(rows) * sizeof(split_row);
+  return std::size_t(ranked_keys(splits) + 4 * splits + 1) * 4 + std::size_t(rows) * sizeof(split_row);
 }
 
 // One CTA per row tile of the block.
@@ -63,15 +64,38 @@ __global__ void __launch_bounds__(Threads) split_skip_kernel(const __grid_consta
   __shared__ int int_shared;
   extern __shared__ float split_smem[];
   const std::int64_t splits = prm.splits;
-  float* key = split_smem;  // largest cost over the kept rows (NaN: +inf)
+  float* key = split_smem;                                         // largest cost over the kept rows (NaN: +inf)
   int* order = reinterpret_cast<int*>(key + ranked_keys(splits));  // splits by rank
   int* rank = order + splits;
-  int* first_rule = rank + splits;  // tiles the first rule skips
-  split_row* row = reinterpret_cast<split_row*>(first_rule + splits);
+  int* first_rule = rank + splits;        // tiles the first rule skips
+  int* first_tile = first_rule + splits;  // split s holds the column tiles [first_tile[s], first_tile[s + 1])
+  split_row* row = reinterpret_cast<split_row*>(first_tile + splits + 1);
 
   const tile::tile_grid& g = prm.grid;
   const std::int64_t rt = prm.first_tile + blockIdx.x, first_row = std::int64_t(blockIdx.x) * g.bm;
   const std::int64_t rows = g.rows_in(rt);
+
+  // The splits' column tiles (tile::split_col_tiles), worked out once: taken per (row, split) in the costs below,
+  // their 64-bit divisions made up a third of the kernel's time.
+  for (std::int64_t s = threadIdx.x; s <= splits; s += Threads) {
+    const std::int64_t units = ceil_div(g.cols, prm.split_cols), per_unit = prm.split_cols / g.bn;
+    const std::int64_t begin = tile::split_begin(units, splits, s) * per_unit;
+    first_tile[s] = int(begin < g.col_tiles() ? begin : g.col_tiles());
+  }
+  __syncthreads();
+  // The split holding column tile ct < col_tiles: the last whose first tile is at most ct (an empty split's first
+  // tile is the next one's).
+  const auto split_of = [&](int ct) {
+    int lo = 0, hi = int(splits);
+    while (hi - lo > 1) {
+      const int mid = (lo + hi) / 2;
+      if (first_tile[mid] <= ct)
+        lo = mid;
+      else
+        hi = mid;
+    }
+    return lo;
+  };
 
   // The rows' statistics, and the first rule's floor, as the walk's (dlogit.cuh, tile_row_summary): the kept rows'
   // smallest lse_others.
@@ -83,7 +107,8 @@ __global__ void __launch_bounds__(Threads) split_skip_kernel(const __grid_consta
     if (x.kept) {
       x.lse_others = prm.lse_others[first_row + r];
       x.target_logit = prm.target_logit[first_row + r];
-      x.col = prm.labels.column(lab);
+      const std::int64_t col = prm.labels.column(lab);
+      x.split = col >= 0 ? split_of(int(col / g.bn)) : -1;
       floor = min_f(floor, x.lse_others);
     }
     row[r] = x;
@@ -95,9 +120,8 @@ __global__ void __launch_bounds__(Threads) split_skip_kernel(const __grid_consta
 
   int reserved = 0;
   for (std::int64_t s = threadIdx.x; s < splits; s += Threads) {
-    const tile::split_span t = tile::split_col_tiles(g, splits, prm.split_cols, s);
     int n = 0;
-    for (std::int64_t ct = t.begin; ct < t.end; ++ct)
+    for (int ct = first_tile[s]; ct < first_tile[s + 1]; ++ct)
       n += prm.filter.skip(prm.tile_max[rt * g.col_tiles() + ct] - floor);
     first_rule[s] = n;
     reserved += n;
@@ -107,19 +131,17 @@ __global__ void __launch_bounds__(Threads) split_skip_kernel(const __grid_consta
   if (threadIdx.x == 0) int_shared = reserved;
 
   // A row's cost of split s: its mass there, its target's where the target lies there.
-  const auto cost = [&](std::int64_t r, std::int64_t s, const tile::split_span& t) {
+  const auto cost = [&](std::int64_t r, std::int64_t s) {
     const split_row& x = row[r];
-    const bool target_here = x.col >= 0 && t.contains(x.col / g.bn);
     return prm.budget.cost(prm.partials[(first_row + r) * splits + s].softmax.lse(),
-                           target_here ? x.target_logit : -inf_f(), x.lse_others, first_rule[s]);
+                           x.split == s ? x.target_logit : -inf_f(), x.lse_others, first_rule[s]);
   };
   const int lane = threadIdx.x % 32;
   for (std::int64_t s = threadIdx.x / 32; s < splits; s += Threads / 32) {  // a warp per split
-    const tile::split_span t = tile::split_col_tiles(g, splits, prm.split_cols, s);
-    float m = -inf_f();  // max_f keeps a NaN
+    float m = -inf_f();                                                     // max_f keeps a NaN
 #pragma unroll 4
     for (std::int64_t r = lane; r < rows; r += 32)
-      if (row[r].kept) m = max_f(m, cost(r, s, t));
+      if (row[r].kept) m = max_f(m, cost(r, s));
 #pragma unroll
     for (int mask = 16; mask > 0; mask /= 2) m = max_f(m, __shfl_xor_sync(0xffffffffu, m, mask));
     if (lane == 0) key[s] = m == m ? m : inf_f();
@@ -146,8 +168,7 @@ __global__ void __launch_bounds__(Threads) split_skip_kernel(const __grid_consta
       float c[batch];
 #pragma unroll
       for (int u = 0; u < batch; ++u) {
-        const std::int64_t s = k + u < prefix ? order[k + u] : 0;
-        c[u] = k + u < prefix ? cost(r, s, tile::split_col_tiles(g, splits, prm.split_cols, s)) : 0.f;
+        c[u] = k + u < prefix ? cost(r, order[k + u]) : 0.f;
       }
 #pragma unroll
       for (int u = 0; u < batch; ++u) {
@@ -166,8 +187,7 @@ __global__ void __launch_bounds__(Threads) split_skip_kernel(const __grid_consta
   __syncthreads();
   prefix = int_shared;
   for (std::int64_t s = threadIdx.x; s < splits; s += Threads) {
-    const tile::split_span t = tile::split_col_tiles(g, splits, prm.split_cols, s);
-    for (std::int64_t ct = t.begin; ct < t.end; ++ct) prm.skip[rt * g.col_tiles() + ct] = rank[s] < prefix;
+    for (int ct = first_tile[s]; ct < first_tile[s + 1]; ++ct) prm.skip[rt * g.col_tiles() + ct] = rank[s] < prefix;
   }
 }
 
