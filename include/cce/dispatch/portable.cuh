@@ -507,7 +507,7 @@ class portable_path {
     prm.filter = filter_predicate();
     prm.budget = filter::split_budget::make(filter::eps_of<T>(o_), g.col_tiles(), filter_tiles(g, p_.total_classes()));
     prm.skip = sv.split_skip;
-    split_skip_kernel<128><<<unsigned(row_tiles), 128, split_skip_smem_bytes(pl_.splits, g.bm), stream>>>(prm);
+    split_skip_kernel<256><<<unsigned(row_tiles), 256, split_skip_smem_bytes(pl_.splits, g.bm), stream>>>(prm);
     return launch_status();
   }
 

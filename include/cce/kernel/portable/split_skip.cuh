@@ -118,34 +118,36 @@ __global__ void __launch_bounds__(Threads) split_skip_kernel(const __grid_consta
   __syncthreads();
   floor = floor_shared;
 
-  int reserved = 0;
-  for (std::int64_t s = threadIdx.x; s < splits; s += Threads) {
-    int n = 0;
-    for (int ct = first_tile[s]; ct < first_tile[s + 1]; ++ct)
-      n += prm.filter.skip(prm.tile_max[rt * g.col_tiles() + ct] - floor);
-    first_rule[s] = n;
-    reserved += n;
-  }
-  __syncthreads();
-  reserved = reduce_int(tmp.i).Sum(reserved);
-  if (threadIdx.x == 0) int_shared = reserved;
-
-  // A row's cost of split s: its mass there, its target's where the target lies there.
-  const auto cost = [&](std::int64_t r, std::int64_t s) {
+  // A row's cost of split s, whose first rule skips `first_rule_tiles`: its mass there, its target's where the target
+  // lies there.
+  const auto cost = [&](std::int64_t r, std::int64_t s, int first_rule_tiles) {
     const split_row& x = row[r];
     return prm.budget.cost(prm.partials[(first_row + r) * splits + s].softmax.lse(),
-                           x.split == s ? x.target_logit : -inf_f(), x.lse_others, first_rule[s]);
+                           x.split == s ? x.target_logit : -inf_f(), x.lse_others, first_rule_tiles);
   };
+  // A warp per split, its lanes over the split's tiles, then over the rows: the tiles the first rule skips there,
+  // then the split's largest cost over the kept rows.
   const int lane = threadIdx.x % 32;
-  for (std::int64_t s = threadIdx.x / 32; s < splits; s += Threads / 32) {  // a warp per split
-    float m = -inf_f();                                                     // max_f keeps a NaN
+  int reserved = 0;  // lane 0's: the first rule's tiles in the warp's splits
+  for (std::int64_t s = threadIdx.x / 32; s < splits; s += Threads / 32) {
+    int n = 0;
+    for (int ct = first_tile[s] + lane; ct < first_tile[s + 1]; ct += 32)
+      n += prm.filter.skip(prm.tile_max[rt * g.col_tiles() + ct] - floor);
+    n = __reduce_add_sync(0xffffffffu, n);
+    float m = -inf_f();  // max_f keeps a NaN
 #pragma unroll 4
     for (std::int64_t r = lane; r < rows; r += 32)
-      if (row[r].kept) m = max_f(m, cost(r, s));
+      if (row[r].kept) m = max_f(m, cost(r, s, n));
 #pragma unroll
     for (int mask = 16; mask > 0; mask /= 2) m = max_f(m, __shfl_xor_sync(0xffffffffu, m, mask));
-    if (lane == 0) key[s] = m == m ? m : inf_f();
+    if (lane == 0) {
+      first_rule[s] = n;
+      key[s] = m == m ? m : inf_f();
+      reserved += n;
+    }
   }
+  reserved = reduce_int(tmp.i).Sum(reserved);
+  if (threadIdx.x == 0) int_shared = reserved;
   __syncthreads();
   reserved = int_shared;
   for (std::int64_t s = threadIdx.x; s < splits; s += Threads) {  // cheapest first, ties by index
@@ -168,7 +170,7 @@ __global__ void __launch_bounds__(Threads) split_skip_kernel(const __grid_consta
       float c[batch];
 #pragma unroll
       for (int u = 0; u < batch; ++u) {
-        c[u] = k + u < prefix ? cost(r, order[k + u]) : 0.f;
+        c[u] = k + u < prefix ? cost(r, order[k + u], first_rule[order[k + u]]) : 0.f;
       }
 #pragma unroll
       for (int u = 0; u < batch; ++u) {
@@ -186,8 +188,9 @@ __global__ void __launch_bounds__(Threads) split_skip_kernel(const __grid_consta
   if (threadIdx.x == 0) int_shared = prefix;
   __syncthreads();
   prefix = int_shared;
-  for (std::int64_t s = threadIdx.x; s < splits; s += Threads) {
-    for (int ct = first_tile[s]; ct < first_tile[s + 1]; ++ct) prm.skip[rt * g.col_tiles() + ct] = rank[s] < prefix;
+  for (std::int64_t s = threadIdx.x / 32; s < splits; s += Threads / 32) {
+    for (int ct = first_tile[s] + lane; ct < first_tile[s + 1]; ct += 32)
+      prm.skip[rt * g.col_tiles() + ct] = rank[s] < prefix;
   }
 }
 
