@@ -77,11 +77,11 @@ __global__ void __launch_bounds__(Threads) split_skip_kernel(const __grid_consta
 
   // The splits' column tiles (tile::split_col_tiles), worked out once: taken per (row, split) in the costs below,
   // their 64-bit divisions made up a third of the kernel's time.
-  for (std::int64_t s = threadIdx.x; s <= splits; s += Threads) {
-    const std::int64_t units = ceil_div(g.cols, prm.split_cols), per_unit = prm.split_cols / g.bn;
-    const std::int64_t begin = tile::split_begin(units, splits, s) * per_unit;
+  for (std::int64_t s = threadIdx.x; s < splits; s += Threads) {
+    const std::int64_t begin = tile::split_col_tiles(g, splits, prm.split_cols, s).begin;
     first_tile[s] = int(begin < g.col_tiles() ? begin : g.col_tiles());
   }
+  if (threadIdx.x == 0) first_tile[splits] = int(g.col_tiles());
   __syncthreads();
   // The split holding column tile ct < col_tiles: the last whose first tile is at most ct (an empty split's first
   // tile is the next one's).
