@@ -437,8 +437,10 @@ class portable_path {
                 : launch_tile_kernel<forward_kernel<T, Policy, false>>(grid, Policy::threads, smem, stream, prm, most);
   }
 
-  // W = sum of the class weights (V without them) into the saved state, for label smoothing's share.
+  // W = sum of the class weights into the saved state, for label smoothing's share. Without them W = V, which the
+  // finaliser writes.
   status class_weight_total(const saved_buffers& sv, cudaStream_t stream) const {
+    if (!p_.class_weights) return status::success;
     class_weight_total_kernel<256><<<1, 256, 0, stream>>>(p_.class_weights, p_.total_classes(), sv.class_weight_total);
     return launch_status();
   }
@@ -461,6 +463,7 @@ class portable_path {
     fin.n = count;
     fin.class_weights = p_.class_weights;
     fin.class_weight_total = sv.class_weight_total;
+    fin.classes = float(p_.total_classes());
     fin.labels = labels(r0);
     fin.smoothing = o_.label_smoothing;
     fin.z_loss = o_.z_loss;
