@@ -80,30 +80,29 @@ __device__ row_partial merge_split_partials(const split_rows& src, std::int64_t 
   const auto live_words = [&](std::int64_t s0) {
     return int(src.splits - s0 < Chunk ? src.splits - s0 : Chunk) * partial_words;
   };
-  // Word k of the thread's share of a chunk is word i % words of row i / words, i = threadIdx.x + k Threads.
-  float2 next[words];
-  const auto fetch = [&](std::int64_t s0) {
+  // Word k of the thread's share of a chunk is word i % words of row i / words, i = threadIdx.x + k Threads:
+  // each_word(s0, f) calls f(k, r, w) for those that exist.
+  const auto each_word = [&](std::int64_t s0, const auto& f) {
     const int live = live_words(s0);
 #pragma unroll
     for (int k = 0; k < words; ++k) {
       const int i = int(threadIdx.x) + k * Threads, r = i / words, w = i % words;
-      if (r < rows && w < live) next[k] = partials[r * row_words + s0 * partial_words + w];
+      if (r < rows && w < live) f(k, r, w);
     }
+  };
+  float2 next[words];
+  const auto fetch = [&](std::int64_t s0) {
+    each_word(s0, [&](int k, int r, int w) { next[k] = partials[r * row_words + s0 * partial_words + w]; });
   };
   row_partial merged;
   fetch(0);
   for (std::int64_t s0 = 0; s0 < src.splits; s0 += Chunk) {
-    const int live = live_words(s0);
-#pragma unroll
-    for (int k = 0; k < words; ++k) {
-      const int i = int(threadIdx.x) + k * Threads, r = i / words, w = i % words;
-      if (r < rows && w < live) stage[r * pitch + w] = next[k];
-    }
+    each_word(s0, [&](int k, int r, int w) { stage[r * pitch + w] = next[k]; });
     __syncthreads();
     if (s0 + Chunk < src.splits) fetch(s0 + Chunk);
     if (int(threadIdx.x) < rows) {
       const auto* mine = reinterpret_cast<const row_partial*>(stage + threadIdx.x * pitch);
-      for (int c = 0; c < live / partial_words; ++c) merged = s0 + c == 0 ? mine[c] : merge(merged, mine[c]);
+      for (int c = 0; c < live_words(s0) / partial_words; ++c) merged = s0 + c == 0 ? mine[c] : merge(merged, mine[c]);
     }
     __syncthreads();
   }
