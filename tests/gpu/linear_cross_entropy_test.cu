@@ -506,6 +506,86 @@ TEST_CASE("GPU: lone targets skip their tiles", "[gpu][baseline]") {
 // from above). The walk computes only tiles of the splits that hold a row tile's dominant classes (two per row tile
 // at most), the target tiles elsewhere leaving their terms to after it: on both kernel paths, chunked and minimal,
 // and in loss_and_grad over two row blocks. The saved budget keeps every row's drop under eps (checked in float64).
+namespace {
+
+// What the finaliser computes per row from the partials merged by split_rows::read (a thread per row, in split order).
+__global__ void finalise_rows_by_read(detail::split_rows rows, std::int64_t n, detail::target_reader labels,
+                                      loss_terms terms, float* lse, float* loss, std::uint8_t* correct) {
+  const std::int64_t row = std::int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (row >= n) return;
+  const detail::row_label lab = labels(row);
+  const bool kept = lab.kind == detail::row_label::kept;
+  row_partial p;
+  float target_logit = 0.f;
+  rows.read(row, kept ? lab.target : -1, p, target_logit);
+  const row_result r = finalise_row(p, lab, target_logit, kept ? 1.f : 0.f, terms);
+  lse[row] = r.lse;
+  loss[row] = r.loss;
+  correct[row] = r.correct;
+}
+
+}  // namespace
+
+// The finaliser stages each block's split partials through shared memory, four splits at a time: its rows' results
+// equal those of split_rows::read's merge on the device bit for bit, for split counts on both sides of the chunk and
+// not multiples of it, empty partials (splits without tiles), ignored rows and a ragged last block.
+TEST_CASE("GPU: the finaliser merges split partials in split order", "[gpu][finaliser]") {
+  constexpr int threads = detail::plan::finalise_threads;
+  std::mt19937_64 rng(77);
+  std::uniform_real_distribution<float> uniform(-4.f, 4.f);
+  for (const std::int64_t splits : {1, 3, 4, 5, 33, 35}) {
+    const std::int64_t n = 2 * threads + 37, v = 5000;
+    std::vector<row_partial> partials(static_cast<std::size_t>(n * splits));
+    for (row_partial& q : partials) {
+      if (rng() % 7 == 0) continue;  // empty
+      q.softmax = {uniform(rng), 1.f + std::abs(uniform(rng)), uniform(rng)};
+      q.weighted_logit_sum = uniform(rng);
+      q.argmax_value = uniform(rng);
+      q.argmax_index = std::int32_t(rng() % v);
+    }
+    const std::size_t rows = static_cast<std::size_t>(n);
+    std::vector<float> target_logit(rows);
+    std::vector<std::int64_t> targets(rows);
+    for (std::int64_t r = 0; r < n; ++r) {
+      target_logit[std::size_t(r)] = uniform(rng);
+      targets[std::size_t(r)] = r % 11 == 0 ? -100 : std::int64_t(rng() % v);
+    }
+    const test::device_vector<row_partial> d_partials(partials);
+    const test::device_vector<float> d_target_logit(target_logit);
+    const test::device_vector<std::int64_t> d_targets(targets);
+    detail::finalise_params<detail::split_rows> prm;
+    prm.rows = {d_partials.ptr, splits, d_target_logit.ptr};
+    prm.n = n;
+    prm.labels.targets = d_targets.ptr;
+    prm.labels.classes = prm.labels.columns = v;
+    prm.classes = float(v);
+    prm.inv_classes = 1.f / float(v);
+    prm.smoothing = 0.1f;
+    prm.z_loss = 1e-3f;
+    prm.reduction = reduction::none;
+    const std::size_t blocks = static_cast<std::size_t>(detail::ceil_div(n, std::int64_t(threads)));
+    const test::device_vector<float> total(1), lse(rows), lse_others(rows), loss(rows), sums(2 * blocks), ref_lse(rows),
+        ref_loss(rows);
+    const test::device_vector<std::uint8_t> correct(rows), ref_correct(rows);
+    prm.class_weight_total = total.ptr;
+    prm.lse_saved = lse.ptr;
+    prm.lse_others_saved = lse_others.ptr;
+    prm.out.loss = loss.ptr;
+    prm.out.correct = correct.ptr;
+    prm.block_sums = sums.ptr;
+    detail::finalise_kernel<threads, detail::split_rows><<<unsigned(blocks), threads>>>(prm);
+    const loss_terms terms{prm.smoothing, prm.z_loss, prm.inv_classes, prm.classes};
+    finalise_rows_by_read<<<unsigned(detail::ceil_div(n, std::int64_t(128))), 128>>>(
+        prm.rows, n, prm.labels, terms, ref_lse.ptr, ref_loss.ptr, ref_correct.ptr);
+    REQUIRE_CUDA(cudaDeviceSynchronize());
+    INFO("splits " << splits);
+    CHECK(test::bitwise_equal(lse.download(), ref_lse.download()));
+    CHECK(test::bitwise_equal(loss.download(), ref_loss.download()));
+    CHECK(correct.download() == ref_correct.download());
+    CHECK(total.download()[0] == float(v));
+  }
+}
+
 TEST_CASE("GPU: splits whose share of the mass is negligible skip their tiles", "[gpu][filter]") {
   using policy = tile::default_policy_t<__nv_bfloat16>;
   device_info dev;
