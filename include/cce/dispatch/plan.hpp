@@ -212,7 +212,7 @@ struct kept_buffers {
 struct saved_buffers {
   float* lse = nullptr;                 // N
   float* weight_sum = nullptr;          // 1: sum of w_y over kept rows (the mean's normaliser)
-  float* class_weight_total = nullptr;  // 1: W = sum_v w_v (V without class weights)
+  float* class_weight_total = nullptr;  // 1: W = sum_v w_v, with class weights only (W = V without)
   float* lse_others = nullptr;          // N: log-sum-exp of the non-target classes (lse for rows without a target)
   float* tile_max = nullptr;            // row_tiles x col_tiles: max logit of each tile, for the gradient filter
   // row_tiles x col_tiles: 1 where the filter's split budget skips the forward split holding the tile whole

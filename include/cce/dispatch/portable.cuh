@@ -437,12 +437,14 @@ class portable_path {
                 : launch_tile_kernel<forward_kernel<T, Policy, false>>(grid, Policy::threads, smem, stream, prm, most);
   }
 
-  // W = sum of the class weights into the saved state, for label smoothing's share. Without them W = V, which the
-  // finaliser writes.
+  // W = sum of the class weights into the saved state, for label smoothing's share; without them W = V, read as such.
   status class_weight_total(const saved_buffers& sv, cudaStream_t stream) const {
     if (!p_.class_weights) return status::success;
     class_weight_total_kernel<256><<<1, 256, 0, stream>>>(p_.class_weights, p_.total_classes(), sv.class_weight_total);
     return launch_status();
+  }
+  weight_total_reader weight_total(const saved_buffers& sv) const {
+    return {p_.class_weights ? sv.class_weight_total : nullptr, float(p_.total_classes())};
   }
 
   // Per-row outputs and saved state from merged statistics, then the loss and the mean's normaliser.
@@ -462,8 +464,7 @@ class portable_path {
     fin.rows = rows;
     fin.n = count;
     fin.class_weights = p_.class_weights;
-    fin.class_weight_total = sv.class_weight_total;
-    fin.classes = float(p_.total_classes());
+    fin.weight_total = weight_total(sv);
     fin.labels = labels(r0);
     fin.smoothing = o_.label_smoothing;
     fin.z_loss = o_.z_loss;
@@ -535,7 +536,7 @@ class portable_path {
     cp.weight_sum = sv.weight_sum;
     cp.lse = sv.lse + r0;
     cp.class_weights = p_.class_weights;
-    cp.class_weight_total = sv.class_weight_total;
+    cp.weight_total = weight_total(sv);
     cp.lse_others = sv.lse_others + r0;
     cp.smoothing = o_.label_smoothing;
     cp.z_loss = o_.z_loss;

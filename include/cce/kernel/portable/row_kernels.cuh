@@ -43,15 +43,20 @@ __global__ void __launch_bounds__(Threads) class_weight_total_kernel(const float
   if (threadIdx.x == 0) *total = s;
 }
 
+// W, label smoothing's share: with class weights their sum, which class_weight_total_kernel saved; else V.
+struct weight_total_reader {
+  const float* summed = nullptr;  // null without class weights
+  float classes = 0.f;
+  __device__ __forceinline__ float operator()() const { return summed ? *summed : classes; }
+};
+
 // Rows: split_rows (one problem's forward) or shard_rows (the gathered statistics of every vocabulary shard).
 template <class Rows>
 struct finalise_params {
   Rows rows;
   std::int64_t n = 0;
   const float* class_weights = nullptr;  // of the whole vocabulary
-  // W: read where class weights are given (class_weight_total_kernel ran), else `classes` and written here.
-  float* class_weight_total = nullptr;
-  float classes = 0.f;
+  weight_total_reader weight_total;
   target_reader labels;
   float smoothing = 0.f, z_loss = 0.f, inv_classes = 0.f;
   cce::reduction reduction = reduction::mean;
@@ -118,8 +123,6 @@ __global__ void __launch_bounds__(Threads) finalise_kernel(const __grid_constant
   row_partial p;
   if constexpr (std::is_same_v<Rows, split_rows>)
     p = merge_split_partials<Threads>(prm.rows, std::int64_t(blockIdx.x) * Threads, prm.n);
-  const float weight_total = prm.class_weights ? *prm.class_weight_total : prm.classes;
-  if (!prm.class_weights && row == 0) *prm.class_weight_total = weight_total;  // for the backward
   pair_sum mine{0.f, 0.f};
   if (row < prm.n) {
     const row_label lab = prm.labels(row);
@@ -130,7 +133,7 @@ __global__ void __launch_bounds__(Threads) finalise_kernel(const __grid_constant
       target_logit = kept ? prm.rows.target_logit[row] : 0.f;
     else
       consistent = prm.rows.read(row, kept ? lab.target : -1, p, target_logit);
-    const loss_terms terms{prm.smoothing, prm.z_loss, prm.inv_classes, weight_total};
+    const loss_terms terms{prm.smoothing, prm.z_loss, prm.inv_classes, prm.weight_total()};
     const float w = kept && prm.class_weights ? prm.class_weights[lab.target] : 1.f;
     const row_result r = finalise_row(p, lab, target_logit, kept ? w : 0.f, terms);
     prm.lse_saved[row] = r.lse;
@@ -226,7 +229,7 @@ struct coefficient_params {
   const float* weight_sum = nullptr;
   const float* lse = nullptr;
   const float* class_weights = nullptr;  // of the whole vocabulary
-  const float* class_weight_total = nullptr;
+  weight_total_reader weight_total;
   const float* lse_others = nullptr;
   float smoothing = 0.f, z_loss = 0.f, inv_classes = 0.f;
   row_coefficients* coef = nullptr;
@@ -261,7 +264,7 @@ __global__ void coefficients_kernel(const __grid_constant__ coefficient_params p
   if (lab.kind == row_label::kept) {
     float g = prm.grad ? prm.grad[prm.per_row_grad ? row : 0] : 1.f;
     if (prm.mean) g /= *prm.weight_sum;
-    const loss_terms terms{prm.smoothing, prm.z_loss, prm.inv_classes, *prm.class_weight_total};
+    const loss_terms terms{prm.smoothing, prm.z_loss, prm.inv_classes, prm.weight_total()};
     rc.lse_others = prm.lse_others[row];
     rc.dz = make_dlogit_coefficients(terms, g, rc.lse, prm.class_weights ? prm.class_weights[lab.target] : 1.f,
                                      -exp_f(rc.lse_others - rc.lse));
